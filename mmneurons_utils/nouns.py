@@ -1,0 +1,105 @@
+"""Which words of a caption are nouns, and which generated token starts each.
+
+* Embedded models: the scenes' noun list (:data:`mmneurons_utils.scenes.NOUNS`).
+* Real models: spaCy's POS tagger when spaCy and an English model are installed
+  (``pip install spacy && python -m spacy download en_core_web_sm``), otherwise a
+  clear :class:`NounTaggerMissing` error; pass ``nouns=[...]`` yourself instead.
+
+A noun that the tokenizer splits into several sub-tokens is represented by its
+**first** sub-token at its **first** occurrence in the caption, as the paper's
+official code does; :func:`locate_nouns` returns that generation step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .scenes import NOUNS
+
+
+class NounTaggerMissing(RuntimeError):
+    """No POS tagger is installed and no noun list was given."""
+
+
+@dataclass(frozen=True)
+class NounToken:
+    noun: str
+    step: int       # index into the generated tokens: the step whose logits produce it
+    token_id: int   # the noun's first sub-token
+
+
+def vocabulary_nouns(text: str, vocabulary: Iterable[str] = NOUNS) -> list[str]:
+    """Nouns of ``vocabulary`` in ``text``, in order of first appearance, no repeats."""
+    vocab = set(vocabulary)
+    seen: list[str] = []
+    for word in re.findall(r"[A-Za-z]+", text.lower()):
+        if word in vocab and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def tagged_nouns(text: str) -> list[str]:
+    """Nouns found by spaCy's tagger (first appearance, lower case, no repeats)."""
+    try:
+        import spacy
+    except ImportError as exc:
+        raise NounTaggerMissing(
+            "finding nouns in a real model's caption needs spaCy with an English model "
+            "(pip install spacy && python -m spacy download en_core_web_sm), "
+            "or pass nouns=[...] yourself") from exc
+    nlp = _spacy_model(spacy)
+    seen: list[str] = []
+    for token in nlp(text):
+        word = token.text.lower()
+        if token.pos_ == "NOUN" and word not in seen:
+            seen.append(word)
+    return seen
+
+
+_SPACY = {}
+
+
+def _spacy_model(spacy):
+    if "nlp" not in _SPACY:
+        try:
+            _SPACY["nlp"] = spacy.load("en_core_web_sm", disable=["parser", "ner", "lemmatizer"])
+        except OSError as exc:
+            raise NounTaggerMissing(
+                "spaCy is installed but its English model is not "
+                "(python -m spacy download en_core_web_sm); or pass nouns=[...] yourself") from exc
+    return _SPACY["nlp"]
+
+
+def locate_nouns(tokenizer, token_ids: Sequence[int], nouns: Sequence[str]) -> list[NounToken]:
+    """The generation step and first sub-token of each noun's first occurrence.
+
+    Nouns that do not occur as a whole word in the decoded caption are skipped.
+    """
+    ids = list(token_ids)
+    # character end of the decoded text after each token: token j covers [ends[j-1], ends[j])
+    ends = [len(tokenizer.decode(ids[: j + 1], skip_special_tokens=True)) for j in range(len(ids))]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    found = []
+    for noun in nouns:
+        match = re.search(rf"(?<![A-Za-z]){re.escape(noun)}(?![A-Za-z])", text, flags=re.IGNORECASE)
+        if match is None:
+            continue
+        step = next(j for j, end in enumerate(ends) if end > match.start())
+        found.append(NounToken(noun=noun, step=step, token_id=ids[step]))
+    return found
+
+
+def caption_scores(texts: Sequence[str], scenes) -> dict:
+    """Micro-averaged noun recall / precision and exact-match rate against scene captions."""
+    hits = predicted = truth = exact = 0
+    for text, scene in zip(texts, scenes, strict=True):
+        said = vocabulary_nouns(text)
+        hits += len(set(said) & set(scene.nouns))
+        predicted += len(said)
+        truth += len(scene.nouns)
+        exact += text.strip() == scene.caption
+    return dict(noun_recall=round(hits / truth, 4),
+                noun_precision=round(hits / max(predicted, 1), 4),
+                exact_match=round(exact / len(scenes), 4), n_images=len(scenes))

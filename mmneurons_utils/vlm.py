@@ -1,0 +1,250 @@
+"""Load a vision-language model and caption images with the paper's prompt.
+
+``load_vlm(name_or_path)`` accepts an embedded model name (``tiny-llava``,
+``tiny-instructblip``), a local checkpoint folder, or a hub id (the only case
+that may reach the network). It returns a :class:`VLM`: the model, its
+processor, its :class:`~mmneurons_utils.architectures.Architecture`, prompt
+building, image-token positions and batched greedy captioning.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from . import architectures as A
+from .nouns import NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
+from .scenes import NOUNS
+
+INSTRUCTION = "Describe the image in few words."
+ANSWER_PREFIX = "An image of"
+EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
+EMBEDDED = ("tiny-llava", "tiny-instructblip")
+
+
+class ModelLoadError(ValueError):
+    """The model name, path or device cannot be used (the message says what is accepted)."""
+
+
+@dataclass
+class Caption:
+    """A generated caption. ``token_ids``/``tokens`` are the generated tokens only
+    (answer after the prompt's "An image of", ``</s>`` excluded); ``noun_tokens``
+    gives the step that produced each noun's first sub-token."""
+
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    nouns: list[str]
+    noun_tokens: list[NounToken] = field(default_factory=list)
+
+
+class VLM:
+    """A captioning model plus where its neurons are (see ``architectures.py``)."""
+
+    def __init__(self, model, processor, arch: A.Architecture, name: str, embedded: bool):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.arch = arch
+        self.name = name
+        self.embedded = embedded
+        config = model.config
+        ids = [getattr(config, f) for f in arch.image_token_fields if getattr(config, f, None) is not None]
+        self.image_token_id: int | None = ids[0] if ids else None
+
+    @classmethod
+    def from_parts(cls, model, processor, family: str | None = None, name: str | None = None) -> "VLM":
+        """Wrap an in-memory model; ``family`` may be an embedded name or an architecture family."""
+        embedded = family in EMBEDDED
+        family = A.EMBEDDED_FAMILY.get(family, family)
+        arch = A.ARCHITECTURES[family] if family else A.architecture_for(model.config.model_type)
+        return cls(model, processor, arch, name or family or model.config.model_type, embedded)
+
+    # --- where the neurons are -------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return A.resolve(self.model, self.arch.layers)
+
+    def down_proj(self, layer: int) -> torch.nn.Linear:
+        """Layer ``layer``'s FFN output projection; ``weight`` is ``W_out[l]``, ``d_model × d_ff``."""
+        return A.resolve(self.layers[layer], self.arch.down_proj)
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        """The unembedding; ``weight`` is ``W_U``, ``V × d_model``."""
+        return A.resolve(self.model, self.arch.lm_head)
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return A.resolve(self.model, self.arch.final_norm)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_ff(self) -> int:
+        return self.down_proj(0).in_features
+
+    # --- prompts and inputs ----------------------------------------------------
+    def prompt(self, instruction: str = INSTRUCTION, answer_prefix: str = ANSWER_PREFIX) -> str:
+        """The paper's prompt: the model's chat template if it has one, else the family's."""
+        template = getattr(self.processor, "chat_template", None)
+        if template and not self.embedded:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            head = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            image = getattr(self.processor, "image_token", "<image>")
+            image = getattr(image, "content", image)
+            head = self.arch.prompt_template.format(image=image, instruction=instruction)
+        return f"{head} {answer_prefix}".replace("\n ", "\n") if answer_prefix else head
+
+    def inputs(self, images: Sequence[Image.Image], prompt: str | None = None) -> dict:
+        """Processor outputs for a batch of images, on the model's device and dtype."""
+        images = [_as_rgb(im, i) for i, im in enumerate(images)]
+        enc = self.processor(images=images, text=[prompt or self.prompt()] * len(images),
+                             return_tensors="pt", padding=True)
+        out = {}
+        for key, value in enc.items():
+            value = value.to(self.device)
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``Bool[Tensor, "batch seq"]``: positions that carry image features."""
+        if self.image_token_id is None:
+            raise ValueError(f"{self.name}: config names no image token id")
+        return input_ids == self.image_token_id
+
+    def image_token_span(self, input_ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Per row, ``(start, end)`` (end exclusive) of the contiguous image-token block(s)."""
+        spans = []
+        for row in self.image_token_mask(input_ids):
+            pos = row.nonzero().flatten()
+            spans.append((int(pos[0]), int(pos[-1]) + 1) if len(pos) else (0, 0))
+        return spans
+
+    # --- captioning ------------------------------------------------------------
+    def nouns_of(self, text: str) -> list[str]:
+        return vocabulary_nouns(text, NOUNS) if self.embedded else tagged_nouns(text)
+
+    @torch.no_grad()
+    def describe(self, images: Sequence[Image.Image], max_new_tokens: int = 20,
+                 batch_size: int = 32, nouns: Sequence[str] | None = None,
+                 progress: bool = False) -> list[Caption]:
+        """Greedy captions, one :class:`Caption` per image, ``batch_size`` images per forward."""
+        from tqdm.auto import tqdm
+
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        captions: list[Caption] = []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="describe", disable=not progress):
+            enc = self.inputs(images[start:start + batch_size])
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                ids = row[: next((j for j, t in enumerate(row) if t in stop), len(row))]
+                captions.append(self._caption(ids, nouns))
+        return captions
+
+    def _caption(self, ids: list[int], nouns: Sequence[str] | None) -> Caption:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        said = list(nouns) if nouns is not None else self.nouns_of(text)
+        located = locate_nouns(self.tokenizer, ids, said)
+        return Caption(text=text, token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids),
+                       nouns=[n.noun for n in located], noun_tokens=located)
+
+
+def _as_rgb(image, index: int) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image {index} is a {type(image).__name__}, expected a PIL.Image.Image")
+    return image.convert("RGB")
+
+
+def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None) -> VLM:
+    """Load an embedded model by name, a local checkpoint folder, or a hub id.
+
+    ``device`` defaults to CPU, ``dtype`` to float32 (``"bfloat16"``/``"float16"`` accepted).
+    """
+    import transformers
+
+    device = _device(device)
+    dtype = _dtype(dtype)
+    name = str(name_or_path)
+    path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
+    if name in EMBEDDED and not (path / "config.json").exists():
+        raise ModelLoadError(f"embedded model {name!r} has no weights at {path}; "
+                             f"retrain with: python -m mmneurons_utils.tiny.train --model {name}")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a transformers checkpoint (no config.json); "
+                                 f"supported model types: {', '.join(A.supported_model_types())}")
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        source, local = str(path), True
+    elif "/" in name and not name.startswith((".", "/", "~")):
+        source, local = name, False  # a hub id: the one case that may reach the network
+        model_type = _hub_model_type(name)
+    else:
+        raise ModelLoadError(
+            f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED)}), "
+            "a local checkpoint folder, or a hub id such as llava-hf/llava-1.5-7b-hf")
+    arch = A.architecture_for(model_type)
+    model_class = getattr(transformers, arch.model_class)
+    processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
+    model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
+    return VLM(model, processor, arch, name, embedded=name in EMBEDDED)
+
+
+def _hub_model_type(hub_id: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hub_id).model_type
+    except OSError as exc:
+        raise ModelLoadError(f"cannot fetch {hub_id!r} from the hub (offline, or no such repo); "
+                             "download it first and pass the local folder") from exc
+
+
+def _device(device) -> torch.device:
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"bad device {device!r}; use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available; use cpu")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise ModelLoadError(f"bad dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
