@@ -10,6 +10,7 @@ building, image-token positions and batched greedy captioning.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,13 +19,14 @@ import torch
 from PIL import Image
 
 from . import architectures as A
-from .nouns import NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
+from .nouns import NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
 from .scenes import NOUNS
 
 INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip")
+EMBEDDED_MARKER = "mmneurons.json"  # written next to the weights of models trained on the scenes
 
 
 class ModelLoadError(ValueError):
@@ -54,6 +56,7 @@ class VLM:
         self.arch = arch
         self.name = name
         self.embedded = embedded
+        self._warned_no_tagger = False
         config = model.config
         ids = [getattr(config, f) for f in arch.image_token_fields if getattr(config, f, None) is not None]
         self.image_token_id: int | None = ids[0] if ids else None
@@ -140,9 +143,42 @@ class VLM:
             spans.append((int(pos[0]), int(pos[-1]) + 1) if len(pos) else (0, 0))
         return spans
 
+    def summary(self) -> dict:
+        """Facts about the model that the notebooks show (sizes, where the neurons are)."""
+        from PIL import Image as _Image
+
+        ids = self.inputs([_Image.new("RGB", (64, 64))])["input_ids"]
+        return {
+            "family": self.arch.family,
+            "class": type(self.model).__name__,
+            "parameters (M)": round(sum(p.numel() for p in self.model.parameters()) / 1e6, 2),
+            "decoder layers": self.n_layers,
+            "d_model": self.down_proj(0).out_features,
+            "d_ff (units per layer)": self.d_ff,
+            "units in all": self.n_layers * self.d_ff,
+            "vocabulary": self.lm_head.out_features,
+            "image tokens per image": int(self.image_token_mask(ids).sum()),
+            "gated FFN": self.arch.gated_ffn,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
     # --- captioning ------------------------------------------------------------
     def nouns_of(self, text: str) -> list[str]:
-        return vocabulary_nouns(text, NOUNS) if self.embedded else tagged_nouns(text)
+        """Scene-vocabulary nouns for embedded models, spaCy's for real ones.
+
+        Without spaCy a real model's captions get no nouns and one warning saying how
+        to install a tagger or pass ``nouns=[...]``.
+        """
+        if self.embedded:
+            return vocabulary_nouns(text, NOUNS)
+        try:
+            return tagged_nouns(text)
+        except NounTaggerMissing as exc:
+            if not self._warned_no_tagger:
+                warnings.warn(str(exc), stacklevel=3)
+                self._warned_no_tagger = True
+            return []
 
     @torch.no_grad()
     def describe(self, images: Sequence[Image.Image], max_new_tokens: int = 20,
@@ -211,7 +247,8 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     model_class = getattr(transformers, arch.model_class)
     processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
     model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
-    return VLM(model, processor, arch, name, embedded=name in EMBEDDED)
+    embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
+    return VLM(model, processor, arch, name, embedded=embedded)
 
 
 def _hub_model_type(hub_id: str) -> str:

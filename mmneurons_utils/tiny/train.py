@@ -139,6 +139,8 @@ def save_embedded(model, processor, out_dir: Path) -> None:
     model.to(torch.float16).save_pretrained(tmp)
     model.to(torch.float32)
     processor.save_pretrained(tmp)
+    # marks a checkpoint trained on the scenes: its nouns are the scene vocabulary
+    (tmp / "mmneurons.json").write_text(json.dumps({"nouns": "scenes", "source": "mmneurons_utils.tiny"}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

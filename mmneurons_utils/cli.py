@@ -1,0 +1,124 @@
+"""The ``mmneurons`` console script.
+
+    mmneurons describe --model tiny-llava --scenes 500 --seed 0 --json
+    mmneurons describe --model /path/to/llava-1.5-7b-hf --images photos/ --device cuda
+
+Bad input exits with code 2 and one line naming the bad value and what is accepted.
+With ``--json`` the last line of standard output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .images import read_image_folder
+from .nouns import NounTaggerMissing, caption_scores
+from .scenes import make_scenes
+
+
+class CliError(ValueError):
+    """A bad command-line value."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer seed, got {text!r}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-llava",
+                   help="tiny-llava, tiny-instructblip, a local checkpoint folder or a hub id")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N, mps")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scenes", type=_positive_int, metavar="N", help="N generated scenes")
+    source.add_argument("--images", metavar="DIR", help="a folder of images")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="scene seed (0–9999 are held out from training; default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmneurons", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("describe", help="caption images with the paper's prompt")
+    _add_model_args(d)
+    _add_image_args(d)
+    d.add_argument("--max-new-tokens", type=_positive_int, default=20)
+    d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--nouns", help="comma-separated nouns to look for (real models without spaCy)")
+    d.set_defaults(func=cmd_describe)
+    return parser
+
+
+def _images(args):
+    """``(names, images, scenes or None)`` from ``--scenes``/``--seed`` or ``--images``."""
+    if args.images:
+        named = read_image_folder(args.images)
+        return [n for n, _ in named], [im for _, im in named], None
+    scenes = make_scenes(args.scenes, seed=args.seed)
+    return [f"scene-{args.seed}-{s.index}" for s in scenes], [s.image for s in scenes], scenes
+
+
+def cmd_describe(args) -> dict:
+    from .vlm import load_vlm
+
+    names, images, scenes = _images(args)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    nouns = [n.strip() for n in args.nouns.split(",") if n.strip()] if args.nouns else None
+    captions = vlm.describe(images, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, nouns=nouns, progress=True)
+    rows = []
+    for i, (name, cap) in enumerate(zip(names, captions)):
+        row = dict(image=name, caption=cap.text, nouns=cap.nouns)
+        if scenes is not None:
+            row["truth"] = scenes[i].caption
+        rows.append(row)
+        if not args.json:
+            truth = f"   [truth: {row['truth']}]" if "truth" in row else ""
+            print(f"{name}: {cap.text}{truth}")
+    result = dict(model=args.model, n_images=len(images), captions=rows)
+    if scenes is not None:
+        result.update(caption_scores([c.text for c in captions], scenes))
+        if not args.json:
+            print(f"noun recall {result['noun_recall']:.4f}  noun precision "
+                  f"{result['noun_precision']:.4f}  exact match {result['exact_match']:.4f}  "
+                  f"({len(scenes)} scenes, seed {args.seed})")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
+    try:
+        result = args.func(args)
+    except (ValueError, TypeError, NounTaggerMissing) as exc:
+        print(f"mmneurons {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    from mmneurons_utils import load_vlm
+
+    return load_vlm("tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip():
+    from mmneurons_utils import load_vlm
+
+    return load_vlm("tiny-instructblip")

@@ -1,0 +1,37 @@
+from mmneurons_utils.nouns import caption_scores, locate_nouns, vocabulary_nouns
+from mmneurons_utils.scenes import make_scenes
+from mmneurons_utils.tiny.build import make_tokenizer
+
+
+def test_vocabulary_nouns_in_order_without_repeats():
+    assert vocabulary_nouns("a boat and a boat, a dog on a blue background") == ["boat", "dog"]
+
+
+def test_locate_nouns_gives_the_step_of_the_first_occurrence():
+    tok = make_tokenizer()
+    ids = tok(" a dog and a cat and a dog", add_special_tokens=False).input_ids
+    found = {n.noun: n for n in locate_nouns(tok, ids, ["dog", "cat", "cow"])}
+    assert set(found) == {"dog", "cat"}  # cow is not said
+    assert tok.convert_ids_to_tokens(ids[found["dog"].step]) == "dog" and found["dog"].step == 1
+    assert found["cat"].step == 4 and found["cat"].token_id == tok.convert_tokens_to_ids("cat")
+
+
+class _SubwordTokenizer:
+    """Splits 'elephant' into 'ele' + 'phant' to check first-sub-token handling."""
+    pieces = {0: "an", 1: " ele", 2: "phant", 3: " and", 4: " a", 5: " cat"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids).strip()
+
+
+def test_multi_token_noun_maps_to_its_first_sub_token():
+    found = locate_nouns(_SubwordTokenizer(), [0, 1, 2, 3, 4, 5], ["elephant", "cat"])
+    assert [(n.noun, n.step, n.token_id) for n in found] == [("elephant", 1, 1), ("cat", 5, 5)]
+
+
+def test_caption_scores_on_known_cases():
+    scenes = make_scenes(2, seed=0)
+    perfect = caption_scores([s.caption for s in scenes], scenes)
+    assert perfect["noun_recall"] == perfect["noun_precision"] == perfect["exact_match"] == 1.0
+    empty = caption_scores(["nothing here", "nothing"], scenes)
+    assert empty["noun_recall"] == 0.0 and empty["exact_match"] == 0.0

@@ -1,0 +1,295 @@
+"""Tiny random-weight checkpoints of every family in ``ARCHITECTURES``, built in code.
+
+Each ``build_<family>(tmp_path) -> Path`` makes the real ``transformers`` class of
+that family with a few layers and hidden sizes of 32–64, a word-level tokenizer
+made with ``tokenizers`` (the prompt words plus the special tokens the family's
+processor needs), the family's processor with a ``*Pil`` image processor (no
+torchvision) and small images, saves both with ``save_pretrained`` and returns the
+folder, so that tests go through ``load_vlm(folder)`` exactly as a user would with
+a downloaded checkpoint. No network, no hub.
+
+``IMAGE_TOKENS[family]`` is the number of image-feature positions the model
+consumes for one ``IMAGE_SIZE`` × ``IMAGE_SIZE`` image (worked out by hand below).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+IMAGE_SIZE = 32          # side of the test images, in pixels
+SEED = 0
+
+# Every word of every family's fallback prompt template, the paper's instruction and
+# answer prefix, and a few caption words; the Whitespace pre-tokenizer splits
+# "[INST]" into "[", "INST", "]" and "User:" into "User", ":".
+WORDS = ["USER", "ASSISTANT", "User", "Assistant", "user", "assistant", "system", "[", "]",
+         "INST", "/", "[/", ":", "Describe", "the", "image", "in", "few", "words", ".", "An", "of",
+         "a", "an", "and", ",", "on", "dog", "cat", "car", "tree", "red", "blue", "background"]
+
+
+def make_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>",
+                   pad: str = "<pad>", unk: str = "<unk>") -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over :data:`WORDS`; ``specials`` are added as special tokens.
+
+    ``bos`` (if given) is prepended to every sequence; padding is on the left.
+    """
+    base = [t for t in (pad, bos, eos, unk) if t is not None]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(base + specials + WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t in dict.fromkeys(base + specials)])
+    kwargs = dict(bos_token=bos) if bos is not None else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, unk_token=unk, pad_token=pad,
+        padding_side="left", model_max_length=4096, **kwargs)
+
+
+def _llama(tokenizer, cls=None, **overrides):
+    from transformers import LlamaConfig
+
+    cls = cls or LlamaConfig
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def _clip_vision(**overrides):
+    from transformers import CLIPVisionConfig
+
+    kwargs = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    kwargs.update(overrides)
+    return CLIPVisionConfig(**kwargs)
+
+
+def _finish(model, processor, tokenizer, folder: Path) -> Path:
+    gc = model.generation_config
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.bos_token_id = tokenizer.bos_token_id
+    gc.do_sample = False
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# --- LLaVA-1.5 -----------------------------------------------------------------------
+def build_llava(tmp_path: Path) -> Path:
+    """CLIP 32 px / patch 8 → 16 patch features (CLS dropped), Llama 2 × 64."""
+    from transformers import (CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    tokenizer = make_tokenizer(["<image>"])
+    config = LlavaConfig(
+        vision_config=_clip_vision(), text_config=_llama(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(config)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1)
+    return _finish(model, processor, tokenizer, tmp_path / "llava")
+
+
+# --- LLaVA-NeXT ----------------------------------------------------------------------
+def build_llava_next(tmp_path: Path) -> Path:
+    """Any-resolution LLaVA-NeXT: base 32 px tile plus a 32 × 64 grid for a square image."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    tokenizer = make_tokenizer(["<image>"])
+    pinpoints = [[IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                 [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(), text_config=_llama(tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return _finish(model, processor, tokenizer, tmp_path / "llava_next")
+
+
+# --- InstructBLIP --------------------------------------------------------------------
+NUM_QUERY_TOKENS = 8
+
+
+def build_instructblip(tmp_path: Path) -> Path:
+    """ViT 32 px, a 1-layer Q-Former with 8 queries (= 8 image tokens), Llama 2 × 64."""
+    from transformers import (BlipImageProcessorPil, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                              InstructBlipQFormerConfig, InstructBlipVisionConfig)
+
+    tokenizer = make_tokenizer(["<image>"])
+    qformer_tokenizer = make_tokenizer(["<image>"])
+    qformer_tokenizer.padding_side = "right"
+    vision = InstructBlipVisionConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, initializer_range=0.02)
+    qformer = InstructBlipQFormerConfig(
+        vocab_size=len(qformer_tokenizer), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
+        pad_token_id=qformer_tokenizer.pad_token_id, max_position_embeddings=128)
+    config = InstructBlipConfig(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+        text_config=_llama(tokenizer).to_dict(), num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(SEED)
+    model = InstructBlipForConditionalGeneration(config)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size=square), tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    return _finish(model, processor, tokenizer, tmp_path / "instructblip")
+
+
+# --- Qwen2-VL ------------------------------------------------------------------------
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2_vl(tmp_path: Path) -> Path:
+    """Patch 4, 2 × 2 merge: a 32 px image is an 8 × 8 grid → 16 merged image tokens."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+
+    tokenizer = make_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                pad_token_id=tokenizer.pad_token_id,
+                # head_dim 16 → 8 rotary frequencies split over (t, h, w)
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 10000.0})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    torch.manual_seed(SEED)
+    model = Qwen2VLForConditionalGeneration(config)
+    pixels = IMAGE_SIZE * IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return _finish(model, processor, tokenizer, tmp_path / "qwen2_vl")
+
+
+# --- Idefics3 / SmolVLM --------------------------------------------------------------
+IDEFICS_SPECIALS = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+                    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+IDEFICS_TILE = 16        # the vision encoder's input side (one tile)
+IDEFICS_SEQ_LEN = 4      # (16 / 4)^2 patches / scale_factor^2 = 16 / 4
+
+
+def _build_idefics(tmp_path: Path, smol: bool) -> Path:
+    import transformers as T
+
+    prefix = "SmolVLM" if smol else "Idefics3"
+    tokenizer = make_tokenizer(IDEFICS_SPECIALS, bos="<|begin_of_text|>",
+                               eos="<end_of_utterance>")
+    vision = getattr(T, f"{prefix}VisionConfig")(
+        image_size=IDEFICS_TILE, patch_size=4, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2)
+    config = getattr(T, f"{prefix}Config")(
+        vision_config=vision.to_dict(), text_config=_llama(tokenizer).to_dict(), scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    model = getattr(T, f"{prefix}ForConditionalGeneration")(config)
+    # Images are resized to a longest edge of 32 px and split into 16 px tiles: a
+    # square image gives 2 × 2 tiles + 1 global tile, IDEFICS_SEQ_LEN tokens each.
+    image_processor = getattr(T, f"{prefix}ImageProcessorPil")(
+        do_resize=True, size={"longest_edge": 2 * IDEFICS_TILE}, do_image_splitting=True,
+        max_image_size={"longest_edge": IDEFICS_TILE})
+    kwargs = {}
+    if smol:
+        kwargs["video_processor"] = T.SmolVLMVideoProcessor()
+    processor = getattr(T, f"{prefix}Processor")(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IDEFICS_SEQ_LEN, **kwargs)
+    return _finish(model, processor, tokenizer, tmp_path / prefix.lower())
+
+
+def build_idefics3(tmp_path: Path) -> Path:
+    return _build_idefics(tmp_path, smol=False)
+
+
+def build_smolvlm(tmp_path: Path) -> Path:
+    return _build_idefics(tmp_path, smol=True)
+
+
+# --- PaliGemma -----------------------------------------------------------------------
+def build_paligemma(tmp_path: Path) -> Path:
+    """SigLIP 32 px / patch 8 → 16 image tokens, Gemma 2 × 64 (GeGLU)."""
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              PaliGemmaProcessor, SiglipImageProcessorPil, SiglipVisionConfig)
+
+    tokenizer = make_tokenizer(["<image>"], bos="<bos>", eos="<eos>")
+    vision = SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                vision_use_head=False)
+    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2
+    # The processor adds 1024 <locXXXX> + 128 <segXXX> tokens to the tokenizer; build
+    # it first so the model's vocabulary covers them.
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text = _llama(tokenizer, cls=GemmaConfig, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+                  tie_word_embeddings=True)
+    config = PaliGemmaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vocab_size=len(tokenizer),
+        projection_dim=64, hidden_size=64, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SEED)
+    model = PaliGemmaForConditionalGeneration(config)
+    return _finish(model, processor, tokenizer, tmp_path / "paligemma")
+
+
+FAMILY_BUILDERS = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "instructblip": build_instructblip,
+    "qwen2_vl": build_qwen2_vl,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,       # model_type "smolvlm", covered by the idefics3 entry
+    "paligemma": build_paligemma,
+}
+
+# the ARCHITECTURES family each builder's checkpoint must resolve to
+FAMILY_OF = {name: ("idefics3" if name == "smolvlm" else name) for name in FAMILY_BUILDERS}
+
+# image-feature positions per IMAGE_SIZE × IMAGE_SIZE image
+IMAGE_TOKENS = {
+    "llava": (IMAGE_SIZE // 8) ** 2,                 # 4 × 4 patches, CLS dropped
+    # base tile 16 + best grid 32 × 64 (4 × 8 patches) unpadded to 4 × 4 = 16, + 4 newlines
+    "llava_next": 16 + 16 + 4,
+    "instructblip": NUM_QUERY_TOKENS,
+    "qwen2_vl": (IMAGE_SIZE // 4) ** 2 // 4,         # 8 × 8 patches merged 2 × 2
+    "idefics3": (2 * 2 + 1) * IDEFICS_SEQ_LEN,       # 4 tiles + global image
+    "smolvlm": (2 * 2 + 1) * IDEFICS_SEQ_LEN,
+    "paligemma": (IMAGE_SIZE // 8) ** 2,
+}
