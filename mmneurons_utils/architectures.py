@@ -33,6 +33,7 @@ class Architecture:
     final_norm: tuple[str, ...]            # candidate paths of the norm before lm_head
     lm_head: tuple[str, ...] = ("lm_head", "language_model.lm_head")
     down_proj: str = "mlp.down_proj"       # inside one decoder layer
+    act_fn: str = "mlp.act_fn"             # the gate nonlinearity (for activation="act_fn")
     image_token_fields: tuple[str, ...] = ("image_token_id", "image_token_index")
     # Used when the processor has no chat template: {image} is the processor's image
     # placeholder (omitted where the processor inserts the image tokens itself).
@@ -67,25 +68,35 @@ ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in [
         notes="InstructBLIP with a decoder-only LM (Vicuna); the image tokens are the "
               "Q-Former's query outputs, not a patch grid. Flan-T5 variants are not supported."),
     Architecture(
-        family="qwen2_vl", model_types=("qwen2_vl",),
-        model_class="Qwen2VLForConditionalGeneration",
+        family="idefics3", model_types=("idefics3",),
+        model_class="Idefics3ForConditionalGeneration",
         layers=_LM_LAYERS, final_norm=_LM_NORM,
-        prompt_template="<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{instruction}"
-                        "<|im_end|>\n<|im_start|>assistant\n",
-        notes="Qwen2-VL; dynamic resolution, 2×2 patch merging"),
-    Architecture(
-        family="idefics3", model_types=("idefics3", "smolvlm"),
-        model_class="AutoModelForImageTextToText",
-        layers=_LM_LAYERS, final_norm=_LM_NORM,
+        # the processor expands {image} into <fake_token_around_image>, a <row_i_col_j> or
+        # <global-img> tag and image_seq_len <image> tokens per tile (+ the global image)
         prompt_template="User:{image}{instruction}<end_of_utterance>\nAssistant:",
-        notes="Idefics3 and SmolVLM; pixel-shuffle connector"),
+        notes="Idefics3 (HuggingFaceM4/Idefics3-8B-Llama3); image splitting into tiles, "
+              "pixel-shuffle connector. SmolVLM is not covered (see UNAVAILABLE)."),
     Architecture(
         family="paligemma", model_types=("paligemma",),
         model_class="PaliGemmaForConditionalGeneration",
         layers=_LM_LAYERS, final_norm=_LM_NORM,
-        prompt_template="{instruction}",  # the processor prepends the image tokens and <bos>
-        notes="PaliGemma (Gemma decoder, GeGLU FFN)"),
+        # The processor inserts <bos> after the image tokens and appends "\n" (the
+        # prefix/answer separator) after the whole text, so the answer prefix of
+        # VLM.prompt() ends up inside the bidirectional prefix, before the "\n".
+        prompt_template="{image}{instruction}",
+        notes="PaliGemma (Gemma decoder, GeGLU FFN); the image tokens and the prompt are a "
+              "prefix with bidirectional attention (token_type_ids == 0)"),
 ]}
+
+# Model types that are known but cannot be loaded here, and why (named in the error).
+_NEEDS_TORCHVISION = ("its transformers 5.x processor holds a video processor that exists only "
+                      "with torchvision, and AutoProcessor builds it even for images; the "
+                      "project does not depend on torchvision")
+UNAVAILABLE: dict[str, str] = {
+    "qwen2_vl": _NEEDS_TORCHVISION,
+    "qwen2_5_vl": _NEEDS_TORCHVISION,
+    "smolvlm": _NEEDS_TORCHVISION,
+}
 
 EMBEDDED_FAMILY = {"tiny-llava": "llava", "tiny-instructblip": "instructblip"}
 
@@ -99,8 +110,9 @@ def architecture_for(model_type: str) -> Architecture:
     for arch in ARCHITECTURES.values():
         if model_type in arch.model_types:
             return arch
+    why = f" ({UNAVAILABLE[model_type]})" if model_type in UNAVAILABLE else ""
     raise UnsupportedModelError(
-        f"model type {model_type!r} is not supported; supported model types: "
+        f"model type {model_type!r} is not supported{why}; supported model types: "
         f"{', '.join(supported_model_types())}")
 
 

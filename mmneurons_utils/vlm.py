@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from . import architectures as A
+from .capture import Activations, record_activations
 from .nouns import NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
 from .scenes import NOUNS
 
@@ -44,6 +45,7 @@ class Caption:
     tokens: list[str]
     nouns: list[str]
     noun_tokens: list[NounToken] = field(default_factory=list)
+    activations: "Activations | None" = field(default=None, repr=False)
 
 
 class VLM:
@@ -183,8 +185,16 @@ class VLM:
     @torch.no_grad()
     def describe(self, images: Sequence[Image.Image], max_new_tokens: int = 20,
                  batch_size: int = 32, nouns: Sequence[str] | None = None,
-                 progress: bool = False) -> list[Caption]:
-        """Greedy captions, one :class:`Caption` per image, ``batch_size`` images per forward."""
+                 progress: bool = False, capture: str | None = None,
+                 image_activations: bool = False, use_cache: bool = True) -> list[Caption]:
+        """Greedy captions, one :class:`Caption` per image, ``batch_size`` images per forward.
+
+        ``capture="down_proj_input"`` (or ``"act_fn"``) also records each caption's neuron
+        activations into ``Caption.activations`` (see :mod:`mmneurons_utils.capture`);
+        ``image_activations=True`` adds those at the image-token positions.
+        """
+        from contextlib import nullcontext
+
         from tqdm.auto import tqdm
 
         if max_new_tokens < 1:
@@ -195,10 +205,17 @@ class VLM:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="describe", disable=not progress):
             enc = self.inputs(images[start:start + batch_size])
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            mask = self.image_token_mask(enc["input_ids"]) if image_activations else None
+            recorder = record_activations(self, mask, capture) if capture else nullcontext()
+            with recorder as recording:
+                out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                          use_cache=use_cache)
+            for r, row in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
                 ids = row[: next((j for j, t in enumerate(row) if t in stop), len(row))]
-                captions.append(self._caption(ids, nouns))
+                caption = self._caption(ids, nouns)
+                if recording is not None:
+                    caption.activations = recording.for_row(r, len(ids), capture)
+                captions.append(caption)
         return captions
 
     def _caption(self, ids: list[int], nouns: Sequence[str] | None) -> Caption:

@@ -10,6 +10,9 @@ a downloaded checkpoint. No network, no hub.
 
 ``IMAGE_TOKENS[family]`` is the number of image-feature positions the model
 consumes for one ``IMAGE_SIZE`` × ``IMAGE_SIZE`` image (worked out by hand below).
+
+Qwen2-VL and SmolVLM have no builder: in transformers 5.x their processors cannot
+be made without torchvision (see ``architectures.UNAVAILABLE``).
 """
 
 from __future__ import annotations
@@ -166,81 +169,35 @@ def build_instructblip(tmp_path: Path) -> Path:
     return _finish(model, processor, tokenizer, tmp_path / "instructblip")
 
 
-# --- Qwen2-VL ------------------------------------------------------------------------
-QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-
-
-def build_qwen2_vl(tmp_path: Path) -> Path:
-    """Patch 4, 2 × 2 merge: a 32 px image is an 8 × 8 grid → 16 merged image tokens."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessorPil, Qwen2VLProcessor)
-
-    tokenizer = make_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = tokenizer.convert_tokens_to_ids
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=512, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-                # head_dim 16 → 8 rotary frequencies split over (t, h, w)
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                 "rope_theta": 10000.0})
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
-                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
-    torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config)
-    pixels = IMAGE_SIZE * IMAGE_SIZE
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=pixels, max_pixels=pixels, patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return _finish(model, processor, tokenizer, tmp_path / "qwen2_vl")
-
-
-# --- Idefics3 / SmolVLM --------------------------------------------------------------
+# --- Idefics3 ------------------------------------------------------------------------
 IDEFICS_SPECIALS = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
                     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 IDEFICS_TILE = 16        # the vision encoder's input side (one tile)
 IDEFICS_SEQ_LEN = 4      # (16 / 4)^2 patches / scale_factor^2 = 16 / 4
 
 
-def _build_idefics(tmp_path: Path, smol: bool) -> Path:
-    import transformers as T
+def build_idefics3(tmp_path: Path) -> Path:
+    """Images resized to a 32 px longest edge and split into 16 px tiles: a square image
+    gives 2 × 2 tiles + 1 global tile, IDEFICS_SEQ_LEN <image> tokens each."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessorPil, Idefics3Processor, Idefics3VisionConfig)
 
-    prefix = "SmolVLM" if smol else "Idefics3"
     tokenizer = make_tokenizer(IDEFICS_SPECIALS, bos="<|begin_of_text|>",
                                eos="<end_of_utterance>")
-    vision = getattr(T, f"{prefix}VisionConfig")(
-        image_size=IDEFICS_TILE, patch_size=4, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2)
-    config = getattr(T, f"{prefix}Config")(
+    vision = Idefics3VisionConfig(image_size=IDEFICS_TILE, patch_size=4, hidden_size=32,
+                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = Idefics3Config(
         vision_config=vision.to_dict(), text_config=_llama(tokenizer).to_dict(), scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        pad_token_id=tokenizer.pad_token_id)
+        pad_token_id=tokenizer.pad_token_id)  # the default, 128002, is outside the vocabulary
     torch.manual_seed(SEED)
-    model = getattr(T, f"{prefix}ForConditionalGeneration")(config)
-    # Images are resized to a longest edge of 32 px and split into 16 px tiles: a
-    # square image gives 2 × 2 tiles + 1 global tile, IDEFICS_SEQ_LEN tokens each.
-    image_processor = getattr(T, f"{prefix}ImageProcessorPil")(
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
         do_resize=True, size={"longest_edge": 2 * IDEFICS_TILE}, do_image_splitting=True,
         max_image_size={"longest_edge": IDEFICS_TILE})
-    kwargs = {}
-    if smol:
-        kwargs["video_processor"] = T.SmolVLMVideoProcessor()
-    processor = getattr(T, f"{prefix}Processor")(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=IDEFICS_SEQ_LEN, **kwargs)
-    return _finish(model, processor, tokenizer, tmp_path / prefix.lower())
-
-
-def build_idefics3(tmp_path: Path) -> Path:
-    return _build_idefics(tmp_path, smol=False)
-
-
-def build_smolvlm(tmp_path: Path) -> Path:
-    return _build_idefics(tmp_path, smol=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  image_seq_len=IDEFICS_SEQ_LEN)
+    return _finish(model, processor, tokenizer, tmp_path / "idefics3")
 
 
 # --- PaliGemma -----------------------------------------------------------------------
@@ -273,14 +230,9 @@ FAMILY_BUILDERS = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "instructblip": build_instructblip,
-    "qwen2_vl": build_qwen2_vl,
     "idefics3": build_idefics3,
-    "smolvlm": build_smolvlm,       # model_type "smolvlm", covered by the idefics3 entry
     "paligemma": build_paligemma,
 }
-
-# the ARCHITECTURES family each builder's checkpoint must resolve to
-FAMILY_OF = {name: ("idefics3" if name == "smolvlm" else name) for name in FAMILY_BUILDERS}
 
 # image-feature positions per IMAGE_SIZE × IMAGE_SIZE image
 IMAGE_TOKENS = {
@@ -288,8 +240,6 @@ IMAGE_TOKENS = {
     # base tile 16 + best grid 32 × 64 (4 × 8 patches) unpadded to 4 × 4 = 16, + 4 newlines
     "llava_next": 16 + 16 + 4,
     "instructblip": NUM_QUERY_TOKENS,
-    "qwen2_vl": (IMAGE_SIZE // 4) ** 2 // 4,         # 8 × 8 patches merged 2 × 2
     "idefics3": (2 * 2 + 1) * IDEFICS_SEQ_LEN,       # 4 tiles + global image
-    "smolvlm": (2 * 2 + 1) * IDEFICS_SEQ_LEN,
     "paligemma": (IMAGE_SIZE // 8) ** 2,
 }

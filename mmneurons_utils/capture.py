@@ -1,0 +1,104 @@
+"""Record the FFN neuron activations during generation (KV cache on).
+
+The activation of unit ``i`` in decoder layer ``l`` is the **input of**
+``down_proj`` at that unit: for a gated FFN ``down_proj(act(gate(x)) * up(x))``
+that is ``act(gate(x)) * up(x)``, the exact coefficient of the unit's write
+vector ``W_out[l][:, i]``. A ``forward_pre_hook`` on ``down_proj`` reads it.
+``activation="act_fn"`` instead records ``act(gate(x))`` (the official code's
+tensor) for comparison; it is *not* the coefficient of the write vector.
+
+Two things are kept, nothing else:
+
+* ``steps``: at every generation step, the last position — the one whose logits
+  produce that step's token. With the KV cache the prefill call's last position
+  produces token 0 and each later call (one position) produces the next token;
+  without the cache every call re-runs the whole sequence and its last position
+  is still the one. So both modes record the same vectors.
+* ``image`` (optional): every image-token position of the prefill call.
+
+Hooks live only inside the ``with`` block and are removed also when generation raises.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from . import architectures as A
+
+ACTIVATIONS = ("down_proj_input", "act_fn")
+
+
+@dataclass
+class Activations:
+    """One image's recorded activations (model dtype, model device).
+
+    ``steps``: ``Float[Tensor, "steps layers d_ff"]``, row ``j`` is the position whose
+    logits produced generated token ``j``.
+    ``image``: ``Float[Tensor, "layers n_image_tokens d_ff"]`` or ``None``.
+    """
+
+    steps: torch.Tensor
+    image: torch.Tensor | None
+    kind: str = "down_proj_input"
+
+
+class _Recording:
+    def __init__(self, n_layers: int, image_mask: torch.Tensor | None):
+        self.image_mask = image_mask
+        self.calls = [0] * n_layers
+        self.step_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.image_rows: list[torch.Tensor | None] = [None] * n_layers
+
+    def hook(self, layer: int):
+        def record(x: torch.Tensor) -> None:  # x: Float[Tensor, "batch seq d_ff"]
+            if self.calls[layer] == 0 and self.image_mask is not None:
+                if self.image_mask.shape != x.shape[:2]:
+                    raise RuntimeError(f"image mask {tuple(self.image_mask.shape)} does not match "
+                                       f"the prefill's {tuple(x.shape[:2])} positions")
+                self.image_rows[layer] = x.detach()[self.image_mask].view(x.shape[0], -1, x.shape[-1])
+            self.step_rows[layer].append(x.detach()[:, -1])
+            self.calls[layer] += 1
+        return record
+
+    def for_row(self, row: int, n_steps: int, kind: str) -> Activations:
+        steps = torch.stack([torch.stack(layer_rows, 0)[:n_steps, row] for layer_rows in self.step_rows], 1)
+        image = None
+        if self.image_mask is not None:
+            image = torch.stack([rows[row] for rows in self.image_rows], 0)
+        return Activations(steps=steps, image=image, kind=kind)
+
+
+@contextmanager
+def record_activations(vlm, image_mask: torch.Tensor | None = None,
+                       activation: str = "down_proj_input") -> Iterator[_Recording]:
+    """Hooks on every decoder layer while the block runs.
+
+    ``image_mask``: ``Bool[Tensor, "batch seq"]`` of the prefill's image positions
+    (from ``vlm.image_token_mask(input_ids)``), or ``None`` to skip them.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    recording = _Recording(vlm.n_layers, image_mask)
+    if activation == "down_proj_input":
+        modules = [vlm.down_proj(layer) for layer in range(vlm.n_layers)]
+    else:
+        modules = [A.resolve(vlm.layers[layer], vlm.arch.act_fn) for layer in range(vlm.n_layers)]
+    if len({id(m) for m in modules}) != len(modules):  # a shared module would fire every layer's hook
+        raise RuntimeError(f"{vlm.name}: layers share one {activation} module; cannot tell them apart")
+    handles = []
+    try:
+        for layer, module in enumerate(modules):
+            record = recording.hook(layer)
+            if activation == "down_proj_input":
+                handles.append(module.register_forward_pre_hook(lambda m, args, r=record: r(args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda m, args, out, r=record: r(out)))
+        yield recording
+    finally:
+        for handle in handles:
+            handle.remove()
+

@@ -1,0 +1,94 @@
+"""``find_neurons``: the multi-modal neurons of every noun a model says about an image.
+
+Data flow: image → ``VLM.describe(capture=...)`` (one generation, activations
+recorded with the KV cache on) → nouns and the step of each → per-noun unit
+scores (:mod:`mmneurons_utils.scoring`) → the top ``k`` units → a tidy table.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+from PIL import Image
+
+from . import scoring
+from .nouns import locate_nouns
+
+METHODS = ("contribution", "gradient", "random")
+COLUMNS = ["image", "noun", "token_id", "step", "method", "rank", "layer", "unit", "score",
+           "top_tokens"]
+
+
+class NounNotInCaption(ValueError):
+    """An asked-for noun is not in the generated caption."""
+
+
+def check_top_k(vlm, top_k) -> int:
+    total = vlm.n_layers * vlm.d_ff
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= total:
+        raise ValueError(f"top_k must be an integer in 1 … {total} (the model's "
+                         f"{vlm.n_layers} × {vlm.d_ff} units), got {top_k!r}")
+    return top_k
+
+
+def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = "contribution",
+                 top_k: int = 50, nouns: Sequence[str] | None = None, seed: int = 0,
+                 n_top_tokens: int = 10, max_new_tokens: int = 20, batch_size: int = 16,
+                 activation: str = "down_proj_input", progress: bool = False) -> pd.DataFrame:
+    """Top-``top_k`` units for each noun of each image's generated caption.
+
+    ``image``: one PIL image or a list. ``nouns``: restrict to these (each must be in
+    the caption). ``method``: ``contribution`` (the paper), ``gradient``
+    (gradient × activation) or ``random`` (``seed``-ed uniform units; their ``score``
+    is their contribution score, for reference).
+
+    Returns a long-form DataFrame, one row per (image, noun, neuron), columns
+    ``image, noun, token_id, step, method, rank, layer, unit, score, top_tokens``
+    (``rank`` 0 is the top unit; ``top_tokens`` are the unit's logit-lens tokens).
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_top_k(vlm, top_k)
+    images = [image] if isinstance(image, Image.Image) else list(image)
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            capture=activation, progress=progress)
+    rows = []
+    for index, (img, caption) in enumerate(tqdm(list(zip(images, captions)), desc=f"find ({method})",
+                                                disable=not progress)):
+        targets = _targets(vlm, caption, nouns)
+        if method == "gradient":
+            per_noun = scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
+                                               [(t.step, t.token_id) for t in targets])
+        for n, target in enumerate(targets):
+            contribution = scoring.contribution_scores(
+                vlm, caption.activations.steps[target.step], target.token_id)
+            if method == "random":
+                units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, seed + index)
+                scores = contribution[units[:, 0], units[:, 1]].cpu().numpy()
+            else:
+                ranked = per_noun[n] if method == "gradient" else contribution
+                units, scores = scoring.top_units(ranked, top_k)
+            tokens = scoring.unit_top_tokens(vlm, units, n_top_tokens)
+            for rank, ((layer, unit), score, ids) in enumerate(zip(units, scores, tokens)):
+                rows.append((index, target.noun, target.token_id, target.step, method, rank,
+                             int(layer), int(unit), float(score), vlm.tokenizer.convert_ids_to_tokens(ids)))
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["captions"] = [c.text for c in captions]
+    return table
+
+
+def _targets(vlm, caption, nouns):
+    """The (noun, step, token) to score: the caption's nouns, or the asked-for ones."""
+    if nouns is None:
+        return caption.noun_tokens
+    found = {t.noun: t for t in locate_nouns(vlm.tokenizer, caption.token_ids, nouns)}
+    missing = [n for n in nouns if n not in found]
+    if missing:
+        said = ", ".join(caption.nouns) or "(none found)"
+        raise NounNotInCaption(f"noun(s) {', '.join(map(repr, missing))} not in the caption "
+                               f"{caption.text!r}; its nouns are: {said}")
+    return [found[n] for n in nouns]
+

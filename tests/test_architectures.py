@@ -1,0 +1,204 @@
+"""Every family in ``ARCHITECTURES`` works through ``load_vlm(folder)``.
+
+Each family's tiny random-weight checkpoint (``tests/tiny_configs.py``) is built once
+per module, saved, and loaded back the way a user loads a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmneurons_utils import architectures as A
+from mmneurons_utils.vlm import ANSWER_PREFIX, Caption, ModelLoadError, load_vlm
+
+from tiny_configs import FAMILY_BUILDERS, IMAGE_SIZE, IMAGE_TOKENS
+
+# transformers 5.24's PaliGemmaProcessor calls np.array on a list of tensors
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _images(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_BUILDERS))
+def family_vlm(request, tmp_path_factory):
+    family = request.param
+    folder = FAMILY_BUILDERS[family](tmp_path_factory.mktemp(family))
+    return family, load_vlm(folder)
+
+
+def _text_config(vlm):
+    return vlm.model.config.get_text_config()
+
+
+def _decoder(vlm) -> torch.nn.Module:
+    """The language model whose ``layers`` are ``vlm.layers`` (it receives ``inputs_embeds``)."""
+    return next(m for m in vlm.model.modules() if getattr(m, "layers", None) is vlm.layers)
+
+
+def test_every_family_has_a_tiny_checkpoint():
+    assert set(FAMILY_BUILDERS) == set(A.ARCHITECTURES)
+    assert set(IMAGE_TOKENS) == set(A.ARCHITECTURES)
+
+
+def test_family_and_class(family_vlm):
+    family, vlm = family_vlm
+    assert vlm.arch.family == family
+    assert type(vlm.model).__name__ == vlm.arch.model_class
+    assert not vlm.embedded
+
+
+def test_prompt(family_vlm):
+    _, vlm = family_vlm
+    prompt = vlm.prompt()
+    assert prompt.endswith(ANSWER_PREFIX)
+    assert "Describe the image in few words." in prompt
+    assert "{" not in prompt
+    if "{image}" in vlm.arch.prompt_template:
+        assert getattr(vlm.processor.image_token, "content", vlm.processor.image_token) in prompt
+
+
+def test_describe_one_image(family_vlm):
+    _, vlm = family_vlm
+    captions = vlm.describe(_images(1), max_new_tokens=4, nouns=[])
+    assert len(captions) == 1
+    caption = captions[0]
+    assert isinstance(caption, Caption)
+    assert len(caption.token_ids) <= 4
+    assert len(caption.tokens) == len(caption.token_ids)
+    assert isinstance(caption.text, str)
+
+
+def test_describe_batch_of_two(family_vlm):
+    _, vlm = family_vlm
+    images = _images(2, seed=1)
+    captions = vlm.describe(images, max_new_tokens=4, nouns=[], batch_size=2)
+    assert len(captions) == 2 and all(len(c.token_ids) <= 4 for c in captions)
+    # the batched forward gives each row the logits it gets alone
+    with torch.no_grad():
+        batch = vlm.model(**vlm.inputs(images)).logits[:, -1]
+        for row, image in enumerate(images):
+            alone = vlm.model(**vlm.inputs([image])).logits[0, -1]
+            torch.testing.assert_close(batch[row], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_image_token_mask_counts_consumed_features(family_vlm):
+    family, vlm = family_vlm
+    enc = vlm.inputs(_images(2, seed=2))
+    mask = vlm.image_token_mask(enc["input_ids"])
+    assert mask.shape == enc["input_ids"].shape
+    assert mask.sum(1).tolist() == [IMAGE_TOKENS[family]] * 2
+    spans = vlm.image_token_span(enc["input_ids"])
+    assert all(end > start for start, end in spans)
+
+    # The positions whose input embedding the model replaced by image features are
+    # exactly the masked ones: what the mask counts is what the model consumes.
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    handle = _decoder(vlm).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            vlm.model(**enc)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        text_embeds = vlm.model.get_input_embeddings()(enc["input_ids"])
+    replaced = ~torch.isclose(seen["embeds"], text_embeds, atol=1e-6).all(-1)
+    assert torch.equal(replaced, mask)
+
+
+def test_neuron_locations(family_vlm):
+    _, vlm = family_vlm
+    text = _text_config(vlm)
+    assert vlm.n_layers == text.num_hidden_layers
+    for layer in range(vlm.n_layers):
+        down = vlm.down_proj(layer)
+        assert isinstance(down, torch.nn.Linear)
+        assert down.weight.shape == (text.hidden_size, text.intermediate_size)
+    assert vlm.d_ff == text.intermediate_size
+    assert isinstance(vlm.lm_head, torch.nn.Linear)
+    assert vlm.lm_head.weight.shape == (text.vocab_size, text.hidden_size)
+    assert text.vocab_size >= len(vlm.tokenizer)
+
+
+def test_final_norm_and_lm_head_make_the_logits(family_vlm):
+    _, vlm = family_vlm
+    seen = {}
+    handle = vlm.final_norm.register_forward_hook(lambda m, i, o: seen.setdefault("h", o))
+    try:
+        with torch.no_grad():
+            logits = vlm.model(**vlm.inputs(_images(1, seed=3))).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.lm_head(seen["h"]), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_down_proj_pre_hook_fires_during_describe(family_vlm):
+    _, vlm = family_vlm
+    calls = [0] * vlm.n_layers
+    widths = set()
+
+    def hook(layer):
+        def fire(module, args):
+            calls[layer] += 1
+            widths.add(args[0].shape[-1])
+        return fire
+
+    handles = [vlm.down_proj(l).register_forward_pre_hook(hook(l)) for l in range(vlm.n_layers)]
+    try:
+        vlm.describe(_images(1, seed=4), max_new_tokens=2, nouns=[])
+    finally:
+        for h in handles:
+            h.remove()
+    assert all(c >= 1 for c in calls), calls
+    assert widths == {vlm.d_ff}
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(A.UnsupportedModelError) as info:
+        load_vlm(tmp_path)
+    message = str(info.value)
+    assert "'bert'" in message
+    for model_type in A.supported_model_types():
+        assert model_type in message
+
+
+@pytest.mark.parametrize("model_type", sorted(A.UNAVAILABLE))
+def test_unavailable_model_type_says_why(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(A.UnsupportedModelError, match="torchvision"):
+        load_vlm(tmp_path)
+
+
+def test_folder_without_config_is_a_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_vlm(tmp_path)
+
+
+# A chat template with llava-hf/llava-1.5's conventions ("USER: <image>\n... ASSISTANT:").
+LLAVA_15_STYLE_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_chat_template_wins_and_matches_the_llava_fallback(tmp_path):
+    vlm = load_vlm(FAMILY_BUILDERS["llava"](tmp_path))
+    fallback = vlm.prompt()
+    vlm.processor.chat_template = LLAVA_15_STYLE_TEMPLATE
+    assert vlm.prompt() == fallback == (
+        "USER: <image>\nDescribe the image in few words. ASSISTANT: An image of")

@@ -1,0 +1,214 @@
+"""Correctness evidence for activation capture and the unit scores.
+
+Random-weight tiny models (the real transformers classes) are used where any
+weights will do; the trained embedded model where nouns must be said.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mmneurons_utils import find_neurons, make_scenes
+from mmneurons_utils.identify import NounNotInCaption
+from mmneurons_utils.scoring import contribution_scores, gradient_scores, unit_logit_weights
+from mmneurons_utils.tiny.build import build_tiny_instructblip, build_tiny_llava
+from mmneurons_utils.vlm import VLM
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-instructblip"])
+def random_vlm(request):
+    build = build_tiny_llava if request.param == "tiny-llava" else build_tiny_instructblip
+    model, processor = build(seed=1)
+    return VLM.from_parts(model, processor, family=request.param)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [s.image for s in make_scenes(3, seed=11)]
+
+
+def _record_mlp_outputs(vlm):
+    """Forward hooks on each layer's MLP: its output at the last position, every call."""
+    outputs = [[] for _ in range(vlm.n_layers)]
+    handles = [layer.mlp.register_forward_hook(lambda m, a, out, l=l: outputs[l].append(out[:, -1].detach()))
+               for l, layer in enumerate(vlm.layers)]
+    return outputs, handles
+
+
+def test_coefficient_times_w_out_is_the_mlp_output(random_vlm, images):
+    outputs, handles = _record_mlp_outputs(random_vlm)
+    try:
+        caps = random_vlm.describe(images, max_new_tokens=5, capture="down_proj_input")
+    finally:
+        for h in handles:
+            h.remove()
+    for row, cap in enumerate(caps):
+        for layer in range(random_vlm.n_layers):
+            w_out = random_vlm.down_proj(layer).weight                     # (D, F)
+            for step in range(len(cap.token_ids)):
+                written = cap.activations.steps[step, layer] @ w_out.T     # (D,)
+                torch.testing.assert_close(written, outputs[layer][step][row], rtol=1e-4, atol=1e-5)
+
+
+def test_unit_contributions_sum_to_the_mlps_share_of_the_logit(random_vlm, images):
+    """Σ_l Σ_i s[l,i,t] + W_U[t]·(rest of the residual) = W_U[t]·h (pre-norm), and
+    lm_head(norm(h)) reproduces the model's logits: the score is the logit up to the norm."""
+    vlm = random_vlm
+    outputs, handles = _record_mlp_outputs(vlm)
+    residual = []
+    handles.append(vlm.final_norm.register_forward_pre_hook(lambda m, a: residual.append(a[0][:, -1].detach())))
+    try:
+        enc = vlm.inputs(images[:1])
+        caps = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")
+        with torch.no_grad():
+            logits = vlm.model.generate(**enc, max_new_tokens=1, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True).logits[0][0]
+    finally:
+        for h in handles:
+            h.remove()
+    token = int(logits.argmax())
+    assert caps[0].token_ids[0] == token
+    scores = contribution_scores(vlm, caps[0].activations.steps[0], token)  # (L, F)
+    w_u = vlm.lm_head.weight[token]
+    h = residual[0][0]
+    rest = h - sum(outputs[layer][0][0] for layer in range(vlm.n_layers))
+    torch.testing.assert_close(scores.sum() + w_u @ rest, w_u @ h, rtol=1e-4, atol=1e-4)
+    for layer in range(vlm.n_layers):  # per layer too
+        torch.testing.assert_close(scores[layer].sum(), w_u @ outputs[layer][0][0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.lm_head(vlm.final_norm(h)), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_on_and_off_give_the_same_scores(random_vlm, images):
+    on = random_vlm.describe(images, max_new_tokens=4, capture="down_proj_input")
+    off = random_vlm.describe(images, max_new_tokens=4, capture="down_proj_input", use_cache=False)
+    for a, b in zip(on, off):
+        assert a.token_ids == b.token_ids
+        token = a.token_ids[-1]
+        torch.testing.assert_close(
+            contribution_scores(random_vlm, a.activations.steps[-1], token),
+            contribution_scores(random_vlm, b.activations.steps[-1], token), rtol=0, atol=1e-5)
+
+
+def test_image_positions_are_recorded(random_vlm, images):
+    cap = random_vlm.describe(images[:1], max_new_tokens=2, capture="down_proj_input",
+                              image_activations=True)[0]
+    n_image = int(random_vlm.image_token_mask(random_vlm.inputs(images[:1])["input_ids"]).sum())
+    assert cap.activations.image.shape == (random_vlm.n_layers, n_image, random_vlm.d_ff)
+
+
+def test_act_fn_option_records_the_gate_only(random_vlm, images):
+    """act_fn × up_proj(x) = the down_proj input, so the two options differ by exactly up(x)."""
+    ups = [[] for _ in range(random_vlm.n_layers)]
+    handles = [layer.mlp.up_proj.register_forward_hook(lambda m, a, o, l=l: ups[l].append(o[:, -1].detach()))
+               for l, layer in enumerate(random_vlm.layers)]
+    try:
+        gate = random_vlm.describe(images[:1], max_new_tokens=2, capture="act_fn")[0].activations.steps
+    finally:
+        for h in handles:
+            h.remove()
+    full = random_vlm.describe(images[:1], max_new_tokens=2, capture="down_proj_input")[0].activations.steps
+    for layer in range(random_vlm.n_layers):
+        torch.testing.assert_close(gate[0, layer] * ups[layer][0][0], full[0, layer], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(gate, full)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-instructblip"])
+def test_gradient_times_activation_matches_finite_differences(name, images):
+    build = build_tiny_llava if name == "tiny-llava" else build_tiny_instructblip
+    model, processor = build(seed=2)
+    vlm = VLM.from_parts(model.double(), processor, family=name)  # float64: clean differences
+    cap = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")[0]
+    step, token = 1, cap.token_ids[1]
+    enc = vlm.inputs(images[:1])
+    (grad_x_act,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)])
+    acts = cap.activations.steps[step]
+    pos = enc["input_ids"].shape[1] - 1 + step
+    full = dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([cap.token_ids])], 1),
+                attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(cap.token_ids), dtype=torch.long))
+
+    def prob(layer, unit, eps):
+        def nudge(module, args):
+            x = args[0].clone()
+            x[0, pos, unit] += eps
+            return (x,)
+        handle = vlm.down_proj(layer).register_forward_pre_hook(nudge)
+        try:
+            with torch.no_grad():
+                return torch.softmax(vlm.model(**full).logits[0, pos].double(), -1)[token].item()
+        finally:
+            handle.remove()
+
+    # the strongest unit of each layer: RMSNorm computes in float32 even in a float64
+    # model, so tiny effects drown in rounding; strong ones are checked to 1 %
+    units = [(layer, int(grad_x_act[layer].abs().argmax())) for layer in range(vlm.n_layers)]
+    for layer, unit in units:
+        eps = 1e-2 * abs(acts[layer, unit].item())
+        derivative = (prob(layer, unit, eps) - prob(layer, unit, -eps)) / (2 * eps)
+        expected = acts[layer, unit].item() * derivative
+        assert grad_x_act[layer, unit].item() == pytest.approx(expected, rel=1e-2)
+
+
+def test_hooks_are_removed_when_generation_raises(random_vlm, images):
+    def boom(module, args):
+        raise RuntimeError("boom")
+    handle = random_vlm.layers[-1].register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            random_vlm.describe(images[:1], capture="down_proj_input")
+    finally:
+        handle.remove()
+    assert all(not random_vlm.down_proj(l)._forward_pre_hooks for l in range(random_vlm.n_layers))
+
+
+def test_contribution_needs_one_row_of_w_u_per_token(random_vlm):
+    """The weights used are one mat-vec per layer, equal to the full product's column."""
+    token = 20
+    full = torch.stack([random_vlm.lm_head.weight @ random_vlm.down_proj(l).weight
+                        for l in range(random_vlm.n_layers)])          # (L, V, F): test only
+    torch.testing.assert_close(unit_logit_weights(random_vlm, token), full[:, token].detach())
+
+
+# --- find_neurons on the trained embedded model ------------------------------
+
+def test_find_neurons_table(tiny_llava):
+    scene = make_scenes(1, seed=2)[0]
+    table = find_neurons(tiny_llava, scene.image, top_k=7)
+    assert list(table.columns[:10]) == ["image", "noun", "token_id", "step", "method", "rank", "layer",
+                                        "unit", "score", "top_tokens"]
+    said = tiny_llava.describe([scene.image])[0]
+    assert sorted(table.noun.unique()) == sorted(said.nouns)
+    for noun, group in table.groupby("noun"):
+        assert list(group["rank"]) == list(range(7))
+        assert (np.diff(group.score.to_numpy()) <= 0).all()
+        assert all(len(t) == 10 for t in group.top_tokens)
+
+
+def test_methods_differ_and_random_is_seeded(tiny_llava):
+    image = make_scenes(1, seed=3)[0].image
+    a = find_neurons(tiny_llava, image, method="random", top_k=20, seed=1)
+    b = find_neurons(tiny_llava, image, method="random", top_k=20, seed=1)
+    c = find_neurons(tiny_llava, image, method="random", top_k=20, seed=2)
+    assert a[["layer", "unit"]].equals(b[["layer", "unit"]])
+    assert not a[["layer", "unit"]].equals(c[["layer", "unit"]])
+    grad = find_neurons(tiny_llava, image, method="gradient", top_k=20)
+    assert len(grad) == len(a)
+
+
+def test_noun_not_in_caption_lists_the_caption_nouns(tiny_llava):
+    scene = make_scenes(1, seed=2)[0]
+    said = tiny_llava.describe([scene.image])[0]
+    absent = next(n for n in ["dog", "cat", "car", "tree"] if n not in said.nouns)
+    with pytest.raises(NounNotInCaption, match=f"'{absent}' not in the caption.*its nouns are: {said.nouns[0]}"):
+        find_neurons(tiny_llava, scene.image, nouns=[absent])
+
+
+@pytest.mark.parametrize("top_k", [0, -3, 3073, 2.5])
+def test_bad_top_k(tiny_llava, top_k):
+    with pytest.raises(ValueError, match="top_k must be an integer in 1 … 3072"):
+        find_neurons(tiny_llava, make_scenes(1)[0].image, top_k=top_k)
+
+
+def test_bad_method(tiny_llava):
+    with pytest.raises(ValueError, match="method must be one of contribution, gradient, random"):
+        find_neurons(tiny_llava, make_scenes(1)[0].image, method="saliency")
