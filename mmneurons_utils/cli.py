@@ -68,6 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=_positive_int, default=32)
     d.add_argument("--nouns", help="comma-separated nouns to look for (real models without spaCy)")
     d.set_defaults(func=cmd_describe)
+
+    f = sub.add_parser("find", help="identify the multi-modal neurons of every caption noun")
+    _add_model_args(f)
+    _add_image_args(f)
+    f.add_argument("--top-k", type=_positive_int, default=50)
+    f.add_argument("--method", default="contribution", help="contribution (default), gradient, random")
+    f.add_argument("--out", required=True, help="results .parquet (resumed if it exists)")
+    f.add_argument("--batch-size", type=_positive_int, default=16)
+    f.set_defaults(func=cmd_find)
+
+    b = sub.add_parser("bench", help="measure identification overhead, gradient speed-up, memory")
+    _add_model_args(b)
+    b.add_argument("--n-images", type=_positive_int, default=16)
+    b.add_argument("--seed", type=_seed, default=0)
+    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -104,6 +121,50 @@ def cmd_describe(args) -> dict:
             print(f"noun recall {result['noun_recall']:.4f}  noun precision "
                   f"{result['noun_precision']:.4f}  exact match {result['exact_match']:.4f}  "
                   f"({len(scenes)} scenes, seed {args.seed})")
+    return result
+
+
+def cmd_find(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from .identify import check_top_k, find_neurons
+    from .results import ResultFile
+    from .vlm import load_vlm
+
+    results = ResultFile(args.out)  # checks --out before any work
+    names, images, _ = _images(args)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    check_top_k(vlm, args.top_k)
+    todo = [i for i, name in enumerate(names) if name not in set(results.done)]
+    bar = tqdm(total=len(todo), desc=f"find ({args.method})")
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        table = find_neurons(vlm, [images[i] for i in batch], method=args.method, top_k=args.top_k,
+                             seed=args.seed)
+        captions = table.attrs["captions"]
+        table.insert(0, "image_id", [names[batch[i]] for i in table["image"]])
+        table.insert(1, "caption", [captions[i] for i in table["image"]])
+        results.append(table.drop(columns="image"), [names[i] for i in batch])
+        bar.update(len(batch))
+    bar.close()
+    summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
+                   n_images=len(names), n_new=len(todo), n_skipped=len(names) - len(todo),
+                   n_rows=len(results.table))
+    if not args.json:
+        print(f"{summary['n_new']} images identified, {summary['n_skipped']} already done; "
+              f"{summary['n_rows']} rows in {args.out}")
+    return summary
+
+
+def cmd_bench(args) -> dict:
+    from .bench import run_bench
+    from .vlm import load_vlm
+
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key}: {value}")
     return result
 
 

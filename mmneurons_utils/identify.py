@@ -92,3 +92,28 @@ def _targets(vlm, caption, nouns):
                                f"{caption.text!r}; its nouns are: {said}")
     return [found[n] for n in nouns]
 
+
+
+def score_maps(vlm, images: Sequence[Image.Image], methods: Sequence[str] = ("contribution", "gradient"),
+               max_new_tokens: int = 20) -> list[dict]:
+    """Every unit's score under each method, for each (image, noun): for comparing methods.
+
+    Returns one dict per (image, noun) with ``image``, ``noun``, ``token_id`` and, per
+    method, a ``Float[Tensor, "L F"]`` of scores.
+    """
+    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, capture="down_proj_input")
+    out = []
+    for index, (img, caption) in enumerate(zip(images, captions)):
+        targets = caption.noun_tokens
+        grads = (scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
+                                         [(t.step, t.token_id) for t in targets])
+                 if "gradient" in methods and targets else [None] * len(targets))
+        for target, grad in zip(targets, grads):
+            entry = dict(image=index, noun=target.noun, token_id=target.token_id)
+            if "contribution" in methods:
+                entry["contribution"] = scoring.contribution_scores(
+                    vlm, caption.activations.steps[target.step], target.token_id)
+            if grad is not None:
+                entry["gradient"] = grad
+            out.append(entry)
+    return out

@@ -45,3 +45,33 @@ def save(fig, folder: str | Path, name: str) -> Path:
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def layer_distribution(shares: dict, top_k: int, width: float = 3.6):
+    """The paper's layer-distribution figure: share of top-k units per layer, one panel per model.
+
+    ``shares``: model name → ``pandas.Series`` indexed by layer (see ``metrics.layer_distribution``).
+    """
+    fig, axes = plt.subplots(1, len(shares), figsize=(width * len(shares), 2.8), squeeze=False,
+                             sharey=True)
+    for ax, (name, share) in zip(axes.flat, shares.items()):
+        ax.bar(share.index, share.values, color="#4C72B0")
+        ax.set_xticks(list(share.index))
+        ax.set_xlabel("decoder layer")
+        ax.set_title(f"{name}: top-{top_k} units", fontsize=9)
+    axes.flat[0].set_ylabel("share of units")
+    fig.tight_layout()
+    return fig
+
+
+def neuron_bars(table, noun: str, width: float = 6.0):
+    """Contribution scores of one noun's top units, labelled with each unit's top tokens."""
+    rows = table[table.noun == noun]
+    fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 0.8))
+    labels = [f"L{r.layer}.{r.unit}  [{', '.join(r.top_tokens[:4])}]" for r in rows.itertuples()]
+    ax.barh(range(len(rows)), rows.score, color="#DD8452")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"contribution to '{noun}'")
+    fig.tight_layout()
+    return fig

@@ -95,3 +95,17 @@ def unit_top_tokens(vlm, units: np.ndarray, k: int = 10) -> list[list[int]]:
         for row, token_ids in zip(rows, ids):
             out[row] = token_ids
     return out
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ between two score maps of the same shape (ties broken by position)."""
+    ranks = lambda x: x.flatten().argsort().argsort().double()
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    """Share of ``a``'s top-``k`` units that are also in ``b``'s top-``k``."""
+    top = lambda x: set(x.flatten().topk(k).indices.tolist())
+    return len(top(a) & top(b)) / k

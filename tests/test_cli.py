@@ -52,3 +52,33 @@ def test_bad_numbers_exit_2(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_find_is_resumable_and_atomic(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "results.parquet"
+    code, stdout, _ = _run(capsys, "find", "--scenes", "3", "--seed", "4", "--top-k", "5", "--out", str(out),
+                           "--batch-size", "2", "--json")
+    assert code == 0
+    first = json.loads(stdout.strip().splitlines()[-1])
+    table = pd.read_parquet(out)
+    assert first["n_new"] == 3 and first["n_rows"] == len(table) > 0
+    assert {"image_id", "caption", "noun", "token_id", "rank", "layer", "unit", "score", "top_tokens"} <= set(table.columns)
+    assert (table.groupby(["image_id", "noun"]).size() == 5).all()
+    code, stdout, _ = _run(capsys, "find", "--scenes", "4", "--seed", "4", "--top-k", "5", "--out", str(out), "--json")
+    again = json.loads(stdout.strip().splitlines()[-1])
+    assert again["n_skipped"] == 3 and again["n_new"] == 1
+    assert pd.read_parquet(out).image_id.nunique() >= table.image_id.nunique()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_find_refuses_a_foreign_file_and_bad_top_k(tmp_path, capsys):
+    foreign = tmp_path / "notes.parquet"
+    foreign.write_text("my notes")
+    code, _, err = _run(capsys, "find", "--scenes", "1", "--out", str(foreign))
+    assert code == 2 and "not a readable parquet file" in err
+    assert foreign.read_text() == "my notes"
+    code, _, err = _run(capsys, "find", "--scenes", "1", "--top-k", "5000", "--out", str(tmp_path / "r.parquet"))
+    assert code == 2 and "top_k must be an integer in 1 … 3072" in err
+    assert not (tmp_path / "r.parquet").exists()

@@ -77,7 +77,11 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
           eval_every: int = 250, eval_n: int = 200, out_dir: Path | None = None,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, init: Path | None = None, stage: int = 0) -> dict:
+    """Train ``name`` from scratch (or continue from the checkpoint folder ``init``).
+
+    ``stage`` offsets the training-scene seeds so a continuation sees new scenes.
+    """
     from ..vlm import VLM  # the same captioning path the package uses
 
     if threads:
@@ -85,6 +89,8 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     torch.manual_seed(seed)
     np.random.seed(seed)
     model, processor = BUILDERS[name](seed=seed)
+    if init is not None:  # continue from a saved checkpoint (weights only; fresh optimizer)
+        model = type(model).from_pretrained(init, dtype=torch.float32)
     vlm = VLM.from_parts(model, processor, family=name)
     batcher = CaptionBatcher(processor, vlm.prompt())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -97,7 +103,8 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     bar = tqdm(range(steps), desc=f"train {name}")
     for step in bar:
         model.train()
-        scenes = [make_scene(TRAIN_SEED_BASE + seed * 1_000_000 + step, i) for i in range(batch)]
+        scenes = [make_scene(TRAIN_SEED_BASE + seed * 1_000_000 + stage * 100_000 + step, i)
+                  for i in range(batch)]
         loss = model(**batcher(scenes)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,10 +122,15 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     model.eval()
     out_dir = Path(out_dir or WEIGHTS_DIR / name)
     save_embedded(model, processor, out_dir)
-    recipe = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed)
-    (out_dir / "training_log.json").write_text(json.dumps(
-        dict(model=name, recipe=recipe, threads=torch.get_num_threads(),
-             minutes=round((time.time() - start) / 60, 2), curve=log), indent=1))
+    recipe = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed, stage=stage,
+                  init=str(init) if init else None)
+    previous = []
+    if init is not None and (Path(init) / "training_log.json").is_file():
+        old = json.loads((Path(init) / "training_log.json").read_text())
+        previous = old.get("stages", [old] if "curve" in old else [])
+    stages = previous + [dict(recipe=recipe, threads=torch.get_num_threads(),
+                              minutes=round((time.time() - start) / 60, 2), curve=log)]
+    (out_dir / "training_log.json").write_text(json.dumps(dict(model=name, stages=stages), indent=1))
     return log[-1]
 
 
@@ -158,11 +170,13 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-n", type=int, default=200)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="output folder (default: the committed weights)")
+    parser.add_argument("--init", type=Path, help="continue from this checkpoint folder")
+    parser.add_argument("--stage", type=int, default=0, help="continuation number (new scene seeds)")
     args = parser.parse_args(argv)
     recipe = dict(RECIPES[args.model])
     recipe.update({k: v for k in recipe if (v := getattr(args, k)) is not None})
     final = train(args.model, **recipe, eval_every=args.eval_every, eval_n=args.eval_n,
-                  out_dir=args.out, threads=args.threads)
+                  out_dir=args.out, threads=args.threads, init=args.init, stage=args.stage)
     print(json.dumps(final))
 
 

@@ -1,0 +1,53 @@
+"""Resumable, atomic result files for batch runs (parquet).
+
+The table is rewritten whole after each batch of images, to a temporary file that
+then replaces the old one, so a killed run leaves the last complete file. The ids
+of finished images (also those that produced no rows) live in the parquet schema
+metadata, so a re-run skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+_DONE_KEY = b"mmneurons_done_images"
+
+
+class ResultFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix != ".parquet":
+            raise ValueError(f"--out must end in .parquet, got {self.path}")
+        if not self.path.parent.is_dir():
+            raise ValueError(f"folder {self.path.parent} of --out does not exist")
+        self.table = pd.DataFrame()
+        self.done: list[str] = []
+        if self.path.exists():
+            import pyarrow.parquet as pq
+
+            try:
+                arrow = pq.read_table(self.path)
+            except Exception as exc:  # not ours, or not parquet: never overwrite it silently
+                raise ValueError(f"{self.path} exists and is not a readable parquet file ({exc}); "
+                                 "remove it or choose another --out") from exc
+            self.table = arrow.to_pandas()
+            self.done = json.loads((arrow.schema.metadata or {}).get(_DONE_KEY, b"[]"))
+
+    def append(self, rows: pd.DataFrame, image_ids: list[str]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.table = pd.concat([self.table, rows], ignore_index=True) if len(self.table) else rows
+        self.done = self.done + list(image_ids)
+        arrow = pa.Table.from_pandas(self.table, preserve_index=False)
+        metadata = dict(arrow.schema.metadata or {}, **{_DONE_KEY: json.dumps(self.done).encode()})
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            pq.write_table(arrow.replace_schema_metadata(metadata), tmp)
+            tmp.replace(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)

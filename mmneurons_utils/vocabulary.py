@@ -1,0 +1,101 @@
+"""The neuron vocabulary: each unit's top tokens under the logit lens.
+
+Unit ``(l, i)`` writes ``W_out[l][:, i]`` into the residual stream; its top tokens
+are the arg-top-k of ``W_U · W_out[l][:, i]``. The full product ``W_U · W_out[l]``
+is ``V × d_ff`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
+all 32), which the official code stores. Here it is never formed: the vocabulary
+is walked in chunks of ``chunk`` rows with a running top-k, so the extra memory is
+about ``(chunk + 4k) × d_ff`` values — one reused chunk buffer and the merge buffers.
+
+The table is cached on disk per model, keyed by a hash of ``W_U`` and every
+``W_out`` (an edited model gets its own entry), under ``$MMNEURONS_CACHE`` or
+``~/.cache/mmneurons``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class NeuronVocabulary:
+    """``ids``: ``Int[Tensor, "L F k"]`` token ids, best first; ``logits``: ``Float[Tensor, "L F k"]``."""
+
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+    def tokens(self, tokenizer, layer: int, unit: int) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(self.ids[layer, unit].tolist())
+
+
+@torch.no_grad()
+def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 128):
+    """Top-``k`` rows of ``w_u @ w_out`` for every column, without forming the product.
+
+    ``w_u``: ``Float[Tensor, "V D"]``, ``w_out``: ``Float[Tensor, "D F"]`` →
+    ``(values, ids)``, each ``[F, k]``, values descending. One ``chunk × F`` buffer is
+    reused for every chunk's scores; each chunk's own top-k is merged into the
+    running top-k (``2k × F``), so the extra memory is ``(chunk + ~4k) × F`` values.
+    """
+    n_vocab, d_ff = w_u.shape[0], w_out.shape[1]
+    if not 1 <= k <= n_vocab:
+        raise ValueError(f"k must be in 1 … {n_vocab} (the vocabulary size), got {k}")
+    # scores are laid out (F, chunk) so that top-k runs along the contiguous axis
+    buffer = torch.empty((d_ff, min(chunk, n_vocab)), device=w_out.device, dtype=w_out.dtype)
+    best_values = best_ids = None
+    for start in range(0, n_vocab, chunk):
+        rows = w_u[start:start + chunk]                                        # (≤chunk, D)
+        width = rows.shape[0]
+        scores = torch.matmul(w_out.T, rows.T, out=buffer[:, :width] if width == buffer.shape[1]
+                              else None)                                       # (F, ≤chunk)
+        values, ids = scores.topk(min(k, width), dim=1)                        # (F, ≤k)
+        values, ids = values.float(), ids + start
+        if best_values is not None:
+            values, where = torch.cat([best_values, values], 1).topk(k, dim=1)
+            ids = torch.cat([best_ids, ids], 1).gather(1, where)
+        best_values, best_ids = values, ids
+    return best_values, best_ids
+
+
+def weights_key(vlm, k: int) -> str:
+    """A hash of ``W_U`` and every ``W_out`` (full bytes: an edit to one column changes it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{vlm.name}|{k}|{vlm.dtype}".encode())
+    for weight in [vlm.lm_head.weight] + [vlm.down_proj(l).weight for l in range(vlm.n_layers)]:
+        tensor = weight.detach().contiguous().cpu()
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MMNEURONS_CACHE", Path.home() / ".cache" / "mmneurons"))
+
+
+def neuron_vocabulary(vlm, k: int = 10, chunk: int = 128, use_cache: bool = True,
+                      progress: bool = False) -> NeuronVocabulary:
+    """Every unit's top-``k`` tokens, from the disk cache when the weights are unchanged."""
+    from tqdm.auto import tqdm
+
+    path = cache_dir() / "vocabulary" / f"{weights_key(vlm, k)}.pt"
+    if use_cache and path.is_file():
+        saved = torch.load(path, map_location="cpu")
+        return NeuronVocabulary(saved["ids"], saved["logits"])
+    ids, logits = [], []
+    w_u = vlm.lm_head.weight.detach()
+    for layer in tqdm(range(vlm.n_layers), desc="neuron vocabulary", disable=not progress):
+        values, top = topk_columns(w_u, vlm.down_proj(layer).weight.detach(), k, chunk)
+        ids.append(top.cpu())
+        logits.append(values.cpu())
+    table = NeuronVocabulary(torch.stack(ids), torch.stack(logits))
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"ids": table.ids, "logits": table.logits}, tmp)
+        tmp.replace(path)  # atomic: a killed run leaves no half-written table
+    return table

@@ -1,0 +1,62 @@
+"""ipywidgets front ends used by the notebooks.
+
+Each explorer renders its default state as ordinary output first (so papermill
+runs and nbval keep the figures and tables), then, in a live kernel, shows the
+controls that re-render it.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+
+class NeuronExplorer:
+    """Pick a scene and one of its caption's nouns; see the caption and its top neurons."""
+
+    def __init__(self, vlm, scenes, top_k: int = 10):
+        from .identify import find_neurons
+
+        self.vlm, self.scenes, self.top_k = vlm, scenes, top_k
+        self._find = find_neurons
+        self.image = W.Dropdown(options=[(f"{i}: {s.caption}", i) for i, s in enumerate(scenes)],
+                                description="image", layout=W.Layout(width="520px"))
+        self.noun = W.Dropdown(description="noun")
+        self.out = W.Output()
+        self.image.observe(lambda _: self._image_changed(), names="value")
+        self.noun.observe(lambda _: self._render(), names="value")
+        self._table = None
+
+    def _image_changed(self):
+        self._table = self._find(self.vlm, self.scenes[self.image.value].image, top_k=self.top_k)
+        nouns = list(dict.fromkeys(self._table.noun))
+        self.noun.options = nouns
+        self.noun.value = nouns[0] if nouns else None
+        self._render()
+
+    def view(self):
+        """``(caption, table of the chosen noun's top units, figure)`` for the current choice."""
+        from . import plots
+
+        if self._table is None:
+            self._image_changed()
+        caption = self._table.attrs["captions"][0]
+        rows = self._table[self._table.noun == self.noun.value]
+        fig = plots.neuron_bars(self._table, self.noun.value) if len(rows) else None
+        return caption, rows[["rank", "layer", "unit", "score", "top_tokens"]], fig
+
+    def _render(self):
+        if self.noun.value is None and self._table is not None and len(self._table):
+            return
+        self.out.clear_output(wait=True)
+        with self.out:
+            caption, rows, fig = self.view()
+            print("caption:", caption)
+            display(rows)
+            if fig is not None:
+                plt.show(fig)
+
+    def show(self):
+        display(W.VBox([W.HBox([self.image, self.noun]), self.out]))
+        self._render()
