@@ -20,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from mmneurons_utils.tiny.build import word_level_tokenizer
 
 IMAGE_SIZE = 32          # side of the test images, in pixels
 SEED = 0
@@ -36,24 +37,8 @@ WORDS = ["USER", "ASSISTANT", "User", "Assistant", "user", "assistant", "system"
 
 def make_tokenizer(specials: list[str], bos: str | None = "<s>", eos: str = "</s>",
                    pad: str = "<pad>", unk: str = "<unk>") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over :data:`WORDS`; ``specials`` are added as special tokens.
-
-    ``bos`` (if given) is prepended to every sequence; padding is on the left.
-    """
-    base = [t for t in (pad, bos, eos, unk) if t is not None]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(base + specials + WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t in dict.fromkeys(base + specials)])
-    kwargs = dict(bos_token=bos) if bos is not None else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=eos, unk_token=unk, pad_token=pad,
-        padding_side="left", model_max_length=4096, **kwargs)
+    """Word-level tokenizer over :data:`WORDS`; ``specials`` are added as special tokens."""
+    return word_level_tokenizer(WORDS, specials, bos=bos, eos=eos, pad=pad, unk=unk, max_length=4096)
 
 
 def _llama(tokenizer, cls=None, **overrides):

@@ -48,20 +48,33 @@ def vocabulary() -> list[str]:
     return words
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: whitespace/punctuation split, ``<s>`` prepended, left padding."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+def word_level_tokenizer(words, specials=("<image>",), bos: str | None = "<s>", eos: str = "</s>",
+                         pad: str = "<pad>", unk: str = "<unk>",
+                         max_length: int = 512) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: whitespace/punctuation split, ``bos`` prepended, left padding.
+
+    Ids: pad, bos, eos, unk, then ``specials``, then ``words`` (duplicates dropped).
+    """
+    base = [t for t in (pad, bos, eos, unk) if t is not None]
+    specials = list(dict.fromkeys(base + list(specials)))
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + list(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, "a , b" → "a, b"
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])])
     # `<image>` is a special AddedToken of the tokenizers object, not a v5 attribute
     # (InstructBlipProcessor breaks on the attribute; see shared/notes/tiny-models.md).
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIALS])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", model_max_length=512)
+        tokenizer_object=tok, eos_token=eos, unk_token=unk, pad_token=pad, padding_side="left",
+        model_max_length=max_length, **({"bos_token": bos} if bos is not None else {}))
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded models' tokenizer: every noun of the scenes is one token."""
+    return word_level_tokenizer(vocabulary()[len(SPECIALS):], specials=SPECIALS[4:])
 
 
 def _image_processor_kwargs() -> dict:
