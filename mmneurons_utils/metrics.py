@@ -44,3 +44,10 @@ def summarise(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFr
 
 def chance_overlap(k: int, n_units: int) -> float:
     return float(np.clip(k / n_units, 0, 1))
+
+
+def noun_in_top_tokens(table: pd.DataFrame) -> float:
+    """Share of (noun, neuron) rows whose top tokens contain the noun itself (NaN if no rows)."""
+    if not len(table):
+        return float("nan")
+    return float(np.mean([noun in tokens for noun, tokens in zip(table.noun, table.top_tokens)]))

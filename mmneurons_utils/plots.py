@@ -5,12 +5,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
 
-matplotlib.use(matplotlib.get_backend())  # keep inline backends; Agg when headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .scenes import ATTRIBUTION  # noqa: E402
+from .scenes import ATTRIBUTION
 
 
 def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6):
@@ -26,13 +24,13 @@ def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6):
     for i, scene in enumerate(scenes):
         ax = axes.flat[i]
         ax.imshow(scene.image, interpolation="nearest")
-        label = "truth: " + scene.caption
+        lines = ["truth: " + scene.caption]
         colour = "black"
         if captions is not None:
-            said = captions[i].text
-            label += "\nmodel: " + said
-            colour = "black" if said == scene.caption else "crimson"
-        ax.set_title("\n".join(textwrap.wrap(label, 34)), fontsize=7, color=colour, loc="left")
+            lines.append("model: " + captions[i].text)
+            colour = "black" if captions[i].text == scene.caption else "crimson"
+        wrapped = [part for line in lines for part in textwrap.wrap(line, 34)]
+        ax.set_title("\n".join(wrapped), fontsize=7, color=colour, loc="left")
     fig.text(0.01, 0.003, ATTRIBUTION, fontsize=6, color="gray")
     fig.tight_layout()
     return fig
@@ -73,5 +71,6 @@ def neuron_bars(table, noun: str, width: float = 6.0):
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"contribution to '{noun}'")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
     fig.tight_layout()
     return fig

@@ -22,6 +22,9 @@ class NeuronExplorer:
         self._find = find_neurons
         self.image = W.Dropdown(options=[(f"{i}: {s.caption}", i) for i, s in enumerate(scenes)],
                                 description="image", layout=W.Layout(width="520px"))
+        captions = vlm.describe([s.image for s in scenes])
+        # start on the first scene whose caption names something
+        self.image.value = next((i for i, c in enumerate(captions) if c.nouns), 0)
         self.noun = W.Dropdown(description="noun")
         self.out = W.Output()
         self.image.observe(lambda _: self._image_changed(), names="value")
