@@ -35,3 +35,35 @@ def test_caption_scores_on_known_cases():
     assert perfect["noun_recall"] == perfect["noun_precision"] == perfect["exact_match"] == 1.0
     empty = caption_scores(["nothing here", "nothing"], scenes)
     assert empty["noun_recall"] == 0.0 and empty["exact_match"] == 0.0
+
+
+def test_without_spacy_the_error_says_how_to_get_nouns(monkeypatch):
+    import sys
+
+    import pytest
+
+    from mmneurons_utils.nouns import NounTaggerMissing, tagged_nouns
+
+    monkeypatch.setitem(sys.modules, "spacy", None)  # makes `import spacy` fail
+    with pytest.raises(NounTaggerMissing, match=r"pip install spacy.*nouns=\[\.\.\.\]"):
+        tagged_nouns("a dog on a mat")
+
+
+def test_real_models_without_a_tagger_warn_once_and_accept_nouns(monkeypatch):
+    import sys
+    import warnings
+
+    from mmneurons_utils.tiny.build import build_tiny_llava
+    from mmneurons_utils.vlm import VLM
+
+    monkeypatch.setitem(sys.modules, "spacy", None)
+    model, processor = build_tiny_llava(seed=0)
+    vlm = VLM.from_parts(model, processor, family="llava")  # a "real" model: no scene vocabulary
+    assert not vlm.embedded
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert vlm.nouns_of("a dog") == [] and vlm.nouns_of("a cat") == []
+    assert len(caught) == 1 and "spacy" in str(caught[0].message)
+    ids = processor.tokenizer(" a dog and a cat", add_special_tokens=False).input_ids
+    caption = vlm._caption(ids, nouns=["cat"])
+    assert caption.nouns == ["cat"] and caption.noun_tokens[0].step == 4

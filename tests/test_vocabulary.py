@@ -45,3 +45,12 @@ def test_memory_probe_reports_a_small_fraction():
     result = vocab_memory_probe(d_ff=512, d_model=64, vocab=4000, k=10, chunk=64)
     assert 0 <= result["vocab_memory_fraction"] < 1
     assert result["vocab_full_product_mb"] == pytest.approx(4000 * 512 * 4 / 2**20, rel=1e-2)
+
+
+def test_bench_reports_the_three_ratios(tiny_llava):
+    from mmneurons_utils.bench import run_bench
+
+    result = run_bench(tiny_llava, n_images=3, seed=0, repeats=1, vocab_memory=False)
+    assert result["overhead_ratio"] > 0.5          # identification includes a full describe
+    assert result["gradient_speedup"] > 1          # gradient needs forward + backward per noun
+    assert result["n_nouns"] >= 1
