@@ -55,7 +55,7 @@ ATTRIBUTION = "Glyphs: OpenMoji (openmoji.org), CC BY-SA 4.0"
 
 _RENDER_PX = 96          # glyphs are rendered once at this font size, then resized
 _MIN_GAP_X = 8           # box centres at least this far apart, so "left to right" is defined
-_SIZE_BY_COUNT = {1: (30, 44), 2: (24, 32), 3: (19, 24)}   # longest side in px
+_SIZE_BY_COUNT = {1: (36, 52), 2: (28, 38), 3: (24, 30)}   # longest side in px
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ def make_scene(seed: int, index: int = 0, size: int = IMAGE_SIZE) -> Scene:
     rng = np.random.default_rng([int(seed), int(index)])
     noun_names = list(NOUNS)
     scale = size / IMAGE_SIZE
-    while True:  # rejection-sample a layout without overlaps (a few tries at most)
-        count = int(rng.integers(1, 4))
+    count = int(rng.integers(1, 4))  # 1, 2 and 3 objects equally often
+    while True:  # rejection-sample nouns and a layout without overlaps
         picked = [noun_names[i] for i in rng.choice(len(noun_names), size=count, replace=False)]
         lo, hi = _SIZE_BY_COUNT[count]
         placed: list[tuple[str, Image.Image, tuple[int, int, int, int]]] = []

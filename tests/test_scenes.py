@@ -62,3 +62,10 @@ def test_bad_n_is_rejected(n):
 def test_bad_seed_is_rejected(seed):
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         make_scenes(2, seed=seed)
+
+
+def test_one_two_and_three_objects_are_about_equally_common():
+    from collections import Counter
+
+    counts = Counter(len(s.nouns) for s in make_scenes(600, seed=0))
+    assert all(150 <= counts[k] <= 250 for k in (1, 2, 3))
