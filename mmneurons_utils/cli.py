@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
     try:
         result = args.func(args)
-    except (ValueError, TypeError, NounTaggerMissing) as exc:
+    except (ValueError, NounTaggerMissing) as exc:  # bad input; anything else is a bug: let it show
         print(f"mmneurons {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

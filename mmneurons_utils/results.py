@@ -44,7 +44,7 @@ class ResultFile:
         self.table = pd.concat([self.table, rows], ignore_index=True) if len(self.table) else rows
         self.done = self.done + list(image_ids)
         arrow = pa.Table.from_pandas(self.table, preserve_index=False)
-        metadata = dict(arrow.schema.metadata or {}, **{_DONE_KEY: json.dumps(self.done).encode()})
+        metadata = {**(arrow.schema.metadata or {}), _DONE_KEY: json.dumps(self.done).encode()}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             pq.write_table(arrow.replace_schema_metadata(metadata), tmp)

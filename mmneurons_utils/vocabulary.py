@@ -56,7 +56,8 @@ def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 12
         values, ids = scores.topk(min(k, width), dim=1)                        # (F, ≤k)
         values, ids = values.float(), ids + start
         if best_values is not None:
-            values, where = torch.cat([best_values, values], 1).topk(k, dim=1)
+            merged = torch.cat([best_values, values], 1)                         # (F, ≤2k)
+            values, where = merged.topk(min(k, merged.shape[1]), dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, where)
         best_values, best_ids = values, ids
     return best_values, best_ids

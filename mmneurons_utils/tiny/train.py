@@ -29,9 +29,12 @@ from ..scenes import TRAIN_SEED_BASE, make_scene
 from .build import BUILDERS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-RECIPES = {  # the committed weights were trained with exactly these settings
-    "tiny-llava": dict(steps=3000, batch=32, lr=1e-3, warmup=100, seed=0),
-    "tiny-instructblip": dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0),
+# The committed weights were trained with exactly these stages; each later stage
+# continues from the previous one's weights with a fresh optimizer and new scenes.
+RECIPES = {
+    "tiny-llava": [dict(steps=3000, batch=32, lr=1e-3, warmup=100, seed=0),
+                   dict(steps=1500, batch=32, lr=3e-4, warmup=50, seed=0)],
+    "tiny-instructblip": [dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0)],
 }
 MONITOR_SEED = 9_999  # held-out seed used for the training curve (final numbers use other seeds)
 
@@ -88,6 +91,10 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
+    previous = []  # the earlier stages' logs, read before out_dir (maybe == init) is replaced
+    if init is not None and (Path(init) / "training_log.json").is_file():
+        old = json.loads((Path(init) / "training_log.json").read_text())
+        previous = old.get("stages", [old] if "curve" in old else [])
     model, processor = BUILDERS[name](seed=seed)
     if init is not None:  # continue from a saved checkpoint (weights only; fresh optimizer)
         model = type(model).from_pretrained(init, dtype=torch.float32)
@@ -124,10 +131,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     save_embedded(model, processor, out_dir)
     recipe = dict(steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed, stage=stage,
                   init=str(init) if init else None)
-    previous = []
-    if init is not None and (Path(init) / "training_log.json").is_file():
-        old = json.loads((Path(init) / "training_log.json").read_text())
-        previous = old.get("stages", [old] if "curve" in old else [])
     stages = previous + [dict(recipe=recipe, threads=torch.get_num_threads(),
                               minutes=round((time.time() - start) / 60, 2), curve=log)]
     (out_dir / "training_log.json").write_text(json.dumps(dict(model=name, stages=stages), indent=1))
@@ -173,10 +176,16 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, help="continue from this checkpoint folder")
     parser.add_argument("--stage", type=int, default=0, help="continuation number (new scene seeds)")
     args = parser.parse_args(argv)
-    recipe = dict(RECIPES[args.model])
-    recipe.update({k: v for k in recipe if (v := getattr(args, k)) is not None})
-    final = train(args.model, **recipe, eval_every=args.eval_every, eval_n=args.eval_n,
-                  out_dir=args.out, threads=args.threads, init=args.init, stage=args.stage)
+    common = dict(eval_every=args.eval_every, eval_n=args.eval_n, threads=args.threads)
+    out = args.out or WEIGHTS_DIR / args.model
+    custom = {k: v for k in RECIPES[args.model][0] if (v := getattr(args, k)) is not None}
+    if custom or args.init is not None or args.stage:  # one run, the first stage's settings as defaults
+        recipe = dict(RECIPES[args.model][0], **custom)
+        final = train(args.model, **recipe, out_dir=out, init=args.init, stage=args.stage, **common)
+    else:  # the committed recipe, every stage
+        for stage, recipe in enumerate(RECIPES[args.model]):
+            final = train(args.model, **recipe, out_dir=out, init=out if stage else None,
+                          stage=stage, **common)
     print(json.dumps(final))
 
 
