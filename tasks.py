@@ -43,7 +43,7 @@ def main() -> int:
         args = ["-m", "mmneurons_utils.run_notebooks", "--notebooks", "notebooks", "--out", "outputs"]
     elif command == "test":
         args = ["-m", "pytest", "tests", "notebooks", "--nbval",
-                "--sanitize-with", "notebooks/nbval_sanitize.cfg"]
+                "--nbval-sanitize-with", "notebooks/nbval_sanitize.cfg"]
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -30,12 +30,15 @@ class NeuronExplorer:
         self.image.observe(lambda _: self._image_changed(), names="value")
         self.noun.observe(lambda _: self._render(), names="value")
         self._table = None
+        self._shown = False  # render into the Output widget only once it is on screen
 
     def _image_changed(self):
         self._table = self._find(self.vlm, self.scenes[self.image.value].image, top_k=self.top_k)
         nouns = list(dict.fromkeys(self._table.noun))
+        shown, self._shown = self._shown, False  # no half-updated renders while options change
         self.noun.options = nouns
         self.noun.value = nouns[0] if nouns else None
+        self._shown = shown
         self._render()
 
     def view(self):
@@ -50,7 +53,7 @@ class NeuronExplorer:
         return caption, rows[["rank", "layer", "unit", "score", "top_tokens"]], fig
 
     def _render(self):
-        if self.noun.value is None and self._table is not None and len(self._table):
+        if not self._shown:
             return
         self.out.clear_output(wait=True)
         with self.out:
@@ -62,4 +65,5 @@ class NeuronExplorer:
 
     def show(self):
         display(W.VBox([W.HBox([self.image, self.noun]), self.out]))
+        self._shown = True
         self._render()
