@@ -52,6 +52,7 @@ class _Recording:
         self.calls = [0] * n_layers
         self.step_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.image_rows: list[torch.Tensor | None] = [None] * n_layers
+        self._stacked: torch.Tensor | None = None
 
     def hook(self, layer: int):
         def record(x: torch.Tensor) -> None:  # x: Float[Tensor, "batch seq d_ff"]
@@ -65,7 +66,9 @@ class _Recording:
         return record
 
     def for_row(self, row: int, n_steps: int, kind: str) -> Activations:
-        steps = torch.stack([torch.stack(layer_rows, 0)[:n_steps, row] for layer_rows in self.step_rows], 1)
+        if self._stacked is None:  # once per batch: Float[Tensor, "steps batch layers d_ff"]
+            self._stacked = torch.stack([torch.stack(rows, 0) for rows in self.step_rows], 2)
+        steps = self._stacked[:n_steps, row]
         image = None
         if self.image_mask is not None:
             image = torch.stack([rows[row] for rows in self.image_rows], 0)

@@ -74,7 +74,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
             tokens = scoring.unit_top_tokens(vlm, units, n_top_tokens)
             for rank, ((layer, unit), score, ids) in enumerate(zip(units, scores, tokens)):
                 rows.append((index, target.noun, target.token_id, target.step, method, rank,
-                             int(layer), int(unit), float(score), vlm.tokenizer.convert_ids_to_tokens(ids)))
+                             int(layer), int(unit), float(score), vlm.token_strings(ids)))
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs["captions"] = [c.text for c in captions]
     return table

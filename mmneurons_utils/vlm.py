@@ -165,6 +165,13 @@ class VLM:
             "dtype": str(self.dtype).replace("torch.", ""),
         }
 
+    def token_strings(self, ids) -> list[str]:
+        """Token strings of ``ids`` via a table built once (faster than the tokenizer per call)."""
+        if getattr(self, "_token_table", None) is None:
+            n = max(self.lm_head.out_features, len(self.tokenizer))
+            self._token_table = self.tokenizer.convert_ids_to_tokens(list(range(n)))
+        return [self._token_table[i] for i in ids]
+
     # --- captioning ------------------------------------------------------------
     def nouns_of(self, text: str) -> list[str]:
         """Scene-vocabulary nouns for embedded models, spaCy's for real ones.
