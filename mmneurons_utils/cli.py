@@ -137,10 +137,10 @@ def cmd_find(args) -> dict:
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         table = find_neurons(vlm, [images[i] for i in batch], method=args.method, top_k=args.top_k,
-                             seed=args.seed)
-        captions = table.attrs["captions"]
-        table.insert(0, "image_id", [names[batch[i]] for i in table["image"]])
-        table.insert(1, "caption", [captions[i] for i in table["image"]])
+                             seed=args.seed, image_indices=batch)
+        caption_of = dict(zip(batch, table.attrs["captions"]))
+        table.insert(0, "image_id", [names[i] for i in table["image"]])
+        table.insert(1, "caption", [caption_of[i] for i in table["image"]])
         results.append(table.drop(columns="image"), [names[i] for i in batch])
         bar.update(len(batch))
     bar.close()

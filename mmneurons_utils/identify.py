@@ -35,13 +35,16 @@ def check_top_k(vlm, top_k) -> int:
 def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = "contribution",
                  top_k: int = 50, nouns: Sequence[str] | None = None, seed: int = 0,
                  n_top_tokens: int = 10, max_new_tokens: int = 20, batch_size: int = 16,
-                 activation: str = "down_proj_input", progress: bool = False) -> pd.DataFrame:
+                 activation: str = "down_proj_input", progress: bool = False,
+                 image_indices: Sequence[int] | None = None) -> pd.DataFrame:
     """Top-``top_k`` units for each noun of each image's generated caption.
 
     ``image``: one PIL image or a list. ``nouns``: restrict to these (each must be in
     the caption). ``method``: ``contribution`` (the paper), ``gradient``
     (gradient × activation) or ``random`` (``seed``-ed uniform units; their ``score``
-    is their contribution score, for reference).
+    is their contribution score, for reference; each (image, noun) draws its own set).
+    ``image_indices``: the numbers written to the ``image`` column and keying the random
+    draws (default ``0 … n-1``); batch runs pass each image's position in the whole run.
 
     Returns a long-form DataFrame, one row per (image, noun, neuron), columns
     ``image, noun, token_id, step, method, rank, layer, unit, score, top_tokens``
@@ -53,11 +56,14 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     check_top_k(vlm, top_k)
     images = [image] if isinstance(image, Image.Image) else list(image)
+    indices = list(range(len(images))) if image_indices is None else list(image_indices)
+    if len(indices) != len(images):
+        raise ValueError(f"image_indices has {len(indices)} entries for {len(images)} images")
     captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             capture=activation, progress=progress)
     rows = []
-    for index, (img, caption) in enumerate(tqdm(list(zip(images, captions)), desc=f"find ({method})",
-                                                disable=not progress)):
+    for index, img, caption in tqdm(list(zip(indices, images, captions)), desc=f"find ({method})",
+                                    disable=not progress):
         targets = _targets(vlm, caption, nouns)
         if method == "gradient":
             per_noun = scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
@@ -66,7 +72,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
             contribution = scoring.contribution_scores(
                 vlm, caption.activations.steps[target.step], target.token_id)
             if method == "random":
-                units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, seed + index)
+                units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
                 scores = contribution[units[:, 0], units[:, 1]].cpu().numpy()
             else:
                 ranked = per_noun[n] if method == "gradient" else contribution

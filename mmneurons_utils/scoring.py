@@ -66,8 +66,9 @@ def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
     return results
 
 
-def random_units(n_layers: int, d_ff: int, k: int, seed: int) -> np.ndarray:
-    """``Int[ndarray, "k 2"]``: ``k`` distinct ``(layer, unit)`` pairs, uniform, seeded."""
+def random_units(n_layers: int, d_ff: int, k: int, seed) -> np.ndarray:
+    """``Int[ndarray, "k 2"]``: ``k`` distinct ``(layer, unit)`` pairs, uniform, seeded
+    (``seed``: an int or a sequence of ints, as numpy's ``default_rng`` takes)."""
     flat = np.random.default_rng(seed).choice(n_layers * d_ff, size=k, replace=False)
     return np.stack([flat // d_ff, flat % d_ff], 1)
 

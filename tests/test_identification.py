@@ -212,3 +212,11 @@ def test_bad_top_k(tiny_llava, top_k):
 def test_bad_method(tiny_llava):
     with pytest.raises(ValueError, match="method must be one of contribution, gradient, random"):
         find_neurons(tiny_llava, make_scenes(1)[0].image, method="saliency")
+
+
+def test_random_units_differ_per_noun_and_per_image(tiny_llava):
+    images = [s.image for s in make_scenes(4, seed=8)]
+    table = find_neurons(tiny_llava, images, method="random", top_k=15, seed=0, image_indices=[10, 11, 12, 13])
+    assert sorted(table.image.unique()) == [10, 11, 12, 13]
+    sets = [frozenset(zip(g.layer, g.unit)) for _, g in table.groupby(["image", "noun"])]
+    assert len(sets) >= 2 and len(set(sets)) == len(sets)
