@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 
 def _median_time(fn, repeats: int) -> float:
     times = []
@@ -34,7 +36,7 @@ def _median_time(fn, repeats: int) -> float:
 
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     from .identify import find_neurons
-    from .scoring import contribution_scores, gradient_scores, top_units, unit_top_tokens
+    from .scoring import gradient_scores, top_units, unit_logit_weights, unit_top_tokens
 
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
@@ -48,17 +50,22 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     if not pairs:
         raise ValueError("the benchmark images produced no nouns; use other images")
 
+    # both scorers as find_neurons runs them: every noun's top units, then one logit-lens pass
     def contribution_all():
-        for _, cap, t in pairs:
-            units, _ = top_units(contribution_scores(vlm, cap.activations.steps[t.step], t.token_id), top_k)
-            unit_top_tokens(vlm, units)
+        tokens = sorted({t.token_id for _, _, t in pairs})
+        weights = dict(zip(tokens, unit_logit_weights(vlm, tokens)))
+        units = [top_units(cap.activations.steps[t.step].float() * weights[t.token_id], top_k)[0]
+                 for _, cap, t in pairs]
+        unit_top_tokens(vlm, np.concatenate(units))
 
     def gradient_all():
+        units = []
         for img, cap in zip(images, captions):
             if cap.noun_tokens:
                 for scores in gradient_scores(vlm, vlm.inputs([img]), cap.token_ids,
                                               [(t.step, t.token_id) for t in cap.noun_tokens]):
-                    unit_top_tokens(vlm, top_units(scores, top_k)[0])
+                    units.append(top_units(scores, top_k)[0])
+        unit_top_tokens(vlm, np.concatenate(units))
 
     t_contribution = _median_time(contribution_all, repeats) / len(pairs)
     t_gradient = _median_time(gradient_all, repeats) / len(pairs)

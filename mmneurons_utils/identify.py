@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -61,26 +62,37 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
         raise ValueError(f"image_indices has {len(indices)} entries for {len(images)} images")
     captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             capture=activation, progress=progress)
-    rows = []
-    for index, img, caption in tqdm(list(zip(indices, images, captions)), desc=f"find ({method})",
-                                    disable=not progress):
-        targets = _targets(vlm, caption, nouns)
-        if method == "gradient":
+    targets = [_targets(vlm, caption, nouns) for caption in captions]
+    weights = {}
+    if method != "gradient":  # one (T, D) @ (D, F) matmul per layer for every noun token at once
+        tokens = sorted({t.token_id for ts in targets for t in ts})
+        if tokens:
+            weights = dict(zip(tokens, scoring.unit_logit_weights(vlm, tokens)))
+    picks = []  # (image index, target, units [k, 2], scores [k])
+    for index, img, caption, image_targets in tqdm(list(zip(indices, images, captions, targets)),
+                                                   desc=f"find ({method})", disable=not progress):
+        if method == "gradient" and image_targets:
             per_noun = scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
-                                               [(t.step, t.token_id) for t in targets])
-        for n, target in enumerate(targets):
-            contribution = scoring.contribution_scores(
-                vlm, caption.activations.steps[target.step], target.token_id)
+                                               [(t.step, t.token_id) for t in image_targets])
+        for n, target in enumerate(image_targets):
+            if method == "gradient":
+                units, scores = scoring.top_units(per_noun[n], top_k)
+                picks.append((index, target, units, scores))
+                continue
+            contribution = caption.activations.steps[target.step].float() * weights[target.token_id]
             if method == "random":
                 units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
                 scores = contribution[units[:, 0], units[:, 1]].cpu().numpy()
             else:
-                ranked = per_noun[n] if method == "gradient" else contribution
-                units, scores = scoring.top_units(ranked, top_k)
-            tokens = scoring.unit_top_tokens(vlm, units, n_top_tokens)
-            for rank, ((layer, unit), score, ids) in enumerate(zip(units, scores, tokens)):
-                rows.append((index, target.noun, target.token_id, target.step, method, rank,
-                             int(layer), int(unit), float(score), vlm.token_strings(ids)))
+                units, scores = scoring.top_units(contribution, top_k)
+            picks.append((index, target, units, scores))
+    all_units = np.concatenate([p[2] for p in picks]) if picks else np.zeros((0, 2), dtype=int)
+    top_tokens = iter(scoring.unit_top_tokens(vlm, all_units, n_top_tokens))  # one pass for all
+    rows = []
+    for index, target, units, scores in picks:
+        for rank, ((layer, unit), score) in enumerate(zip(units, scores)):
+            rows.append((index, target.noun, target.token_id, target.step, method, rank,
+                         int(layer), int(unit), float(score), vlm.token_strings(next(top_tokens))))
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs["captions"] = [c.text for c in captions]
     return table

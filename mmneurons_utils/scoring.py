@@ -19,11 +19,15 @@ import torch
 
 
 @torch.no_grad()
-def unit_logit_weights(vlm, token_id: int) -> torch.Tensor:
-    """``Float[Tensor, "L F"]``: ``W_U[t] · W_out[l][:, i]`` for every unit (float32)."""
-    w_u = vlm.lm_head.weight[token_id]                                  # (D,)
-    return torch.stack([(w_u @ vlm.down_proj(layer).weight).float()    # (D,) @ (D, F) → (F,)
-                        for layer in range(vlm.n_layers)])
+def unit_logit_weights(vlm, token_id) -> torch.Tensor:
+    """``W_U[t] · W_out[l][:, i]`` for every unit (float32).
+
+    ``token_id`` an int → ``Float[Tensor, "L F"]``; a list of ``T`` ids →
+    ``Float[Tensor, "T L F"]`` (one ``(T, D) @ (D, F)`` matmul per layer).
+    """
+    w_u = vlm.lm_head.weight[token_id]                                  # (D,) or (T, D)
+    return torch.stack([(w_u @ vlm.down_proj(layer).weight).float()    # → (F,) or (T, F)
+                        for layer in range(vlm.n_layers)], dim=-2)
 
 
 @torch.no_grad()
@@ -85,8 +89,9 @@ def top_units(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
 def unit_top_tokens(vlm, units: np.ndarray, k: int = 10) -> list[list[int]]:
     """Top-``k`` token ids of each unit's write vector (logit lens ``W_U · W_out[l][:, i]``).
 
-    Only the asked-for columns are multiplied: ``(V × D) @ (D × n_units_in_layer)``.
+    Only the asked-for columns are multiplied, once each: ``(V × D) @ (D × n_units_in_layer)``.
     """
+    units, inverse = np.unique(np.asarray(units).reshape(-1, 2), axis=0, return_inverse=True)
     out: list[list[int]] = [[] for _ in range(len(units))]
     w_u = vlm.lm_head.weight
     for layer in np.unique(units[:, 0]):
@@ -95,7 +100,7 @@ def unit_top_tokens(vlm, units: np.ndarray, k: int = 10) -> list[list[int]]:
         ids = (w_u @ columns).topk(k, dim=0).indices.T.tolist()                         # (n, k)
         for row, token_ids in zip(rows, ids):
             out[row] = token_ids
-    return out
+    return [out[i] for i in inverse.reshape(-1)]
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
