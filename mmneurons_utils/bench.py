@@ -82,7 +82,7 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
 
 
 def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 32000, k: int = 10,
-                       chunk: int = 128, device: str = "cpu") -> dict:
+                       chunk: int = 256, device: str = "cpu") -> dict:
     """Run in a fresh process: peak extra memory of the chunked top-k for one layer."""
     import resource
 
@@ -112,14 +112,14 @@ def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 3200
                 vocab_layer_seconds=round(time.perf_counter() - start, 2))
 
 
-def measure_vocab_memory(chunk: int = 128, device: str = "cpu") -> dict:
+def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
     code = ("import json; from mmneurons_utils.bench import vocab_memory_probe; "
             f"print(json.dumps(vocab_memory_probe(chunk={chunk}, device={device!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 128,
+def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 256,
               vocab_memory: bool = True) -> dict:
     from .scenes import make_scenes
 

@@ -4,8 +4,9 @@ Unit ``(l, i)`` writes ``W_out[l][:, i]`` into the residual stream; its top toke
 are the arg-top-k of ``W_U · W_out[l][:, i]``. The full product ``W_U · W_out[l]``
 is ``V × d_ff`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
 all 32), which the official code stores. Here it is never formed: the vocabulary
-is walked in chunks of ``chunk`` rows with a running top-k, so the extra memory is
-about ``(chunk + 4k) × d_ff`` values — one reused chunk buffer and the merge buffers.
+is walked in chunks of ``chunk`` rows with a running top-k, ``block`` units at a time,
+so the extra memory is about ``block × (chunk + 4k)`` values — one reused buffer and the
+merge buffers — however large ``d_ff`` and the vocabulary are.
 
 The table is cached on disk per model, keyed by a hash of ``W_U`` and every
 ``W_out`` (an edited model gets its own entry), under ``$MMNEURONS_CACHE`` or
@@ -34,29 +35,38 @@ class NeuronVocabulary:
 
 
 @torch.no_grad()
-def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 128):
+def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 256,
+                 block: int = 1024):
     """Top-``k`` rows of ``w_u @ w_out`` for every column, without forming the product.
 
     ``w_u``: ``Float[Tensor, "V D"]``, ``w_out``: ``Float[Tensor, "D F"]`` →
-    ``(values, ids)``, each ``[F, k]``, values descending. One ``chunk × F`` buffer is
-    reused for every chunk's scores; each chunk's own top-k is merged into the
-    running top-k (``2k × F``), so the extra memory is ``(chunk + ~4k) × F`` values.
+    ``(values, ids)``, each ``[F, k]``, values descending. Columns are taken ``block``
+    at a time (they are independent); for each block the vocabulary is walked
+    ``chunk`` rows at a time into one reused ``block × chunk`` buffer, and each
+    chunk's own top-k is merged into the running top-k. Extra memory: about
+    ``block × (chunk + 4k)`` values, whatever ``F`` and ``V`` are.
     """
     n_vocab, d_ff = w_u.shape[0], w_out.shape[1]
     if not 1 <= k <= n_vocab:
         raise ValueError(f"k must be in 1 … {n_vocab} (the vocabulary size), got {k}")
-    # scores are laid out (F, chunk) so that top-k runs along the contiguous axis
-    buffer = torch.empty((d_ff, min(chunk, n_vocab)), device=w_out.device, dtype=w_out.dtype)
+    results = [_topk_block(w_u, w_out[:, b:b + block], k, chunk) for b in range(0, d_ff, block)]
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
+def _topk_block(w_u, w_out, k, chunk):
+    n_vocab = w_u.shape[0]
+    # scores are laid out (block, chunk) so that top-k runs along the contiguous axis
+    buffer = torch.empty((w_out.shape[1], min(chunk, n_vocab)), device=w_out.device, dtype=w_out.dtype)
     best_values = best_ids = None
     for start in range(0, n_vocab, chunk):
         rows = w_u[start:start + chunk]                                        # (≤chunk, D)
         width = rows.shape[0]
         scores = torch.matmul(w_out.T, rows.T, out=buffer[:, :width] if width == buffer.shape[1]
-                              else None)                                       # (F, ≤chunk)
-        values, ids = scores.topk(min(k, width), dim=1)                        # (F, ≤k)
+                              else None)                                       # (block, ≤chunk)
+        values, ids = scores.topk(min(k, width), dim=1)                        # (block, ≤k)
         values, ids = values.float(), ids + start
         if best_values is not None:
-            merged = torch.cat([best_values, values], 1)                         # (F, ≤2k)
+            merged = torch.cat([best_values, values], 1)                         # (block, ≤2k)
             values, where = merged.topk(min(k, merged.shape[1]), dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, where)
         best_values, best_ids = values, ids
@@ -78,7 +88,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMNEURONS_CACHE", Path.home() / ".cache" / "mmneurons"))
 
 
-def neuron_vocabulary(vlm, k: int = 10, chunk: int = 128, use_cache: bool = True,
+def neuron_vocabulary(vlm, k: int = 10, chunk: int = 256, use_cache: bool = True,
                       progress: bool = False) -> NeuronVocabulary:
     """Every unit's top-``k`` tokens, from the disk cache when the weights are unchanged."""
     from tqdm.auto import tqdm

@@ -6,11 +6,11 @@ from mmneurons_utils.scoring import unit_top_tokens
 from mmneurons_utils.vocabulary import neuron_vocabulary, topk_columns
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_chunked_topk_equals_the_full_product(chunk):
+@pytest.mark.parametrize("chunk, block", [(1, 50), (7, 13), (64, 1), (1000, 1000)])
+def test_chunked_topk_equals_the_full_product(chunk, block):
     gen = torch.Generator().manual_seed(0)
     w_u, w_out = torch.randn(300, 32, generator=gen), torch.randn(32, 50, generator=gen)
-    values, ids = topk_columns(w_u, w_out, k=5, chunk=chunk)
+    values, ids = topk_columns(w_u, w_out, k=5, chunk=chunk, block=block)
     full = (w_u @ w_out).topk(5, dim=0)
     assert torch.equal(ids, full.indices.T)
     torch.testing.assert_close(values, full.values.T)
