@@ -68,10 +68,7 @@ def test_non_image_input_is_rejected(tiny_llava):
 
 @pytest.mark.parametrize("fixture, recall, exact", [
     ("tiny_llava", 0.97, 0.93),
-    pytest.param("tiny_instructblip", 0.93, None, marks=pytest.mark.xfail(
-        strict=True, reason="known shortfall: the committed tiny-instructblip is below the issue's "
-                            "0.93 noun-recall bar (see README, 'The embedded models'); strict, so "
-                            "this turns red once better weights land and the mark must go")),
+    ("tiny_instructblip", 0.93, None),
 ])
 def test_committed_weights_meet_the_quality_bar(fixture, recall, exact, request):
     """The issue's bars, on 200 held-out scenes (the README reports 500)."""

@@ -34,7 +34,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 RECIPES = {
     "tiny-llava": [dict(steps=3000, batch=32, lr=1e-3, warmup=100, seed=0),
                    dict(steps=1500, batch=32, lr=3e-4, warmup=50, seed=0)],
-    "tiny-instructblip": [dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0)],
+    "tiny-instructblip": [dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0),
+                          dict(steps=6000, batch=32, lr=1e-3, warmup=100, seed=0)],
 }
 MONITOR_SEED = 9_999  # held-out seed used for the training curve (final numbers use other seeds)
 
