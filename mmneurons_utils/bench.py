@@ -36,7 +36,8 @@ def _median_time(fn, repeats: int) -> float:
 
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     from .identify import find_neurons
-    from .scoring import gradient_scores, top_units, unit_logit_weights, unit_top_tokens
+    from .scoring import (contribution_scores, gradient_scores, top_units, unit_logit_weights,
+                          unit_top_tokens)
 
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
@@ -54,7 +55,8 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     def contribution_all():
         tokens = sorted({t.token_id for _, _, t in pairs})
         weights = dict(zip(tokens, unit_logit_weights(vlm, tokens)))
-        units = [top_units(cap.activations.steps[t.step].float() * weights[t.token_id], top_k)[0]
+        units = [top_units(contribution_scores(vlm, cap.activations.steps[t.step], t.token_id,
+                                               weights[t.token_id]), top_k)[0]
                  for _, cap, t in pairs]
         unit_top_tokens(vlm, np.concatenate(units))
 

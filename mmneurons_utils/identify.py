@@ -79,7 +79,8 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
                 units, scores = scoring.top_units(per_noun[n], top_k)
                 picks.append((index, target, units, scores))
                 continue
-            contribution = caption.activations.steps[target.step].float() * weights[target.token_id]
+            contribution = scoring.contribution_scores(vlm, caption.activations.steps[target.step],
+                                                       target.token_id, weights[target.token_id])
             if method == "random":
                 units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
                 scores = contribution[units[:, 0], units[:, 1]].cpu().numpy()
@@ -109,7 +110,6 @@ def _targets(vlm, caption, nouns):
         raise NounNotInCaption(f"noun(s) {', '.join(map(repr, missing))} not in the caption "
                                f"{caption.text!r}; its nouns are: {said}")
     return [found[n] for n in nouns]
-
 
 
 def score_maps(vlm, images: Sequence[Image.Image], methods: Sequence[str] = ("contribution", "gradient"),

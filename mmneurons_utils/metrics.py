@@ -42,9 +42,6 @@ def summarise(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFr
     return frame.groupby(by)[list(columns)].mean().round(3)
 
 
-def chance_overlap(k: int, n_units: int) -> float:
-    return float(np.clip(k / n_units, 0, 1))
-
 
 def noun_in_top_tokens(table: pd.DataFrame) -> float:
     """Share of (noun, neuron) rows whose top tokens contain the noun itself (NaN if no rows)."""

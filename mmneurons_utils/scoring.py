@@ -31,9 +31,16 @@ def unit_logit_weights(vlm, token_id) -> torch.Tensor:
 
 
 @torch.no_grad()
-def contribution_scores(vlm, step_activations: torch.Tensor, token_id: int) -> torch.Tensor:
-    """``Float[Tensor, "L F"]`` from the activations ``Float[Tensor, "L F"]`` at the token's step."""
-    return step_activations.float() * unit_logit_weights(vlm, token_id)
+def contribution_scores(vlm, step_activations: torch.Tensor, token_id: int,
+                        logit_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``Float[Tensor, "L F"]`` from the activations ``Float[Tensor, "L F"]`` at the token's step.
+
+    ``logit_weights``: the token's ``unit_logit_weights`` if already computed (e.g. for
+    many tokens at once); otherwise they are computed here.
+    """
+    if logit_weights is None:
+        logit_weights = unit_logit_weights(vlm, token_id)
+    return step_activations.float() * logit_weights
 
 
 def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
