@@ -1,9 +1,4 @@
-"""ipywidgets front ends used by the notebooks.
-
-Each explorer renders its default state as ordinary output first (so papermill
-runs and nbval keep the figures and tables), then, in a live kernel, shows the
-controls that re-render it.
-"""
+"""The neuron explorer: pick a scene and a noun, see the caption and its top neurons."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ class NeuronExplorer:
     """Pick a scene and one of its caption's nouns; see the caption and its top neurons."""
 
     def __init__(self, vlm, scenes, top_k: int = 10):
-        from .identify import find_neurons
+        from ..identify import find_neurons
 
         self.vlm, self.scenes, self.top_k = vlm, scenes, top_k
         self._find = find_neurons
@@ -43,7 +38,7 @@ class NeuronExplorer:
 
     def view(self):
         """``(caption, table of the chosen noun's top units, figure)`` for the current choice."""
-        from . import plots
+        from .. import plots
 
         if self._table is None:
             self._image_changed()

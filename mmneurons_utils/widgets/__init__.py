@@ -1,0 +1,10 @@
+"""ipywidgets front ends used by the notebooks, one module per panel.
+
+Each panel renders its default state as ordinary output first (so papermill runs
+and nbval keep the figures and tables), then, in a live kernel, shows the controls
+that re-render it.
+"""
+
+from .explorer import NeuronExplorer
+
+__all__ = ["NeuronExplorer"]
