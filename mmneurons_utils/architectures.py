@@ -39,6 +39,12 @@ class Architecture:
     # placeholder (omitted where the processor inserts the image tokens itself).
     prompt_template: str = "{instruction}"
     gated_ffn: bool = True                 # down_proj(act(gate(x)) * up(x))
+    # the module whose output is the image features the language model reads (one row
+    # per image token): region invariance permutes its output along the token axis
+    image_projector: tuple[str, ...] = ("model.multi_modal_projector", "multi_modal_projector")
+    # True when the image tokens are one square, row-major grid of patches (heatmaps
+    # over the image are defined); False for query tokens, tiles or packed layouts
+    patch_grid: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -52,7 +58,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in [
     Architecture(
         family="llava", model_types=("llava",), model_class="LlavaForConditionalGeneration",
         layers=_LM_LAYERS, final_norm=_LM_NORM,
-        prompt_template="USER: {image}\n{instruction} ASSISTANT:",
+        prompt_template="USER: {image}\n{instruction} ASSISTANT:", patch_grid=True,
         notes="LLaVA-1.5 (llava-hf/llava-1.5-*-hf) and the embedded tiny-llava"),
     Architecture(
         family="llava_next", model_types=("llava_next",),
@@ -65,6 +71,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in [
         model_class="InstructBlipForConditionalGeneration",
         layers=_LM_LAYERS, final_norm=_LM_NORM,
         prompt_template="{instruction}",  # the processor prepends the query tokens
+        image_projector=("language_projection", "model.language_projection"),
         notes="InstructBLIP with a decoder-only LM (Vicuna); the image tokens are the "
               "Q-Former's query outputs, not a patch grid. Flan-T5 variants are not supported."),
     Architecture(
@@ -74,6 +81,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in [
         # the processor expands {image} into <fake_token_around_image>, a <row_i_col_j> or
         # <global-img> tag and image_seq_len <image> tokens per tile (+ the global image)
         prompt_template="User:{image}{instruction}<end_of_utterance>\nAssistant:",
+        image_projector=("model.connector", "connector"),
         notes="Idefics3 (HuggingFaceM4/Idefics3-8B-Llama3); image splitting into tiles, "
               "pixel-shuffle connector. SmolVLM is not covered (see UNAVAILABLE)."),
     Architecture(
@@ -83,7 +91,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.family: a for a in [
         # The processor inserts <bos> after the image tokens and appends "\n" (the
         # prefix/answer separator) after the whole text, so the answer prefix of
         # VLM.prompt() ends up inside the bidirectional prefix, before the "\n".
-        prompt_template="{image}{instruction}",
+        prompt_template="{image}{instruction}", patch_grid=True,
         notes="PaliGemma (Gemma decoder, GeGLU FFN); the image tokens and the prompt are a "
               "prefix with bidirectional attention (token_type_ids == 0)"),
 ]}

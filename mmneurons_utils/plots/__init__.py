@@ -5,5 +5,7 @@ neuron bars); the properties and causal/editing figures sit beside it.
 """
 
 from .identification import layer_distribution, neuron_bars, save, scene_grid
+from .properties import heatmap_overlay, heatmap_panels, metric_bars
 
-__all__ = ["layer_distribution", "neuron_bars", "save", "scene_grid"]
+__all__ = ["heatmap_overlay", "heatmap_panels", "layer_distribution", "metric_bars", "neuron_bars",
+           "save", "scene_grid"]

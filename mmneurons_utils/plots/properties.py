@@ -1,0 +1,71 @@
+"""Figures for the neurons' properties: heatmaps and masks, metric bars with intervals."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..scenes import ATTRIBUTION
+
+METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "random": "#8C8C8C"}
+
+
+def heatmap_overlay(image, heat: np.ndarray, mask: np.ndarray | None = None, ax=None,
+                    title: str | None = None, boxes=None, alpha: float = 0.55):
+    """``heat`` (``Float[H, W]``, same size as ``image``) over the image; ``mask`` as a contour.
+
+    ``boxes``: ``(x0, y0, x1, y1)`` rectangles drawn in white (e.g. the noun's box).
+    Returns the figure.
+    """
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(2.6, 2.6))
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(heat, cmap="jet", alpha=alpha, interpolation="nearest",
+              extent=(-0.5, image.width - 0.5, image.height - 0.5, -0.5))
+    if mask is not None and mask.any() and not mask.all():
+        ax.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+    for x0, y0, x1, y1 in boxes or ():
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor="white", linestyle="--", linewidth=1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    return fig
+
+
+def heatmap_panels(image, heats: dict, masks: dict | None = None, boxes=None,
+                   width: float = 2.3):
+    """One overlay per entry of ``heats`` (title → ``Float[H, W]``), side by side."""
+    fig, axes = plt.subplots(1, len(heats), figsize=(width * len(heats), width + 0.4),
+                             squeeze=False)
+    for ax, (title, heat) in zip(axes.flat, heats.items()):
+        heatmap_overlay(image, heat, (masks or {}).get(title), ax=ax, title=title, boxes=boxes)
+    fig.text(0.01, 0.0, ATTRIBUTION, fontsize=5, color="gray")
+    fig.tight_layout()
+    return fig
+
+
+def metric_bars(summary, metric: str, chance: dict | None = None, width: float = 3.2):
+    """Bars with 95 % intervals: one panel per model, one bar per method.
+
+    ``summary``: DataFrame with columns ``model, method, metric, mean, low, high``
+    (as ``metrics.summarise_ci`` returns). ``chance``: model → a level drawn dashed.
+    """
+    rows = summary[summary.metric == metric]
+    models = list(dict.fromkeys(rows.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 2.6), squeeze=False,
+                             sharey=True)
+    for ax, model in zip(axes.flat, models):
+        part = rows[rows.model == model]
+        x = np.arange(len(part))
+        colours = [METHOD_COLOURS.get(m, "#55A868") for m in part.method]
+        ax.bar(x, part["mean"], color=colours)
+        ax.errorbar(x, part["mean"], yerr=[part["mean"] - part.low, part.high - part["mean"]],
+                    fmt="none", ecolor="black", capsize=3, linewidth=1)
+        ax.set_xticks(x, part.method, fontsize=8)
+        ax.set_title(model, fontsize=9)
+        if chance and model in chance:
+            ax.axhline(chance[model], color="black", linestyle="--", linewidth=0.8)
+    axes.flat[0].set_ylabel(metric.replace("_", " "))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,121 @@
+"""Specificity: do a noun's neurons fire on the noun's own image patches?
+
+A unit's **activation map** is its ``down_proj`` input at each image-token position
+of the prefill (``Caption.activations.image`` from
+``vlm.describe(..., capture="down_proj_input", image_activations=True)``), laid out on
+the patch grid. The paper (and its official code) draws these maps upsampled onto
+the image, with the 95th-percentile binary mask.
+
+Beyond the paper, with the scenes' object boxes:
+
+* **mass in box**: share of the map's positive mass that falls inside the noun's
+  box(es), the map upsampled patch-exactly (nearest) to the image's pixels. A map
+  spread evenly scores the box's share of the image (the chance level, ``box_share``).
+* **pointing game**: whether the map's hottest patch has its centre inside a box.
+* **selectivity**: a unit's image score (max activation over the image tokens) on
+  images that contain its noun vs images that do not, as an AUROC (0.5 = blind).
+
+Only families whose image tokens are a square row-major patch grid (LLaVA-1.5,
+PaliGemma: ``Architecture.patch_grid``) have maps over the image. InstructBLIP's
+tokens are Q-Former queries, each of which attends over the whole image: there,
+maps and box metrics are not defined (``patch_grid`` returns ``None``) and only
+selectivity, which needs no layout, is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def patch_grid(vlm) -> tuple[int, int] | None:
+    """``(rows, cols)`` of the image tokens the language model reads, or ``None``.
+
+    ``None`` when the family's tokens are not one patch grid (query tokens, tiles).
+    """
+    if not vlm.arch.patch_grid:
+        return None
+    n = int(vlm.image_token_mask(vlm.inputs([_blank()])["input_ids"]).sum())
+    side = int(round(n ** 0.5))
+    return (side, side) if side * side == n else None
+
+
+def unit_maps(vlm, activations, units) -> np.ndarray:
+    """``Float[ndarray, "k rows cols"]`` activation maps of ``units`` (``Int[k, 2]``).
+
+    ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
+    ``image`` recorded (``Float[Tensor, "L n_image_tokens F"]``).
+    """
+    grid = patch_grid(vlm)
+    if grid is None:
+        raise ValueError(f"{vlm.name}: its image tokens ({vlm.arch.family}) are not a patch "
+                         "grid, so there is no activation map over the image; use selectivity")
+    if activations is None or activations.image is None:
+        raise ValueError("activations lack image positions: describe the images with "
+                         "capture='down_proj_input', image_activations=True")
+    units = torch.as_tensor(np.array(units, dtype=np.int64).reshape(-1, 2))
+    per_unit = activations.image[units[:, 0], :, units[:, 1]]       # (k, n_image_tokens)
+    return per_unit.float().cpu().numpy().reshape(len(units), *grid)
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int], smooth: bool = False) -> np.ndarray:
+    """``Float[ndarray, "H W"]`` from a ``rows × cols`` map; ``size`` is ``(H, W)``.
+
+    ``smooth=False`` repeats each patch over its pixels (exact for box metrics);
+    ``True`` interpolates bilinearly (for display, as the official code does).
+    """
+    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]
+    mode = dict(mode="bilinear", align_corners=False) if smooth else dict(mode="nearest")
+    return torch.nn.functional.interpolate(t, size=tuple(size), **mode)[0, 0].numpy()
+
+
+def percentile_mask(heat: np.ndarray, q: float = 95) -> np.ndarray:
+    """``Bool[ndarray, "H W"]``: pixels at or above the ``q``-th percentile of ``heat``."""
+    return heat >= np.percentile(heat, q)
+
+
+def box_mask(size: tuple[int, int], boxes: Sequence[tuple[int, int, int, int]]) -> np.ndarray:
+    """``Bool[ndarray, "H W"]``: pixels inside any of ``boxes`` (``x0, y0, x1, y1``, end exclusive)."""
+    mask = np.zeros(size, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(y0, 0):y1, max(x0, 0):x1] = True
+    return mask
+
+
+def mass_in_box(grid_map: np.ndarray, size: tuple[int, int], boxes) -> float:
+    """Share of ``grid_map``'s positive mass inside ``boxes`` on an ``(H, W)`` image.
+
+    NaN when the map has no positive mass (nothing fires anywhere).
+    """
+    heat = np.clip(upsample(grid_map, size), 0, None)
+    total = heat.sum()
+    return float(heat[box_mask(size, boxes)].sum() / total) if total > 0 else float("nan")
+
+
+def pointing_hit(grid_map: np.ndarray, size: tuple[int, int], boxes) -> bool:
+    """Whether the centre of ``grid_map``'s hottest patch lies inside one of ``boxes``."""
+    rows, cols = grid_map.shape
+    r, c = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
+    y, x = (r + 0.5) * size[0] / rows, (c + 0.5) * size[1] / cols
+    return any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in boxes)
+
+
+def box_share(size: tuple[int, int], boxes) -> float:
+    """The chance level of ``mass_in_box``: the boxes' share of the image."""
+    return float(box_mask(size, boxes).mean())
+
+
+def image_unit_scores(captions) -> torch.Tensor:
+    """``Float[Tensor, "n_images L F"]``: each unit's max activation over each image's tokens.
+
+    ``captions`` from ``describe(..., capture="down_proj_input", image_activations=True)``.
+    """
+    return torch.stack([c.activations.image.float().amax(dim=1).cpu() for c in captions])
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64))
