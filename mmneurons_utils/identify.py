@@ -37,7 +37,8 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
                  top_k: int = 50, nouns: Sequence[str] | None = None, seed: int = 0,
                  n_top_tokens: int = 10, max_new_tokens: int = 20, batch_size: int = 16,
                  activation: str = "down_proj_input", progress: bool = False,
-                 image_indices: Sequence[int] | None = None) -> pd.DataFrame:
+                 image_indices: Sequence[int] | None = None,
+                 captions: Sequence | None = None) -> pd.DataFrame:
     """Top-``top_k`` units for each noun of each image's generated caption.
 
     ``image``: one PIL image or a list. ``nouns``: restrict to these (each must be in
@@ -46,6 +47,8 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     is their contribution score, for reference; each (image, noun) draws its own set).
     ``image_indices``: the numbers written to the ``image`` column and keying the random
     draws (default ``0 … n-1``); batch runs pass each image's position in the whole run.
+    ``captions``: the images' captions from ``vlm.describe(images, capture=activation)``
+    if already made (e.g. to score several methods on one generation); else made here.
 
     Returns a long-form DataFrame, one row per (image, noun, neuron), columns
     ``image, noun, token_id, step, method, rank, layer, unit, score, top_tokens``
@@ -60,8 +63,11 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     indices = list(range(len(images))) if image_indices is None else list(image_indices)
     if len(indices) != len(images):
         raise ValueError(f"image_indices has {len(indices)} entries for {len(images)} images")
-    captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            capture=activation, progress=progress)
+    if captions is None:
+        captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                capture=activation, progress=progress)
+    elif len(captions) != len(images) or any(c.activations is None for c in captions):
+        raise ValueError(f"captions must be {len(images)} captions made with capture={activation!r}")
     targets = [_targets(vlm, caption, nouns) for caption in captions]
     weights = {}
     if method != "gradient":  # one (T, D) @ (D, F) matmul per layer for every noun token at once
