@@ -5,6 +5,7 @@ and nbval keep the figures and tables), then, in a live kernel, shows the contro
 that re-render it.
 """
 
-from .explorer import NeuronExplorer
+from .explorer import BrowserView, NeuronExplorer
+from .pickers import ImagePicker, TokenPicker
 
-__all__ = ["NeuronExplorer"]
+__all__ = ["BrowserView", "ImagePicker", "NeuronExplorer", "TokenPicker"]

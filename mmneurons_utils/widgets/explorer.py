@@ -1,64 +1,239 @@
-"""The neuron explorer: pick a scene and a noun, see the caption and its top neurons."""
+"""The neuron browser: pick an image and a noun; its top units; a unit's heatmap and top tokens.
+
+    explorer = NeuronExplorer(vlm, scenes, top_k=10)
+    view = explorer.view()      # static default state: caption, units table, figures
+    explorer.show()             # live controls (a kernel front end needed)
+
+Live panel: an :class:`~.pickers.ImagePicker` (scene by seed/index, or an upload), the
+caption with a :class:`~.pickers.TokenPicker` of its nouns, the noun's top units as a
+clickable list (rank, layer.unit, contribution score, first top tokens), and for the
+selected unit its activation map over the image (upsampled, 95th-percentile mask as a
+contour, the noun's box dashed on scenes) and its top tokens. Models whose image tokens
+are not a patch grid (InstructBLIP's queries) show the units and top tokens, no map.
+
+One image change costs one captioning pass with activations recorded (the scores and the
+maps share it) and one heatmap render; ``last_update_s`` holds the time of the last one.
+"""
 
 from __future__ import annotations
 
+import html
+import io
+import time
+from typing import NamedTuple
+
 import ipywidgets as W
-import matplotlib.pyplot as plt
 from IPython.display import display
+
+from .pickers import ImagePicker, TokenPicker
+
+
+class BrowserView(NamedTuple):
+    """The static state of the browser (what papermill stores)."""
+
+    caption: str
+    table: "object"           # pandas.DataFrame: the noun's top units
+    bars: "object"            # matplotlib Figure: their contribution scores, or None
+    heatmap: "object"         # matplotlib Figure: the selected unit's map, or None
+    unit: dict                # the selected unit: noun, rank, layer, unit, score, top_tokens
 
 
 class NeuronExplorer:
-    """Pick a scene and one of its caption's nouns; see the caption and its top neurons."""
+    """Browse the multi-modal neurons of one image.
 
-    def __init__(self, vlm, scenes, top_k: int = 10):
+    ``scenes``: the scenes to pick from (default ``make_scenes(n_images, seed)``);
+    ``index``: the starting scene (default: the first whose caption names something).
+    ``image`` and ``noun`` are the two dropdowns (kept for scripts that set them).
+    """
+
+    def __init__(self, vlm, scenes=None, top_k: int = 10, seed: int = 0, n_images: int = 24,
+                 index: int | None = None, heat_px: int = 200):
+        from .. import specificity
+        from ..identify import check_top_k
+
+        self.vlm, self.top_k, self.heat_px = vlm, check_top_k(vlm, top_k), heat_px
+        self.grid = specificity.patch_grid(vlm)
+        self.picker = ImagePicker(scenes, seed=seed, n=n_images)
+        if index is None:
+            captions = vlm.describe([s.image for s in self.picker.scenes])
+            index = next((i for i, c in enumerate(captions) if c.nouns), 0)
+        self.tokens = TokenPicker(vlm)
+        self.units = W.Select(options=[], rows=min(top_k, 12),
+                              layout=W.Layout(width="360px", font_family="monospace"))
+        self.heatmap = W.Image(format="png", width=heat_px)
+        self.unit_info = W.HTML(layout=W.Layout(width="360px"))
+        self.status = W.HTML()
+        for control, name in ((self.units, "mmn-units"), (self.heatmap, "mmn-heatmap"),
+                              (self.unit_info, "mmn-unit"), (self.status, "mmn-status")):
+            control.add_class(name)
+        self.image, self.noun = self.picker.index, self.tokens.dropdown   # the two dropdowns
+        self._caption = self._table = None
+        self._shown = False          # live widgets are rendered only once on screen
+        self.last_update_s = None
+        with self.picker._hold():
+            self.picker.select(index)
+        self.picker.observe(lambda _: self._image_changed())
+        self.tokens.observe(lambda _: self._noun_changed())
+        self.units.observe(lambda _: self._unit_changed(), names="value")
+
+    # -- state ------------------------------------------------------------------------
+    def _analyse(self):
+        """Caption the picked image once (activations at the image tokens too) and score it."""
         from ..identify import find_neurons
 
-        self.vlm, self.scenes, self.top_k = vlm, scenes, top_k
-        self._find = find_neurons
-        self.image = W.Dropdown(options=[(f"{i}: {s.caption}", i) for i, s in enumerate(scenes)],
-                                description="image", layout=W.Layout(width="520px"))
-        captions = vlm.describe([s.image for s in scenes])
-        # start on the first scene whose caption names something
-        self.image.value = next((i for i, c in enumerate(captions) if c.nouns), 0)
-        self.noun = W.Dropdown(description="noun")
-        self.out = W.Output()
-        self.image.observe(lambda _: self._image_changed(), names="value")
-        self.noun.observe(lambda _: self._render(), names="value")
-        self._table = None
-        self._shown = False  # render into the Output widget only once it is on screen
+        image = self.picker.image
+        captions = self.vlm.describe([image], capture="down_proj_input",
+                                     image_activations=self.grid is not None)
+        self._caption = captions[0]
+        self._table = find_neurons(self.vlm, image, top_k=self.top_k, captions=captions)
 
-    def _image_changed(self):
-        self._table = self._find(self.vlm, self.scenes[self.image.value].image, top_k=self.top_k)
-        nouns = list(dict.fromkeys(self._table.noun))
-        shown, self._shown = self._shown, False  # no half-updated renders while options change
-        self.noun.options = nouns
-        self.noun.value = nouns[0] if nouns else None
-        self._shown = shown
-        self._render()
+    def _ensure(self):
+        if self._table is None:
+            self._analyse()
+            with self.tokens._hold():
+                self.tokens.set_caption(self._caption, self._nouns())
+            self._fill_units()
 
-    def view(self):
-        """``(caption, table of the chosen noun's top units, figure)`` for the current choice."""
+    def _nouns(self) -> list[str]:
+        return list(dict.fromkeys(self._table.noun))
+
+    def rows(self):
+        """The picked noun's top units (``rank, layer, unit, score, top_tokens``)."""
+        self._ensure()
+        rows = self._table[self._table.noun == self.tokens.value]
+        return rows[["rank", "layer", "unit", "score", "top_tokens"]].reset_index(drop=True)
+
+    def selected(self) -> dict | None:
+        """The selected unit as a dict (``noun, rank, layer, unit, score, top_tokens``)."""
+        rows = self.rows()
+        if not len(rows):
+            return None
+        rank = self.units.value if self.units.value is not None else 0
+        row = rows.iloc[min(int(rank), len(rows) - 1)]
+        return {"noun": self.tokens.value, "rank": int(row["rank"]), "layer": int(row.layer),
+                "unit": int(row.unit), "score": float(row.score), "top_tokens": list(row.top_tokens)}
+
+    def _model_view(self):
+        """The picked image as the model sees its layout (centre square if the processor crops)."""
+        image = self.picker.image
+        processor = getattr(getattr(self.vlm, "processor", None), "image_processor", None)
+        if getattr(processor, "do_center_crop", False) and image.width != image.height:
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        return image
+
+    def heatmap_figure(self, unit: dict | None = None):
+        """The unit's activation map over the image (``None`` without a patch grid)."""
+        from .. import plots, specificity
+
+        unit = unit or self.selected()
+        if unit is None or self.grid is None:
+            return None
+        image = self._model_view()
+        grid_map = specificity.unit_maps(self.vlm, self._caption.activations,
+                                         [(unit["layer"], unit["unit"])])[0]
+        heat = specificity.upsample(grid_map, (image.height, image.width), smooth=True)
+        scene = self.picker.scene
+        boxes = [box for noun, box in scene.boxes if noun == unit["noun"]] if scene else None
+        return plots.heatmap_overlay(image, heat, specificity.percentile_mask(heat, 95),
+                                     title=f"L{unit['layer']}.{unit['unit']} on '{unit['noun']}'",
+                                     boxes=boxes)
+
+    def view(self) -> BrowserView:
+        """The current choice as static output: caption, units table, bars, heatmap, unit."""
         from .. import plots
 
-        if self._table is None:
-            self._image_changed()
-        caption = self._table.attrs["captions"][0]
-        rows = self._table[self._table.noun == self.noun.value]
-        fig = plots.neuron_bars(self._table, self.noun.value) if len(rows) else None
-        return caption, rows[["rank", "layer", "unit", "score", "top_tokens"]], fig
+        rows = self.rows()
+        unit = self.selected()
+        bars = plots.neuron_bars(self._table, self.tokens.value) if len(rows) else None
+        return BrowserView(self._caption.text, rows, bars, self.heatmap_figure(unit), unit or {})
 
-    def _render(self):
+    # -- events -----------------------------------------------------------------------
+    def _image_changed(self):
+        start = time.perf_counter()
+        self._analyse()
+        with self.tokens._hold():
+            self.tokens.set_caption(self._caption, self._nouns())
+        self._fill_units()
+        self._render(start)
+
+    def _noun_changed(self):
+        start = time.perf_counter()
+        self._ensure()
+        self._fill_units()
+        self._render(start)
+
+    def _unit_changed(self):
+        if not self._filling:
+            self._render(time.perf_counter())
+
+    _filling = False
+
+    def _fill_units(self):
+        rows = self.rows()
+        options = [(f"{int(r['rank']):>2}  L{int(r.layer)}.{int(r.unit):<5} {r.score:+8.3f}  "
+                    f"{', '.join(list(r.top_tokens)[:3])}", int(r['rank'])) for _, r in rows.iterrows()]
+        self._filling = True
+        try:
+            self.units.options = options
+            self.units.value = options[0][1] if options else None
+        finally:
+            self._filling = False
+
+    def _render(self, start: float):
         if not self._shown:
             return
-        self.out.clear_output(wait=True)
-        with self.out:
-            caption, rows, fig = self.view()
-            print("caption:", caption)
-            display(rows)
-            if fig is not None:
-                plt.show(fig)
+        import matplotlib.pyplot as plt
 
-    def show(self):
-        display(W.VBox([W.HBox([self.image, self.noun]), self.out]))
+        self.tokens.caption_html.value = self.tokens.html()
+        unit = self.selected()
+        fig = self.heatmap_figure(unit)
+        if fig is not None:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=self.heat_px / fig.get_size_inches()[0],
+                        bbox_inches="tight")
+            plt.close(fig)
+            self.heatmap.value = buffer.getvalue()
+        else:
+            self.heatmap.value = _placeholder(self.heat_px, "no patch grid" if self.grid is None
+                                              else "no noun in this caption")
+        self.unit_info.value = _unit_html(unit)
+        self.last_update_s = time.perf_counter() - start
+        self.status.value = (f"<small style='color:gray'>{self.picker.label} · "
+                             f"updated in {self.last_update_s * 1000:.0f} ms</small>")
+
+    def widget(self) -> W.Widget:
+        header = W.HTML("<b>top units</b> <small>(rank · layer.unit · contribution · top tokens)"
+                        "</small>")
+        return W.VBox([self.picker.widget(), self.tokens.caption_html, self.tokens.dropdown,
+                       W.HBox([W.VBox([header, self.units]), W.VBox([self.heatmap, self.unit_info])]),
+                       self.status])
+
+    def show(self) -> None:
+        self._ensure()
+        display(self.widget())
         self._shown = True
-        self._render()
+        self._render(time.perf_counter())
+
+
+def _unit_html(unit: dict | None) -> str:
+    if unit is None:
+        return "<i>no unit</i>"
+    tokens = ", ".join(f"<b>{html.escape(t)}</b>" if t == unit["noun"] else html.escape(t)
+                       for t in unit["top_tokens"])
+    return (f"<b>L{unit['layer']}.{unit['unit']}</b> (rank {unit['rank']}, contribution "
+            f"{unit['score']:+.3f} to '{html.escape(unit['noun'])}')<br>top tokens: {tokens}")
+
+
+def _placeholder(px: int, text: str) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (px, px), "#eeeeee")
+    ImageDraw.Draw(image).text((10, px // 2 - 6), text, fill="#666666")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+__all__ = ["BrowserView", "NeuronExplorer"]
