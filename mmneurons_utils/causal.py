@@ -39,19 +39,15 @@ METHODS = ("contribution", "gradient", "random")
 LEVELS = ("weights", "activation")
 
 
-@torch.no_grad()
-def teacher_forced_logits(vlm, images, captions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Logits at every caption step, teacher-forcing the given caption tokens.
+def teacher_forced_inputs(vlm, images, captions: Sequence[Sequence[int]]) -> tuple[dict, int, int]:
+    """Model inputs for prompt + caption tokens, right-padded: ``(inputs, prompt_len, longest)``.
 
-    One batched forward over prompt + caption (right-padded; causal attention keeps the
-    padding invisible to real positions). Returns per image ``Float[Tensor, "steps V"]``
-    (float32): row ``j`` is the distribution that produced caption token ``j``.
+    Causal attention keeps the padding invisible to the real positions; the logits at
+    position ``prompt_len - 1 + j`` are the distribution that produced caption token ``j``.
     """
     enc = vlm.inputs(list(images))
     prompt_len = enc["input_ids"].shape[1]
-    longest = max(len(c) for c in captions)
-    if longest == 0:
-        return [torch.zeros(0, vlm.lm_head.out_features) for _ in captions]
+    longest = max((len(c) for c in captions), default=0)
     pad = vlm.tokenizer.pad_token_id or 0
     ids = torch.full((len(captions), longest), pad, dtype=enc["input_ids"].dtype, device=vlm.device)
     mask = torch.zeros_like(ids)
@@ -61,6 +57,20 @@ def teacher_forced_logits(vlm, images, captions: Sequence[Sequence[int]]) -> lis
     full = dict(enc)
     full["input_ids"] = torch.cat([enc["input_ids"], ids], 1)
     full["attention_mask"] = torch.cat([enc["attention_mask"], mask], 1)
+    return full, prompt_len, longest
+
+
+@torch.no_grad()
+def teacher_forced_logits(vlm, images, captions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Logits at every caption step, teacher-forcing the given caption tokens.
+
+    One batched forward over prompt + caption (see :func:`teacher_forced_inputs`).
+    Returns per image ``Float[Tensor, "steps V"]`` (float32, CPU): row ``j`` is the
+    distribution that produced caption token ``j``.
+    """
+    full, prompt_len, longest = teacher_forced_inputs(vlm, images, captions)
+    if longest == 0:
+        return [torch.zeros(0, vlm.lm_head.out_features) for _ in captions]
     logits = vlm.model(**full).logits[:, prompt_len - 1: prompt_len - 1 + longest].float()
     return [logits[r, :len(c)].cpu() for r, c in enumerate(captions)]
 

@@ -1,0 +1,482 @@
+"""Targeted editing: make the model say ``target`` where it said ``source``.
+
+The paper edits multi-modal neurons but its editing code was never published; this is
+our design, each choice explained.
+
+**What is edited.** Only the write vectors ``W_out[l][:, i]`` (``down_proj`` columns) of
+the top-``n`` units for ``source``: the units with the largest contribution score
+(:func:`~mmneurons_utils.scoring.contribution_scores`) summed over the edit images at the
+step that produced ``source``. These units already fire when the source is said and write
+its unembedding direction, so moving their write vector towards ``target`` acts exactly
+where the source is produced and little elsewhere (their activation is small on other
+steps and images). One additive delta ``Δ[j]`` (``Float[Tensor, "D"]``) per unit.
+
+**How it is learned.** Adam on the deltas only (the model's parameters get no gradient),
+through a forward hook that adds ``a[..., units] @ Δ`` to ``down_proj``'s output — the
+same as ``W_out[:, units] += Δᵀ`` but without touching the weights while training. The
+loss, per step, over one teacher-forced forward of prompt + *original* caption:
+
+* ``−log p(target)`` at the source's step of each edit image (make the target win);
+* ``kl_weight ·`` KL(original ‖ edited) at every other step of the edit images and at
+  every step of the ``unrelated`` images' captions (keep everything else in place);
+* ``norm_weight · ‖Δ‖² / ‖W_out[:, units]‖²`` (small, relative weight change).
+
+Teacher forcing the original caption makes each loss term a fixed, well-defined
+distribution (free-running captions would change length and alignment as the edit
+progresses). Training **stops** as soon as the target beats every other token by
+``stop_margin`` logits at the source step of every edit image (checked on the same
+forward), or after ``steps`` steps: then the edit did not converge and is reported as
+failed with its final margin, and the weights are left untouched unless ``keep_failed``.
+
+**Result.** An :class:`Edit` with the metrics, ``undo()`` (bit-for-bit restore of the
+cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
+(generalisation and locality on held-out images) and ``save_pretrained()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import scoring
+from .causal import margin_and_prob, says, teacher_forced_inputs, teacher_forced_logits
+from .interventions import as_units
+from .nouns import locate_nouns
+from .scenes import NOUNS, make_scenes
+
+UNIT_CHOICES = ("contribution", "random")
+
+
+class EditInputError(ValueError):
+    """A bad source, target, image set or edit setting (the message lists the choices)."""
+
+
+def target_token(vlm, word: str) -> int:
+    """The single token id of ``word``; ``EditInputError`` listing the choices otherwise."""
+    if vlm.embedded and word not in NOUNS:
+        raise EditInputError(f"target {word!r} is not in the model's noun vocabulary; choose one "
+                             f"of: {', '.join(sorted(NOUNS))}")
+    ids = vlm.tokenizer.encode(word, add_special_tokens=False)
+    ids = [i for i in ids if vlm.tokenizer.convert_ids_to_tokens(i) not in ("▁", "Ġ")]
+    unk = vlm.tokenizer.unk_token_id
+    if len(ids) != 1 or (unk is not None and ids[0] == unk):
+        pieces = vlm.tokenizer.convert_ids_to_tokens(ids)
+        raise EditInputError(f"target {word!r} is not one token of the vocabulary (it becomes "
+                             f"{pieces}); choose a word the tokenizer keeps whole")
+    return int(ids[0])
+
+
+def _source_steps(vlm, captions, source: str) -> list[int]:
+    """The step of ``source``'s first sub-token in each caption; error listing what was said."""
+    steps, missing = [], []
+    for i, caption in enumerate(captions):
+        found = locate_nouns(vlm.tokenizer, caption.token_ids, [source])
+        if not found:
+            missing.append(i)
+        else:
+            steps.append(found[0].step)
+    if missing:
+        said = sorted({n for c in captions for n in c.nouns})
+        raise EditInputError(
+            f"source {source!r} is not in the caption of image(s) {missing} "
+            f"({captions[missing[0]].text!r}); nouns said: {', '.join(said) or '(none)'}")
+    return steps
+
+
+@dataclass
+class Edit:
+    """A learned edit: additive deltas ``Float[Tensor, "n D"]`` on the write vectors of ``units``.
+
+    ``applied`` says whether the deltas are in the weights now. ``metrics`` holds
+    ``success`` (share of the edit images whose new caption says the target and not the
+    source), ``converged``, ``final_margin`` (min over edit images of the target's
+    teacher-forced margin at the source step), ``steps``, ``n_neurons``, ``weight_norm``
+    (‖Δ‖_F) and ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), plus what
+    :meth:`evaluate` adds.
+    """
+
+    vlm: object = field(repr=False)
+    source: str
+    target: str
+    target_id: int
+    units: np.ndarray
+    deltas: torch.Tensor
+    converged: bool
+    final_margin: float
+    steps: int
+    captions_before: list[str]
+    captions_after: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list, repr=False)
+    applied: bool = False
+    _originals: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    # --- weights ---------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self) -> "Edit":
+        """Write ``original + Δ`` into the columns (always computed from the clones, so
+        applying twice gives the same weights)."""
+        if not self.applied:
+            for (layer, unit), original, delta in zip(self.units, self._originals, self.deltas):
+                weight = self.vlm.down_proj(int(layer)).weight
+                weight[:, int(unit)] = (original.float() + delta.to(original.device)).to(weight.dtype)
+            self.applied = True
+        return self
+
+    @torch.no_grad()
+    def undo(self) -> "Edit":
+        """Copy the cloned original columns back (bit-for-bit); safe to call twice."""
+        if self.applied:
+            for (layer, unit), original in zip(self.units, self._originals):
+                self.vlm.down_proj(int(layer)).weight[:, int(unit)] = original
+            self.applied = False
+        return self
+
+    def __enter__(self) -> "Edit":
+        return self.apply()
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    # --- evaluation ------------------------------------------------------------
+    def evaluate(self, heldout_images: Sequence = (), locality_images: Sequence = (),
+                 max_new_tokens: int = 20) -> dict:
+        """Side effects on images not used for learning the edit; adds to ``metrics``.
+
+        ``heldout_images`` (their clean captions should say the source):
+        ``generalization`` = share whose edited caption says the target and not the
+        source. ``locality_images`` (clean captions without the source): ``locality`` =
+        share whose caption is unchanged; ``locality_kl`` = mean over caption steps of
+        KL(clean ‖ edited), teacher-forcing the clean caption (nats).
+        """
+        was_applied = self.applied
+        vlm = self.vlm
+        self.undo()
+        held = vlm.describe(list(heldout_images), max_new_tokens=max_new_tokens) if len(heldout_images) else []
+        local = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens) if len(locality_images) else []
+        local_ids = [c.token_ids for c in local]
+        clean_logits = teacher_forced_logits(vlm, locality_images, local_ids) if local else []
+        self.apply()
+        try:
+            out = {}
+            held_said = [c for c in held if says(c.text, self.source)]
+            if held:
+                edited = vlm.describe(list(heldout_images), max_new_tokens=max_new_tokens)
+                flips = [says(e.text, self.target) and not says(e.text, self.source)
+                         for e, c in zip(edited, held) if says(c.text, self.source)]
+                out["generalization"] = float(np.mean(flips)) if flips else float("nan")
+                out["n_heldout"] = len(held_said)
+            if local:
+                edited = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens)
+                out["locality"] = float(np.mean([e.text == c.text for e, c in zip(edited, local)]))
+                logits = teacher_forced_logits(vlm, locality_images, local_ids)
+                kls = [_kl(c, e).mean() for c, e in zip(clean_logits, logits) if len(c)]
+                out["locality_kl"] = float(torch.stack(kls).mean()) if kls else float("nan")
+                out["n_locality"] = len(local)
+        finally:
+            if not was_applied:
+                self.undo()
+        self.metrics.update(out)
+        return out
+
+    # --- saving ----------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Save the edited model (weights, processor, ``edit.json``) to the new folder ``path``.
+
+        Written to a temporary folder beside ``path`` and renamed at the end, so a failure
+        never leaves a half-written folder. ``load_vlm(path)`` loads it back.
+        """
+        from .vlm import EMBEDDED_DIR, EMBEDDED_MARKER
+
+        path = Path(path).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise EditInputError(f"{path} already exists and is not an empty folder; choose a new one")
+        if not self.applied:
+            raise EditInputError("the edit is not applied (undone or failed); call edit.apply() first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.vlm.model.save_pretrained(tmp)
+            self.vlm.processor.save_pretrained(tmp)
+            if self.vlm.embedded:  # keep the scene-vocabulary noun finder on reload
+                marker = EMBEDDED_DIR / self.vlm.name / EMBEDDED_MARKER
+                info = json.loads(marker.read_text()) if marker.is_file() else {"nouns": "scenes"}
+                (tmp / EMBEDDED_MARKER).write_text(json.dumps(info))
+            (tmp / "edit.json").write_text(json.dumps(self.summary(), indent=1))
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def summary(self) -> dict:
+        """JSON-friendly description: source, target, units and metrics."""
+        return dict(model=self.vlm.name, source=self.source, target=self.target,
+                    units=[[int(l), int(u)] for l, u in self.units], **self.metrics)
+
+
+def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    """``Float[Tensor, "steps"]``: KL(softmax(clean) ‖ softmax(edited)) per row."""
+    p = torch.log_softmax(clean_logits.float(), -1)
+    q = torch.log_softmax(edited_logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons: int,
+                 method: str = "contribution", seed: int = 0) -> np.ndarray:
+    """``Int[ndarray, "n 2"]``: the top-``n`` units by contribution to ``source`` summed over
+    the edit images (``captions`` carry activations), or ``n`` seeded random units."""
+    if method == "random":
+        return scoring.random_units(vlm.n_layers, vlm.d_ff, n_neurons, [seed, source_id])
+    weights = scoring.unit_logit_weights(vlm, source_id)
+    total = sum(scoring.contribution_scores(vlm, c.activations.steps[s], source_id, weights)
+                for c, s in zip(captions, steps))
+    return scoring.top_units(total, n_neurons)[0]
+
+
+def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int = 5,
+               units: str | np.ndarray = "contribution", unrelated: Sequence = (),
+               steps: int = 150, lr: float = 5e-3, kl_weight: float = 1.0, norm_weight: float = 0.1,
+               stop_margin: float = 1.0, keep_failed: bool = False, seed: int = 0,
+               max_new_tokens: int = 20, progress: bool = False) -> Edit:
+    """Learn deltas on the write vectors of ``n_neurons`` units so that ``images`` say
+    ``target`` where they said ``source`` (see the module docstring for the design).
+
+    ``images``: PIL images whose generated captions say ``source``. ``units``:
+    ``"contribution"`` (top units for the source, the paper's neurons), ``"random"``
+    (``seed``-ed, the baseline) or an explicit ``Int[array, "n 2"]``. ``unrelated``: images
+    whose captions the edit must leave alone (their KL enters the loss).
+
+    Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
+    comes back with ``applied=False``, ``converged=False`` and its ``final_margin``.
+    """
+    from tqdm.auto import tqdm
+
+    images, unrelated = list(images), list(unrelated)
+    if not images:
+        raise EditInputError("no images to edit: pass at least one image whose caption says the source")
+    if source == target:
+        raise EditInputError(f"source and target are the same word ({source!r}); pick a different target")
+    for name, value, lo in (("n_neurons", n_neurons, 1), ("steps", steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise EditInputError(f"{name} must be an integer ≥ {lo}, got {value!r}")
+    target_id = target_token(vlm, target)
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, capture="down_proj_input")
+    src_steps = _source_steps(vlm, captions, source)
+    source_id = captions[0].token_ids[src_steps[0]]
+    if isinstance(units, str):
+        if units not in UNIT_CHOICES:
+            raise EditInputError(f"units must be one of {', '.join(UNIT_CHOICES)} or an array of "
+                                 f"(layer, unit) pairs, got {units!r}")
+        if n_neurons > vlm.n_layers * vlm.d_ff:
+            raise EditInputError(f"n_neurons must be ≤ {vlm.n_layers * vlm.d_ff}, got {n_neurons}")
+        chosen = choose_units(vlm, captions, src_steps, source_id, n_neurons, units, seed)
+    else:
+        chosen = np.unique(as_units(vlm, units), axis=0)
+    chosen = np.asarray(chosen, dtype=np.int64)
+
+    # one teacher-forced batch: edit images first, then the unrelated ones
+    others = vlm.describe(unrelated, max_new_tokens=max_new_tokens) if unrelated else []
+    seqs = [c.token_ids for c in captions] + [c.token_ids for c in others]
+    full, prompt_len, longest = teacher_forced_inputs(vlm, images + unrelated, seqs)
+    rows = torch.arange(len(images))
+    pos_src = torch.as_tensor(src_steps) + prompt_len - 1
+    keep = torch.zeros(len(seqs), longest, dtype=torch.bool)           # KL positions: (batch, steps)
+    for r, s in enumerate(seqs):
+        keep[r, :len(s)] = True
+    keep[rows, torch.as_tensor(src_steps)] = False
+    keep = keep.to(vlm.device)
+
+    originals = [vlm.down_proj(int(l)).weight[:, int(u)].detach().clone() for l, u in chosen]
+    w_norm2 = sum(float(o.float().pow(2).sum()) for o in originals)
+    deltas = torch.zeros(len(chosen), originals[0].shape[0], device=vlm.device, requires_grad=True)
+    layers = sorted({int(l) for l in chosen[:, 0]})
+    per_layer = {l: (torch.as_tensor(np.flatnonzero(chosen[:, 0] == l), device=vlm.device),
+                     torch.as_tensor(chosen[chosen[:, 0] == l, 1], device=vlm.device)) for l in layers}
+
+    def hook_for(layer):
+        which, cols = per_layer[layer]
+        def add(module, args, output):  # output += a[..., cols] @ Δ[which]   (batch, seq, D)
+            return output + (args[0][..., cols].float() @ deltas[which]).to(output.dtype)
+        return add
+
+    def forward():
+        logits = vlm.model(**full).logits[:, prompt_len - 1: prompt_len - 1 + longest].float()
+        return logits                                                   # (batch, steps, V)
+
+    flags = [p.requires_grad for p in vlm.model.parameters()]
+    handles = []
+    history: list[dict] = []
+    converged, margin = False, float("-inf")
+    try:
+        for p in vlm.model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            clean = torch.log_softmax(forward(), -1)
+        for l in layers:
+            handles.append(vlm.down_proj(l).register_forward_hook(hook_for(l)))
+        optimizer = torch.optim.Adam([deltas], lr=lr)
+        for step in tqdm(range(steps + 1), desc=f"edit {source}→{target}", disable=not progress):
+            with torch.enable_grad():
+                logits = forward()
+                src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (n_images, V)
+                with torch.no_grad():
+                    margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0]) for r in src_logits])
+                margin = float(margins.min())
+                logp = torch.log_softmax(logits, -1)
+                nll = -logp[rows, pos_src - (prompt_len - 1), target_id].mean()
+                kl = (clean.exp() * (clean - logp)).sum(-1)[keep].mean() if keep.any() else logp.new_zeros(())
+                norm = deltas.pow(2).sum() / w_norm2
+                loss = nll + kl_weight * kl + norm_weight * norm
+                history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
+                                    kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
+                if margin > stop_margin:
+                    converged = True
+                    break
+                if step == steps:
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(vlm.model.parameters(), flags):
+            p.requires_grad_(flag)
+
+    edit = Edit(vlm=vlm, source=source, target=target, target_id=target_id, units=chosen,
+                deltas=deltas.detach().cpu(), converged=converged, final_margin=margin,
+                steps=len(history) - 1, captions_before=[c.text for c in captions], history=history,
+                _originals=originals)
+    delta_norm = float(edit.deltas.norm())
+    edit.metrics.update(converged=converged, final_margin=margin, steps=edit.steps,
+                        n_neurons=len(chosen), unit_choice=units if isinstance(units, str) else "given",
+                        weight_norm=delta_norm, relative_norm=delta_norm / max(w_norm2, 1e-30) ** 0.5)
+    if converged or keep_failed:
+        edit.apply()
+        after = vlm.describe(images, max_new_tokens=max_new_tokens)
+        edit.captions_after = [c.text for c in after]
+        edit.metrics["success"] = float(np.mean([says(c.text, target) and not says(c.text, source)
+                                                 for c in after]))
+    else:
+        edit.captions_after = list(edit.captions_before)
+        edit.metrics["success"] = 0.0
+    return edit
+
+
+# --- batch evaluation -------------------------------------------------------------
+@dataclass
+class ScenePool:
+    """Scenes with the model's captions, indexed by the nouns the captions say."""
+
+    images: list
+    captions: list
+
+    @classmethod
+    def build(cls, vlm, n: int, seed: int, max_new_tokens: int = 20, progress: bool = False) -> "ScenePool":
+        scenes = make_scenes(n, seed=seed)
+        images = [s.image for s in scenes]
+        return cls(images, vlm.describe(images, max_new_tokens=max_new_tokens, progress=progress))
+
+    def with_noun(self, noun: str) -> list[int]:
+        return [i for i, c in enumerate(self.captions) if says(c.text, noun)]
+
+    def without_noun(self, noun: str) -> list[int]:
+        return [i for i, c in enumerate(self.captions) if not says(c.text, noun)]
+
+    def nouns(self) -> list[str]:
+        return sorted({n for c in self.captions for n in c.nouns})
+
+    def split(self, source: str, n_edit: int | None = None, n_unrelated: int = 8,
+              n_locality: int | None = None) -> dict:
+        """Image indices for an edit of ``source``: ``edit`` (half of those saying it, or
+        ``n_edit``), ``heldout`` (the rest of them), ``unrelated`` (first ``n_unrelated``
+        without it, used in the loss) and ``locality`` (the next ones, never seen)."""
+        said = self.with_noun(source)
+        if not said:
+            raise EditInputError(f"source {source!r} is in none of the {len(self.captions)} captions; "
+                                 f"nouns said: {', '.join(self.nouns())}")
+        n_edit = max(1, (len(said) + 1) // 2) if n_edit is None else min(n_edit, len(said))
+        without = self.without_noun(source)
+        stop = None if n_locality is None else n_unrelated + n_locality
+        return dict(edit=said[:n_edit], heldout=said[n_edit:], unrelated=without[:n_unrelated],
+                    locality=without[n_unrelated:stop])
+
+
+def run_edit(vlm, pool: ScenePool, source: str, target: str, n_neurons: int = 5,
+             units: str = "contribution", n_edit: int | None = None, n_unrelated: int = 8,
+             n_locality: int | None = None, seed: int = 0, keep: bool = False, **kwargs) -> Edit:
+    """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``."""
+    parts = pool.split(source, n_edit, n_unrelated, n_locality)
+    pick = lambda key: [pool.images[i] for i in parts[key]]
+    edit = edit_token(vlm, pick("edit"), source, target, n_neurons=n_neurons, units=units,
+                      unrelated=pick("unrelated"), seed=seed, **kwargs)
+    edit.evaluate(pick("heldout"), pick("locality"))
+    edit.metrics.update(n_edit=len(parts["edit"]))
+    if not keep:
+        edit.undo()
+    return edit
+
+
+def edit_table(vlm, pool: ScenePool, pairs: Sequence[tuple[str, str]],
+               configs: Sequence[tuple[str, int]] = (("contribution", 5), ("random", 5)),
+               seed: int = 0, progress: bool = False, **kwargs) -> pd.DataFrame:
+    """Tidy table, one row per (source, target, units, n_neurons): every edit's metrics.
+
+    ``configs``: ``(units, n_neurons)`` settings to compare (e.g. the paper's neurons vs
+    the same number of random units, and more or fewer neurons). Each edit is undone
+    before the next one.
+    """
+    from tqdm.auto import tqdm
+
+    rows = []
+    jobs = [(s, t, u, n) for s, t in pairs for u, n in configs]
+    for source, target, units, n in tqdm(jobs, desc="edits", disable=not progress):
+        edit = run_edit(vlm, pool, source, target, n_neurons=n, units=units, seed=seed, **kwargs)
+        m = edit.metrics
+        rows.append(dict(source=source, target=target, units=units, n_neurons=n,
+                         success=m["success"], generalization=m.get("generalization", np.nan),
+                         locality=m.get("locality", np.nan), locality_kl=m.get("locality_kl", np.nan),
+                         converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
+                         weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
+                         n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0),
+                         n_locality=m.get("n_locality", 0)))
+    return pd.DataFrame(rows)
+
+
+def default_pairs(pool: ScenePool, n_pairs: int = 20, min_images: int = 4, seed: int = 0
+                  ) -> list[tuple[str, str]]:
+    """``n_pairs`` seeded ``(source, target)`` pairs: distinct sources said in at least
+    ``min_images`` of the pool's captions, each with a different random target noun."""
+    rng = np.random.default_rng(seed)
+    sources = [n for n in pool.nouns() if len(pool.with_noun(n)) >= min_images]
+    if len(sources) < n_pairs:
+        raise EditInputError(f"only {len(sources)} nouns are said in ≥ {min_images} captions of the "
+                             f"pool; ask for fewer pairs or a larger pool")
+    sources = [sources[i] for i in rng.permutation(len(sources))[:n_pairs]]
+    vocabulary = sorted(NOUNS)
+    pairs = []
+    for source in sources:
+        choices = [t for t in vocabulary if t != source]
+        pairs.append((source, choices[int(rng.integers(len(choices)))]))
+    return pairs
+
+
+def summarize_edits(table: pd.DataFrame) -> pd.DataFrame:
+    """Means per ``units, n_neurons`` (generalisation over pairs with held-out images)."""
+    cols = ["success", "generalization", "locality", "locality_kl", "converged", "steps",
+            "weight_norm", "relative_norm"]
+    out = table.groupby(["units", "n_neurons"], sort=True)[cols].mean()
+    out["pairs"] = table.groupby(["units", "n_neurons"], sort=True).size()
+    return out.reset_index()
