@@ -105,3 +105,30 @@ def record_activations(vlm, image_mask: torch.Tensor | None = None,
         for handle in handles:
             handle.remove()
 
+
+
+@torch.no_grad()
+def teacher_forced_activations(vlm, inputs: dict, generated_ids: list[int],
+                               steps: list[int]) -> torch.Tensor:
+    """``Float[Tensor, "len(steps) L F"]``: activations at the positions producing ``steps``
+    when the caption ``generated_ids`` is fed whole (one forward, no generation).
+
+    ``inputs`` are ``vlm.inputs([image])``. Equals the generation-time activations of the
+    same caption (the KV cache changes nothing); under an intervention (e.g. permuted
+    image tokens) it reads the units at the original caption's steps even when the
+    model would now say something else.
+    """
+    ids = inputs["input_ids"]
+    caption = torch.tensor([generated_ids], device=ids.device, dtype=ids.dtype)
+    full = dict(inputs, input_ids=torch.cat([ids, caption], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(caption)], 1))
+    positions = torch.tensor(steps, device=ids.device) + ids.shape[1] - 1
+    rows: list[torch.Tensor] = []
+    handles = [vlm.down_proj(layer).register_forward_pre_hook(
+        lambda m, args: rows.append(args[0][0, positions].detach())) for layer in range(vlm.n_layers)]
+    try:
+        vlm.model(**full)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(rows, 1)

@@ -105,6 +105,25 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     return table
 
 
+def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence[str] = METHODS,
+                           top_k: int = 50, seed: int = 0, max_new_tokens: int = 20,
+                           batch_size: int = 16, image_activations: bool = False,
+                           progress: bool = False) -> tuple[pd.DataFrame, list]:
+    """``find_neurons`` for several methods on one generation: ``(table, captions)``.
+
+    ``table`` stacks each method's rows; ``captions`` keep their activations (with the
+    image positions when ``image_activations``), e.g. for heatmaps.
+    """
+    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            capture="down_proj_input", image_activations=image_activations,
+                            progress=progress)
+    tables = [find_neurons(vlm, images, method=m, top_k=top_k, seed=seed, captions=captions,
+                           progress=progress) for m in methods]
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs["captions"] = [c.text for c in captions]
+    return table, captions
+
+
 def _targets(vlm, caption, nouns):
     """The (noun, step, token) to score: the caption's nouns, or the asked-for ones."""
     if nouns is None:

@@ -1,4 +1,11 @@
-"""Metrics over identified neurons (each a plain function of tables or score maps)."""
+"""Metrics over identified neurons (each a plain function of tables or score maps).
+
+The property metrics live one concern a module and are re-exported here:
+:mod:`~mmneurons_utils.sensitivity` (semantic sensitivity),
+:mod:`~mmneurons_utils.specificity` (heatmaps, masks, mass in box, pointing, AUROC) and
+:mod:`~mmneurons_utils.invariance` (region and cross-image invariance). This module
+adds the summaries: means with bootstrap intervals and the paper-style table.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .invariance import cross_image_invariance, region_invariance
 from .scoring import rank_correlation, top_overlap
+from .sensitivity import TextSimilarity, semantic_sensitivity
+from .specificity import specificity_scores
 
 
 def layer_distribution(table: pd.DataFrame, n_layers: int) -> pd.Series:
@@ -42,9 +52,39 @@ def summarise(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFr
     return frame.groupby(by)[list(columns)].mean().round(3)
 
 
-
 def noun_in_top_tokens(table: pd.DataFrame) -> float:
     """Share of (noun, neuron) rows whose top tokens contain the noun itself (NaN if no rows)."""
     if not len(table):
         return float("nan")
     return float(np.mean([noun in tokens for noun, tokens in zip(table.noun, table.top_tokens)]))
+
+
+def summarise_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
+                 seed: int = 0, n_resamples: int = 2000) -> pd.DataFrame:
+    """Long table: one row per group of ``by`` and metric, with ``mean, low, high, n``
+    (percentile-bootstrap 95 % interval of the mean, NaNs dropped; a metric missing from
+    ``frame``, e.g. BLEURT when not computed, gets NaNs and ``n = 0``)."""
+    from .stats import bootstrap_ci
+
+    rows = []
+    for key, group in frame.groupby(list(by), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in metrics:
+            values = group[metric].astype(float) if metric in group else pd.Series([], dtype=float)
+            mean, low, high = bootstrap_ci(values, n_resamples=n_resamples, seed=seed)
+            rows.append(dict(zip(by, key), metric=metric, mean=mean, low=low, high=high,
+                             n=int(values.notna().sum())))
+    return pd.DataFrame(rows)
+
+
+def paper_table(summary: pd.DataFrame, index: Sequence[str] = ("model", "method"),
+                digits: int = 3) -> pd.DataFrame:
+    """Wide display table: rows ``index``, a column per metric, cells ``"mean [low, high]"``
+    (``"not computed"`` where a group has no value)."""
+    cell = lambda r: ("not computed" if pd.isna(r["mean"]) else
+                      f"{r['mean']:.{digits}f} [{r['low']:.{digits}f}, {r['high']:.{digits}f}]")
+    shown = summary.assign(cell=summary.apply(cell, axis=1))
+    wide = shown.pivot_table(index=list(index), columns="metric", values="cell", aggfunc="first",
+                             sort=False)
+    wide.columns.name = None
+    return wide.fillna("not computed")

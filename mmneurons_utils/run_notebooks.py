@@ -1,51 +1,128 @@
-"""Execute every numbered notebook with papermill and collect figures and timings.
+"""Execute every numbered notebook with papermill; collect figures, tables and timings.
 
     python -m mmneurons_utils.run_notebooks --out outputs
-    python -m mmneurons_utils.run_notebooks --out gpu-run -p model llava-hf/llava-1.5-7b-hf -p device cuda
+    python -m mmneurons_utils.run_notebooks --out gpu-run -p model llava-hf/llava-1.5-7b-hf -p device cuda -p dtype bfloat16
 
-Executed copies go to ``<out>/notebooks/``, figures to ``<out>/figures/`` (each
-notebook saves its own there, given ``output_dir``), per-notebook wall times to
-``<out>/timings.json``.
+Executed copies go to ``<out>/notebooks/``; each notebook, given ``output_dir``, writes
+its figures as PNG to ``<out>/figures/`` and its tables as CSV to ``<out>/tables/``
+(``mmneurons_utils.outputs.Outputs``); per-notebook wall times go to
+``<out>/timings.json``. Parameters are given as ``-p NAME VALUE`` (as papermill's own
+command line) or ``-p NAME=VALUE``; values are read as JSON when they parse (numbers,
+booleans, quoted strings), else as plain strings.
+
+``--refresh`` re-executes the notebooks *in place* with their default parameters and
+strips what git should not hold (widget state, papermill's per-cell timestamps): these
+stored outputs are what nbval compares in ``python3 tasks.py test``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 
-def _parameter(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=") if "=" in text else (text, "", "")
-    if not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+def _value(text: str):
     try:
-        return name, json.loads(value)     # numbers, booleans, quoted strings
+        return json.loads(text)            # numbers, booleans, quoted strings
     except json.JSONDecodeError:
-        return name, value                 # bare strings
+        return text                        # bare strings: model ids, paths, devices
 
 
-def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None = None) -> dict:
+def _parameter(words: list[str]) -> tuple[str, object]:
+    if len(words) == 1 and "=" in words[0]:
+        name, _, value = words[0].partition("=")
+    elif len(words) == 2:
+        name, value = words
+    else:
+        raise SystemExit(f"error: -p takes NAME VALUE or NAME=VALUE, got {' '.join(words)!r}")
+    if not name or value == "":
+        raise SystemExit(f"error: -p takes NAME VALUE or NAME=VALUE, got {' '.join(words)!r}")
+    return name, _value(value)
+
+
+def notebook_paths(notebooks: Path, only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those with a prefix."""
+    paths = sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
+    return paths
+
+
+def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None = None,
+            kernel_name: str | None = None) -> dict:
+    """Run the notebooks in order; returns ``{notebook: seconds, …, "total": seconds}``.
+
+    ``timings.json`` is rewritten after every notebook, so a failed run keeps the times of
+    the notebooks that finished; the failing notebook's executed copy (with the error in
+    it) is in ``<out>/notebooks/``.
+    """
     import papermill as pm
 
     out = out.resolve()
-    (out / "notebooks").mkdir(parents=True, exist_ok=True)
-    paths = sorted(p for p in notebooks.glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        paths = [p for p in paths if any(p.name.startswith(o) for o in only)]
+    for folder in ("notebooks", "figures", "tables"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    paths = notebook_paths(notebooks, only)
+    if not paths:
+        raise SystemExit(f"no numbered notebooks found in {notebooks}"
+                         + (f" starting with {' or '.join(only)}" if only else ""))
+    timings: dict = {}
+
+    def write():
+        done = {k: v for k, v in timings.items() if k != "total"}
+        timings["total"] = round(sum(done.values()), 1)
+        (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+
+    for path in paths:
+        start = time.perf_counter()
+        try:
+            pm.execute_notebook(str(path), str(out / "notebooks" / path.name),
+                                parameters={"output_dir": str(out), **parameters},
+                                cwd=str(path.parent), progress_bar=False, kernel_name=kernel_name)
+        finally:
+            timings[path.name] = round(time.perf_counter() - start, 1)
+            write()
+        print(f"{path.name}: {timings[path.name]} s", flush=True)
+    return timings
+
+
+def strip_for_git(path: Path) -> int:
+    """Remove widget state and papermill's run metadata from a notebook; returns its size in bytes.
+
+    Outputs stay (nbval compares them); widget views stay as views (their state is live-only).
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    nb.metadata.pop("widgets", None)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, str(path))
+    return path.stat().st_size
+
+
+def refresh(notebooks: Path, only: list[str] | None = None, kernel_name: str | None = None,
+            budget_kb: int = 100) -> dict:
+    """Re-execute notebooks in place (default parameters) and strip them for git."""
+    import papermill as pm
+
+    paths = notebook_paths(notebooks, only)
     if not paths:
         raise SystemExit(f"no numbered notebooks found in {notebooks}")
     timings = {}
     for path in paths:
         start = time.perf_counter()
-        pm.execute_notebook(str(path), str(out / "notebooks" / path.name),
-                            parameters={"output_dir": str(out), **parameters},
-                            cwd=str(path.parent), progress_bar=False)
+        pm.execute_notebook(str(path), str(path), cwd=str(path.parent), progress_bar=False,
+                            kernel_name=kernel_name)
         timings[path.name] = round(time.perf_counter() - start, 1)
-        print(f"{path.name}: {timings[path.name]} s", flush=True)
-    timings["total"] = round(sum(timings.values()), 1)
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+        size = strip_for_git(path) / 1024
+        note = "" if size <= budget_kb else (f"  (over {budget_kb} KB: show figures with "
+                                             "Outputs.figure, not plt.show or display of a PIL image)")
+        print(f"{path.name}: {timings[path.name]} s, {size:.0f} KB{note}", flush=True)
     return timings
 
 
@@ -53,13 +130,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--notebooks", type=Path, default=Path("notebooks"))
     parser.add_argument("--out", type=Path, default=Path("outputs"))
-    parser.add_argument("-p", "--parameter", type=_parameter, action="append", default=[],
-                        metavar="NAME=VALUE", help="papermill parameter for every notebook")
+    parser.add_argument("-p", "--parameter", nargs="+", action="append", default=[],
+                        metavar="NAME VALUE", help="papermill parameter for every notebook "
+                        "(NAME VALUE or NAME=VALUE), e.g. -p model llava-hf/llava-1.5-7b-hf")
     parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 01")
+    parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="re-execute the notebooks in place (default parameters) and strip "
+                        "widget state: the stored outputs nbval compares")
     args = parser.parse_args(argv)
-    timings = run_all(args.notebooks, args.out, dict(args.parameter), args.only)
-    print(f"all notebooks: {timings['total']} s; figures in {args.out / 'figures'}")
+    if args.refresh:
+        if args.parameter:
+            raise SystemExit("error: --refresh runs the notebooks' default parameters; drop -p")
+        refresh(args.notebooks, args.only, args.kernel)
+        return
+    parameters = dict(_parameter(words) for words in args.parameter)
+    timings = run_all(args.notebooks, args.out, parameters, args.only, args.kernel)
+    figures = sorted((args.out / "figures").glob("*.png"))
+    tables = sorted((args.out / "tables").glob("*.csv"))
+    print(f"all notebooks: {timings['total']} s; {len(figures)} figures in {args.out / 'figures'}, "
+          f"{len(tables)} tables in {args.out / 'tables'}; times in {args.out / 'timings.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,7 +27,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+
+from .stats import auroc
 
 
 def patch_grid(vlm) -> tuple[int, int] | None:
@@ -113,6 +116,48 @@ def image_unit_scores(captions) -> torch.Tensor:
     ``captions`` from ``describe(..., capture="down_proj_input", image_activations=True)``.
     """
     return torch.stack([c.activations.image.float().amax(dim=1).cpu() for c in captions])
+
+
+def mean_maps(vlm, activations, units, ks: Sequence[int], size: tuple[int, int],
+              smooth: bool = True) -> dict[str, np.ndarray]:
+    """``"top-k"`` → the mean activation map of the first ``k`` of ``units`` (rank order),
+    upsampled to ``size`` = ``(H, W)``; ``k`` larger than ``len(units)`` is skipped."""
+    maps = unit_maps(vlm, activations, units)
+    return {f"top-{k}": upsample(maps[:k].mean(0), size, smooth) for k in ks if k <= len(maps)}
+
+
+def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """Box metrics and selectivity of each (image, noun, method)'s top-``k`` units.
+
+    ``scenes``: the scenes the ``table`` (``find_neurons`` rows; ``image`` indexes
+    ``scenes``) was made on; ``captions``: their captions with image activations. Every
+    scene is also a selectivity test image: a unit's ``auroc`` separates the scenes
+    that contain the noun from those that do not by the unit's max image activation.
+
+    One row per (image, noun, method): ``in_scene`` (the noun is really in the image),
+    ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
+    scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit``.
+    """
+    grid = patch_grid(vlm)
+    unit_scores = image_unit_scores(captions)                       # (N, L, F)
+    rows = []
+    for (image, noun, method), group in table[table["rank"] < k].groupby(
+            ["image", "noun", "method"], sort=False):
+        units = np.array(group.sort_values("rank")[["layer", "unit"]], dtype=np.int64)
+        contains = np.array([noun in s.nouns for s in scenes])
+        per_unit = unit_scores[:, units[:, 0], units[:, 1]].numpy()  # (N, k)
+        row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
+                   auroc=float(np.nanmean([auroc(u[contains], u[~contains]) for u in per_unit.T]))
+                   if contains.any() and not contains.all() else float("nan"))
+        scene = scenes[image]
+        boxes = [box for n, box in scene.boxes if n == noun]
+        if grid is not None and boxes:
+            size = (scene.image.height, scene.image.width)
+            mean = unit_maps(vlm, captions[image].activations, units).mean(0)
+            row.update(mass_in_box=mass_in_box(mean, size, boxes), box_share=box_share(size, boxes),
+                       pointing_hit=float(pointing_hit(mean, size, boxes)))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _blank():

@@ -166,6 +166,26 @@ def test_down_proj_pre_hook_fires_during_describe(family_vlm):
     assert widths == {vlm.d_ff}
 
 
+def test_image_projector_feeds_the_image_tokens(family_vlm):
+    """Region invariance permutes this module's output rows: it must be what the LLM reads."""
+    from mmneurons_utils.invariance import n_image_tokens
+    from mmneurons_utils.specificity import patch_grid
+
+    family, vlm = family_vlm
+    A.resolve(vlm.model, vlm.arch.image_projector)
+    rows = n_image_tokens(vlm)
+    ids = vlm.inputs(_images(1))["input_ids"]
+    consumed = int(vlm.image_token_mask(ids).sum())
+    if family in ("llava", "instructblip", "paligemma"):  # one row per image token
+        assert rows == consumed
+    else:                                                 # tiles / packing add rows or tags
+        assert rows >= 1
+    grid = patch_grid(vlm)
+    assert (grid is not None) == vlm.arch.patch_grid
+    if grid:
+        assert grid[0] * grid[1] == consumed
+
+
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(A.UnsupportedModelError) as info:

@@ -149,9 +149,11 @@ class ImagePicker(_Observable):
     def widget(self) -> W.Widget:
         return W.HBox([self.seed, self.index, self.upload])
 
-    def view(self) -> Image.Image:
-        """The picked image, upscaled to the thumbnail size (static output)."""
-        return Image.open(io.BytesIO(png_bytes(self.image, self.thumbnail)))
+    def view(self):
+        """The picked image, upscaled to the thumbnail size, as one PNG (static output)."""
+        from IPython.display import Image as PNG
+
+        return PNG(data=png_bytes(self.image, self.thumbnail), format="png")
 
     def show(self) -> None:
         display(W.VBox([self.widget(), self.preview]))
