@@ -7,5 +7,7 @@ that re-render it.
 
 from .explorer import BrowserView, NeuronExplorer
 from .pickers import ImagePicker, TokenPicker
+from .properties import InvariancePanel, SpecificityPanel
 
-__all__ = ["BrowserView", "ImagePicker", "NeuronExplorer", "TokenPicker"]
+__all__ = ["BrowserView", "ImagePicker", "NeuronExplorer", "TokenPicker",
+           "InvariancePanel", "SpecificityPanel"]

@@ -1,0 +1,150 @@
+"""Panels for the properties notebooks: where a noun's neurons fire, and what survives a shuffle.
+
+* :class:`SpecificityPanel` — image, noun, method, ``k`` → the top unit's and the
+  top-``k`` mean activation maps over the image with their 95th-percentile masks,
+  mass in box and pointing, and the units' top tokens scored against the caption.
+* :class:`InvariancePanel` — image, permutation seed, ``k`` → the caption before and
+  after shuffling the image tokens, and the share of each noun's top-``k`` units kept.
+
+Both follow the panels' pattern: ``view()`` returns the default state's static output
+(what papermill stores), ``show()`` displays the controls and renders on change.
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+
+from .pickers import ImagePicker, TokenPicker
+
+
+class _Panel:
+    def __init__(self, vlm, scenes):
+        self.vlm = vlm
+        self.picker = ImagePicker(scenes)
+        self.nouns = TokenPicker()
+        self.out = W.Output()
+        self._shown = False
+
+    def _render(self, *_):
+        if not self._shown:
+            return
+        self.out.clear_output(wait=True)
+        with self.out:
+            for item in self.view():
+                if isinstance(item, plt.Figure):
+                    plt.show(item)
+                else:
+                    display(item)
+
+
+class SpecificityPanel(_Panel):
+    """Pick an image, a noun of its caption, a method and ``k``; see where the units fire."""
+
+    def __init__(self, vlm, scenes, k: int = 10, similarity=None):
+        from ..identify import METHODS
+
+        super().__init__(vlm, scenes)
+        self.similarity = similarity
+        self.method = W.Dropdown(options=list(METHODS), value="contribution", description="method",
+                                 layout=W.Layout(width="220px"))
+        self.k = W.IntSlider(value=k, min=1, max=50, description="k")
+        self._cache: dict = {}
+        self.picker.observe(lambda _: self._image_changed())
+        for control in (self.method, self.k):
+            control.observe(self._render, names="value")
+        self.nouns.observe(self._render)
+        self._image_changed()
+
+    def _image_changed(self):
+        from ..identify import find_neurons_by_method
+
+        key = (self.picker.label, id(self.picker.image))
+        if key not in self._cache:
+            self._cache = {key: find_neurons_by_method(self.vlm, [self.picker.image], top_k=50,
+                                                       image_activations=True)}
+        table, captions = self._cache[key]
+        self.table, self.caption = table, captions[0]
+        self.nouns.set_caption(self.caption)  # fires the noun observer → render
+
+    def view(self) -> list:
+        """``[summary line, top-units table, heatmap figure or a note]`` for the current choice."""
+        from .. import plots, specificity
+        from ..sensitivity import candidate_text
+
+        noun, k = self.nouns.value, self.k.value
+        if noun is None:
+            return [f"caption: {self.caption.text!r} names no noun; pick another image"]
+        rows = self.table[(self.table.noun == noun) & (self.table.method == self.method.value)]
+        rows = rows[rows["rank"] < k]
+        tokens = candidate_text(rows.top_tokens, 3)
+        line = f"caption: {self.caption.text} | noun: {noun} | top-{k} tokens: {tokens}"
+        if self.similarity is not None:
+            f1 = self.similarity.bertscore([tokens or "."], [noun])[0]
+            line += f" | BERTScore vs noun {f1:.3f}"
+        shown = rows[["rank", "layer", "unit", "score", "top_tokens"]].head(10).round(3)
+        if specificity.patch_grid(self.vlm) is None:
+            return [line, shown, f"{self.vlm.arch.family}: image tokens are not a patch grid, "
+                                 "so no heatmap over the image (selectivity only)"]
+        image = self.picker.image
+        size = (image.height, image.width)
+        units = np.array(rows[["layer", "unit"]], dtype=np.int64)
+        heats = specificity.mean_maps(self.vlm, self.caption.activations, units, (1, k), size)
+        heats = {f"{title} ({self.method.value})": heat for title, heat in heats.items()}
+        masks = {title: specificity.percentile_mask(heat) for title, heat in heats.items()}
+        scene = self.picker.scene
+        boxes = [b for n, b in scene.boxes if n == noun] if scene is not None else []
+        if boxes:
+            grid = specificity.unit_maps(self.vlm, self.caption.activations, units).mean(0)
+            line += (f" | mass in box {specificity.mass_in_box(grid, size, boxes):.2f} "
+                     f"(chance {specificity.box_share(size, boxes):.2f}), pointing "
+                     f"{'hit' if specificity.pointing_hit(grid, size, boxes) else 'miss'}")
+        fig = plots.heatmap_panels(image, heats, masks, boxes=boxes)
+        plt.close(fig)
+        return [line, shown, fig]
+
+    def show(self):
+        display(W.VBox([self.picker.widget(), W.HBox([self.nouns.widget(), self.method, self.k]),
+                        self.out]))
+        self._shown = True
+        self._render()
+
+
+class InvariancePanel(_Panel):
+    """Pick an image and a permutation seed; see the caption and the units after shuffling."""
+
+    def __init__(self, vlm, scenes, k: int = 10, seed: int = 0):
+        super().__init__(vlm, scenes)
+        self.seed = W.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="shuffle seed",
+                                     layout=W.Layout(width="200px"))
+        self.k = W.IntSlider(value=k, min=1, max=50, description="k")
+        self.picker.observe(self._render)
+        for control in (self.seed, self.k):
+            control.observe(self._render, names="value")
+
+    def view(self) -> list:
+        """``[captions before/after, table of retained shares per noun and method]``."""
+        from ..invariance import n_image_tokens, permuted_image_tokens, region_invariance
+
+        image = self.picker.image
+        before = self.vlm.describe([image])[0]
+        permutation = np.random.default_rng([self.seed.value, 0]).permutation(
+            n_image_tokens(self.vlm))
+        with permuted_image_tokens(self.vlm, permutation):
+            after = self.vlm.describe([image])[0]
+        frame = region_invariance(self.vlm, [image], top_k=self.k.value, seed=self.seed.value,
+                                  methods=("contribution", "random"))
+        lines = f"before shuffling: {before.text}\nafter shuffling:  {after.text}"
+        if frame.empty:
+            return [lines, "(the caption names no noun)"]
+        table = frame.pivot_table(index="noun", columns="method", values="retained", sort=False)
+        table.columns = [f"retained ({m})" for m in table.columns]
+        return [lines, pd.DataFrame(table).round(3)]
+
+    def show(self):
+        display(W.VBox([W.HBox([self.picker.widget()]), W.HBox([self.seed, self.k]), self.out]))
+        self._shown = True
+        self._render()
