@@ -2,6 +2,8 @@
 
     mmneurons describe --model tiny-llava --scenes 500 --seed 0 --json
     mmneurons describe --model /path/to/llava-1.5-7b-hf --images photos/ --device cuda
+    mmneurons perturb --model tiny-llava --scenes 20 --seed 0 --k 50 --zero --json
+    mmneurons edit --model tiny-llava --source dog --target cat --scenes 200 --seed 0 --save edited/
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
 With ``--json`` the last line of standard output is one JSON object.
@@ -82,7 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=3)
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.set_defaults(func=cmd_bench)
+    _add_causal_commands(sub)
     return parser
+
+
+def _add_causal_commands(sub) -> None:
+    """``perturb`` (causal effect of the top units) and ``edit`` (targeted editing)."""
+    p = sub.add_parser("perturb", help="perturb the top-k units of each caption noun vs k random units")
+    _add_model_args(p)
+    _add_image_args(p)
+    p.add_argument("--k", type=_positive_int, default=50, help="units per noun (default 50)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--sigma", type=float, help="Gaussian noise of this σ (× the column's RMS)")
+    how.add_argument("--zero", action="store_true", help="zero the write vectors (the default)")
+    p.add_argument("--absolute", action="store_true", help="σ is absolute, not relative to the column")
+    p.add_argument("--n-random", type=_positive_int, default=3, help="random draws per noun (default 3)")
+    p.add_argument("--gradient", action="store_true", help="also the gradient × activation ranking")
+    p.set_defaults(func=cmd_perturb)
+
+    e = sub.add_parser("edit", help="edit the source noun's neurons so that the model says the target")
+    _add_model_args(e)
+    e.add_argument("--source", required=True, help="a noun the captions say")
+    e.add_argument("--target", required=True, help="the noun to say instead")
+    e.add_argument("--scenes", type=_positive_int, required=True, metavar="N",
+                   help="N scenes: half of those saying the source are edited, the rest held out")
+    e.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
+    e.add_argument("--n-neurons", type=_positive_int, default=5)
+    e.add_argument("--units", default="contribution", help="contribution (default) or random")
+    e.add_argument("--steps", type=_positive_int, default=150, help="most Adam steps (default 150)")
+    e.add_argument("--save", metavar="DIR", help="save the edited model to this new folder")
+    e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    e.set_defaults(func=cmd_edit)
 
 
 def _images(args):
@@ -163,6 +195,90 @@ def cmd_bench(args) -> dict:
         for key, value in result.items():
             print(f"{key}: {value}")
     return result
+
+
+def _finite(value):
+    """JSON-safe number: NaN → None."""
+    return None if isinstance(value, float) and value != value else value
+
+
+def cmd_perturb(args) -> dict:
+    from .causal import causal_curves, half_removal_k, summarize
+    from .vlm import load_vlm
+
+    if args.sigma is not None and not args.sigma > 0:
+        raise CliError(f"--sigma must be a positive number, got {args.sigma!r}")
+    _, images, _ = _images(args)
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    total = vlm.n_layers * vlm.d_ff
+    if args.k > total:
+        raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
+    methods = ("contribution", "gradient", "random") if args.gradient else ("contribution", "random")
+    curves = causal_curves(vlm, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
+                           n_random=args.n_random, seed=args.seed, relative=not args.absolute,
+                           progress=True)
+    if curves.empty:
+        raise CliError("no caption names a noun; nothing to perturb (try more --scenes)")
+    s = summarize(curves).set_index("method")
+    names = {"contribution": "top", "random": "random", "gradient": "gradient"}
+    result = dict(model=args.model, k=args.k, perturbation=curves.perturbation.iloc[0],
+                  n_images=len(images), n_nouns=int(s.loc["contribution", "n"]),
+                  margin_clean=float(curves.margin_clean[curves.method == "contribution"].mean()))
+    for method, name in names.items():
+        if method in s.index:
+            result[f"margin_drop_{name}"] = float(s.loc[method, "margin_drop"])
+            result[f"prob_drop_{name}"] = float(s.loc[method, "prob_drop"])
+            result[f"noun_removed_{name}"] = float(s.loc[method, "noun_removed"])
+            result[f"caption_changed_{name}"] = float(s.loc[method, "caption_changed"])
+    if not args.json:
+        for method in s.index:
+            print(f"{method:>12}: margin drop {s.loc[method, 'margin_drop']:.3f}, noun removed "
+                  f"{s.loc[method, 'noun_removed']:.3f}, caption changed {s.loc[method, 'caption_changed']:.3f}")
+        print(half_removal_k(curves).to_string(index=False))
+    return {k: _finite(v) for k, v in result.items()}
+
+
+def cmd_edit(args) -> dict:
+    from pathlib import Path
+
+    from .editing import UNIT_CHOICES, ScenePool, run_edit, target_token
+    from .vlm import load_vlm
+
+    if args.units not in UNIT_CHOICES:
+        raise CliError(f"--units must be one of {', '.join(UNIT_CHOICES)}, got {args.units!r}")
+    if args.source == args.target:
+        raise CliError(f"--source and --target are the same word ({args.source!r})")
+    save = Path(args.save).expanduser() if args.save else None
+    if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise CliError(f"--save {save} already exists and is not an empty folder; choose a new one")
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    target_token(vlm, args.target)  # bad target: fail before captioning anything
+    pool = ScenePool.build(vlm, args.scenes, seed=args.seed, progress=True)
+    edit = run_edit(vlm, pool, args.source, args.target, n_neurons=args.n_neurons, units=args.units,
+                    seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
+    m = edit.metrics
+    result = dict(model=args.model, source=args.source, target=args.target,
+                  success=m["success"], generalization=m.get("generalization"),
+                  locality=m.get("locality"), locality_kl=m.get("locality_kl"),
+                  n_neurons=m["n_neurons"], units=[[int(l), int(u)] for l, u in edit.units],
+                  converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
+                  weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
+                  n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
+                  saved=None)
+    if save is not None:
+        if edit.converged:
+            result["saved"] = str(edit.save_pretrained(save))
+        edit.undo()
+    if not args.json:
+        state = "converged" if edit.converged else f"FAILED (final margin {edit.final_margin:.3f})"
+        print(f"edit {args.source} → {args.target} on {m['n_edit']} images, {m['n_neurons']} neurons: {state}")
+        for before, after in zip(edit.captions_before, edit.captions_after):
+            print(f"  {before}  →  {after}")
+        print(f"success {result['success']:.3f}  generalization {_finite(result['generalization'])}  "
+              f"locality {_finite(result['locality'])}  weight change ‖Δ‖ {result['weight_norm']:.3f}")
+        if save is not None:
+            print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
+    return {k: _finite(v) for k, v in result.items()}
 
 
 def main(argv=None) -> int:
