@@ -1,0 +1,60 @@
+"""Figures for the causal effect (perturbation curves) and editing (the evaluation table)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "random": "#8C8C8C"}
+CURVE_LABELS = {"margin_drop": "noun logit-margin drop", "prob_drop": "noun probability drop",
+                "noun_removed": "share of captions losing the noun",
+                "caption_changed": "share of captions changed"}
+
+
+def ablation_curves(summary, x: str = "k", perturbation: str | None = None,
+                  metrics=("margin_drop", "noun_removed", "caption_changed"), width: float = 3.2):
+    """Curves of ``metrics`` over ``x`` (``k`` or ``sigma``), one line per method.
+
+    ``summary``: :func:`mmneurons_utils.causal.summarize` output (for ``x="sigma"`` add a
+    ``sigma`` column). ``perturbation``: keep only that perturbation's rows.
+    """
+    data = summary if perturbation is None else summary[summary.perturbation == perturbation]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 2.8), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for method, group in data.groupby("method", sort=True):
+            group = group.sort_values(x)
+            ax.plot(group[x], group[metric], marker="o", ms=3, label=method,
+                    color=METHOD_COLOURS.get(method))
+        if x == "k" and data[x].max() / max(data[x].min(), 1) > 20:
+            ax.set_xscale("log")
+        if metric in ("noun_removed", "caption_changed"):
+            ax.set_ylim(-0.03, 1.03)
+            ax.axhline(0.5, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel("units perturbed (k)" if x == "k" else "noise σ (× column RMS)")
+        ax.set_title(CURVE_LABELS.get(metric, metric), fontsize=9)
+    axes.flat[0].legend(fontsize=7)
+    title = perturbation or ", ".join(sorted(data.perturbation.unique()))
+    fig.suptitle(f"perturbing identified vs random units ({title})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def edit_bars(summary, metrics=("success", "generalization", "locality"), width: float = 6.5):
+    """Grouped bars: one group per ``(units, n_neurons)`` setting, one bar per metric.
+
+    ``summary``: :func:`mmneurons_utils.editing.summarize_edits` output.
+    """
+    labels = [f"{u}\n{n} units" for u, n in zip(summary.units, summary.n_neurons)]
+    x = np.arange(len(summary))
+    step = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(width, 2.8))
+    colours = ["#DD8452", "#55A868", "#4C72B0", "#8172B3"]
+    for j, metric in enumerate(metrics):
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * step, summary[metric], step, label=metric,
+               color=colours[j % len(colours)])
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share")
+    ax.legend(fontsize=7, ncol=len(metrics), loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,86 @@
+"""The ablation panel: image, noun, ``k`` and σ → the caption and the noun's margin, live.
+
+The noun's top-``k`` contribution units (and, for comparison, ``k`` seeded random units)
+are perturbed inside a ``with`` block (zeroed, or Gaussian noise of σ × the column's RMS
+when σ > 0); the weights are restored after each render. One render is two teacher-forced
+forwards and two greedy captions (≈ 0.1 s on the embedded models).
+"""
+
+from __future__ import annotations
+
+import ipywidgets as W
+import pandas as pd
+from IPython.display import display
+
+from .pickers import ImagePicker, TokenPicker
+
+
+class AblationPanel:
+    """Pick an image and a noun of its caption; slide ``k`` and σ (0 = zero the columns)."""
+
+    def __init__(self, vlm, scenes, k: int = 50, sigma: float = 0.0, seed: int = 0, max_k: int = 500):
+        self.vlm, self.seed = vlm, seed
+        self.picker = ImagePicker(scenes)
+        self.nouns = TokenPicker()
+        self.k = W.IntSlider(value=k, min=1, max=min(max_k, vlm.n_layers * vlm.d_ff), description="k",
+                             continuous_update=False)
+        self.sigma = W.FloatSlider(value=sigma, min=0.0, max=5.0, step=0.25, description="σ (0=zero)",
+                                   continuous_update=False)
+        self.out = W.Output()
+        self._shown = False
+        self._ranks: dict = {}
+        self.picker.observe(lambda _: self._image_changed())
+        self.nouns.observe(lambda _: self._render())
+        for control in (self.k, self.sigma):
+            control.observe(lambda _: self._render(), names="value")
+        self._image_changed()
+
+    def _image_changed(self):
+        from ..causal import rankings
+
+        image = self.picker.image
+        self.caption = self.vlm.describe([image], capture="down_proj_input")[0]
+        ranks = rankings(self.vlm, [image], [self.caption], ("contribution", "random"),
+                         self.k.max, 1, self.seed)
+        self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
+        self.nouns.set_caption(self.caption)  # fires the noun observer → render
+
+    def view(self) -> list:
+        """``[summary line, table]``: per unit set, the caption and the noun's margin/probability."""
+        from ..causal import margin_and_prob, perturbation_context, says, teacher_forced_logits
+
+        noun = self.nouns.value
+        if noun is None:
+            return [f"caption: {self.caption.text!r} names no noun; pick another image"]
+        target, ranks = self._ranks[noun]
+        k, sigma = self.k.value, (self.sigma.value or None)
+        image, ids = self.picker.image, self.caption.token_ids
+        rows = []
+        clean = teacher_forced_logits(self.vlm, [image], [ids])[0][target.step]
+        margin, prob = margin_and_prob(clean, target.token_id)
+        rows.append(dict(units="none (clean)", caption=self.caption.text, margin=margin, prob=prob,
+                         noun_said=True))
+        for method in ("contribution", "random"):
+            with perturbation_context(self.vlm, ranks[method][0][:k], sigma, seed=self.seed):
+                logits = teacher_forced_logits(self.vlm, [image], [ids])[0][target.step]
+                text = self.vlm.describe([image])[0].text
+            margin, prob = margin_and_prob(logits, target.token_id)
+            rows.append(dict(units=f"top-{k} {method}" if method == "contribution" else f"{k} random",
+                             caption=text, margin=margin, prob=prob, noun_said=says(text, noun)))
+        how = "zeroed" if sigma is None else f"noise σ={sigma:g}"
+        line = f"noun: {noun} (step {target.step}) | {k} units {how}"
+        return [line, pd.DataFrame(rows).round(3)]
+
+    def _render(self):
+        if not self._shown:
+            return
+        self.out.clear_output(wait=True)
+        with self.out:
+            for item in self.view():
+                display(item)
+
+    def show(self):
+        display(W.VBox([self.picker.widget(), self.nouns.widget(), W.HBox([self.k, self.sigma]),
+                        self.out]))
+        self._shown = True
+        self._render()
