@@ -30,15 +30,22 @@ class _Panel:
         self._shown = False
 
     def _render(self, *_):
+        """Fill the output area through the widget's state (no kernel display messages, so
+        headless runs store nothing extra); figures as compact PNGs."""
         if not self._shown:
             return
-        self.out.clear_output(wait=True)
-        with self.out:
-            for item in self.view():
-                if isinstance(item, plt.Figure):
-                    plt.show(item)
-                else:
-                    display(item)
+        from IPython.display import Image
+
+        from ..outputs import compact_png
+
+        self.out.outputs = ()
+        for item in self.view():
+            if isinstance(item, str):
+                self.out.append_stdout(item + "\n")
+                continue
+            if isinstance(item, plt.Figure):
+                item = Image(data=compact_png(item), format="png")
+            self.out.append_display_data(item)
 
 
 class SpecificityPanel(_Panel):
