@@ -69,3 +69,28 @@ def metric_bars(summary, metric: str, chance: dict | None = None, width: float =
     axes.flat[0].set_ylabel(metric.replace("_", " "))
     fig.tight_layout()
     return fig
+
+
+def jaccard_bars(summary, width: float = 3.4):
+    """Cross-image invariance: Jaccard of top-k sets for the same noun vs different nouns,
+    per method, one panel per model. ``summary`` as ``metrics.summarise_ci`` returns."""
+    models = list(dict.fromkeys(summary.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 2.6), squeeze=False,
+                             sharey=True)
+    for ax, model in zip(axes.flat, models):
+        part = summary[summary.model == model]
+        methods = list(dict.fromkeys(part.method))
+        x = np.arange(len(methods))
+        for offset, metric, hatch in ((-0.2, "jaccard_same", ""), (0.2, "jaccard_different", "//")):
+            rows = part[part.metric == metric].set_index("method").reindex(methods)
+            ax.bar(x + offset, rows["mean"], width=0.4, hatch=hatch, edgecolor="white",
+                   color=[METHOD_COLOURS.get(m, "#55A868") for m in methods],
+                   label=metric.replace("jaccard_", ""))
+            ax.errorbar(x + offset, rows["mean"], yerr=[rows["mean"] - rows.low, rows.high - rows["mean"]],
+                        fmt="none", ecolor="black", capsize=2, linewidth=1)
+        ax.set_xticks(x, methods, fontsize=8)
+        ax.set_title(model, fontsize=9)
+    axes.flat[0].set_ylabel("Jaccard of top-k sets")
+    axes.flat[0].legend(fontsize=7, title="noun", title_fontsize=7)
+    fig.tight_layout()
+    return fig
