@@ -138,6 +138,9 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
     scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit``.
     """
+    if len(table) and int(table["rank"].max()) + 1 < k:
+        raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
+                         "units per noun; identify with a larger top_k")
     grid = patch_grid(vlm)
     unit_scores = image_unit_scores(captions)                       # (N, L, F)
     rows = []

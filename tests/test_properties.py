@@ -107,6 +107,8 @@ def test_specificity_scores_table(tiny_llava, scenes, llava_run):
     inside = scores[scores.in_scene]
     assert inside.mass_in_box.between(0, 1).all() and inside.auroc.dropna().between(0, 1).all()
     assert (inside.box_share > 0).all()
+    with pytest.raises(ValueError, match="only the top 20 units"):
+        specificity.specificity_scores(tiny_llava, scenes, captions, table, k=21)
 
 
 def test_query_token_models_have_no_maps_but_have_selectivity(tiny_instructblip, scenes):
