@@ -152,6 +152,10 @@ class Edit:
                  max_new_tokens: int = 20) -> dict:
         """Side effects on images not used for learning the edit; adds to ``metrics``.
 
+        Measures the edit *as if applied* (it is applied for the measurement and left as
+        it was found), so a failed edit can be studied too; :func:`run_edit` reports a
+        failed, unapplied edit as the unchanged model instead.
+
         ``heldout_images`` (their clean captions should say the source):
         ``generalization`` = share whose edited caption says the target and not the
         source. ``locality_images`` (clean captions without the source): ``locality`` =
@@ -422,7 +426,11 @@ def run_edit(vlm, pool: ScenePool, source: str, target: str, n_neurons: int = 5,
     pick = lambda key: [pool.images[i] for i in parts[key]]
     edit = edit_token(vlm, pick("edit"), source, target, n_neurons=n_neurons, units=units,
                       unrelated=pick("unrelated"), seed=seed, **kwargs)
-    edit.evaluate(pick("heldout"), pick("locality"))
+    if edit.applied:
+        edit.evaluate(pick("heldout"), pick("locality"))
+    else:  # a failed edit leaves the model unchanged: nothing flips, nothing drifts
+        edit.metrics.update(generalization=0.0, n_heldout=len(parts["heldout"]), locality=1.0,
+                            locality_kl=0.0, n_locality=len(parts["locality"]))
     edit.metrics.update(n_edit=len(parts["edit"]))
     if not keep:
         edit.undo()
