@@ -3,16 +3,23 @@
 
     python3 tasks.py run    # set up if needed, execute every notebook → outputs/
     python3 tasks.py test   # set up if needed, run pytest and the notebooks under nbval
+    python3 tasks.py refresh [--only 02 03]   # re-execute notebooks in place (the outputs nbval compares)
 
 Set-up makes ``.venv`` with the CPU build of torch (``torch==2.13.0``) and this
 package in editable mode with its notebook and test extras. It is redone only when
 ``pyproject.toml`` changes. Extra arguments are passed on (to the notebook runner
 or to pytest).
+
+``test`` also makes sure the browser test can run: Playwright comes with the ``dev``
+extra, and Debian's ``chromium`` package is installed with ``apt-get`` when it is missing
+and this runs as root (set ``MMNEURONS_NO_APT=1`` to skip that); otherwise it says why
+``tests/test_browser.py`` will be skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,6 +44,45 @@ def setup() -> None:
     STAMP.touch()
 
 
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("MMNEURONS_CHROMIUM"), "/usr/bin/chromium",
+                      shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium for tests/test_browser.py: installed when missing, if we can."""
+    if chromium_path():
+        return
+    why = None
+    if os.environ.get("MMNEURONS_NO_APT"):
+        why = "MMNEURONS_NO_APT is set"
+    elif os.name != "posix" or os.geteuid() != 0:
+        why = "not running as root (run: sudo apt-get install -y chromium)"
+    elif not shutil.which("apt-get"):
+        why = "no apt-get here (install Chromium and set MMNEURONS_CHROMIUM=/path/to/chromium)"
+    if why is None:
+        print("installing Debian's chromium for the browser test (apt-get)", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        log = VENV / "apt-chromium.log"
+        with open(log, "w") as out:
+            for step in (["apt-get", "install", "-y", "-q", "chromium"],
+                         ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+                if step[1] == "update" and chromium_path():
+                    break
+                try:
+                    subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL, timeout=900)
+                except (OSError, subprocess.TimeoutExpired) as error:
+                    print(f"{step}: {error}", file=out)
+        if not chromium_path():
+            why = f"apt-get install chromium failed (log: {log})"
+    if why:
+        print(f"Chromium not available: {why}; tests/test_browser.py will be skipped", flush=True)
+
+
 def main() -> int:
     command, extra = (sys.argv[1] if len(sys.argv) > 1 else ""), sys.argv[2:]
     if command == "run":
@@ -44,10 +90,14 @@ def main() -> int:
     elif command == "test":
         args = ["-m", "pytest", "tests", "notebooks", "--nbval",
                 "--nbval-sanitize-with", "notebooks/nbval_sanitize.cfg"]
+    elif command == "refresh":
+        args = ["-m", "mmneurons_utils.run_notebooks", "--notebooks", "notebooks", "--refresh"]
     else:
         print(__doc__, file=sys.stderr)
         return 2
     setup()
+    if command == "test":
+        ensure_chromium()
     return subprocess.run([str(PYTHON), *args, *extra], cwd=ROOT).returncode
 
 

@@ -58,8 +58,7 @@ class NeuronExplorer:
             captions = vlm.describe([s.image for s in self.picker.scenes])
             index = next((i for i, c in enumerate(captions) if c.nouns), 0)
         self.tokens = TokenPicker(vlm)
-        self.units = W.Select(options=[], rows=min(top_k, 12),
-                              layout=W.Layout(width="360px", font_family="monospace"))
+        self.units = W.Select(options=[], rows=min(top_k, 12), layout=W.Layout(width="360px"))
         self.heatmap = W.Image(format="png", width=heat_px)
         self.unit_info = W.HTML(layout=W.Layout(width="360px"))
         self.status = W.HTML()
@@ -204,7 +203,9 @@ class NeuronExplorer:
                              f"updated in {self.last_update_s * 1000:.0f} ms</small>")
 
     def widget(self) -> W.Widget:
-        header = W.HTML("<b>top units</b> <small>(rank · layer.unit · contribution · top tokens)"
+        header = W.HTML("<style>.mmn-units select {font-family: var(--jp-code-font-family, "
+                        "monospace); font-size: 12px; white-space: pre}</style>"
+                        "<b>top units</b> <small>(rank · layer.unit · contribution · top tokens)"
                         "</small>")
         return W.VBox([self.picker.widget(), self.tokens.caption_html, self.tokens.dropdown,
                        W.HBox([W.VBox([header, self.units]), W.VBox([self.heatmap, self.unit_info])]),
