@@ -114,9 +114,7 @@ class ImagePicker(_Observable):
         self._uploads[key] = (name, image.convert("RGB"))
         with self._hold():
             self.index.options = self._options()
-        self.index.value = key
-        if self.index.value == key:   # options were rebuilt on the same value: fire by hand
-            self._changed()
+        self.index.value = key        # a new (negative) value: one change event
 
     # -- events -----------------------------------------------------------------------
     def _options(self):

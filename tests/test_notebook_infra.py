@@ -1,0 +1,141 @@
+"""The notebook infrastructure: outputs on disk and inline, the runner, the pickers, the browser."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import matplotlib
+import pandas as pd
+import pytest
+
+matplotlib.use("agg")
+
+
+def test_save_table_writes_csv_with_flat_lists(tmp_path):
+    from mmneurons_utils.tables import save_table
+
+    df = pd.DataFrame({"unit": [3, 5], "top_tokens": [["cat", "dog"], ["sun"]]})
+    path = save_table(df, tmp_path, "t")
+    assert path == tmp_path / "tables" / "t.csv"
+    assert path.read_text().splitlines() == ["unit,top_tokens", "3,cat dog", "5,sun"]
+    indexed = save_table(pd.Series([0.5, 0.25], index=pd.Index([0, 1], name="layer"), name="share"),
+                         tmp_path, "s")
+    assert indexed.read_text().splitlines()[0] == "layer,share"
+
+
+def test_outputs_saves_full_figure_and_shows_a_small_copy(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from mmneurons_utils import make_scenes, outputs, plots
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
+    fig = plots.scene_grid(make_scenes(8, seed=0))
+    full = io.BytesIO()
+    fig.savefig(full, format="png", dpi=110, bbox_inches="tight")
+    out = outputs.Outputs(tmp_path)
+    path = out.figure(fig, "scenes")
+    assert path == tmp_path / "figures" / "scenes.png" and path.stat().st_size > 0
+    assert len(shown) == 1 and shown[0].format == "png"
+    assert len(shown[0].data) < len(full.getvalue()) / 3      # the inline copy is compact
+    assert not plt.fignum_exists(fig.number)                  # closed: not shown twice
+    df = pd.DataFrame({"a": [1]})
+    assert out.table(df, "a") is df and (tmp_path / "tables" / "a.csv").exists()
+
+
+def test_runner_parameters_and_strip(tmp_path):
+    import nbformat
+
+    from mmneurons_utils.run_notebooks import _parameter, notebook_paths, strip_for_git
+
+    assert _parameter(["model", "llava-hf/llava-1.5-7b-hf"]) == ("model", "llava-hf/llava-1.5-7b-hf")
+    assert _parameter(["n_images=8"]) == ("n_images", 8)
+    assert _parameter(["device", "cuda"]) == ("device", "cuda")
+    with pytest.raises(SystemExit):
+        _parameter(["model"])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("1")]
+    nb.cells[0].metadata["papermill"] = {"duration": 1.0}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.metadata["papermill"] = {"start_time": "now"}
+    path = tmp_path / "00_x.ipynb"
+    nbformat.write(nb, str(path))
+    (tmp_path / "notes.ipynb").write_text("{}")
+    assert notebook_paths(tmp_path) == [path]
+    strip_for_git(path)
+    clean = nbformat.read(str(path), as_version=4)
+    assert "widgets" not in clean.metadata and "papermill" not in clean.metadata
+    assert "papermill" not in clean.cells[0].metadata
+
+
+def test_image_picker_seed_index_and_upload():
+    from PIL import Image
+
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.widgets import ImagePicker
+
+    picker = ImagePicker(seed=3, n=4)
+    seen = []
+    picker.observe(lambda p: seen.append(p.label))
+    assert picker.scene == make_scenes(4, seed=3)[0]
+    picker.select(2)
+    assert picker.scene.index == 2 and seen == ["scene 2 (seed 3)"]
+    picker.seed.value = 5                                      # same index, other seed: one event
+    assert picker.scene.caption == make_scenes(4, seed=5)[2].caption and len(seen) == 2
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(buffer, format="PNG")
+    picker.upload.value = ({"name": "red.png", "content": memoryview(buffer.getvalue()),
+                            "type": "image/png", "size": len(buffer.getvalue()),
+                            "last_modified": __import__("datetime").datetime.now()},)
+    assert picker.scene is None and picker.label == "upload: red.png"
+    assert picker.image.size == (40, 30) and picker.image.mode == "RGB" and len(seen) == 3
+    picker.select(0)
+    assert picker.scene.index == 0
+
+
+def test_token_picker_offers_the_caption_nouns(tiny_llava):
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.widgets import ImagePicker, TokenPicker
+
+    picker = ImagePicker(make_scenes(4, seed=0))
+    tokens = TokenPicker(tiny_llava).link(picker)
+    assert tokens.nouns == tokens.caption.nouns and tokens.value == tokens.nouns[0]
+    assert all(f"<b" in tokens.html() for _ in tokens.nouns)
+    picker.select(1)
+    assert tokens.caption.text == tiny_llava.describe([picker.image])[0].text
+    assert tokens.view().startswith("caption: ")
+
+
+def test_neuron_browser_static_view_and_fast_changes(tiny_llava):
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.widgets import NeuronExplorer
+
+    explorer = NeuronExplorer(tiny_llava, make_scenes(6, seed=0), top_k=5)
+    view = explorer.view()
+    assert len(view.table) == 5 and view.unit["rank"] == 0
+    assert view.bars is not None and view.heatmap is not None
+    explorer.show()                                            # outside a front end: a repr
+    first = (explorer.tokens.text, explorer.heatmap.value)
+    assert first[1]                                            # rendered once shown
+    times = []
+    for index in (1, 2, 3):
+        start = time.perf_counter()
+        explorer.image.value = index
+        times.append(time.perf_counter() - start)
+        assert explorer.last_update_s is not None
+    assert (explorer.tokens.text, explorer.heatmap.value) != first
+    explorer.units.value = 2
+    assert "rank 2" in explorer.unit_info.value
+    assert min(times) < 1.0, times                             # well under a second, shared CPU
+
+
+def test_neuron_browser_without_patch_grid(tiny_instructblip):
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.widgets import NeuronExplorer
+
+    explorer = NeuronExplorer(tiny_instructblip, make_scenes(4, seed=0), top_k=3)
+    view = explorer.view()
+    assert view.heatmap is None and len(view.table) == 3
+    explorer.show()
+    assert explorer.heatmap.value                              # a placeholder image
