@@ -71,8 +71,8 @@ def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None
     timings: dict = {}
 
     def write():
-        done = {k: v for k, v in timings.items() if k != "total"}
-        timings["total"] = round(sum(done.values()), 1)
+        timings.pop("total", None)            # keep "total" last
+        timings["total"] = round(sum(timings.values()), 1)
         (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
 
     for path in paths:
