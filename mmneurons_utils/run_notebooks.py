@@ -138,7 +138,14 @@ def main(argv=None) -> None:
     parser.add_argument("--refresh", action="store_true",
                         help="re-execute the notebooks in place (default parameters) and strip "
                         "widget state: the stored outputs nbval compares")
+    parser.add_argument("--strip", action="store_true",
+                        help="only strip widget state and papermill metadata from the notebooks "
+                        "(after running them in place yourself)")
     args = parser.parse_args(argv)
+    if args.strip:
+        for path in notebook_paths(args.notebooks, args.only):
+            print(f"{path.name}: {strip_for_git(path) / 1024:.0f} KB")
+        return
     if args.refresh:
         if args.parameter:
             raise SystemExit("error: --refresh runs the notebooks' default parameters; drop -p")
