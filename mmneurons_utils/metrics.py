@@ -20,6 +20,12 @@ from .scoring import rank_correlation, top_overlap
 from .sensitivity import TextSimilarity, semantic_sensitivity
 from .specificity import specificity_scores
 
+__all__ = [
+    "TextSimilarity", "semantic_sensitivity", "specificity_scores",       # re-exported
+    "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
+    "layer_distribution", "method_agreement", "noun_in_top_tokens", "paper_table", "summarise",
+    "summarise_ci",
+]
 
 def layer_distribution(table: pd.DataFrame, n_layers: int) -> pd.Series:
     """Share of all top-k units (over images and nouns) that sit in each layer."""

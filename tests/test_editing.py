@@ -1,11 +1,10 @@
 """Editing flips a caption on the trained tiny model, undo() restores it bit-for-bit,
 failed edits leave the weights alone, bad input gets a clear error."""
 
-import numpy as np
 import pytest
 import torch
 
-from mmneurons_utils import load_vlm, make_scenes
+from mmneurons_utils import load_vlm
 from mmneurons_utils.editing import EditInputError, ScenePool, edit_token
 
 

@@ -101,7 +101,7 @@ def test_token_picker_offers_the_caption_nouns(tiny_llava):
     picker = ImagePicker(make_scenes(4, seed=0))
     tokens = TokenPicker(tiny_llava).link(picker)
     assert tokens.nouns == tokens.caption.nouns and tokens.value == tokens.nouns[0]
-    assert all(f"<b" in tokens.html() for _ in tokens.nouns)
+    assert all("<b" in tokens.html() for _ in tokens.nouns)
     picker.select(1)
     assert tokens.caption.text == tiny_llava.describe([picker.image])[0].text
     assert tokens.view().startswith("caption: ")

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import ipywidgets as W
 import pandas as pd
-from IPython.display import display
 
-from .pickers import ImagePicker, TokenPicker
+from .panel import Panel
 
 
-class AblationPanel:
+class AblationPanel(Panel):
     """Pick an image and a noun of its caption; slide ``k`` and σ (0 = zero the columns)."""
 
     def __init__(self, vlm, scenes, k: int = 50, sigma: float = 0.0, seed: int = 0, max_k: int = 500):
-        self.vlm, self.seed = vlm, seed
-        self.picker = ImagePicker(scenes)
-        self.nouns = TokenPicker()
+        super().__init__(vlm, scenes)
+        self.seed = seed
         self.k = W.IntSlider(value=k, min=1, max=min(max_k, vlm.n_layers * vlm.d_ff), description="k",
                              continuous_update=False)
         self.sigma = W.FloatSlider(value=sigma, min=0.0, max=5.0, step=0.25, description="σ (0=zero)",
                                    continuous_update=False)
-        self.out = W.Output()
-        self._shown = False
         self._ranks: dict = {}
         self.picker.observe(lambda _: self._image_changed())
         self.nouns.observe(lambda _: self._render())
@@ -71,16 +67,5 @@ class AblationPanel:
         line = f"noun: {noun} (step {target.step}) | {k} units {how}"
         return [line, pd.DataFrame(rows).round(3)]
 
-    def _render(self):
-        if not self._shown:
-            return
-        self.out.clear_output(wait=True)
-        with self.out:
-            for item in self.view():
-                display(item)
-
-    def show(self):
-        display(W.VBox([self.picker.widget(), self.nouns.widget(), W.HBox([self.k, self.sigma]),
-                        self.out]))
-        self._shown = True
-        self._render()
+    def controls(self) -> list:
+        return [self.picker.widget(), self.nouns.widget(), W.HBox([self.k, self.sigma])]

@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import ipywidgets as W
 import pandas as pd
-from IPython.display import display
 
-from .pickers import ImagePicker, TokenPicker
+from .panel import Panel
 
 
-class EditPlayground:
+class EditPlayground(Panel):
     """Pick an image, a source noun of its caption and a target noun; press edit / undo."""
 
     def __init__(self, vlm, scenes, others=(), target: str = "cat", n_neurons: int = 5,
                  n_unrelated: int = 4, seed: int = 0):
         from ..scenes import NOUNS
 
-        self.vlm, self.n_neurons, self.seed = vlm, n_neurons, seed
+        super().__init__(vlm, scenes, noun_description="source")
+        self.n_neurons, self.seed = n_neurons, seed
         self.others = list(others)          # images for the loss (unrelated) and the report
         self.n_unrelated = n_unrelated
-        self.picker = ImagePicker(scenes)
-        self.nouns = TokenPicker(description="source")
         self.target = W.Dropdown(options=sorted(NOUNS) if vlm.embedded else [target], value=target,
                                  description="target", layout=W.Layout(width="220px"))
         self.neurons = W.IntSlider(value=n_neurons, min=1, max=50, description="neurons")
         self.edit_button = W.Button(description="edit", button_style="warning")
         self.undo_button = W.Button(description="undo", disabled=True)
         self.status = W.Label("")
-        self.out = W.Output()
         self.edit = None
-        self._shown = False
         self.picker.observe(lambda _: self._image_changed())
         self.edit_button.on_click(lambda _: self.run_edit())
         self.undo_button.on_click(lambda _: self.undo())
@@ -103,17 +99,6 @@ class EditPlayground:
                            name="side-effect report").to_frame()
         return [line, report]
 
-    def _render(self):
-        if not self._shown:
-            return
-        self.out.clear_output(wait=True)
-        with self.out:
-            for item in self.view():
-                display(item)
-
-    def show(self):
-        display(W.VBox([self.picker.widget(), self.nouns.widget(),
-                        W.HBox([self.target, self.neurons]),
-                        W.HBox([self.edit_button, self.undo_button, self.status]), self.out]))
-        self._shown = True
-        self._render()
+    def controls(self) -> list:
+        return [self.picker.widget(), self.nouns.widget(), W.HBox([self.target, self.neurons]),
+                W.HBox([self.edit_button, self.undo_button, self.status])]

@@ -6,8 +6,9 @@
 * :class:`InvariancePanel` — image, permutation seed, ``k`` → the caption before and
   after shuffling the image tokens, and the share of each noun's top-``k`` units kept.
 
-Both follow the panels' pattern: ``view()`` returns the default state's static output
-(what papermill stores), ``show()`` displays the controls and renders on change.
+Both follow the panels' pattern (:class:`~.panel.Panel`): ``view()`` returns the default
+state's static output (what papermill stores), ``show()`` displays the controls and
+renders on change.
 """
 
 from __future__ import annotations
@@ -16,39 +17,11 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from IPython.display import display
 
-from .pickers import ImagePicker, TokenPicker
-
-
-class _Panel:
-    def __init__(self, vlm, scenes):
-        self.vlm = vlm
-        self.picker = ImagePicker(scenes)
-        self.nouns = TokenPicker()
-        self.out = W.Output()
-        self._shown = False
-
-    def _render(self, *_):
-        """Fill the output area through the widget's state (no kernel display messages, so
-        headless runs store nothing extra); figures as compact PNGs."""
-        if not self._shown:
-            return
-        from IPython.display import Image
-
-        from ..outputs import compact_png
-
-        self.out.outputs = ()
-        for item in self.view():
-            if isinstance(item, str):
-                self.out.append_stdout(item + "\n")
-                continue
-            if isinstance(item, plt.Figure):
-                item = Image(data=compact_png(item), format="png")
-            self.out.append_display_data(item)
+from .panel import Panel
 
 
-class SpecificityPanel(_Panel):
+class SpecificityPanel(Panel):
     """Pick an image, a noun of its caption, a method and ``k``; see where the units fire."""
 
     def __init__(self, vlm, scenes, k: int = 10, similarity=None):
@@ -113,14 +86,11 @@ class SpecificityPanel(_Panel):
         plt.close(fig)
         return [line, shown, fig]
 
-    def show(self):
-        display(W.VBox([self.picker.widget(), W.HBox([self.nouns.widget(), self.method, self.k]),
-                        self.out]))
-        self._shown = True
-        self._render()
+    def controls(self) -> list:
+        return [self.picker.widget(), W.HBox([self.nouns.widget(), self.method, self.k])]
 
 
-class InvariancePanel(_Panel):
+class InvariancePanel(Panel):
     """Pick an image and a permutation seed; see the caption and the units after shuffling."""
 
     def __init__(self, vlm, scenes, k: int = 10, seed: int = 0):
@@ -151,7 +121,5 @@ class InvariancePanel(_Panel):
         table.columns = [f"retained ({m})" for m in table.columns]
         return [lines, pd.DataFrame(table).round(3)]
 
-    def show(self):
-        display(W.VBox([W.HBox([self.picker.widget()]), W.HBox([self.seed, self.k]), self.out]))
-        self._shown = True
-        self._render()
+    def controls(self) -> list:
+        return [W.HBox([self.picker.widget()]), W.HBox([self.seed, self.k])]
