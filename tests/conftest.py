@@ -16,3 +16,16 @@ def tiny_instructblip():
     from mmneurons_utils import load_vlm
 
     return load_vlm("tiny-instructblip")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the ``mmneurons`` console script in-process: ``cli(*argv) → (exit code, stdout, stderr)``."""
+    from mmneurons_utils.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

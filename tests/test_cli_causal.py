@@ -2,18 +2,10 @@ import json
 
 import pytest
 
-from mmneurons_utils.cli import main
 
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_perturb_json(capsys):
-    code, out, _ = _run(capsys, "perturb", "--model", "tiny-llava", "--scenes", "4", "--seed", "0",
-                        "--k", "50", "--zero", "--n-random", "2", "--json")
+def test_perturb_json(cli):
+    code, out, _ = cli("perturb", "--model", "tiny-llava", "--scenes", "4", "--seed", "0",
+                       "--k", "50", "--zero", "--n-random", "2", "--json")
     assert code == 0
     r = json.loads(out.strip().splitlines()[-1])
     assert {"margin_drop_top", "margin_drop_random", "noun_removed_top", "noun_removed_random"} <= set(r)
@@ -21,17 +13,17 @@ def test_perturb_json(capsys):
     assert r["margin_drop_top"] > r["margin_drop_random"]
 
 
-def test_perturb_noise(capsys):
-    code, out, _ = _run(capsys, "perturb", "--scenes", "2", "--k", "10", "--sigma", "2", "--n-random", "1",
-                        "--json")
+def test_perturb_noise(cli):
+    code, out, _ = cli("perturb", "--scenes", "2", "--k", "10", "--sigma", "2", "--n-random", "1",
+                       "--json")
     assert code == 0
     assert json.loads(out.strip().splitlines()[-1])["perturbation"] == "noise σ=2"
 
 
-def test_edit_json_and_save(tmp_path, capsys):
+def test_edit_json_and_save(tmp_path, cli):
     save = tmp_path / "edited"
-    code, out, _ = _run(capsys, "edit", "--source", "dog", "--target", "cat", "--scenes", "60",
-                        "--seed", "0", "--save", str(save), "--json")
+    code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "60",
+                       "--seed", "0", "--save", str(save), "--json")
     assert code == 0
     r = json.loads(out.strip().splitlines()[-1])
     for key in ("success", "generalization", "locality"):
@@ -40,8 +32,8 @@ def test_edit_json_and_save(tmp_path, capsys):
     assert (save / "edit.json").is_file() and (save / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["edited"]  # no temp folder left
     # the process's model was restored: a second run starts from the clean weights
-    code, out, _ = _run(capsys, "edit", "--source", "dog", "--target", "cat", "--scenes", "60",
-                        "--seed", "0", "--json")
+    code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "60",
+                       "--seed", "0", "--json")
     assert json.loads(out.strip().splitlines()[-1])["final_margin"] == r["final_margin"]
 
 
@@ -53,15 +45,15 @@ def test_edit_json_and_save(tmp_path, capsys):
     (["perturb", "--scenes", "2", "--k", "999999"], "3072"),
     (["perturb", "--scenes", "2", "--sigma", "-1"], "--sigma"),
 ])
-def test_bad_values_exit_2_with_one_line(argv, needle, capsys):
-    code, _, err = _run(capsys, *argv)
+def test_bad_values_exit_2_with_one_line(argv, needle, cli):
+    code, _, err = cli(*argv)
     lines = [l for l in err.strip().splitlines() if l.strip() and "it/s]" not in l]  # progress bars aside
     assert code == 2 and len(lines) == 1 and needle in lines[0] and lines[0].startswith("mmneurons ")
 
 
-def test_save_into_a_full_folder_is_refused_before_work(tmp_path, capsys):
+def test_save_into_a_full_folder_is_refused_before_work(tmp_path, cli):
     (tmp_path / "x.txt").write_text("keep me")
-    code, _, err = _run(capsys, "edit", "--source", "dog", "--target", "cat", "--scenes", "4",
-                        "--save", str(tmp_path))
+    code, _, err = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "4",
+                       "--save", str(tmp_path))
     assert code == 2 and "already exists" in err
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
