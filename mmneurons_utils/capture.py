@@ -107,6 +107,26 @@ def record_activations(vlm, image_mask: torch.Tensor | None = None,
 
 
 
+def append_captions(inputs: dict, captions, pad_id: int = 0) -> tuple[dict, int, int]:
+    """Teacher-forcing inputs: the encoded prompts ``inputs`` (batch ``len(captions)``) with
+    each caption's token ids appended, right-padded: ``(inputs, prompt_len, longest)``.
+
+    Causal attention keeps the padding invisible to the real positions; the logits at
+    position ``prompt_len - 1 + j`` are the distribution that produced caption token ``j``.
+    """
+    ids = inputs["input_ids"]
+    prompt_len = ids.shape[1]
+    longest = max((len(c) for c in captions), default=0)
+    tail = torch.full((len(captions), longest), pad_id, dtype=ids.dtype, device=ids.device)
+    mask = torch.zeros_like(tail)
+    for r, caption in enumerate(captions):
+        tail[r, :len(caption)] = torch.as_tensor(list(caption), dtype=ids.dtype)
+        mask[r, :len(caption)] = 1
+    full = dict(inputs, input_ids=torch.cat([ids, tail], 1),
+                attention_mask=torch.cat([inputs["attention_mask"], mask], 1))
+    return full, prompt_len, longest
+
+
 @torch.no_grad()
 def teacher_forced_activations(vlm, inputs: dict, generated_ids: list[int],
                                steps: list[int]) -> torch.Tensor:
@@ -118,11 +138,8 @@ def teacher_forced_activations(vlm, inputs: dict, generated_ids: list[int],
     image tokens) it reads the units at the original caption's steps even when the
     model would now say something else.
     """
-    ids = inputs["input_ids"]
-    caption = torch.tensor([generated_ids], device=ids.device, dtype=ids.dtype)
-    full = dict(inputs, input_ids=torch.cat([ids, caption], 1),
-                attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(caption)], 1))
-    positions = torch.tensor(steps, device=ids.device) + ids.shape[1] - 1
+    full, prompt_len, _ = append_captions(inputs, [generated_ids])
+    positions = torch.tensor(steps, device=full["input_ids"].device) + prompt_len - 1
     rows: list[torch.Tensor] = []
     handles = [vlm.down_proj(layer).register_forward_pre_hook(
         lambda m, args: rows.append(args[0][0, positions].detach())) for layer in range(vlm.n_layers)]

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from . import scoring
+from .capture import append_captions
 from .interventions import ablate_activations, perturb_units
 
 METHODS = ("contribution", "gradient", "random")
@@ -40,24 +41,9 @@ LEVELS = ("weights", "activation")
 
 
 def teacher_forced_inputs(vlm, images, captions: Sequence[Sequence[int]]) -> tuple[dict, int, int]:
-    """Model inputs for prompt + caption tokens, right-padded: ``(inputs, prompt_len, longest)``.
-
-    Causal attention keeps the padding invisible to the real positions; the logits at
-    position ``prompt_len - 1 + j`` are the distribution that produced caption token ``j``.
-    """
-    enc = vlm.inputs(list(images))
-    prompt_len = enc["input_ids"].shape[1]
-    longest = max((len(c) for c in captions), default=0)
-    pad = vlm.tokenizer.pad_token_id or 0
-    ids = torch.full((len(captions), longest), pad, dtype=enc["input_ids"].dtype, device=vlm.device)
-    mask = torch.zeros_like(ids)
-    for r, c in enumerate(captions):
-        ids[r, :len(c)] = torch.as_tensor(list(c), dtype=ids.dtype)
-        mask[r, :len(c)] = 1
-    full = dict(enc)
-    full["input_ids"] = torch.cat([enc["input_ids"], ids], 1)
-    full["attention_mask"] = torch.cat([enc["attention_mask"], mask], 1)
-    return full, prompt_len, longest
+    """Model inputs for prompt + caption tokens, right-padded: ``(inputs, prompt_len, longest)``
+    (see :func:`~mmneurons_utils.capture.append_captions`)."""
+    return append_captions(vlm.inputs(list(images)), captions, vlm.tokenizer.pad_token_id or 0)
 
 
 @torch.no_grad()

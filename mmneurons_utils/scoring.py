@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .capture import append_captions
+
 
 @torch.no_grad()
 def unit_logit_weights(vlm, token_id) -> torch.Tensor:
@@ -52,12 +54,7 @@ def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
     step ``step``). ``inputs`` are ``vlm.inputs([image])``. Returns one
     ``Float[Tensor, "L F"]`` per target.
     """
-    device = inputs["input_ids"].device
-    caption = torch.tensor([generated_ids], device=device, dtype=inputs["input_ids"].dtype)
-    full = dict(inputs)
-    full["input_ids"] = torch.cat([inputs["input_ids"], caption], 1)
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(caption)], 1)
-    prompt_len = inputs["input_ids"].shape[1]
+    full, prompt_len, _ = append_captions(inputs, [generated_ids])
     acts: list[torch.Tensor] = []
     handles = [vlm.down_proj(layer).register_forward_pre_hook(lambda m, args: acts.append(args[0]))
                for layer in range(vlm.n_layers)]
