@@ -154,13 +154,10 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
         units = t["ranks"][method][draw][:k]
         if level == "activation":
             context = ablate_activations(vlm, units, positions=[prompt_len - 1 + target.step])
-        elif sigma is None:
-            context = perturb_units(vlm, units, mode="zero")
         else:
             noise_seed = int(np.random.SeedSequence([seed, index, target.step, draw, k])
                              .generate_state(1)[0])
-            context = perturb_units(vlm, units, mode="noise", sigma=sigma, relative=relative,
-                                    seed=noise_seed)
+            context = perturbation_context(vlm, units, sigma, seed=noise_seed, relative=relative)
         with context:
             logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]
             text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
