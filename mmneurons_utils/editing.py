@@ -49,7 +49,7 @@ import torch
 
 from . import scoring
 from .causal import margin_and_prob, says, teacher_forced_inputs, teacher_forced_logits
-from .interventions import as_units
+from .interventions import as_units, column_snapshot
 from .nouns import locate_nouns
 from .scenes import NOUNS, make_scenes
 
@@ -172,13 +172,12 @@ class Edit:
         self.apply()
         try:
             out = {}
-            held_said = [c for c in held if says(c.text, self.source)]
             if held:
                 edited = vlm.describe(list(heldout_images), max_new_tokens=max_new_tokens)
                 flips = [says(e.text, self.target) and not says(e.text, self.source)
                          for e, c in zip(edited, held) if says(c.text, self.source)]
                 out["generalization"] = float(np.mean(flips)) if flips else float("nan")
-                out["n_heldout"] = len(held_said)
+                out["n_heldout"] = len(flips)
             if local:
                 edited = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens)
                 out["locality"] = float(np.mean([e.text == c.text for e, c in zip(edited, local)]))
@@ -302,7 +301,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
     keep[rows, torch.as_tensor(src_steps)] = False
     keep = keep.to(vlm.device)
 
-    originals = [vlm.down_proj(int(l)).weight[:, int(u)].detach().clone() for l, u in chosen]
+    originals = column_snapshot(vlm, chosen)
     w_norm2 = sum(float(o.float().pow(2).sum()) for o in originals)
     deltas = torch.zeros(len(chosen), originals[0].shape[0], device=vlm.device, requires_grad=True)
     layers = sorted({int(l) for l in chosen[:, 0]})

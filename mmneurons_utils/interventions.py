@@ -168,5 +168,5 @@ def ablate_activations(vlm, units, mode: str = "zero", factor: float = 0.0,
 
 
 def column_snapshot(vlm, units: Iterable) -> list[torch.Tensor]:
-    """Clones of the ``down_proj`` columns of ``units`` (for tests and undo checks)."""
+    """Clones of the ``down_proj`` columns of ``units``, in order (an edit's originals, undo checks)."""
     return [vlm.down_proj(int(l)).weight[:, int(u)].detach().clone() for l, u in as_units(vlm, units)]
