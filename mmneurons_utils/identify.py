@@ -124,6 +124,19 @@ def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence
     return table, captions
 
 
+def top_k_groups(table: pd.DataFrame, k: int) -> list[tuple[tuple, pd.DataFrame]]:
+    """``[((image, noun, method), rows), …]``: each group's top-``k`` rows of a
+    ``find_neurons`` table, in rank order (groups in table order).
+
+    Raises ``ValueError`` when the table holds fewer than ``k`` units per noun.
+    """
+    if len(table) and int(table["rank"].max()) + 1 < k:
+        raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
+                         "units per noun; identify with a larger top_k")
+    groups = table[table["rank"] < k].groupby(["image", "noun", "method"], sort=False)
+    return [(key, group.sort_values("rank")) for key, group in groups]
+
+
 def _targets(vlm, caption, nouns):
     """The (noun, step, token) to score: the caption's nouns, or the asked-for ones."""
     if nouns is None:

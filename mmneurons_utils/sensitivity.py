@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .identify import top_k_groups
+
 METRICS = ("bertscore", "moverscore", "bleurt")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _MARKERS = ("▁", "Ġ", "##")   # word-start / continuation marks of common tokenizers
@@ -178,13 +180,9 @@ def semantic_sensitivity(table: pd.DataFrame, captions: Sequence[str], similarit
     reference) with ``candidate``, ``reference_text`` and a column per computed metric
     (BLEURT absent when not computed; ``attrs["bleurt"]`` says why).
     """
-    if len(table) and int(table["rank"].max()) + 1 < k:
-        raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
-                         "units per noun; identify with a larger top_k")
     rows = []
-    for (image, noun, method), group in table[table["rank"] < k].groupby(
-            ["image", "noun", "method"], sort=False):
-        candidate = candidate_text(group.sort_values("rank").top_tokens, tokens_per_unit)
+    for (image, noun, method), group in top_k_groups(table, k):
+        candidate = candidate_text(group.top_tokens, tokens_per_unit)
         for reference, text in (("caption", captions[image]), ("noun", noun)):
             rows.append(dict(image=image, noun=noun, method=method, reference=reference,
                              candidate=candidate, reference_text=text))

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .identify import top_k_groups
 from .stats import auroc
 
 
@@ -110,6 +111,12 @@ def box_share(size: tuple[int, int], boxes) -> float:
     return float(box_mask(size, boxes).mean())
 
 
+def box_scores(grid_map: np.ndarray, size: tuple[int, int], boxes) -> dict[str, float]:
+    """``mass_in_box``, its chance level ``box_share`` and ``pointing_hit`` (0 or 1) of one map."""
+    return dict(mass_in_box=mass_in_box(grid_map, size, boxes), box_share=box_share(size, boxes),
+                pointing_hit=float(pointing_hit(grid_map, size, boxes)))
+
+
 def image_unit_scores(captions) -> torch.Tensor:
     """``Float[Tensor, "n_images L F"]``: each unit's max activation over each image's tokens.
 
@@ -138,15 +145,12 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
     scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit``.
     """
-    if len(table) and int(table["rank"].max()) + 1 < k:
-        raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
-                         "units per noun; identify with a larger top_k")
+    groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
     unit_scores = image_unit_scores(captions)                       # (N, L, F)
     rows = []
-    for (image, noun, method), group in table[table["rank"] < k].groupby(
-            ["image", "noun", "method"], sort=False):
-        units = np.array(group.sort_values("rank")[["layer", "unit"]], dtype=np.int64)
+    for (image, noun, method), group in groups:
+        units = np.array(group[["layer", "unit"]], dtype=np.int64)
         contains = np.array([noun in s.nouns for s in scenes])
         per_unit = unit_scores[:, units[:, 0], units[:, 1]].numpy()  # (N, k)
         row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
@@ -157,8 +161,7 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
         if grid is not None and boxes:
             size = (scene.image.height, scene.image.width)
             mean = unit_maps(vlm, captions[image].activations, units).mean(0)
-            row.update(mass_in_box=mass_in_box(mean, size, boxes), box_share=box_share(size, boxes),
-                       pointing_hit=float(pointing_hit(mean, size, boxes)))
+            row.update(box_scores(mean, size, boxes))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -79,9 +79,9 @@ class SpecificityPanel(Panel):
         boxes = [b for n, b in scene.boxes if n == noun] if scene is not None else []
         if boxes:
             grid = specificity.unit_maps(self.vlm, self.caption.activations, units).mean(0)
-            line += (f" | mass in box {specificity.mass_in_box(grid, size, boxes):.2f} "
-                     f"(chance {specificity.box_share(size, boxes):.2f}), pointing "
-                     f"{'hit' if specificity.pointing_hit(grid, size, boxes) else 'miss'}")
+            scores = specificity.box_scores(grid, size, boxes)
+            line += (f" | mass in box {scores['mass_in_box']:.2f} (chance {scores['box_share']:.2f}), "
+                     f"pointing {'hit' if scores['pointing_hit'] else 'miss'}")
         fig = plots.heatmap_panels(image, heats, masks, boxes=boxes)
         plt.close(fig)
         return [line, shown, fig]
