@@ -27,6 +27,7 @@ __all__ = [
     "summarise_ci",
 ]
 
+
 def layer_distribution(table: pd.DataFrame, n_layers: int) -> pd.Series:
     """Share of all top-k units (over images and nouns) that sit in each layer."""
     counts = table["layer"].value_counts().reindex(range(n_layers), fill_value=0)

@@ -96,7 +96,7 @@ class TextSimilarity:
         self._bleurt = None
         if bleurt_checkpoint is not None:
             self._bleurt = _load_bleurt(bleurt_checkpoint, self.device)
-            self.bleurt_status = "computed" if self._bleurt else self.bleurt_status
+            self.bleurt_status = "computed"
         try:
             self.scorer = _scorer(str(self.encoder), num_layers, self.device)
         except (OSError, ValueError) as exc:  # e.g. a folder with a config but no weights
