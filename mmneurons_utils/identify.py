@@ -11,14 +11,16 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from . import scoring
 from .nouns import locate_nouns
 
-METHODS = ("contribution", "gradient", "random")
+METHODS = ("contribution", "gradient", "gradient_image", "random")
+GRADIENT_METHODS = {"gradient": "noun", "gradient_image": "image"}   # method → where it attributes
 COLUMNS = ["image", "noun", "token_id", "step", "method", "rank", "layer", "unit", "score",
-           "top_tokens"]
+           "polarity", "top_tokens", "noun_rank"]
 
 
 class NounNotInCaption(ValueError):
@@ -43,16 +45,21 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
 
     ``image``: one PIL image or a list. ``nouns``: restrict to these (each must be in
     the caption). ``method``: ``contribution`` (the paper), ``gradient``
-    (gradient × activation) or ``random`` (``seed``-ed uniform units; their ``score``
-    is their contribution score, for reference; each (image, noun) draws its own set).
+    (gradient × activation at the noun step), ``gradient_image`` (attribution at the
+    image-token positions, Schwettmann et al.) or ``random`` (``seed``-ed uniform units;
+    their ``score`` is their contribution score, for reference; each (image, noun) draws
+    its own set). See :mod:`mmneurons_utils.scoring`.
     ``image_indices``: the numbers written to the ``image`` column and keying the random
     draws (default ``0 … n-1``); batch runs pass each image's position in the whole run.
     ``captions``: the images' captions from ``vlm.describe(images, capture=activation)``
     if already made (e.g. to score several methods on one generation); else made here.
 
     Returns a long-form DataFrame, one row per (image, noun, neuron), columns
-    ``image, noun, token_id, step, method, rank, layer, unit, score, top_tokens``
-    (``rank`` 0 is the top unit; ``top_tokens`` are the unit's logit-lens tokens).
+    ``image, noun, token_id, step, method, rank, layer, unit, score, polarity, top_tokens,
+    noun_rank``: ``rank`` 0 is the top unit; ``polarity`` (±1) is the sign of the unit's
+    coefficient ``a`` at the noun's step, the direction in which it writes; ``top_tokens``
+    are the top of the unit's logit lens in that direction, ``p · (W_U · W_out[l][:, i])``,
+    and ``noun_rank`` is the noun token's rank in that lens (0 = the unit's top token).
     """
     from tqdm.auto import tqdm
 
@@ -69,40 +76,76 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     elif len(captions) != len(images) or any(c.activations is None for c in captions):
         raise ValueError(f"captions must be {len(images)} captions made with capture={activation!r}")
     targets = [_targets(vlm, caption, nouns) for caption in captions]
-    weights = {}
-    if method != "gradient":  # one (T, D) @ (D, F) matmul per layer for every noun token at once
-        tokens = sorted({t.token_id for ts in targets for t in ts})
-        if tokens:
-            weights = dict(zip(tokens, scoring.unit_logit_weights(vlm, tokens)))
-    picks = []  # (image index, target, units [k, 2], scores [k])
+    weights = logit_weights(vlm, [t for ts in targets for t in ts])
+    picks = []  # (image index, target, units [k, 2], scores [k], polarity [k])
     for index, img, caption, image_targets in tqdm(list(zip(indices, images, captions, targets)),
                                                    desc=f"find ({method})", disable=not progress):
-        if method == "gradient" and image_targets:
-            per_noun = scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
-                                               [(t.step, t.token_id) for t in image_targets])
-        for n, target in enumerate(image_targets):
-            if method == "gradient":
-                units, scores = scoring.top_units(per_noun[n], top_k)
-                picks.append((index, target, units, scores))
-                continue
-            contribution = scoring.contribution_scores(vlm, caption.activations.steps[target.step],
-                                                       target.token_id, weights[target.token_id])
-            if method == "random":
+        if not image_targets:
+            continue
+        steps = [caption.activations.steps[t.step] for t in image_targets]
+        if method == "random":
+            for n, (target, acts) in enumerate(zip(image_targets, steps)):
                 units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
-                scores = contribution[units[:, 0], units[:, 1]].cpu().numpy()
-            else:
-                units, scores = scoring.top_units(contribution, top_k)
-            picks.append((index, target, units, scores))
-    all_units = np.concatenate([p[2] for p in picks]) if picks else np.zeros((0, 2), dtype=int)
-    top_tokens = iter(scoring.unit_top_tokens(vlm, all_units, n_top_tokens))  # one pass for all
-    rows = []
-    for index, target, units, scores in picks:
-        for rank, ((layer, unit), score) in enumerate(zip(units, scores)):
+                layer, unit = torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])
+                scores = scoring.contribution_scores(vlm, acts, target.token_id,
+                                                     weights[target.token_id])[layer, unit]
+                scores = scores.cpu().numpy()
+                picks.append((index, target, units, scores, scoring.polarity(acts, units)))
+            continue
+        per_target = unit_scores(vlm, img, caption, image_targets, (method,), weights)[method]
+        for target, acts, scores_map in zip(image_targets, steps, per_target):
+            units, scores = scoring.top_units(scores_map, top_k)
+            picks.append((index, target, units, scores, scoring.polarity(acts, units)))
+    empty = np.zeros((0, 2), dtype=np.int64)
+    all_units = np.concatenate([p[2] for p in picks]) if picks else empty
+    signs = np.concatenate([p[4] for p in picks]) if picks else np.zeros(0, dtype=np.int64)
+    nouns_of_rows = np.concatenate([np.full(len(p[2]), p[1].token_id) for p in picks]) if picks \
+        else np.zeros(0, dtype=np.int64)
+    top_ids, noun_ranks = scoring.unit_logit_lens(vlm, all_units, n_top_tokens, signs,
+                                                  nouns_of_rows)    # one pass for all rows
+    rows, r = [], 0
+    for index, target, units, scores, polarity in picks:
+        for rank, ((layer, unit), score, sign) in enumerate(zip(units, scores, polarity)):
             rows.append((index, target.noun, target.token_id, target.step, method, rank,
-                         int(layer), int(unit), float(score), vlm.token_strings(next(top_tokens))))
+                         int(layer), int(unit), float(score), int(sign),
+                         vlm.token_strings(top_ids[r]), int(noun_ranks[r])))
+            r += 1
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs["captions"] = [c.text for c in captions]
     return table
+
+
+def logit_weights(vlm, targets) -> dict[int, torch.Tensor]:
+    """Token id → its ``unit_logit_weights`` (``Float[Tensor, "L F"]``), for every target's
+    token at once (one ``(T, D) @ (D, F)`` matmul per layer)."""
+    tokens = sorted({t.token_id for t in targets})
+    return dict(zip(tokens, scoring.unit_logit_weights(vlm, tokens))) if tokens else {}
+
+
+def unit_scores(vlm, image: Image.Image, caption, targets, methods: Sequence[str],
+                weights: dict | None = None, steps: Sequence[torch.Tensor] | None = None
+                ) -> dict[str, list[torch.Tensor]]:
+    """Every unit's score for each of one image's ``targets`` (``NounToken``s of ``caption``),
+    under each scoring method of ``methods`` (``random`` is skipped: it does not score).
+
+    ``weights``: :func:`logit_weights` of the targets if already computed. ``steps``: the
+    activations ``Float[Tensor, "L F"]`` at each target's step (default: the caption's
+    recorded ones). Returns method → one ``Float[Tensor, "L F"]`` per target.
+    """
+    out: dict[str, list[torch.Tensor]] = {}
+    if "contribution" in methods:
+        weights = weights if weights is not None else logit_weights(vlm, targets)
+        steps = steps if steps is not None else [caption.activations.steps[t.step] for t in targets]
+        out["contribution"] = [scoring.contribution_scores(vlm, a, t.token_id, weights[t.token_id])
+                               for a, t in zip(steps, targets)]
+    gradients = [m for m in methods if m in GRADIENT_METHODS]
+    if gradients and targets:
+        inputs = vlm.inputs([image])
+        for method in gradients:
+            out[method] = scoring.gradient_scores(vlm, inputs, caption.token_ids,
+                                                  [(t.step, t.token_id) for t in targets],
+                                                  at=GRADIENT_METHODS[method])
+    return out
 
 
 def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence[str] = METHODS,
@@ -161,15 +204,8 @@ def score_maps(vlm, images: Sequence[Image.Image], methods: Sequence[str] = ("co
     out = []
     for index, (img, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens
-        grads = (scoring.gradient_scores(vlm, vlm.inputs([img]), caption.token_ids,
-                                         [(t.step, t.token_id) for t in targets])
-                 if "gradient" in methods and targets else [None] * len(targets))
-        for target, grad in zip(targets, grads):
-            entry = dict(image=index, noun=target.noun, token_id=target.token_id)
-            if "contribution" in methods:
-                entry["contribution"] = scoring.contribution_scores(
-                    vlm, caption.activations.steps[target.step], target.token_id)
-            if grad is not None:
-                entry["gradient"] = grad
-            out.append(entry)
+        scores = unit_scores(vlm, img, caption, targets, methods)
+        for n, target in enumerate(targets):
+            out.append(dict(image=index, noun=target.noun, token_id=target.token_id,
+                            **{method: per_target[n] for method, per_target in scores.items()}))
     return out

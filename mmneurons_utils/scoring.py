@@ -5,9 +5,20 @@
   residual stream at the step that produces ``t``. Signed, no softmax, no final
   norm. Costs one mat-vec per layer (one row of ``W_U`` against ``W_out[l]``);
   the ``W_out·W_U`` product over the whole vocabulary is never formed.
-* **gradient** (Schwettmann et al. 2023): ``a[l, i] · ∂p(t)/∂a[l, i]`` at the same
-  position, through a full forward and backward pass.
+* **gradient** (gradient × activation *at the noun step*): ``a[l, i] · ∂p(t)/∂a[l, i]``
+  at the position that produces ``t``, through a full forward and backward pass. A
+  first-order estimate of what zeroing the unit there does to ``p(t)``, i.e. of the
+  causal ablation itself.
+* **gradient_image** (Schwettmann et al. 2023's placement): the attribution of the
+  unit's activations *at the image-token positions* to the noun's log-probability,
+  ``Σ_{j ∈ image} a[l, j, i] · ∂log p(t)/∂a[l, j, i]`` — how much the unit's reading of
+  the image feeds the noun, wherever it is written.
 * **random**: uniformly drawn units, seeded.
+
+**Polarity.** ``a[l, i]`` has either sign (SwiGLU: ``act(gate)·up``), so a unit can write
+``t`` through ``−W_out[l][:, i]``. A unit's polarity for ``t`` is ``p = sign(a[l, i])`` at
+the step that produces ``t`` (``+1`` for 0); every reading of the unit (its top tokens,
+maps, selectivity) is taken in that direction: ``p · (W_U · W_out[l][:, i])``, ``p · a``.
 
 Shapes: ``L`` decoder layers, ``F`` units per layer (``d_ff``), ``D`` = d_model.
 """
@@ -45,16 +56,24 @@ def contribution_scores(vlm, step_activations: torch.Tensor, token_id: int,
     return step_activations.float() * logit_weights
 
 
-def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
-                    targets: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Gradient × activation for each ``(step, token_id)`` of one image's caption.
+GRADIENT_PLACES = ("noun", "image")
 
+
+def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
+                    targets: list[tuple[int, int]], at: str = "noun") -> list[torch.Tensor]:
+    """Gradient attributions for each ``(step, token_id)`` of one image's caption.
+
+    ``at="noun"``: gradient × activation ``a · ∂p(t)/∂a`` at the position that produces
+    step ``step`` (``p`` the softmax probability). ``at="image"``: ``Σ a · ∂log p(t)/∂a``
+    over the image-token positions (Schwettmann et al.'s placement).
     One forward pass over prompt + caption with gradients on, then one backward pass
-    per target (``p(t)`` is the softmax probability at the position that produces
-    step ``step``). ``inputs`` are ``vlm.inputs([image])``. Returns one
+    per target. ``inputs`` are ``vlm.inputs([image])``. Returns one
     ``Float[Tensor, "L F"]`` per target.
     """
+    if at not in GRADIENT_PLACES:
+        raise ValueError(f"at must be one of {', '.join(GRADIENT_PLACES)}, got {at!r}")
     full, prompt_len, _ = append_captions(inputs, [generated_ids])
+    image = vlm.image_token_mask(full["input_ids"])[0] if at == "image" else None   # (T,)
     acts: list[torch.Tensor] = []
     handles = [vlm.down_proj(layer).register_forward_pre_hook(lambda m, args: acts.append(args[0]))
                for layer in range(vlm.n_layers)]
@@ -64,10 +83,16 @@ def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
             results = []
             for step, token_id in targets:
                 pos = prompt_len - 1 + step
-                prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
-                grads = torch.autograd.grad(prob, acts, retain_graph=True)
-                results.append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
-                                            for a, g in zip(acts, grads)]))
+                if image is None:
+                    prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
+                    grads = torch.autograd.grad(prob, acts, retain_graph=True)
+                    results.append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
+                                                for a, g in zip(acts, grads)]))
+                else:
+                    logp = torch.log_softmax(logits[0, pos].float(), -1)[token_id]
+                    grads = torch.autograd.grad(logp, acts, retain_graph=True)
+                    results.append(torch.stack([(a[0, image] * g[0, image]).float().sum(0).detach()
+                                                for a, g in zip(acts, grads)]))
     finally:
         for handle in handles:
             handle.remove()
@@ -89,22 +114,57 @@ def top_units(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([flat // d_ff, flat % d_ff], 1), values.cpu().numpy()
 
 
-@torch.no_grad()
-def unit_top_tokens(vlm, units: np.ndarray, k: int = 10) -> list[list[int]]:
-    """Top-``k`` token ids of each unit's write vector (logit lens ``W_U · W_out[l][:, i]``).
+def polarity(step_activations: torch.Tensor, units: np.ndarray) -> np.ndarray:
+    """``Int[ndarray, "k"]``: ``sign(a[l, i])`` (``+1`` for 0) of ``units`` (``Int[k, 2]``) in
+    ``step_activations`` (``Float[Tensor, "L F"]``, the activations at the noun's step)."""
+    units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
+    values = step_activations[torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])]
+    return np.where(values.float().cpu().numpy() < 0, -1, 1)
 
-    Only the asked-for columns are multiplied, once each: ``(V × D) @ (D × n_units_in_layer)``.
+
+@torch.no_grad()
+def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | None = None,
+                    token_ids: np.ndarray | None = None,
+                    chunk: int = 512) -> tuple[list[list[int]], np.ndarray | None]:
+    """Each unit's logit lens in the direction it writes: ``p · (W_U · W_out[l][:, i])``.
+
+    ``units``: ``Int[n, 2]``; ``polarity``: ``Int[n]`` of ±1 (default all ``+1``);
+    ``token_ids``: ``Int[n]``, a token per unit whose rank is wanted (the noun's).
+    Returns ``(top_ids, ranks)``: the top-``k`` token ids of each unit (best first) and,
+    when ``token_ids`` is given, ``Int[ndarray, "n"]`` the rank of each unit's token in its
+    lens (0 = the unit's top token), else ``None``. Only the asked-for columns are
+    multiplied, ``chunk`` at a time: ``(V × D) @ (D × chunk)``.
     """
-    units, inverse = np.unique(np.asarray(units).reshape(-1, 2), axis=0, return_inverse=True)
-    out: list[list[int]] = [[] for _ in range(len(units))]
+    units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
+    n = len(units)
+    signs = np.ones(n, dtype=np.int64) if polarity is None else np.asarray(polarity).reshape(-1)
+    tokens = None if token_ids is None else np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if len(signs) != n or (tokens is not None and len(tokens) != n):
+        raise ValueError(f"polarity and token_ids must have one entry per unit ({n})")
+    top: list[list[int]] = [[] for _ in range(n)]
+    ranks = None if tokens is None else np.zeros(n, dtype=np.int64)
     w_u = vlm.lm_head.weight
     for layer in np.unique(units[:, 0]):
         rows = np.flatnonzero(units[:, 0] == layer)
-        columns = vlm.down_proj(int(layer)).weight[:, torch.as_tensor(units[rows, 1])]  # (D, n)
-        ids = (w_u @ columns).topk(k, dim=0).indices.T.tolist()                         # (n, k)
-        for row, token_ids in zip(rows, ids):
-            out[row] = token_ids
-    return [out[i] for i in inverse.reshape(-1)]
+        weight = vlm.down_proj(int(layer)).weight
+        for part in np.array_split(rows, max(1, -(-len(rows) // chunk))):
+            columns = weight[:, torch.as_tensor(units[part, 1], device=weight.device)]    # (D, m)
+            sign = torch.as_tensor(signs[part], device=weight.device, dtype=torch.float32)
+            lens = (w_u @ columns).float() * sign                                         # (V, m)
+            for row, ids in zip(part, lens.topk(k, dim=0).indices.T.tolist()):
+                top[row] = ids
+            if tokens is not None:
+                own = lens[torch.as_tensor(tokens[part], device=lens.device),
+                           torch.arange(len(part), device=lens.device)]                   # (m,)
+                ranks[part] = (lens > own).sum(0).cpu().numpy()
+    return top, ranks
+
+
+def unit_top_tokens(vlm, units: np.ndarray, k: int = 10,
+                    polarity: np.ndarray | None = None) -> list[list[int]]:
+    """Top-``k`` token ids of each unit's write vector, in the unit's ``polarity``
+    (default ``+1``: the top of ``W_U · W_out[l][:, i]``). See :func:`unit_logit_lens`."""
+    return unit_logit_lens(vlm, units, k, polarity)[0]
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -174,8 +174,8 @@ def test_contribution_needs_one_row_of_w_u_per_token(random_vlm):
 def test_find_neurons_table(tiny_llava):
     scene = make_scenes(1, seed=2)[0]
     table = find_neurons(tiny_llava, scene.image, top_k=7)
-    assert list(table.columns[:10]) == ["image", "noun", "token_id", "step", "method", "rank", "layer",
-                                        "unit", "score", "top_tokens"]
+    assert list(table.columns[:12]) == ["image", "noun", "token_id", "step", "method", "rank", "layer",
+                                        "unit", "score", "polarity", "top_tokens", "noun_rank"]
     said = tiny_llava.describe([scene.image])[0]
     assert sorted(table.noun.unique()) == sorted(said.nouns)
     for noun, group in table.groupby("noun"):
@@ -193,6 +193,9 @@ def test_methods_differ_and_random_is_seeded(tiny_llava):
     assert not a[["layer", "unit"]].equals(c[["layer", "unit"]])
     grad = find_neurons(tiny_llava, image, method="gradient", top_k=20)
     assert len(grad) == len(a)
+    at_image = find_neurons(tiny_llava, image, method="gradient_image", top_k=20)
+    assert len(at_image) == len(a)
+    assert not at_image[["layer", "unit"]].equals(grad[["layer", "unit"]])
 
 
 def test_noun_not_in_caption_lists_the_caption_nouns(tiny_llava):
@@ -210,7 +213,7 @@ def test_bad_top_k(tiny_llava, top_k):
 
 
 def test_bad_method(tiny_llava):
-    with pytest.raises(ValueError, match="method must be one of contribution, gradient, random"):
+    with pytest.raises(ValueError, match="method must be one of contribution, gradient, gradient_image, random"):
         find_neurons(tiny_llava, make_scenes(1)[0].image, method="saliency")
 
 
@@ -220,3 +223,60 @@ def test_random_units_differ_per_noun_and_per_image(tiny_llava):
     assert sorted(table.image.unique()) == [10, 11, 12, 13]
     sets = [frozenset(zip(g.layer, g.unit)) for _, g in table.groupby(["image", "noun"])]
     assert len(sets) >= 2 and len(set(sets)) == len(sets)
+
+
+# --- polarity and the image-position gradient --------------------------------
+
+def test_polarity_is_the_sign_of_the_coefficient_and_orients_the_logit_lens(tiny_llava):
+    """``polarity`` = sign(a) at the noun step; ``top_tokens`` and ``noun_rank`` are read from
+    ``polarity · (W_U · W_out[:, i])``, checked against the full lens computed here."""
+    images = [s.image for s in make_scenes(6, seed=21)]
+    caps = tiny_llava.describe(images, capture="down_proj_input")
+    table = find_neurons(tiny_llava, images, top_k=10, captions=caps)
+    assert set(table.polarity) == {-1, 1}          # both directions occur among the top units
+    w_u = tiny_llava.lm_head.weight.detach()
+    for row in table.itertuples():
+        a = caps[row.image].activations.steps[row.step, row.layer, row.unit].item()
+        assert row.polarity == (-1 if a < 0 else 1)
+        lens = row.polarity * (w_u @ tiny_llava.down_proj(row.layer).weight[:, row.unit].detach())
+        assert row.top_tokens == tiny_llava.token_strings(lens.topk(10).indices.tolist())
+        assert row.noun_rank == int((lens > lens[row.token_id]).sum())
+        # a positive score is the product of two factors of the same sign
+        if row.score > 0:
+            logit = float(w_u[row.token_id] @ tiny_llava.down_proj(row.layer).weight[:, row.unit].detach())
+            assert np.sign(logit) == row.polarity
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-instructblip"])
+def test_gradient_at_image_positions_matches_finite_differences(name, images):
+    """``gradient_image`` = Σ_{j ∈ image} a_j ∂log p/∂a_j = d log p / dε when every image-position
+    coefficient of the unit is scaled by (1 + ε): checked by central differences."""
+    build = build_tiny_llava if name == "tiny-llava" else build_tiny_instructblip
+    model, processor = build(seed=2)
+    vlm = VLM.from_parts(model.double(), processor, family=name)
+    cap = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")[0]
+    step, token = 1, cap.token_ids[1]
+    enc = vlm.inputs(images[:1])
+    (attribution,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)], at="image")
+    image = vlm.image_token_mask(enc["input_ids"])[0]
+    pos = enc["input_ids"].shape[1] - 1 + step
+    full = dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([cap.token_ids])], 1),
+                attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(cap.token_ids), dtype=torch.long))
+
+    def logp(layer, unit, eps):
+        def scale(module, args):
+            x = args[0].clone()
+            x[0, :len(image)][image, unit] *= 1 + eps
+            return (x,)
+        handle = vlm.down_proj(layer).register_forward_pre_hook(scale)
+        try:
+            with torch.no_grad():
+                return torch.log_softmax(vlm.model(**full).logits[0, pos].double(), -1)[token].item()
+        finally:
+            handle.remove()
+
+    units = [(layer, int(attribution[layer].abs().argmax())) for layer in range(vlm.n_layers)]
+    for layer, unit in units:
+        eps = 1e-3
+        expected = (logp(layer, unit, eps) - logp(layer, unit, -eps)) / (2 * eps)
+        assert attribution[layer, unit].item() == pytest.approx(expected, rel=2e-2, abs=1e-6)
