@@ -107,23 +107,52 @@ def record_activations(vlm, image_mask: torch.Tensor | None = None,
 
 
 
+# Per-position inputs that are not the language model's sequence (vision / Q-Former side).
+_NOT_LM_POSITIONS = ("pixel_", "image_", "qformer_")
+
+
 def append_captions(inputs: dict, captions, pad_id: int = 0) -> tuple[dict, int, int]:
-    """Teacher-forcing inputs: the encoded prompts ``inputs`` (batch ``len(captions)``) with
-    each caption's token ids appended, right-padded: ``(inputs, prompt_len, longest)``.
+    """Teacher-forcing inputs: the encoded prompts ``inputs`` (batch ``len(captions)``,
+    left-padded as :meth:`VLM.inputs` makes them) with each caption's token ids appended,
+    right-padded: ``(inputs, prompt_len, longest)``.
+
+    Every per-position input (``Int[Tensor, "batch seq"]``) is extended as ``generate``
+    extends it for generated tokens: ``attention_mask`` with 1 (0 on the padding),
+    ``token_type_ids`` with 1 (PaliGemma's causal suffix: the caption attends causally, as
+    in generation, not bidirectionally like the prompt prefix), ``mm_token_type_ids`` with 0
+    (text), anything else of that shape with its last prompt value. ``labels`` (PaliGemma's
+    processor returns them) are dropped: they cover the prompt only.
 
     Causal attention keeps the padding invisible to the real positions; the logits at
-    position ``prompt_len - 1 + j`` are the distribution that produced caption token ``j``.
+    position ``prompt_len - 1 + j`` are the distribution that produced caption token ``j``
+    in every row (the prompts end together).
     """
     ids = inputs["input_ids"]
-    prompt_len = ids.shape[1]
+    batch, prompt_len = ids.shape
     longest = max((len(c) for c in captions), default=0)
     tail = torch.full((len(captions), longest), pad_id, dtype=ids.dtype, device=ids.device)
-    mask = torch.zeros_like(tail)
+    real = torch.zeros((len(captions), longest), dtype=torch.bool, device=ids.device)
     for r, caption in enumerate(captions):
         tail[r, :len(caption)] = torch.as_tensor(list(caption), dtype=ids.dtype)
-        mask[r, :len(caption)] = 1
-    full = dict(inputs, input_ids=torch.cat([ids, tail], 1),
-                attention_mask=torch.cat([inputs["attention_mask"], mask], 1))
+        real[r, :len(caption)] = True
+    full = {}
+    for key, value in inputs.items():
+        if key == "labels":
+            continue
+        if key == "input_ids":
+            value = torch.cat([ids, tail], 1)
+        elif (isinstance(value, torch.Tensor) and value.shape == (batch, prompt_len)
+              and not key.startswith(_NOT_LM_POSITIONS)):
+            if key == "attention_mask":
+                fill = real.to(value.dtype)
+            elif key == "token_type_ids":
+                fill = torch.ones_like(tail, dtype=value.dtype)
+            elif key == "mm_token_type_ids":
+                fill = torch.zeros_like(tail, dtype=value.dtype)
+            else:
+                fill = value[:, -1:].expand(-1, longest)
+            value = torch.cat([value, fill], 1)
+        full[key] = value
     return full, prompt_len, longest
 
 

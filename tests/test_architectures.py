@@ -7,6 +7,7 @@ per module, saved, and loaded back the way a user loads a downloaded checkpoint.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -222,3 +223,59 @@ def test_chat_template_wins_and_matches_the_llava_fallback(tmp_path):
     vlm.processor.chat_template = LLAVA_15_STYLE_TEMPLATE
     assert vlm.prompt() == fallback == (
         "USER: <image>\nDescribe the image in few words. ASSISTANT: An image of")
+
+
+# --- teacher forcing reproduces generation, for every family ---------------------------
+@contextmanager
+def _forced_length(vlm, n: int):
+    """Random weights stop or emit pad / image tokens early: make generate give ``n`` tokens."""
+    # InstructBLIP's generate runs its language model's generate, with that one's config
+    configs = [m.generation_config for m in vlm.model.modules()
+               if getattr(m, "generation_config", None) is not None]
+    saved = [(gc.min_new_tokens, gc.suppress_tokens) for gc in configs]
+    for gc in configs:
+        gc.min_new_tokens = n
+        gc.suppress_tokens = [vlm.tokenizer.pad_token_id, vlm.image_token_id]
+    try:
+        yield
+    finally:
+        for gc, (low, suppress) in zip(configs, saved):
+            gc.min_new_tokens, gc.suppress_tokens = low, suppress
+
+
+def test_teacher_forcing_reproduces_generation(family_vlm):
+    """``append_captions`` extends every per-position input (PaliGemma: drops ``labels``,
+    marks the caption causal in ``token_type_ids``), so a teacher-forced forward reads the
+    activations and logits that generation produced."""
+    from mmneurons_utils.capture import teacher_forced_activations
+    from mmneurons_utils.causal import teacher_forced_logits
+
+    _, vlm = family_vlm
+    images, n = _images(2, seed=5), 4
+    with _forced_length(vlm, n):
+        caps = vlm.describe(images, max_new_tokens=n, nouns=[], batch_size=2,
+                            capture="down_proj_input")
+        with torch.no_grad():
+            out = vlm.model.generate(**vlm.inputs(images), max_new_tokens=n, do_sample=False,
+                                     output_logits=True, return_dict_in_generate=True)
+    generated = torch.stack(out.logits, 1).float()                      # (batch, n, V), raw
+    assert all(len(c.token_ids) == n for c in caps)
+    forced_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in caps])
+    for row, (image, cap) in enumerate(zip(images, caps)):
+        forced = teacher_forced_activations(vlm, vlm.inputs([image]), cap.token_ids, list(range(n)))
+        torch.testing.assert_close(forced, cap.activations.steps, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(forced_logits[row], generated[row], atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_scores_run(family_vlm):
+    from mmneurons_utils.scoring import gradient_scores
+
+    _, vlm = family_vlm
+    image, n = _images(1, seed=6)[0], 3
+    with _forced_length(vlm, n):
+        cap = vlm.describe([image], max_new_tokens=n, nouns=[])[0]
+    scores = gradient_scores(vlm, vlm.inputs([image]), cap.token_ids,
+                             [(step, cap.token_ids[step]) for step in range(n)])
+    assert len(scores) == n
+    for s in scores:
+        assert s.shape == (vlm.n_layers, vlm.d_ff) and torch.isfinite(s).all() and s.abs().sum() > 0
