@@ -31,6 +31,13 @@ failed with its final margin, and the weights are left untouched unless ``keep_f
 **Result.** An :class:`Edit` with the metrics, ``undo()`` (bit-for-bit restore of the
 cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
 (generalisation and locality on held-out images) and ``save_pretrained()``.
+
+**Evaluation rules.** Success and generalisation count only images whose clean caption says
+the source and *not* the target (the others are counted in ``n_excluded_target``: deleting
+the source there is no flip). A failed edit is never applied: it scores success 0 (its images
+keep saying the source) but has no side effects to measure, so its locality, KL and
+generalisation are NaN, as is generalisation with no held-out image. :func:`summarize_edits`
+takes success over every attempted pair and side effects and ‖Δ‖ over applied edits only.
 """
 
 from __future__ import annotations
@@ -98,7 +105,10 @@ class Edit:
 
     ``applied`` says whether the deltas are in the weights now. ``metrics`` holds
     ``success`` (share of the edit images whose new caption says the target and not the
-    source), ``converged``, ``final_margin`` (min over edit images of the target's
+    source, over those whose clean caption did not already say the target; NaN if none),
+    ``n_excluded_target`` (the edit images left out of it), ``applied`` (the edit was put in
+    the weights and measured: converged, or ``keep_failed``), ``converged``, ``final_margin``
+    (min over edit images of the target's
     teacher-forced margin at the source step), ``steps``, ``n_neurons``, ``weight_norm``
     (‖Δ‖_F) and ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), plus what
     :meth:`evaluate` adds.
@@ -153,31 +163,36 @@ class Edit:
         """Side effects on images not used for learning the edit; adds to ``metrics``.
 
         Measures the edit *as if applied* (it is applied for the measurement and left as
-        it was found), so a failed edit can be studied too; :func:`run_edit` reports a
-        failed, unapplied edit as the unchanged model instead.
+        it was found), so a failed edit can be studied too; :func:`run_edit` gives a failed,
+        unapplied edit NaN side effects instead (nothing was put in the weights).
 
-        ``heldout_images`` (their clean captions should say the source):
-        ``generalization`` = share whose edited caption says the target and not the
-        source. ``locality_images`` (clean captions without the source): ``locality`` =
-        share whose caption is unchanged; ``locality_kl`` = mean over caption steps of
-        KL(clean ‖ edited), teacher-forcing the clean caption (nats).
+        ``heldout_images``: ``generalization`` = share whose edited caption says the target
+        and not the source, over the ``n_heldout`` images whose clean caption says the source
+        and not the target (``n_heldout_excluded`` others are not scored); NaN when none.
+        ``locality_images`` (clean captions without the source): ``locality`` = share whose
+        caption is unchanged; ``locality_kl`` = mean over caption steps of KL(clean ‖ edited),
+        teacher-forcing the clean caption (nats); both NaN without locality images.
         """
         was_applied = self.applied
         vlm = self.vlm
+        heldout_images = list(heldout_images)
         self.undo()
-        held = vlm.describe(list(heldout_images), max_new_tokens=max_new_tokens) if len(heldout_images) else []
+        held = vlm.describe(heldout_images, max_new_tokens=max_new_tokens) if heldout_images else []
         local = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens) if len(locality_images) else []
         local_ids = [c.token_ids for c in local]
         clean_logits = teacher_forced_logits(vlm, locality_images, local_ids) if local else []
         self.apply()
         try:
-            out = {}
-            if held:
-                edited = vlm.describe(list(heldout_images), max_new_tokens=max_new_tokens)
-                flips = [says(e.text, self.target) and not says(e.text, self.source)
-                         for e, c in zip(edited, held) if says(c.text, self.source)]
-                out["generalization"] = float(np.mean(flips)) if flips else float("nan")
-                out["n_heldout"] = len(flips)
+            nan = float("nan")
+            out = dict(generalization=nan, n_heldout=0, n_heldout_excluded=len(held),
+                       locality=nan, locality_kl=nan, n_locality=0)
+            scored = [i for i, c in enumerate(held) if self._scorable(c.text)]
+            if scored:
+                images = [heldout_images[i] for i in scored]
+                edited = vlm.describe(images, max_new_tokens=max_new_tokens)
+                out["generalization"], _ = flip_share([held[i].text for i in scored],
+                                                      [e.text for e in edited], self.source, self.target)
+                out.update(n_heldout=len(scored), n_heldout_excluded=len(held) - len(scored))
             if local:
                 edited = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens)
                 out["locality"] = float(np.mean([e.text == c.text for e, c in zip(edited, local)]))
@@ -190,6 +205,10 @@ class Edit:
                 self.undo()
         self.metrics.update(out)
         return out
+
+    def _scorable(self, clean_text: str) -> bool:
+        """Whether an image with this clean caption can show a flip: it says the source, not the target."""
+        return says(clean_text, self.source) and not says(clean_text, self.target)
 
     # --- saving ----------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -224,9 +243,22 @@ class Edit:
         return path
 
     def summary(self) -> dict:
-        """JSON-friendly description: source, target, units and metrics."""
+        """JSON-friendly description: source, target, units and metrics (NaN → ``None``)."""
+        metrics = {k: None if isinstance(v, float) and v != v else v for k, v in self.metrics.items()}
         return dict(model=self.vlm.name, source=self.source, target=self.target,
-                    units=[[int(l), int(u)] for l, u in self.units], **self.metrics)
+                    units=[[int(l), int(u)] for l, u in self.units], **metrics)
+
+
+def flip_share(clean: Sequence[str], edited: Sequence[str], source: str, target: str
+               ) -> tuple[float, int]:
+    """``(share, n_excluded)``: the share of captions that went from saying ``source`` to
+    saying ``target`` and not ``source``, over the pairs whose ``clean`` caption says the
+    source and not the target (NaN if none); ``n_excluded`` = clean captions that already
+    said the target (for them, losing the source is no flip)."""
+    pairs = [(c, e) for c, e in zip(clean, edited) if says(c, source)]
+    kept = [(c, e) for c, e in pairs if not says(c, target)]
+    flips = [says(e, target) and not says(e, source) for _, e in kept]
+    return (float(np.mean(flips)) if flips else float("nan")), len(pairs) - len(kept)
 
 
 def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
@@ -263,6 +295,8 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
 
     Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
     comes back with ``applied=False``, ``converged=False`` and its ``final_margin``.
+    ``success`` skips the images whose clean caption already says ``target``
+    (``n_excluded_target``); a failed, unapplied edit scores 0 on the others (nothing flips).
     """
     from tqdm.auto import tqdm
 
@@ -368,13 +402,11 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
                         weight_norm=delta_norm, relative_norm=delta_norm / max(w_norm2, 1e-30) ** 0.5)
     if converged or keep_failed:
         edit.apply()
-        after = vlm.describe(images, max_new_tokens=max_new_tokens)
-        edit.captions_after = [c.text for c in after]
-        edit.metrics["success"] = float(np.mean([says(c.text, target) and not says(c.text, source)
-                                                 for c in after]))
-    else:
+        edit.captions_after = [c.text for c in vlm.describe(images, max_new_tokens=max_new_tokens)]
+    else:  # the model is unchanged: its captions are the clean ones (success 0 on scorable images)
         edit.captions_after = list(edit.captions_before)
-        edit.metrics["success"] = 0.0
+    success, excluded = flip_share(edit.captions_before, edit.captions_after, source, target)
+    edit.metrics.update(applied=edit.applied, success=success, n_excluded_target=excluded)
     return edit
 
 
@@ -402,35 +434,50 @@ class ScenePool:
         return sorted({n for c in self.captions for n in c.nouns})
 
     def split(self, source: str, n_edit: int | None = None, n_unrelated: int = 8,
-              n_locality: int | None = None) -> dict:
-        """Image indices for an edit of ``source``: ``edit`` (half of those saying it, or
-        ``n_edit``), ``heldout`` (the rest of them), ``unrelated`` (first ``n_unrelated``
-        without it, used in the loss) and ``locality`` (the next ones, never seen)."""
+              n_locality: int | None = None, target: str | None = None) -> dict:
+        """Image indices for an edit of ``source`` into ``target``: ``edit`` (half of those
+        saying the source and not the target, or ``n_edit``), ``heldout`` (the rest of
+        them), ``excluded_target`` (those saying both: they cannot show a flip, so they are
+        neither edited nor held out), ``unrelated`` (first ``n_unrelated`` without the
+        source, used in the loss) and ``locality`` (the next ones, never seen)."""
         said = self.with_noun(source)
         if not said:
             raise EditInputError(f"source {source!r} is in none of the {len(self.captions)} captions; "
                                  f"nouns said: {', '.join(self.nouns())}")
+        also = set(self.with_noun(target)) if target is not None else set()
+        excluded = [i for i in said if i in also]
+        said = [i for i in said if i not in also]
+        if not said:
+            raise EditInputError(f"every caption saying {source!r} already says {target!r}; "
+                                 f"choose another target or a larger pool")
         n_edit = max(1, (len(said) + 1) // 2) if n_edit is None else min(n_edit, len(said))
         without = self.without_noun(source)
         stop = None if n_locality is None else n_unrelated + n_locality
-        return dict(edit=said[:n_edit], heldout=said[n_edit:], unrelated=without[:n_unrelated],
-                    locality=without[n_unrelated:stop])
+        return dict(edit=said[:n_edit], heldout=said[n_edit:], excluded_target=excluded,
+                    unrelated=without[:n_unrelated], locality=without[n_unrelated:stop])
 
 
 def run_edit(vlm, pool: ScenePool, source: str, target: str, n_neurons: int = 5,
              units: str = "contribution", n_edit: int | None = None, n_unrelated: int = 8,
              n_locality: int | None = None, seed: int = 0, keep: bool = False, **kwargs) -> Edit:
-    """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``."""
-    parts = pool.split(source, n_edit, n_unrelated, n_locality)
+    """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``.
+
+    Images saying both the source and the target are left out (``n_excluded_target``). A
+    failed, unapplied edit gets NaN generalisation / locality / KL: the unchanged model's
+    "nothing drifted" would say nothing about the edit.
+    """
+    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
     pick = lambda key: [pool.images[i] for i in parts[key]]
     edit = edit_token(vlm, pick("edit"), source, target, n_neurons=n_neurons, units=units,
                       unrelated=pick("unrelated"), seed=seed, **kwargs)
     if edit.applied:
         edit.evaluate(pick("heldout"), pick("locality"))
-    else:  # a failed edit leaves the model unchanged: nothing flips, nothing drifts
-        edit.metrics.update(generalization=0.0, n_heldout=len(parts["heldout"]), locality=1.0,
-                            locality_kl=0.0, n_locality=len(parts["locality"]))
-    edit.metrics.update(n_edit=len(parts["edit"]))
+    else:  # nothing was put in the weights: no side effect was measured
+        nan = float("nan")
+        edit.metrics.update(generalization=nan, n_heldout=len(parts["heldout"]), n_heldout_excluded=0,
+                            locality=nan, locality_kl=nan, n_locality=len(parts["locality"]))
+    edit.metrics.update(n_edit=len(parts["edit"]),
+                        n_excluded_target=edit.metrics["n_excluded_target"] + len(parts["excluded_target"]))
     if not keep:
         edit.undo()
     return edit
@@ -443,7 +490,8 @@ def edit_table(vlm, pool: ScenePool, pairs: Sequence[tuple[str, str]],
 
     ``configs``: ``(units, n_neurons)`` settings to compare (e.g. the paper's neurons vs
     the same number of random units, and more or fewer neurons). Each edit is undone
-    before the next one.
+    before the next one. ``applied``: the edit was put in the weights and measured; the
+    side-effect columns of the others are NaN (see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -453,37 +501,63 @@ def edit_table(vlm, pool: ScenePool, pairs: Sequence[tuple[str, str]],
         edit = run_edit(vlm, pool, source, target, n_neurons=n, units=units, seed=seed, **kwargs)
         m = edit.metrics
         rows.append(dict(source=source, target=target, units=units, n_neurons=n,
+                         applied=bool(m["applied"]),
                          success=m["success"], generalization=m.get("generalization", np.nan),
                          locality=m.get("locality", np.nan), locality_kl=m.get("locality_kl", np.nan),
                          converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
                          weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
                          n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0),
-                         n_locality=m.get("n_locality", 0)))
+                         n_locality=m.get("n_locality", 0), n_excluded_target=m["n_excluded_target"]))
     return pd.DataFrame(rows)
 
 
 def default_pairs(pool: ScenePool, n_pairs: int = 20, min_images: int = 4, seed: int = 0
                   ) -> list[tuple[str, str]]:
     """``n_pairs`` seeded ``(source, target)`` pairs: distinct sources said in at least
-    ``min_images`` of the pool's captions, each with a different random target noun."""
+    ``min_images`` of the pool's captions, each with a different random target noun, among
+    the targets that leave at least ``min_images`` captions saying the source and not the
+    target (the only images an edit can be scored on)."""
     rng = np.random.default_rng(seed)
     sources = [n for n in pool.nouns() if len(pool.with_noun(n)) >= min_images]
     if len(sources) < n_pairs:
         raise EditInputError(f"only {len(sources)} nouns are said in ≥ {min_images} captions of the "
                              f"pool; ask for fewer pairs or a larger pool")
-    sources = [sources[i] for i in rng.permutation(len(sources))[:n_pairs]]
     vocabulary = sorted(NOUNS)
     pairs = []
-    for source in sources:
-        choices = [t for t in vocabulary if t != source]
-        pairs.append((source, choices[int(rng.integers(len(choices)))]))
-    return pairs
+    for i in rng.permutation(len(sources)):
+        source = sources[i]
+        said = set(pool.with_noun(source))
+        choices = [t for t in vocabulary
+                   if t != source and len(said - set(pool.with_noun(t))) >= min_images]
+        if choices:
+            pairs.append((source, choices[int(rng.integers(len(choices)))]))
+        if len(pairs) == n_pairs:
+            return pairs
+    raise EditInputError(f"only {len(pairs)} nouns are said in ≥ {min_images} captions without "
+                         f"some target; ask for fewer pairs or a larger pool")
+
+
+APPLIED_ONLY = ("generalization", "locality", "locality_kl", "weight_norm", "relative_norm")
 
 
 def summarize_edits(table: pd.DataFrame) -> pd.DataFrame:
-    """Means per ``units, n_neurons`` (generalisation over pairs with held-out images)."""
-    cols = ["success", "generalization", "locality", "locality_kl", "converged", "steps",
-            "weight_norm", "relative_norm"]
-    out = table.groupby(["units", "n_neurons"], sort=True)[cols].mean()
-    out["pairs"] = table.groupby(["units", "n_neurons"], sort=True).size()
-    return out.reset_index()
+    """One row per ``units, n_neurons``: ``n_pairs`` attempted, ``n_applied``; ``success``,
+    ``converged`` and ``steps`` averaged over every attempted pair (a failed edit scores
+    success 0: its images still say the source); generalisation (over pairs with held-out
+    images), locality, KL and ‖Δ‖ averaged over the applied edits only, NaN when none was
+    applied; ``n_excluded_target`` summed (images already saying the target, not scored).
+
+    A table without ``applied`` (written before it existed) uses ``converged``.
+    """
+    keys = ["units", "n_neurons"]
+    table = table.assign(applied=(table["applied"] if "applied" in table else table["converged"]).astype(bool))
+    every = table.groupby(keys, sort=True)
+    out = pd.DataFrame({"n_pairs": every.size(), "n_applied": every["applied"].sum().astype(int)})
+    out = out.join(every[["success", "converged", "steps"]].mean())
+    side = table[table["applied"]].groupby(keys, sort=True)[list(APPLIED_ONLY)].mean()
+    out = out.join(side.reindex(out.index))       # groups with no applied edit: NaN
+    if "n_excluded_target" in table:
+        out["n_excluded_target"] = every["n_excluded_target"].sum()
+    order = ["n_pairs", "n_applied", "success", "generalization", "locality", "locality_kl",
+             "converged", "steps", "weight_norm", "relative_norm", "n_excluded_target"]
+    return out[[c for c in order if c in out]].reset_index()

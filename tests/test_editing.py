@@ -1,11 +1,18 @@
 """Editing flips a caption on the trained tiny model, undo() restores it bit-for-bit,
-failed edits leave the weights alone, bad input gets a clear error."""
+failed edits leave the weights alone, bad input gets a clear error; the evaluation scores a
+failed edit's side effects as unknown (NaN, not the unchanged model's 1 / 0) and does not score
+images whose caption already said the target."""
 
+import math
+
+import pandas as pd
 import pytest
 import torch
 
 from mmneurons_utils import load_vlm
-from mmneurons_utils.editing import EditInputError, ScenePool, edit_token
+from mmneurons_utils.causal import says
+from mmneurons_utils.editing import (EditInputError, ScenePool, edit_table, edit_token, run_edit,
+                                     summarize_edits)
 
 
 def _state(vlm):
@@ -117,3 +124,84 @@ def test_bad_input_names_the_choices(tiny_llava, case, edit):
         edit_token(tiny_llava, images, source, case["target"], units="best")
     with pytest.raises(EditInputError, match="in none of the"):
         ScenePool([], []).split("dog")
+
+
+# --- honest evaluation: failed edits, already-said targets ------------------------------
+def _isnan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+@pytest.fixture(scope="module")
+def together(pool):
+    """A source and a target said together in one pool caption, and two captions saying the
+    source without the target."""
+    for source in pool.nouns():
+        said = pool.with_noun(source)
+        for target in sorted({n for i in said for n in pool.captions[i].nouns} - {source}):
+            both = [i for i in said if says(pool.captions[i].text, target)]
+            alone = [i for i in said if i not in both]
+            if both and len(alone) >= 2:
+                return dict(source=source, target=target, both=both, alone=alone)
+    pytest.skip("no caption of the pool says two nouns that also occur apart")
+
+
+def test_a_failed_edit_has_no_side_effect_scores(tiny_llava, pool, case, edit):
+    edit["edit"].undo()
+    state = _state(tiny_llava)
+    failed = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+                      steps=1, n_edit=2, n_unrelated=4, n_locality=6, seed=1)
+    m = failed.metrics
+    # the unchanged model says nothing about locality or generalisation: NaN, not 1 / 0
+    assert _isnan(m["locality"]) and _isnan(m["locality_kl"]) and _isnan(m["generalization"])
+    assert not failed.converged and m["applied"] is False and m["success"] == 0.0
+    _assert_same_state(tiny_llava, state)
+    # no held-out image left (every image saying the source is an edit image): NaN as well
+    n_said = len(pool.with_noun(case["source"]))
+    failed = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+                      steps=1, n_edit=n_said, n_unrelated=4, n_locality=6, seed=1)
+    assert failed.metrics["n_heldout"] == 0 and _isnan(failed.metrics["generalization"])
+
+
+def test_summary_scores_side_effects_over_applied_edits_only(tiny_llava, pool, case, edit):
+    edit["edit"].undo()
+    pair = [(case["source"], case["target"])]
+    kwargs = dict(configs=[("contribution", 5)], n_edit=2, n_unrelated=4, n_locality=10)
+    good = edit_table(tiny_llava, pool, pair, **kwargs)
+    bad = edit_table(tiny_llava, pool, pair, steps=1, **kwargs)
+    assert bad.locality.isna().all() and bad.locality_kl.isna().all()
+    assert good["applied"].tolist() == [True] and bad["applied"].tolist() == [False]
+    summary = summarize_edits(pd.concat([good, bad], ignore_index=True))
+    row = summary.iloc[0]
+    assert (row.n_pairs, row.n_applied) == (2, 1)
+    assert row.success == pytest.approx((good.success[0] + 0.0) / 2)   # success: over every pair
+    for col in ("locality", "locality_kl", "weight_norm", "relative_norm"):  # side effects: applied only
+        assert row[col] == pytest.approx(good[col][0]), col
+    assert good.locality_kl[0] > 0
+    none_applied = summarize_edits(bad)
+    assert _isnan(float(none_applied.locality[0])) and none_applied.n_applied[0] == 0
+
+
+def test_images_already_saying_the_target_are_not_scored(tiny_llava, pool, together, edit):
+    edit["edit"].undo()
+    source, target = together["source"], together["target"]
+    both, alone = [pool.images[i] for i in together["both"]], [pool.images[i] for i in together["alone"]]
+    # only an image that already says the target: nothing to score
+    e = edit_token(tiny_llava, both[:1], source, target, n_neurons=5, seed=0)
+    e.undo()
+    assert _isnan(e.metrics["success"]) and e.metrics["n_excluded_target"] == 1
+    # with an image saying the source alone: success is that image's flip only
+    e = edit_token(tiny_llava, alone[:1] + both[:1], source, target, n_neurons=5, seed=0)
+    e.undo()
+    flipped = says(e.captions_after[0], target) and not says(e.captions_after[0], source)
+    assert e.metrics["n_excluded_target"] == 1 and e.metrics["success"] == float(flipped)
+    # held-out images already saying the target are not counted either
+    e.apply()
+    out = e.evaluate(both + alone[1:], ())
+    e.undo()
+    assert out["n_heldout"] == len(alone) - 1
+    # the pool's split keeps them out of both the edit and the held-out images, and says how many
+    parts = pool.split(source, n_edit=1, target=target)
+    assert sorted(parts["excluded_target"]) == sorted(together["both"])
+    assert not set(parts["excluded_target"]) & set(parts["edit"] + parts["heldout"])
+    assert all(says(pool.captions[i].text, source) and not says(pool.captions[i].text, target)
+               for i in parts["edit"] + parts["heldout"])
