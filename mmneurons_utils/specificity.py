@@ -12,8 +12,14 @@ Beyond the paper, with the scenes' object boxes:
   box(es), the map upsampled patch-exactly (nearest) to the image's pixels. A map
   spread evenly scores the box's share of the image (the chance level, ``box_share``).
 * **pointing game**: whether the map's hottest patch has its centre inside a box.
-* **selectivity**: a unit's image score (max activation over the image tokens) on
+* **selectivity**: a unit's image score (max of ``p · a`` over the image tokens) on
   images that contain its noun vs images that do not, as an AUROC (0.5 = blind).
+
+Every map and score is read in the unit's **polarity** ``p`` (the ``polarity`` column of
+a ``find_neurons`` table: the sign of its coefficient at the noun step): a unit that writes
+the noun through ``−W_out[:, i]`` signals it with negative activations, so its map is
+``p · a``. Without the sign, a mean map over units of both polarities cancels and the
+positive-mass metrics read the wrong end of half the units.
 
 Only families whose image tokens are a square row-major patch grid (LLaVA-1.5,
 PaliGemma: ``Architecture.patch_grid``) have maps over the image. InstructBLIP's
@@ -46,11 +52,12 @@ def patch_grid(vlm) -> tuple[int, int] | None:
     return (side, side) if side * side == n else None
 
 
-def unit_maps(vlm, activations, units) -> np.ndarray:
-    """``Float[ndarray, "k rows cols"]`` activation maps of ``units`` (``Int[k, 2]``).
+def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
+    """``Float[ndarray, "k rows cols"]`` activation maps ``p · a`` of ``units`` (``Int[k, 2]``).
 
     ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
-    ``image`` recorded (``Float[Tensor, "L n_image_tokens F"]``).
+    ``image`` recorded (``Float[Tensor, "L n_image_tokens F"]``); ``polarity``: ``Int[k]``
+    of ±1 (default all ``+1``, the raw activation).
     """
     grid = patch_grid(vlm)
     if grid is None:
@@ -60,8 +67,10 @@ def unit_maps(vlm, activations, units) -> np.ndarray:
         raise ValueError("activations lack image positions: describe the images with "
                          "capture='down_proj_input', image_activations=True")
     units = torch.as_tensor(np.array(units, dtype=np.int64).reshape(-1, 2))
-    per_unit = activations.image[units[:, 0], :, units[:, 1]]       # (k, n_image_tokens)
-    return per_unit.float().cpu().numpy().reshape(len(units), *grid)
+    per_unit = activations.image[units[:, 0], :, units[:, 1]].float().cpu().numpy()  # (k, n_image)
+    if polarity is not None:
+        per_unit = per_unit * np.asarray(polarity, dtype=np.float32).reshape(-1, 1)
+    return per_unit.reshape(len(units), *grid)
 
 
 def upsample(grid_map: np.ndarray, size: tuple[int, int], smooth: bool = False) -> np.ndarray:
@@ -117,19 +126,32 @@ def box_scores(grid_map: np.ndarray, size: tuple[int, int], boxes) -> dict[str, 
                 pointing_hit=float(pointing_hit(grid_map, size, boxes)))
 
 
-def image_unit_scores(captions) -> torch.Tensor:
-    """``Float[Tensor, "n_images L F"]``: each unit's max activation over each image's tokens.
-
-    ``captions`` from ``describe(..., capture="down_proj_input", image_activations=True)``.
+def image_unit_scores(captions) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(max, min)``, each ``Float[Tensor, "n_images L F"]``: each unit's largest and smallest
+    activation over each image's tokens (the image score of a ``+`` / ``−`` unit is
+    ``max`` / ``−min``). ``captions`` from ``describe(..., capture="down_proj_input",
+    image_activations=True)``.
     """
-    return torch.stack([c.activations.image.float().amax(dim=1).cpu() for c in captions])
+    images = [c.activations.image.float() for c in captions]
+    return (torch.stack([x.amax(dim=1).cpu() for x in images]),
+            torch.stack([x.amin(dim=1).cpu() for x in images]))
+
+
+def signed_image_scores(extremes: tuple[torch.Tensor, torch.Tensor], units,
+                        polarity=None) -> np.ndarray:
+    """``Float[ndarray, "n_images k"]``: ``max_j p · a_j`` of each unit over each image's
+    tokens, from :func:`image_unit_scores`' ``(max, min)``."""
+    units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
+    high, low = (x[:, units[:, 0], units[:, 1]].numpy() for x in extremes)     # (N, k) each
+    signs = np.ones(len(units)) if polarity is None else np.asarray(polarity).reshape(-1)
+    return np.where(signs > 0, high, -low)
 
 
 def mean_maps(vlm, activations, units, ks: Sequence[int], size: tuple[int, int],
-              smooth: bool = True) -> dict[str, np.ndarray]:
-    """``"top-k"`` → the mean activation map of the first ``k`` of ``units`` (rank order),
+              smooth: bool = True, polarity=None) -> dict[str, np.ndarray]:
+    """``"top-k"`` → the mean map ``p · a`` of the first ``k`` of ``units`` (rank order),
     upsampled to ``size`` = ``(H, W)``; ``k`` larger than ``len(units)`` is skipped."""
-    maps = unit_maps(vlm, activations, units)
+    maps = unit_maps(vlm, activations, units, polarity)
     return {f"top-{k}": upsample(maps[:k].mean(0), size, smooth) for k in ks if k <= len(maps)}
 
 
@@ -139,7 +161,9 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     ``scenes``: the scenes the ``table`` (``find_neurons`` rows; ``image`` indexes
     ``scenes``) was made on; ``captions``: their captions with image activations. Every
     scene is also a selectivity test image: a unit's ``auroc`` separates the scenes
-    that contain the noun from those that do not by the unit's max image activation.
+    that contain the noun from those that do not by the unit's image score
+    (``max p · a`` over the image tokens). Maps and scores use the table's ``polarity``
+    (all ``+1`` when the table has no such column).
 
     One row per (image, noun, method): ``in_scene`` (the noun is really in the image),
     ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
@@ -147,12 +171,13 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     """
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
-    unit_scores = image_unit_scores(captions)                       # (N, L, F)
+    extremes = image_unit_scores(captions)                          # (N, L, F) twice
     rows = []
     for (image, noun, method), group in groups:
         units = np.array(group[["layer", "unit"]], dtype=np.int64)
+        polarity = unit_polarity(group)
         contains = np.array([noun in s.nouns for s in scenes])
-        per_unit = unit_scores[:, units[:, 0], units[:, 1]].numpy()  # (N, k)
+        per_unit = signed_image_scores(extremes, units, polarity)    # (N, k)
         row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
                    auroc=float(np.nanmean([auroc(u[contains], u[~contains]) for u in per_unit.T]))
                    if contains.any() and not contains.all() else float("nan"))
@@ -160,10 +185,18 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
         boxes = [box for n, box in scene.boxes if n == noun]
         if grid is not None and boxes:
             size = (scene.image.height, scene.image.width)
-            mean = unit_maps(vlm, captions[image].activations, units).mean(0)
+            mean = unit_maps(vlm, captions[image].activations, units, polarity).mean(0)
             row.update(box_scores(mean, size, boxes))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def unit_polarity(rows: pd.DataFrame) -> np.ndarray:
+    """``Int[ndarray, "k"]``: the rows' ``polarity`` column, or all ``+1`` for tables made
+    before it existed."""
+    if "polarity" in rows:
+        return rows["polarity"].to_numpy(dtype=np.int64)
+    return np.ones(len(rows), dtype=np.int64)
 
 
 def _blank():

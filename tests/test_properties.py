@@ -103,7 +103,7 @@ def test_unit_maps_are_the_recorded_image_activations(tiny_llava, scenes, llava_
 def test_specificity_scores_table(tiny_llava, scenes, llava_run):
     table, captions = llava_run
     scores = specificity.specificity_scores(tiny_llava, scenes, captions, table, k=10)
-    assert set(scores.method) == {"contribution", "gradient", "random"}
+    assert set(scores.method) == {"contribution", "gradient", "gradient_image", "random"}
     inside = scores[scores.in_scene]
     assert inside.mass_in_box.between(0, 1).all() and inside.auroc.dropna().between(0, 1).all()
     assert (inside.box_share > 0).all()

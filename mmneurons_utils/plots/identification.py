@@ -63,11 +63,15 @@ def layer_distribution(shares: dict, top_k: int, width: float = 3.6):
 
 
 def neuron_bars(table, noun: str, width: float = 6.0):
-    """Contribution scores of one noun's top units, labelled with each unit's top tokens."""
+    """Contribution scores of one noun's top units, labelled ``L3.741 (−) [top tokens]``:
+    the unit's polarity (the sign of its coefficient; ``−`` units write the noun through
+    ``−W_out``, drawn in blue) and its top tokens in that direction."""
     rows = table[table.noun == noun]
     fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 0.8))
-    labels = [f"L{r.layer}.{r.unit}  [{', '.join(r.top_tokens[:4])}]" for r in rows.itertuples()]
-    ax.barh(range(len(rows)), rows.score, color="#DD8452")
+    signs = list(rows.polarity) if "polarity" in rows else [1] * len(rows)
+    labels = [f"L{r.layer}.{r.unit} ({'−' if s < 0 else '+'})  [{', '.join(r.top_tokens[:4])}]"
+              for r, s in zip(rows.itertuples(), signs)]
+    ax.barh(range(len(rows)), rows.score, color=["#4C72B0" if s < 0 else "#DD8452" for s in signs])
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"contribution to '{noun}'")

@@ -6,9 +6,11 @@
 
 Live panel: an :class:`~.pickers.ImagePicker` (scene by seed/index, or an upload), the
 caption with a :class:`~.pickers.TokenPicker` of its nouns, the noun's top units as a
-clickable list (rank, layer.unit, contribution score, first top tokens), and for the
-selected unit its activation map over the image (upsampled, 95th-percentile mask as a
-contour, the noun's box dashed on scenes) and its top tokens. Models whose image tokens
+clickable list (rank, layer.unit with its polarity, contribution score, first top tokens),
+and for the selected unit its activation map over the image (upsampled, 95th-percentile
+mask as a contour, the noun's box dashed on scenes) and its top tokens. A unit is shown in
+the direction it writes the noun: ``L3.741 (−)`` writes it through ``−W_out[:, i]``, so its
+map is ``−a`` and its top tokens are the top of ``−W_U · W_out[:, i]``. Models whose image tokens
 are not a patch grid (InstructBLIP's queries) show the units and top tokens, no map.
 
 One image change costs one captioning pass with activations recorded (the scores and the
@@ -35,7 +37,7 @@ class BrowserView(NamedTuple):
     table: "object"           # pandas.DataFrame: the noun's top units
     bars: "object"            # matplotlib Figure: their contribution scores, or None
     heatmap: "object"         # matplotlib Figure: the selected unit's map, or None
-    unit: dict                # the selected unit: noun, rank, layer, unit, score, top_tokens
+    unit: dict                # the selected unit: noun, rank, layer, unit, polarity, score, top_tokens
 
 
 class NeuronExplorer:
@@ -97,20 +99,21 @@ class NeuronExplorer:
         return list(dict.fromkeys(self._table.noun))
 
     def rows(self):
-        """The picked noun's top units (``rank, layer, unit, score, top_tokens``)."""
+        """The picked noun's top units (``rank, layer, unit, polarity, score, top_tokens``)."""
         self._ensure()
         rows = self._table[self._table.noun == self.tokens.value]
-        return rows[["rank", "layer", "unit", "score", "top_tokens"]].reset_index(drop=True)
+        return rows[["rank", "layer", "unit", "polarity", "score", "top_tokens"]].reset_index(drop=True)
 
     def selected(self) -> dict | None:
-        """The selected unit as a dict (``noun, rank, layer, unit, score, top_tokens``)."""
+        """The selected unit as a dict (``noun, rank, layer, unit, polarity, score, top_tokens``)."""
         rows = self.rows()
         if not len(rows):
             return None
         rank = self.units.value if self.units.value is not None else 0
         row = rows.iloc[min(int(rank), len(rows) - 1)]
         return {"noun": self.tokens.value, "rank": int(row["rank"]), "layer": int(row.layer),
-                "unit": int(row.unit), "score": float(row.score), "top_tokens": list(row.top_tokens)}
+                "unit": int(row.unit), "polarity": int(row.polarity), "score": float(row.score),
+                "top_tokens": list(row.top_tokens)}
 
     def _model_view(self):
         """The picked image as the model sees its layout (centre square if the processor crops)."""
@@ -131,12 +134,12 @@ class NeuronExplorer:
             return None
         image = self._model_view()
         grid_map = specificity.unit_maps(self.vlm, self._caption.activations,
-                                         [(unit["layer"], unit["unit"])])[0]
+                                         [(unit["layer"], unit["unit"])], [unit["polarity"]])[0]
         heat = specificity.upsample(grid_map, (image.height, image.width), smooth=True)
         scene = self.picker.scene
         boxes = [box for noun, box in scene.boxes if noun == unit["noun"]] if scene else None
         return plots.heatmap_overlay(image, heat, specificity.percentile_mask(heat, 95),
-                                     title=f"L{unit['layer']}.{unit['unit']} on '{unit['noun']}'",
+                                     title=f"{unit_label(unit)} on '{unit['noun']}'",
                                      boxes=boxes)
 
     def view(self) -> BrowserView:
@@ -171,7 +174,7 @@ class NeuronExplorer:
 
     def _fill_units(self):
         rows = self.rows()
-        options = [(f"{int(r['rank']):>2}  L{int(r.layer)}.{int(r.unit):<5} {r.score:+8.3f}  "
+        options = [(f"{int(r['rank']):>2}  {unit_label(r):<11} {r.score:+8.3f}  "
                     f"{', '.join(list(r.top_tokens)[:3])}", int(r['rank'])) for _, r in rows.iterrows()]
         self._filling = True
         try:
@@ -205,7 +208,8 @@ class NeuronExplorer:
     def widget(self) -> W.Widget:
         header = W.HTML("<style>.mmn-units select {font-family: var(--jp-code-font-family, "
                         "monospace); font-size: 12px; white-space: pre}</style>"
-                        "<b>top units</b> <small>(rank · layer.unit · contribution · top tokens)"
+                        "<b>top units</b> <small>(rank · layer.unit (polarity) · contribution · "
+                        "top tokens)"
                         "</small>")
         return W.VBox([self.picker.widget(), self.tokens.caption_html, self.tokens.dropdown,
                        W.HBox([W.VBox([header, self.units]), W.VBox([self.heatmap, self.unit_info])]),
@@ -223,8 +227,15 @@ def _unit_html(unit: dict | None) -> str:
         return "<i>no unit</i>"
     tokens = ", ".join(f"<b>{html.escape(t)}</b>" if t == unit["noun"] else html.escape(t)
                        for t in unit["top_tokens"])
-    return (f"<b>L{unit['layer']}.{unit['unit']}</b> (rank {unit['rank']}, contribution "
+    return (f"<b>{html.escape(unit_label(unit))}</b> (rank {unit['rank']}, contribution "
             f"{unit['score']:+.3f} to '{html.escape(unit['noun'])}')<br>top tokens: {tokens}")
+
+
+def unit_label(unit) -> str:
+    """``"L3.741 (−)"``: layer.unit and the direction in which it writes (a dict or a row)."""
+    get = unit.get if isinstance(unit, dict) else lambda key, default=None: getattr(unit, key, default)
+    sign = "−" if int(get("polarity", 1)) < 0 else "+"
+    return f"L{int(get('layer'))}.{int(get('unit'))} ({sign})"
 
 
 def _placeholder(px: int, text: str) -> bytes:

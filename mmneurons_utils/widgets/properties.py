@@ -65,20 +65,22 @@ class SpecificityPanel(Panel):
         if self.similarity is not None:
             f1 = self.similarity.bertscore([tokens or "."], [noun])[0]
             line += f" | BERTScore vs noun {f1:.3f}"
-        shown = rows[["rank", "layer", "unit", "score", "top_tokens"]].head(10).round(3)
+        shown = rows[["rank", "layer", "unit", "polarity", "score", "top_tokens"]].head(10).round(3)
         if specificity.patch_grid(self.vlm) is None:
             return [line, shown, f"{self.vlm.arch.family}: image tokens are not a patch grid, "
                                  "so no heatmap over the image (selectivity only)"]
         image = self.picker.image
         size = (image.height, image.width)
         units = np.array(rows[["layer", "unit"]], dtype=np.int64)
-        heats = specificity.mean_maps(self.vlm, self.caption.activations, units, (1, k), size)
+        polarity = specificity.unit_polarity(rows)
+        heats = specificity.mean_maps(self.vlm, self.caption.activations, units, (1, k), size,
+                                      polarity=polarity)
         heats = {f"{title} ({self.method.value})": heat for title, heat in heats.items()}
         masks = {title: specificity.percentile_mask(heat) for title, heat in heats.items()}
         scene = self.picker.scene
         boxes = [b for n, b in scene.boxes if n == noun] if scene is not None else []
         if boxes:
-            grid = specificity.unit_maps(self.vlm, self.caption.activations, units).mean(0)
+            grid = specificity.unit_maps(self.vlm, self.caption.activations, units, polarity).mean(0)
             scores = specificity.box_scores(grid, size, boxes)
             line += (f" | mass in box {scores['mass_in_box']:.2f} (chance {scores['box_share']:.2f}), "
                      f"pointing {'hit' if scores['pointing_hit'] else 'miss'}")
