@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mmneurons_utils import load_vlm
+from mmneurons_utils import load_vlm, make_scenes
 from mmneurons_utils.causal import says
 from mmneurons_utils.editing import (EditInputError, ScenePool, edit_table, edit_token, run_edit,
                                      summarize_edits)
@@ -205,3 +205,16 @@ def test_images_already_saying_the_target_are_not_scored(tiny_llava, pool, toget
     assert not set(parts["excluded_target"]) & set(parts["edit"] + parts["heldout"])
     assert all(says(pool.captions[i].text, source) and not says(pool.captions[i].text, target)
                for i in parts["edit"] + parts["heldout"])
+
+
+def test_playground_reports_a_failed_edit_as_not_applied(tiny_llava, pool, case, edit):
+    from mmneurons_utils.widgets import EditPlayground
+
+    edit["edit"].undo()
+    play = EditPlayground(tiny_llava, make_scenes(2, seed=0))
+    play.edit = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+                         steps=1, n_edit=2, n_unrelated=4, n_locality=6, seed=1)
+    line, report = play.view()
+    col = report.iloc[:, 0]
+    assert "(not applied)" in line and col["applied"] == False  # noqa: E712
+    assert col["other captions unchanged"] == "not applied" == col["KL on other images (nats)"]

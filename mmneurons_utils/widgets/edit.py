@@ -4,7 +4,9 @@ side effects, undo.
 Edit learns deltas on the source's top write vectors for the picked image (a few seconds
 on the embedded models; a status line says so), keeping the captions of ``unrelated``
 images in the loss; the side-effect report compares the captions of ``locality`` images
-(none says the source) before and after. Undo restores the weights bit-for-bit.
+(none says the source) before and after. A failed edit is not applied, so its report says
+"not applied" where the side effects would be (the unchanged model's "nothing moved" would
+say nothing about the edit). Undo restores the weights bit-for-bit.
 """
 
 from __future__ import annotations
@@ -89,13 +91,18 @@ class EditPlayground(Panel):
         state = "applied" if e.applied else "not applied"
         line = (f"{e.source} → {e.target} ({state}) | before: {e.captions_before[0]} | "
                 f"after: {e.captions_after[0]}")
-        report = pd.Series({"converged": m["converged"], "steps": m["steps"],
+
+        def side(key, digits):  # side effects exist only for an edit put in the weights and measured
+            return round(m.get(key, float("nan")), digits) if m.get("applied") else "not applied"
+
+        report = pd.Series({"converged": m["converged"], "applied": bool(m.get("applied")),
+                            "steps": m["steps"],
                             "final margin": round(m["final_margin"], 3), "neurons": m["n_neurons"],
                             "units (layer, unit)": ", ".join(f"{l}:{u}" for l, u in e.units),
-                            "‖Δ‖ (weight change)": round(m["weight_norm"], 3),
-                            "‖Δ‖ / ‖W_out cols‖": round(m["relative_norm"], 3),
-                            "other captions unchanged": round(m.get("locality", float("nan")), 3),
-                            "KL on other images (nats)": round(m.get("locality_kl", float("nan")), 4)},
+                            "‖Δ‖ (weight change)": side("weight_norm", 3),
+                            "‖Δ‖ / ‖W_out cols‖": side("relative_norm", 3),
+                            "other captions unchanged": side("locality", 3),
+                            "KL on other images (nats)": side("locality_kl", 4)},
                            name="side-effect report").to_frame()
         return [line, report]
 
