@@ -51,7 +51,7 @@ class _Recording:
         self.image_mask = image_mask
         self.calls = [0] * n_layers
         self.step_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-        self.image_rows: list[torch.Tensor | None] = [None] * n_layers
+        self.image_rows: list[list[torch.Tensor] | None] = [None] * n_layers
         self._stacked: torch.Tensor | None = None
 
     def hook(self, layer: int):
@@ -60,7 +60,9 @@ class _Recording:
                 if self.image_mask.shape != x.shape[:2]:
                     raise RuntimeError(f"image mask {tuple(self.image_mask.shape)} does not match "
                                        f"the prefill's {tuple(x.shape[:2])} positions")
-                self.image_rows[layer] = x.detach()[self.image_mask].view(x.shape[0], -1, x.shape[-1])
+                # one (n_image_tokens_r, d_ff) per row: rows may hold different numbers of
+                # image tokens (llava_next / idefics3 images of other sizes)
+                self.image_rows[layer] = [row[mask] for row, mask in zip(x.detach(), self.image_mask)]
             self.step_rows[layer].append(x.detach()[:, -1])
             self.calls[layer] += 1
         return record

@@ -119,10 +119,16 @@ class VLM:
         return f"{head} {answer_prefix}".replace("\n ", "\n") if answer_prefix else head
 
     def inputs(self, images: Sequence[Image.Image], prompt: str | None = None) -> dict:
-        """Processor outputs for a batch of images, on the model's device and dtype."""
+        """Processor outputs for a batch of images, on the model's device and dtype.
+
+        Always left-padded, whatever the tokenizer's ``padding_side``: prompts differ in
+        length by image (llava_next, idefics3), and with left padding every row's prompt
+        ends at the last position, so generation continues each row from its own prompt
+        and position ``prompt_len - 1 + j`` produces caption token ``j`` in every row.
+        """
         images = [_as_rgb(im, i) for i, im in enumerate(images)]
         enc = self.processor(images=images, text=[prompt or self.prompt()] * len(images),
-                             return_tensors="pt", padding=True)
+                             return_tensors="pt", padding=True, padding_side="left")
         out = {}
         for key, value in enc.items():
             value = value.to(self.device)

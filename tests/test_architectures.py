@@ -279,3 +279,35 @@ def test_gradient_scores_run(family_vlm):
     assert len(scores) == n
     for s in scores:
         assert s.shape == (vlm.n_layers, vlm.d_ff) and torch.isfinite(s).all() and s.abs().sum() > 0
+
+
+# --- batches of prompts of different lengths ------------------------------------------------
+SIZES = [(IMAGE_SIZE, IMAGE_SIZE), (2 * IMAGE_SIZE, IMAGE_SIZE), (IMAGE_SIZE, 2 * IMAGE_SIZE)]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batch_equals_one_at_a_time(family_vlm, padding_side):
+    """Images of other sizes give llava_next and idefics3 prompts of other lengths: the batch
+    is left-padded whatever the tokenizer's padding side, so each row's caption and recorded
+    activations (steps and image tokens) are those it gets alone."""
+    family, vlm = family_vlm
+    rng = np.random.default_rng(8)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
+    lengths = [vlm.inputs([image])["input_ids"].shape[1] for image in images]
+    if family in ("llava_next", "idefics3"):
+        assert len(set(lengths)) > 1, lengths
+    saved, n = vlm.tokenizer.padding_side, 4
+    vlm.tokenizer.padding_side = padding_side
+    try:
+        with _forced_length(vlm, n):
+            batch = vlm.describe(images, max_new_tokens=n, nouns=[], batch_size=len(images),
+                                 capture="down_proj_input", image_activations=True)
+            alone = [vlm.describe([image], max_new_tokens=n, nouns=[], capture="down_proj_input",
+                                  image_activations=True)[0] for image in images]
+    finally:
+        vlm.tokenizer.padding_side = saved
+    assert vlm.tokenizer.padding_side == saved
+    for b, a in zip(batch, alone):
+        assert b.token_ids == a.token_ids
+        torch.testing.assert_close(b.activations.steps, a.activations.steps, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b.activations.image, a.activations.image, atol=1e-4, rtol=1e-4)
