@@ -34,9 +34,9 @@ import torch
 
 from . import scoring
 from .capture import append_captions
+from .identify import METHODS, logit_weights, unit_scores
 from .interventions import ablate_activations, perturb_units
 
-METHODS = ("contribution", "gradient", "random")
 LEVELS = ("weights", "activation")
 
 
@@ -82,21 +82,13 @@ def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random
     """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "max_k 2"], …]``
     (one array per random draw; one for the other methods)."""
     out = []
-    tokens = sorted({t.token_id for c in captions for t in c.noun_tokens})
-    weights = dict(zip(tokens, scoring.unit_logit_weights(vlm, tokens))) if tokens else {}
+    weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
     for index, (image, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens
-        grads = (scoring.gradient_scores(vlm, vlm.inputs([image]), caption.token_ids,
-                                         [(t.step, t.token_id) for t in targets])
-                 if "gradient" in methods and targets else None)
+        scores = unit_scores(vlm, image, caption, targets, methods, weights)
         for n, target in enumerate(targets):
-            ranks = {}
-            if "contribution" in methods:
-                scores = scoring.contribution_scores(vlm, caption.activations.steps[target.step],
-                                                     target.token_id, weights[target.token_id])
-                ranks["contribution"] = [scoring.top_units(scores, max_k)[0]]
-            if grads is not None:
-                ranks["gradient"] = [scoring.top_units(grads[n], max_k)[0]]
+            ranks = {method: [scoring.top_units(per_target[n], max_k)[0]]
+                     for method, per_target in scores.items()}
             if "random" in methods:
                 ranks["random"] = [scoring.random_units(vlm.n_layers, vlm.d_ff, max_k,
                                                         [seed, index, n, draw])
@@ -114,7 +106,8 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
 
     ``images``: PIL images; every noun of each clean caption is a target.
     ``ks``: set sizes (nested: the top-``k`` of one ranking). ``methods``: any of
-    ``contribution``, ``gradient``, ``random`` (``n_random`` seeded draws per noun).
+    ``contribution``, ``gradient``, ``gradient_image``, ``random`` (``n_random`` seeded
+    draws per noun).
     ``sigmas``: ``None`` = zero the columns, a float = Gaussian noise of that σ
     (relative to each column's RMS when ``relative``). ``level="activation"`` instead
     zeroes the units' coefficients only at the position that produces the noun (its

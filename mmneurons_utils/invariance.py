@@ -4,11 +4,17 @@
   reads are shuffled (a seeded permutation of the projector's output rows, i.e.
   after the vision encoder and projector, before the LLM), and the neurons are
   re-identified. ``retained`` is the share of the original top-``k`` units that are
-  still in the top-``k``, read at the original caption's noun step (teacher forcing,
-  so it is defined even when the shuffled model says something else). Whether the
-  greedy caption survives is reported beside it (``caption_same``, ``noun_kept``).
-  The ``random`` row is the chance level: the share of a seeded random ``k``-set
-  that lands in the shuffled run's contribution top-``k`` (≈ ``k / units``).
+  still in the top-``k``. Where the shuffled caption still says the noun, the units
+  are read at the step where *it* says it (teacher forcing the shuffled caption:
+  ``read_at="shuffled"``); otherwise at the original caption's noun step (teacher
+  forcing the original caption under the shuffle: ``read_at="original"``), so the
+  number is defined even when the model now says something else. ``caption_same`` and
+  ``noun_kept`` are reported beside it, and ``n_nouns`` (the nouns of the clean
+  caption) stratifies the result: scene captions list objects left to right, so with
+  several objects a shuffle reorders the nouns, and the single-noun images are the
+  clean test. An identity permutation gives exactly 1. The ``random`` row is the
+  chance level: the share of a seeded random ``k``-set that lands in the shuffled
+  run's contribution top-``k`` (≈ ``k / units``).
 * **Cross-image invariance**: for a noun said about several images, how much the
   images' top-``k`` sets agree: mean pairwise Jaccard among the noun's images
   (``jaccard_same``) against pairs of this noun's and other nouns' sets
@@ -20,7 +26,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from itertools import combinations
-from typing import Iterator, Sequence
+from types import SimpleNamespace
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,7 +36,8 @@ import torch
 from . import architectures as A
 from . import scoring
 from .capture import teacher_forced_activations
-from .identify import check_top_k
+from .identify import check_top_k, logit_weights, unit_scores
+from .nouns import locate_nouns
 from .stats import jaccard
 
 
@@ -73,14 +81,19 @@ def n_image_tokens(vlm) -> int:
 
 def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
                       methods: Sequence[str] = ("contribution", "gradient", "random"),
-                      max_new_tokens: int = 20, progress: bool = False) -> pd.DataFrame:
-    """One row per (image, noun, method): ``retained``, ``caption_same``, ``noun_kept``.
+                      max_new_tokens: int = 20, progress: bool = False,
+                      permutation: Callable[[int, int], np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per (image, noun, method): ``retained``, ``caption_same``, ``noun_kept``,
+    ``read_at`` (``"shuffled"`` or ``"original"``: whose caption the shuffled units were
+    read at) and ``n_nouns`` (nouns of the clean caption).
 
-    Each image gets its own permutation, drawn from ``(seed, image index)``.
+    Each image gets its own permutation, drawn from ``(seed, image index)``;
+    ``permutation(index, n_tokens)`` replaces that draw (e.g. the identity, for a check).
     """
     from tqdm.auto import tqdm
 
     check_top_k(vlm, top_k)
+    scored = [m for m in dict.fromkeys(("contribution",) + tuple(methods)) if m != "random"]
     captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, capture="down_proj_input")
     n_tokens = n_image_tokens(vlm)
     rows = []
@@ -89,37 +102,46 @@ def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
         targets = caption.noun_tokens
         if not targets:
             continue
-        inputs = vlm.inputs([image])
-        before = _scores(vlm, inputs, caption, targets, methods)
-        permutation = np.random.default_rng([seed, index]).permutation(n_tokens)
-        with permuted_image_tokens(vlm, permutation):
+        before = _read(vlm, image, caption.token_ids, targets, scored)
+        order = (permutation(index, n_tokens) if permutation is not None
+                 else np.random.default_rng([seed, index]).permutation(n_tokens))
+        with permuted_image_tokens(vlm, order):
             shuffled = vlm.describe([image], max_new_tokens=max_new_tokens)[0]
-            after = _scores(vlm, inputs, caption, targets, methods)
+            moved = {t.noun: t for t in locate_nouns(vlm.tokenizer, shuffled.token_ids,
+                                                     [t.noun for t in targets])}
+            kept = [t for t in targets if t.noun in moved]
+            lost = [t for t in targets if t.noun not in moved]
+            after = {}
+            if kept:
+                read = _read(vlm, image, shuffled.token_ids, [moved[t.noun] for t in kept], scored)
+                after.update({(t.noun, m): read[m][n] for m in scored for n, t in enumerate(kept)})
+            if lost:
+                read = _read(vlm, image, caption.token_ids, lost, scored)
+                after.update({(t.noun, m): read[m][n] for m in scored for n, t in enumerate(lost)})
         for n, target in enumerate(targets):
-            common = dict(image=index, noun=target.noun, caption_same=shuffled.text == caption.text,
-                          noun_kept=target.noun in shuffled.nouns)
+            common = dict(image=index, noun=target.noun, n_nouns=len(targets),
+                          caption_same=shuffled.text == caption.text,
+                          noun_kept=target.noun in moved,
+                          read_at="shuffled" if target.noun in moved else "original")
             for method in methods:
                 if method == "random":
                     chance = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
-                    kept = _overlap(chance, after["contribution"][n], top_k)
+                    share = _overlap(chance, after[(target.noun, "contribution")], top_k)
                 else:
-                    kept = _overlap(scoring.top_units(before[method][n], top_k)[0],
-                                    after[method][n], top_k)
-                rows.append(dict(common, method=method, retained=kept))
-    return pd.DataFrame(rows, columns=["image", "noun", "method", "retained", "caption_same",
-                                       "noun_kept"])
+                    share = _overlap(scoring.top_units(before[method][n], top_k)[0],
+                                     after[(target.noun, method)], top_k)
+                rows.append(dict(common, method=method, retained=share))
+    return pd.DataFrame(rows, columns=["image", "noun", "n_nouns", "method", "retained",
+                                       "caption_same", "noun_kept", "read_at"])
 
 
-def _scores(vlm, inputs, caption, targets, methods) -> dict[str, list[torch.Tensor]]:
-    """Per method (random uses contribution), one ``Float[Tensor, "L F"]`` per target."""
-    out = {}
-    steps = teacher_forced_activations(vlm, inputs, caption.token_ids, [t.step for t in targets])
-    out["contribution"] = [scoring.contribution_scores(vlm, steps[n], t.token_id)
-                           for n, t in enumerate(targets)]
-    if "gradient" in methods:
-        out["gradient"] = scoring.gradient_scores(vlm, inputs, caption.token_ids,
-                                                  [(t.step, t.token_id) for t in targets])
-    return out
+def _read(vlm, image, token_ids, targets, methods) -> dict[str, list[torch.Tensor]]:
+    """Per scoring method, one ``Float[Tensor, "L F"]`` per target, teacher-forcing the
+    caption ``token_ids`` (under whatever intervention is active)."""
+    steps = teacher_forced_activations(vlm, vlm.inputs([image]), token_ids, [t.step for t in targets])
+    caption = SimpleNamespace(token_ids=list(token_ids))
+    return unit_scores(vlm, image, caption, targets, methods, logit_weights(vlm, targets),
+                       steps=list(steps))
 
 
 def _overlap(units: np.ndarray, scores: torch.Tensor, k: int) -> float:

@@ -216,6 +216,29 @@ def test_a_permutation_invariant_toy_keeps_every_unit(tiny_llava, scenes):
     assert frame[frame.method == "random"].retained.max() < 0.5
 
 
+def test_an_identity_permutation_retains_exactly_every_unit(tiny_llava, scenes):
+    frame = invariance.region_invariance(
+        tiny_llava, [s.image for s in scenes[:4]], top_k=10,
+        methods=["contribution", "gradient", "gradient_image", "random"],
+        permutation=lambda index, n: np.arange(n))
+    real = frame[frame.method != "random"]
+    assert len(real) and (real.retained == 1.0).all()
+    assert real.caption_same.all() and real.noun_kept.all() and (real.read_at == "shuffled").all()
+    assert set(frame.n_nouns) == {len(g) for _, g in frame[frame.method == "random"].groupby("image")}
+
+
+def test_a_reordered_noun_is_read_where_the_shuffled_caption_says_it(tiny_llava, scenes):
+    """A permutation that mirrors the image left-right reorders a two-object caption; the
+    units must then be read at the noun's new step, where they are the same units."""
+    scene = next(s for s in make_scenes(40, seed=5) if len(s.nouns) == 2)
+    mirror = lambda index, n: np.arange(n).reshape(8, 8)[:, ::-1].reshape(-1).copy()
+    frame = invariance.region_invariance(tiny_llava, [scene.image], top_k=10,
+                                         methods=["contribution"], permutation=mirror)
+    kept = frame[frame.noun_kept]
+    assert len(kept) and (kept.read_at == "shuffled").all()
+    assert (frame[~frame.noun_kept].read_at == "original").all()
+
+
 def test_region_invariance_on_the_trained_model(tiny_llava, scenes):
     frame = invariance.region_invariance(tiny_llava, [s.image for s in scenes[:4]], top_k=10)
     assert frame.retained.between(0, 1).all()
