@@ -257,14 +257,14 @@ def cmd_edit(args) -> dict:
     edit = run_edit(vlm, pool, args.source, args.target, n_neurons=args.n_neurons, units=args.units,
                     seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
     m = edit.metrics
-    result = dict(model=args.model, source=args.source, target=args.target,
+    result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["applied"]),
                   success=m["success"], generalization=m.get("generalization"),
                   locality=m.get("locality"), locality_kl=m.get("locality_kl"),
                   n_neurons=m["n_neurons"], units=[[int(l), int(u)] for l, u in edit.units],
                   converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
                   weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
                   n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
-                  saved=None)
+                  n_excluded_target=m["n_excluded_target"], saved=None)
     if save is not None:
         if edit.converged:
             result["saved"] = str(edit.save_pretrained(save))
@@ -274,8 +274,11 @@ def cmd_edit(args) -> dict:
         print(f"edit {args.source} → {args.target} on {m['n_edit']} images, {m['n_neurons']} neurons: {state}")
         for before, after in zip(edit.captions_before, edit.captions_after):
             print(f"  {before}  →  {after}")
-        print(f"success {result['success']:.3f}  generalization {_finite(result['generalization'])}  "
-              f"locality {_finite(result['locality'])}  weight change ‖Δ‖ {result['weight_norm']:.3f}")
+        side = (f"generalization {_finite(result['generalization'])}  locality {_finite(result['locality'])}  "
+                f"weight change ‖Δ‖ {result['weight_norm']:.3f}" if result["applied"]
+                else "not applied: no side effects to measure")
+        print(f"success {result['success']:.3f}  {side}  ({result['n_excluded_target']} images "
+              f"already saying {args.target} not scored)")
         if save is not None:
             print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
     return {k: _finite(v) for k, v in result.items()}

@@ -3,6 +3,7 @@ failed edits leave the weights alone, bad input gets a clear error; the evaluati
 failed edit's side effects as unknown (NaN, not the unchanged model's 1 / 0) and does not score
 images whose caption already said the target."""
 
+import json
 import math
 
 import pandas as pd
@@ -218,3 +219,18 @@ def test_playground_reports_a_failed_edit_as_not_applied(tiny_llava, pool, case,
     col = report.iloc[:, 0]
     assert "(not applied)" in line and col["applied"] == False  # noqa: E712
     assert col["other captions unchanged"] == "not applied" == col["KL on other images (nats)"]
+
+
+def test_cli_edit_json_says_applied_and_null_for_unmeasured(cli):
+    def strict(text):  # bare NaN / Infinity is not JSON
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+
+    code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "40", "--seed", "0",
+                       "--units", "random", "--n-neurons", "1", "--steps", "1", "--json")
+    r = strict(out.strip().splitlines()[-1])
+    assert code == 0 and r["applied"] is False and r["converged"] is False and r["success"] == 0.0
+    assert r["locality"] is None and r["locality_kl"] is None and r["generalization"] is None
+    assert isinstance(r["n_excluded_target"], int)
+    code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "40", "--seed", "0",
+                       "--units", "random", "--n-neurons", "1", "--steps", "1")
+    assert code == 0 and "not applied" in out and "locality 1" not in out
