@@ -136,7 +136,9 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     images = list(images)
     captions = vlm.describe(images, max_new_tokens=max_new_tokens, capture="down_proj_input")
     clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
-    prompt_len = vlm.inputs(images[:1])["input_ids"].shape[1]
+    # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
+    prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
+                   if level == "activation" else None)
     targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
     jobs = [(t, m, d, k, s) for t in targets for m in methods for d in range(len(t["ranks"][m]))
             for k in ks for s in sigmas]
@@ -146,7 +148,8 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
         image, caption = images[index], captions[index]
         units = t["ranks"][method][draw][:k]
         if level == "activation":
-            context = ablate_activations(vlm, units, positions=[prompt_len - 1 + target.step])
+            context = ablate_activations(vlm, units,
+                                         positions=[prompt_lens[index] - 1 + target.step])
         else:
             noise_seed = int(np.random.SeedSequence([seed, index, target.step, draw, k])
                              .generate_state(1)[0])
