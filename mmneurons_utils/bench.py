@@ -5,7 +5,8 @@
   The floor is 1.0: identification needs the caption.
 * ``gradient_speedup`` — per (image, noun), the gradient × activation baseline's
   scoring time ÷ the contribution score's, both after the shared generation
-  (``gradient_speedup_end_to_end`` includes the generation on both sides).
+  (``gradient_speedup_end_to_end`` includes the generation on both sides);
+  ``gradient_image_speedup`` the same for the image-position attribution.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
@@ -60,26 +61,29 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
                  for _, cap, t in pairs]
         unit_top_tokens(vlm, np.concatenate(units))
 
-    def gradient_all():
+    def gradient_all(at):
         units = []
         for img, cap in zip(images, captions):
             if cap.noun_tokens:
                 for scores in gradient_scores(vlm, vlm.inputs([img]), cap.token_ids,
-                                              [(t.step, t.token_id) for t in cap.noun_tokens]):
+                                              [(t.step, t.token_id) for t in cap.noun_tokens], at=at):
                     units.append(top_units(scores, top_k)[0])
         unit_top_tokens(vlm, np.concatenate(units))
 
     t_contribution = _median_time(contribution_all, repeats) / len(pairs)
-    t_gradient = _median_time(gradient_all, repeats) / len(pairs)
+    t_gradient = _median_time(lambda: gradient_all("noun"), repeats) / len(pairs)
+    t_gradient_image = _median_time(lambda: gradient_all("image"), repeats) / len(pairs)
     t_generation = statistics.median(t_describe) / len(pairs)
     return dict(
         overhead_ratio=round(statistics.median(t_identify) / statistics.median(t_describe), 3),
         gradient_speedup=round(t_gradient / t_contribution, 1),
+        gradient_image_speedup=round(t_gradient_image / t_contribution, 1),
         gradient_speedup_end_to_end=round((t_generation + t_gradient) / (t_generation + t_contribution), 2),
         describe_s=round(statistics.median(t_describe), 4),
         identify_s=round(statistics.median(t_identify), 4),
         contribution_ms_per_noun=round(1e3 * t_contribution, 3),
         gradient_ms_per_noun=round(1e3 * t_gradient, 3),
+        gradient_image_ms_per_noun=round(1e3 * t_gradient_image, 3),
         n_images=len(images), n_nouns=len(pairs))
 
 

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(f)
     _add_image_args(f)
     f.add_argument("--top-k", type=_positive_int, default=50)
-    f.add_argument("--method", default="contribution", help="contribution (default), gradient, random")
+    f.add_argument("--method", default="contribution",
+                   help="contribution (default, the paper), gradient (gradient × activation at the "
+                        "noun step), gradient_image (attribution at the image positions), random")
     f.add_argument("--out", required=True, help="results .parquet (resumed if it exists)")
     f.add_argument("--batch-size", type=_positive_int, default=16)
     f.set_defaults(func=cmd_find)
@@ -213,14 +215,16 @@ def cmd_perturb(args) -> dict:
     total = vlm.n_layers * vlm.d_ff
     if args.k > total:
         raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
-    methods = ("contribution", "gradient", "random") if args.gradient else ("contribution", "random")
+    methods = (("contribution", "gradient", "gradient_image", "random") if args.gradient
+               else ("contribution", "random"))
     curves = causal_curves(vlm, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
                            n_random=args.n_random, seed=args.seed, relative=not args.absolute,
                            progress=True)
     if curves.empty:
         raise CliError("no caption names a noun; nothing to perturb (try more --scenes)")
     s = summarize(curves).set_index("method")
-    names = {"contribution": "top", "random": "random", "gradient": "gradient"}
+    names = {"contribution": "top", "random": "random", "gradient": "gradient",
+             "gradient_image": "gradient_image"}
     result = dict(model=args.model, k=args.k, perturbation=curves.perturbation.iloc[0],
                   n_images=len(images), n_nouns=int(s.loc["contribution", "n"]),
                   margin_clean=float(curves.margin_clean[curves.method == "contribution"].mean()))

@@ -1,7 +1,10 @@
-"""The neuron vocabulary: each unit's top tokens under the logit lens.
+"""The neuron vocabulary: each unit's top tokens under the logit lens, at both ends.
 
 Unit ``(l, i)`` writes ``W_out[l][:, i]`` into the residual stream; its top tokens
-are the arg-top-k of ``W_U · W_out[l][:, i]``. The full product ``W_U · W_out[l]``
+are the arg-top-k of ``p · W_U · W_out[l][:, i]`` where ``p`` is its polarity (the sign
+of its coefficient; see :mod:`mmneurons_utils.scoring`). The table keeps both ends of
+every unit's lens (``p = +1``: the top; ``p = −1``: the bottom), so either polarity is a
+lookup. The full product ``W_U · W_out[l]``
 is ``V × d_ff`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
 all 32), which the official code stores. Here it is never formed: the vocabulary
 is walked in chunks of ``chunk`` rows with a running top-k, ``block`` units at a time,
@@ -25,13 +28,21 @@ import torch
 
 @dataclass
 class NeuronVocabulary:
-    """``ids``: ``Int[Tensor, "L F k"]`` token ids, best first; ``logits``: ``Float[Tensor, "L F k"]``."""
+    """``ids``: ``Int[Tensor, "L F k"]`` token ids, best first; ``logits``: ``Float[Tensor, "L F k"]``
+    (the top of ``W_U · W_out``); ``bottom_ids`` / ``bottom_logits``: the same for
+    ``−W_U · W_out`` (a unit of polarity −1), so ``bottom_logits`` are the negated logits."""
 
     ids: torch.Tensor
     logits: torch.Tensor
+    bottom_ids: torch.Tensor
+    bottom_logits: torch.Tensor
 
-    def tokens(self, tokenizer, layer: int, unit: int) -> list[str]:
-        return tokenizer.convert_ids_to_tokens(self.ids[layer, unit].tolist())
+    def top_ids(self, layer: int, unit: int, polarity: int = 1) -> list[int]:
+        """Token ids of unit ``(layer, unit)`` in the direction ``polarity`` writes, best first."""
+        return (self.ids if polarity >= 0 else self.bottom_ids)[layer, unit].tolist()
+
+    def tokens(self, tokenizer, layer: int, unit: int, polarity: int = 1) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(self.top_ids(layer, unit, polarity))
 
 
 @torch.no_grad()
@@ -76,7 +87,7 @@ def _topk_block(w_u, w_out, k, chunk):
 def weights_key(vlm, k: int) -> str:
     """A hash of ``W_U`` and every ``W_out`` (full bytes: an edit to one column changes it)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{vlm.name}|{k}|{vlm.dtype}".encode())
+    digest.update(f"{vlm.name}|{k}|{vlm.dtype}|both-ends".encode())
     for weight in [vlm.lm_head.weight] + [vlm.down_proj(l).weight for l in range(vlm.n_layers)]:
         tensor = weight.detach().contiguous().cpu()
         digest.update(str(tuple(tensor.shape)).encode())
@@ -90,23 +101,25 @@ def cache_dir() -> Path:
 
 def neuron_vocabulary(vlm, k: int = 10, chunk: int = 256, use_cache: bool = True,
                       progress: bool = False) -> NeuronVocabulary:
-    """Every unit's top-``k`` tokens, from the disk cache when the weights are unchanged."""
+    """Every unit's top-``k`` tokens at both ends of its lens, from the disk cache when the
+    weights are unchanged."""
     from tqdm.auto import tqdm
 
     path = cache_dir() / "vocabulary" / f"{weights_key(vlm, k)}.pt"
     if use_cache and path.is_file():
-        saved = torch.load(path, map_location="cpu")
-        return NeuronVocabulary(saved["ids"], saved["logits"])
-    ids, logits = [], []
+        return NeuronVocabulary(**torch.load(path, map_location="cpu"))
+    ends = {"ids": [], "logits": [], "bottom_ids": [], "bottom_logits": []}
     w_u = vlm.lm_head.weight.detach()
     for layer in tqdm(range(vlm.n_layers), desc="neuron vocabulary", disable=not progress):
-        values, top = topk_columns(w_u, vlm.down_proj(layer).weight.detach(), k, chunk)
-        ids.append(top.cpu())
-        logits.append(values.cpu())
-    table = NeuronVocabulary(torch.stack(ids), torch.stack(logits))
+        w_out = vlm.down_proj(layer).weight.detach()
+        for prefix, sign in (("", 1), ("bottom_", -1)):
+            values, top = topk_columns(w_u, sign * w_out, k, chunk)
+            ends[f"{prefix}ids"].append(top.cpu())
+            ends[f"{prefix}logits"].append(values.cpu())
+    table = NeuronVocabulary(**{name: torch.stack(parts) for name, parts in ends.items()})
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"ids": table.ids, "logits": table.logits}, tmp)
+        torch.save(vars(table), tmp)
         tmp.replace(path)  # atomic: a killed run leaves no half-written table
     return table

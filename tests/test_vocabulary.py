@@ -31,6 +31,13 @@ def test_table_is_cached_by_weights_and_edits_change_the_key(tiny_llava, tmp_pat
     # the table agrees with the direct per-unit logit lens used in find_neurons
     units = torch.tensor([[0, 3], [3, 700], [2, 17]]).numpy()
     assert unit_top_tokens(tiny_llava, units, k=5) == [table.ids[l, u].tolist() for l, u in units]
+    # both ends are kept: a unit of polarity −1 reads the bottom of its lens
+    negative = unit_top_tokens(tiny_llava, units, k=5, polarity=[-1, -1, -1])
+    assert negative == [table.top_ids(l, u, -1) for l, u in units]
+    for l, u in units:
+        lens = tiny_llava.lm_head.weight @ tiny_llava.down_proj(int(l)).weight[:, int(u)]
+        assert table.top_ids(l, u, -1) == lens.topk(5, largest=False).indices.tolist()
+        torch.testing.assert_close(table.bottom_logits[l, u], -lens.topk(5, largest=False).values.detach())
     weight = tiny_llava.down_proj(1).weight
     saved = weight.data.clone()
     try:
@@ -53,4 +60,5 @@ def test_bench_reports_the_three_ratios(tiny_llava):
     result = run_bench(tiny_llava, n_images=3, seed=0, repeats=1, vocab_memory=False)
     assert result["overhead_ratio"] > 0.5          # identification includes a full describe
     assert result["gradient_speedup"] > 1          # gradient needs forward + backward per noun
+    assert result["gradient_image_speedup"] > 1
     assert result["n_nouns"] >= 1
