@@ -42,16 +42,24 @@ def ablation_curves(summary, x: str = "k", perturbation: str | None = None,
 def edit_bars(summary, metrics=("success", "generalization", "locality"), width: float = 6.5):
     """Grouped bars: one group per ``(units, n_neurons)`` setting, one bar per metric.
 
-    ``summary``: :func:`mmneurons_utils.editing.summarize_edits` output.
+    ``summary``: :func:`mmneurons_utils.editing.summarize_edits` output. Each label says how
+    many of the pairs' edits were applied (side effects average over those only); a metric with
+    no applied edit to measure it is marked "n/a" instead of a bar.
     """
     labels = [f"{u}\n{n} units" for u, n in zip(summary.units, summary.n_neurons)]
+    if {"n_applied", "n_pairs"} <= set(summary.columns):
+        labels = [f"{label}\n{a}/{p} applied" for label, a, p in
+                  zip(labels, summary.n_applied, summary.n_pairs)]
     x = np.arange(len(summary))
     step = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(width, 2.8))
     colours = ["#DD8452", "#55A868", "#4C72B0", "#8172B3"]
     for j, metric in enumerate(metrics):
-        ax.bar(x + (j - (len(metrics) - 1) / 2) * step, summary[metric], step, label=metric,
-               color=colours[j % len(colours)])
+        at = x + (j - (len(metrics) - 1) / 2) * step
+        ax.bar(at, summary[metric], step, label=metric, color=colours[j % len(colours)])
+        for xi, value in zip(at, summary[metric]):
+            if value != value:  # NaN: nothing was measured
+                ax.text(xi, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=6)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share")
