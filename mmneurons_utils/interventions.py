@@ -79,27 +79,29 @@ def perturb_units(vlm, units, mode: str = "noise", sigma: float = 1.0, relative:
     * ``mode="zero"``: set the columns to 0 (the unit writes nothing).
     * ``mode="scale"``: multiply the columns by ``factor``.
 
-    Restored bit-for-bit on exit (see :func:`saved_columns`).
+    Restored bit-for-bit on exit (see :func:`saved_columns`). The block runs in the
+    caller's grad mode (gradients through the perturbed model work inside it).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "noise" and not (float(sigma) >= 0):
         raise ValueError(f"sigma must be a non-negative number, got {sigma!r}")
     generator = torch.Generator().manual_seed(int(seed))
-    with saved_columns(vlm, units) as by_layer, torch.no_grad():
-        for layer, cols in by_layer.items():
-            weight = vlm.down_proj(layer).weight
-            idx = torch.as_tensor(cols, device=weight.device)
-            columns = weight[:, idx].float()                                  # (D, n_l)
-            if mode == "zero":
-                columns = torch.zeros_like(columns)
-            elif mode == "scale":
-                columns = columns * float(factor)
-            else:
-                noise = torch.randn(columns.shape[1], columns.shape[0], generator=generator).T
-                scale = columns.pow(2).mean(0, keepdim=True).sqrt() if relative else 1.0
-                columns = columns + float(sigma) * scale * noise.to(columns.device)
-            weight[:, idx] = columns.to(weight.dtype)
+    with saved_columns(vlm, units) as by_layer:
+        with torch.no_grad():  # only the writes: the block runs in the caller's grad mode
+            for layer, cols in by_layer.items():
+                weight = vlm.down_proj(layer).weight
+                idx = torch.as_tensor(cols, device=weight.device)
+                columns = weight[:, idx].float()                              # (D, n_l)
+                if mode == "zero":
+                    columns = torch.zeros_like(columns)
+                elif mode == "scale":
+                    columns = columns * float(factor)
+                else:
+                    noise = torch.randn(columns.shape[1], columns.shape[0], generator=generator).T
+                    scale = columns.pow(2).mean(0, keepdim=True).sqrt() if relative else 1.0
+                    columns = columns + float(sigma) * scale * noise.to(columns.device)
+                weight[:, idx] = columns.to(weight.dtype)
         yield
 
 

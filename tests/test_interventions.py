@@ -157,3 +157,22 @@ def test_identified_units_matter_more_than_random_ones(tiny_llava):
     assert s.loc["random", "noun_removed"] == 0.0
     half = half_removal_k(curves).set_index("method")
     assert not half.loc["random", "reached"] and np.isnan(half.loc["random", "k_half"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="noise"), dict(mode="zero"), dict(mode="scale", factor=2.0)])
+def test_perturbation_keeps_the_callers_grad_mode(random_vlm, images, kwargs):
+    """The weight writes run under ``no_grad``; the caller's block runs in its own grad mode
+    (gradient scores under a perturbation need it)."""
+    vlm = random_vlm
+    before = _weights(vlm)
+    enc = vlm.inputs(images[:1])
+    assert torch.is_grad_enabled()
+    with perturb_units(vlm, [(3, 1), (0, 2)], **kwargs):
+        assert torch.is_grad_enabled()
+        loss = vlm.model(**enc).logits[0, -1].logsumexp(-1)
+        loss.backward()
+        assert vlm.down_proj(3).weight.grad is not None
+    vlm.model.zero_grad(set_to_none=True)
+    _assert_restored(vlm, before)
+    with torch.no_grad(), perturb_units(vlm, [(3, 1)], **kwargs):
+        assert not torch.is_grad_enabled()
