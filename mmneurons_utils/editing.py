@@ -523,12 +523,11 @@ def default_pairs(pool: ScenePool, n_pairs: int = 20, min_images: int = 4, seed:
         raise EditInputError(f"only {len(sources)} nouns are said in ≥ {min_images} captions of the "
                              f"pool; ask for fewer pairs or a larger pool")
     vocabulary = sorted(NOUNS)
+    said = {noun: set(pool.with_noun(noun)) for noun in vocabulary}
     pairs = []
     for i in rng.permutation(len(sources)):
         source = sources[i]
-        said = set(pool.with_noun(source))
-        choices = [t for t in vocabulary
-                   if t != source and len(said - set(pool.with_noun(t))) >= min_images]
+        choices = [t for t in vocabulary if t != source and len(said[source] - said[t]) >= min_images]
         if choices:
             pairs.append((source, choices[int(rng.integers(len(choices)))]))
         if len(pairs) == n_pairs:
