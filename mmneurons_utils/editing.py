@@ -33,11 +33,11 @@ cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
 (generalisation and locality on held-out images) and ``save_pretrained()``.
 
 **Evaluation rules.** Success and generalisation count only images whose clean caption says
-the source and *not* the target (the others are counted in ``n_excluded_target``: deleting
-the source there is no flip). A failed edit is never applied: it scores success 0 (its images
-keep saying the source) but has no side effects to measure, so its locality, KL and
-generalisation are NaN, as is generalisation with no held-out image. :func:`summarize_edits`
-takes success over every attempted pair and side effects and ‖Δ‖ over applied edits only.
+the source and *not* the target (the others go to ``n_excluded_target``: losing the source
+there is no flip). A failed edit is not applied (unless ``keep_failed``): success 0 (its images
+keep saying the source), but locality, KL and generalisation NaN, as is generalisation with no
+held-out image. :func:`summarize_edits` takes success over every attempted pair, side effects
+and ‖Δ‖ over the applied edits only.
 """
 
 from __future__ import annotations
