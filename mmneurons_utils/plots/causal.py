@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "random": "#8C8C8C"}
+from .properties import METHOD_COLOURS
 CURVE_LABELS = {"margin_drop": "noun logit-margin drop", "prob_drop": "noun probability drop",
                 "noun_removed": "share of captions losing the noun",
                 "caption_changed": "share of captions changed"}

@@ -7,7 +7,8 @@ import numpy as np
 
 from ..scenes import ATTRIBUTION
 
-METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "random": "#8C8C8C"}
+METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "gradient_image": "#55A868",
+                  "random": "#8C8C8C"}
 
 
 def heatmap_overlay(image, heat: np.ndarray, mask: np.ndarray | None = None, ax=None,
@@ -62,7 +63,7 @@ def metric_bars(summary, metric: str, chance: dict | None = None, width: float =
         ax.bar(x, part["mean"], color=colours)
         ax.errorbar(x, part["mean"], yerr=[part["mean"] - part.low, part.high - part["mean"]],
                     fmt="none", ecolor="black", capsize=3, linewidth=1)
-        ax.set_xticks(x, part.method, fontsize=8)
+        ax.set_xticks(x, [m.replace("_", "\n") for m in part.method], fontsize=7)
         ax.set_title(model, fontsize=9)
         if chance and model in chance:
             ax.axhline(chance[model], color="black", linestyle="--", linewidth=0.8)
@@ -88,7 +89,7 @@ def jaccard_bars(summary, width: float = 3.4):
                    label=metric.replace("jaccard_", ""))
             ax.errorbar(x + offset, rows["mean"], yerr=[rows["mean"] - rows.low, rows.high - rows["mean"]],
                         fmt="none", ecolor="black", capsize=2, linewidth=1)
-        ax.set_xticks(x, methods, fontsize=8)
+        ax.set_xticks(x, [m.replace("_", "\n") for m in methods], fontsize=7)
         ax.set_title(model, fontsize=9)
     axes.flat[0].set_ylabel("Jaccard of top-k sets")
     axes.flat[0].legend(fontsize=7, title="noun", title_fontsize=7)

@@ -2,7 +2,7 @@
 
 * :class:`SpecificityPanel` — image, noun, method, ``k`` → the top unit's and the
   top-``k`` mean activation maps over the image with their 95th-percentile masks,
-  mass in box and pointing, and the units' top tokens scored against the caption.
+  mass in box and pointing, and the units' top tokens scored against the noun.
 * :class:`InvariancePanel` — image, permutation seed, ``k`` → the caption before and
   after shuffling the image tokens, and the share of each noun's top-``k`` units kept.
 
@@ -62,9 +62,11 @@ class SpecificityPanel(Panel):
         rows = rows[rows["rank"] < k]
         tokens = candidate_text(rows.top_tokens, 3)
         line = f"caption: {self.caption.text} | noun: {noun} | top-{k} tokens: {tokens}"
-        if self.similarity is not None:
-            f1 = self.similarity.bertscore([tokens or "."], [noun])[0]
-            line += f" | BERTScore vs noun {f1:.3f}"
+        if self.similarity is not None and len(rows):   # per unit vs the noun, then averaged
+            words = [candidate_text([t], 3) for t in rows.top_tokens]
+            f1 = self.similarity.bertscore([w or "." for w in words], [noun] * len(words))
+            f1 = float(np.mean([score if w else 0.0 for w, score in zip(words, f1)]))
+            line += f" | BERTScore vs noun {f1:.3f} (per unit)"
         shown = rows[["rank", "layer", "unit", "polarity", "score", "top_tokens"]].head(10).round(3)
         if specificity.patch_grid(self.vlm) is None:
             return [line, shown, f"{self.vlm.arch.family}: image tokens are not a patch grid, "
