@@ -10,6 +10,7 @@ building, image-token positions and batched greedy captioning.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ from . import architectures as A
 from .capture import Activations, record_activations
 from .nouns import NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
 from .scenes import NOUNS
+
+# config fields and processor attributes that name image / video placeholder tokens
+_PLACEHOLDER_FIELD = re.compile(r"(image|video|boi|eoi|vision_start|vision_end)_token_(id|index)")
+_PLACEHOLDER_ATTRS = ("image_token", "video_token", "fake_image_token", "global_image_tag",
+                      "boi_token", "eoi_token", "image_start_token", "image_end_token")
 
 INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
@@ -62,6 +68,7 @@ class VLM:
         config = model.config
         ids = [getattr(config, f) for f in arch.image_token_fields if getattr(config, f, None) is not None]
         self.image_token_id: int | None = ids[0] if ids else None
+        self.placeholder_token_ids: list[int] = self._placeholder_token_ids()
 
     @classmethod
     def from_parts(cls, model, processor, family: str | None = None, name: str | None = None) -> "VLM":
@@ -70,6 +77,21 @@ class VLM:
         family = A.EMBEDDED_FAMILY.get(family, family)
         arch = A.ARCHITECTURES[family] if family else A.architecture_for(model.config.model_type)
         return cls(model, processor, arch, name or family or model.config.model_type, embedded)
+
+    def _placeholder_token_ids(self) -> list[int]:
+        """Ids of the image (and video) placeholder tokens that the config or the processor
+        names: the image token, Idefics3's ``<fake_token_around_image>`` / ``<global-img>``,
+        begin/end-of-image tokens. ``describe`` never generates them."""
+        config, vocab = self.model.config, self.lm_head.out_features
+        ids = {self.image_token_id}
+        ids |= {v for k, v in vars(config).items() if isinstance(v, int) and not isinstance(v, bool)
+                and _PLACEHOLDER_FIELD.fullmatch(k)}
+        for attr in _PLACEHOLDER_ATTRS:
+            token = getattr(self.processor, attr, None)
+            token = getattr(token, "content", token)
+            if isinstance(token, str) and token in self.tokenizer.get_vocab():
+                ids.add(self.tokenizer.convert_tokens_to_ids(token))
+        return sorted(i for i in ids if i is not None and 0 <= i < vocab)
 
     # --- where the neurons are -------------------------------------------------
     @property
@@ -214,6 +236,10 @@ class VLM:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        # A placeholder token has no text, and fed back it breaks the image-feature count of
+        # every later forward (teacher forcing, scoring): never generate one.
+        suppress = sorted(set(self.model.generation_config.suppress_tokens or [])
+                          | set(self.placeholder_token_ids)) or None
         captions: list[Caption] = []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="describe", disable=not progress):
@@ -222,7 +248,7 @@ class VLM:
             recorder = record_activations(self, mask, capture) if capture else nullcontext()
             with recorder as recording:
                 out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          use_cache=use_cache)
+                                          use_cache=use_cache, suppress_tokens=suppress)
             for r, row in enumerate(out[:, enc["input_ids"].shape[1]:].tolist()):
                 ids = row[: next((j for j, t in enumerate(row) if t in stop), len(row))]
                 caption = self._caption(ids, nouns)

@@ -337,3 +337,23 @@ def test_activation_ablation_hits_each_images_own_noun_position(family_vlm, monk
     expected = [[vlm.inputs([images[r.image]])["input_ids"].shape[1] - 1 + r.step]
                 for r in curves.itertuples()]
     assert seen == expected
+
+
+def test_captions_never_contain_placeholder_tokens(family_vlm):
+    """Even when the unembedding favours them, the image placeholders (Idefics3: also
+    ``<fake_token_around_image>`` and ``<global-img>``) are never generated."""
+    _, vlm = family_vlm
+    ids = vlm.placeholder_token_ids
+    assert vlm.image_token_id in ids
+
+    def favour(module, args, out):
+        out = out.clone()
+        out[..., ids] += 1e4
+        return out
+
+    handle = vlm.lm_head.register_forward_hook(favour)
+    try:
+        captions = vlm.describe(_images(2, seed=10), max_new_tokens=4, nouns=[])
+    finally:
+        handle.remove()
+    assert all(not set(ids) & set(c.token_ids) for c in captions)

@@ -53,3 +53,38 @@ def test_summarise_ci_without_an_image_column_is_the_row_bootstrap():
     assert first["n"] == first["n_clusters"] == 150
     assert list(summary.columns) == ["method", "metric", "mean", "low", "high", "n", "n_clusters"]
     assert summary.iloc[1]["n"] == summary.iloc[1]["n_clusters"] == 0
+
+
+# --- captions never contain the image token ---------------------------------------------
+@pytest.mark.parametrize("builder", ["build_tiny_llava", "build_tiny_instructblip"])
+def test_caption_never_contains_the_image_token(builder):
+    """A random-weight model whose unembedding favours the image token above all others
+    (a bias on its logit) still captions without it: the token has no text, and fed back
+    it breaks the image-feature count of every later forward."""
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.tiny import build
+    from mmneurons_utils.vlm import VLM
+
+    model, processor = getattr(build, builder)(seed=2)
+    vlm = VLM.from_parts(model, processor, family=builder.replace("build_", "").replace("_", "-"))
+    image_id = vlm.image_token_id
+    assert image_id is not None
+
+    def favour(module, args, out):                       # out: (batch, seq, V) logits
+        out = out.clone()
+        out[..., image_id] += 1e4
+        return out
+
+    handle = vlm.lm_head.register_forward_hook(favour)
+    try:
+        images = [s.image for s in make_scenes(2, seed=3)]
+        with torch.no_grad():
+            logits = vlm.model(**vlm.inputs(images[:1])).logits[0, -1]
+        assert int(logits.argmax()) == image_id          # unsuppressed, it would be said
+        for use_cache in (True, False):
+            captions = vlm.describe(images, max_new_tokens=5, use_cache=use_cache)
+            for caption in captions:
+                assert image_id not in caption.token_ids
+    finally:
+        handle.remove()
+    assert image_id in vlm.placeholder_token_ids
