@@ -159,13 +159,17 @@ class TextSimilarity:
         tokenizer, model = self.scorer._tokenizer, self.scorer._model
         idf = get_idf_dict(list(idf_corpus or references), tokenizer, nthreads=0)
         idf[tokenizer.cls_token_id] = idf[tokenizer.sep_token_id] = 0.0
-        embed = lambda texts: get_bert_embedding(list(texts), model, tokenizer, idf,
-                                                 device=self.device)
-        (ce, cm, cw), (re_, rm, rw) = embed(candidates), embed(references)
+        # each distinct text embedded once, in length order so that a batch pads to its own
+        # longest text (short unit words are not padded to a caption's length)
+        texts = sorted(set(candidates) | set(references), key=len)
+        dist = {}
+        for start in range(0, len(texts), 256):
+            part = texts[start:start + 256]
+            emb, mask, weight = get_bert_embedding(part, model, tokenizer, idf, device=self.device)
+            dist.update({text: _distribution(emb[i], mask[i], weight[i]) for i, text in enumerate(part)})
         scores = []
-        for i in range(len(candidates)):
-            x, a = _distribution(ce[i], cm[i], cw[i])
-            y, b = _distribution(re_[i], rm[i], rw[i])
+        for candidate, reference in zip(candidates, references):
+            (x, a), (y, b) = dist[candidate], dist[reference]
             cost = torch.cdist(x.double(), y.double()).numpy()
             scores.append(1.0 - float(np.sum(ot.emd(a, b, cost) * cost)))
         return np.array(scores)
