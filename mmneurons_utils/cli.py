@@ -112,7 +112,7 @@ def _add_causal_commands(sub) -> None:
                    help="N scenes: half of those saying the source are edited, the rest held out")
     e.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
     e.add_argument("--n-neurons", type=_positive_int, default=5)
-    e.add_argument("--units", default="contribution", help="contribution (default) or random")
+    e.add_argument("--units", default="contribution", help="contribution (default), gradient, gradient_image or random")
     e.add_argument("--steps", type=_positive_int, default=150, help="most Adam steps (default 150)")
     e.add_argument("--save", metavar="DIR", help="save the edited model to this new folder")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -9,7 +9,9 @@ the top-``n`` units for ``source``: the units with the largest contribution scor
 step that produced ``source``. These units already fire when the source is said and write
 its unembedding direction, so moving their write vector towards ``target`` acts exactly
 where the source is produced and little elsewhere (their activation is small on other
-steps and images). One additive delta ``Δ[j]`` (``Float[Tensor, "D"]``) per unit.
+steps and images). One additive delta ``Δ[j]`` (``Float[Tensor, "D"]``) per unit. The
+baselines pick their units the same way from their own scores (``units="gradient"``,
+``"gradient_image"``) or at random.
 
 **How it is learned.** Adam on the deltas only (the model's parameters get no gradient),
 through a forward hook that adds ``a[..., units] @ Δ`` to ``down_proj``'s output — the
@@ -60,7 +62,7 @@ from .interventions import as_units, column_snapshot
 from .nouns import locate_nouns
 from .scenes import NOUNS, make_scenes
 
-UNIT_CHOICES = ("contribution", "random")
+UNIT_CHOICES = ("contribution", "gradient", "gradient_image", "random")
 
 
 class EditInputError(ValueError):
@@ -269,14 +271,22 @@ def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor
 
 
 def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons: int,
-                 method: str = "contribution", seed: int = 0) -> np.ndarray:
-    """``Int[ndarray, "n 2"]``: the top-``n`` units by contribution to ``source`` summed over
-    the edit images (``captions`` carry activations), or ``n`` seeded random units."""
+                 method: str = "contribution", seed: int = 0, images: Sequence = ()) -> np.ndarray:
+    """``Int[ndarray, "n 2"]``: the top-``n`` units by ``method``'s score for ``source`` summed
+    over the edit images (``captions`` carry activations; the gradient methods also need the
+    ``images``), or ``n`` seeded random units."""
+    from .identify import logit_weights, unit_scores
+    from .nouns import NounToken
+
     if method == "random":
         return scoring.random_units(vlm.n_layers, vlm.d_ff, n_neurons, [seed, source_id])
-    weights = scoring.unit_logit_weights(vlm, source_id)
-    total = sum(scoring.contribution_scores(vlm, c.activations.steps[s], source_id, weights)
-                for c, s in zip(captions, steps))
+    if method != "contribution" and len(images) != len(captions):
+        raise EditInputError(f"units={method!r} needs the edit images to score them")
+    targets = [NounToken(noun=str(source_id), step=s, token_id=source_id) for s in steps]
+    weights = logit_weights(vlm, targets[:1])
+    images = list(images) or [None] * len(captions)
+    total = sum(unit_scores(vlm, image, caption, [target], (method,), weights)[method][0]
+                for image, caption, target in zip(images, captions, targets))
     return scoring.top_units(total, n_neurons)[0]
 
 
@@ -289,8 +299,9 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
     ``target`` where they said ``source`` (see the module docstring for the design).
 
     ``images``: PIL images whose generated captions say ``source``. ``units``:
-    ``"contribution"`` (top units for the source, the paper's neurons), ``"random"``
-    (``seed``-ed, the baseline) or an explicit ``Int[array, "n 2"]``. ``unrelated``: images
+    ``"contribution"`` (top units for the source, the paper's neurons), ``"gradient"`` /
+    ``"gradient_image"`` (the top units of either gradient baseline, summed over the images),
+    ``"random"`` (``seed``-ed, the baseline) or an explicit ``Int[array, "n 2"]``. ``unrelated``: images
     whose captions the edit must leave alone (their KL enters the loss).
 
     Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
@@ -318,7 +329,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
                                  f"(layer, unit) pairs, got {units!r}")
         if n_neurons > vlm.n_layers * vlm.d_ff:
             raise EditInputError(f"n_neurons must be ≤ {vlm.n_layers * vlm.d_ff}, got {n_neurons}")
-        chosen = choose_units(vlm, captions, src_steps, source_id, n_neurons, units, seed)
+        chosen = choose_units(vlm, captions, src_steps, source_id, n_neurons, units, seed, images)
     else:
         chosen = np.unique(as_units(vlm, units), axis=0)
     chosen = np.asarray(chosen, dtype=np.int64)

@@ -41,7 +41,7 @@ def test_edit_json_and_save(tmp_path, cli):
     (["edit", "--source", "dog", "--target", "spaceship", "--scenes", "4"], "choose one of: apple"),
     (["edit", "--source", "dog", "--target", "dog", "--scenes", "4"], "same word"),
     (["edit", "--source", "octopus", "--target", "cat", "--scenes", "3"], "nouns said"),
-    (["edit", "--source", "dog", "--target", "cat", "--scenes", "4", "--units", "best"], "contribution, random"),
+    (["edit", "--source", "dog", "--target", "cat", "--scenes", "4", "--units", "best"], "contribution, gradient, gradient_image, random"),
     (["perturb", "--scenes", "2", "--k", "999999"], "3072"),
     (["perturb", "--scenes", "2", "--sigma", "-1"], "--sigma"),
 ])

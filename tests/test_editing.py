@@ -234,3 +234,25 @@ def test_cli_edit_json_says_applied_and_null_for_unmeasured(cli):
     code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "40", "--seed", "0",
                        "--units", "random", "--n-neurons", "1", "--steps", "1")
     assert code == 0 and "not applied" in out and "locality 1" not in out
+
+
+@pytest.mark.parametrize("method, at", [("gradient", "noun"), ("gradient_image", "image")])
+def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, method, at):
+    """``units="gradient"`` / ``"gradient_image"`` edit the top units of that score summed over the
+    edit images (checked against gradient_scores called directly), not the contribution units."""
+    from mmneurons_utils.editing import _source_steps, choose_units
+    from mmneurons_utils.scoring import gradient_scores, top_units
+
+    images = case["images"]
+    captions = tiny_llava.describe(images, capture="down_proj_input")
+    steps = _source_steps(tiny_llava, captions, case["source"])
+    source_id = captions[0].token_ids[steps[0]]
+    chosen = choose_units(tiny_llava, captions, steps, source_id, 5, method, images=images)
+    total = sum(gradient_scores(tiny_llava, tiny_llava.inputs([image]), c.token_ids,
+                                [(s, source_id)], at=at)[0]
+                for image, c, s in zip(images, captions, steps))
+    assert chosen.tolist() == top_units(total, 5)[0].tolist()
+    ours = choose_units(tiny_llava, captions, steps, source_id, 5, "contribution")
+    assert set(map(tuple, chosen.tolist())) != set(map(tuple, ours.tolist()))
+    with pytest.raises(EditInputError, match="needs the edit images"):
+        choose_units(tiny_llava, captions, steps, source_id, 5, method)
