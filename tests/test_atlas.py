@@ -1,0 +1,92 @@
+"""Dataset examples (streaming top-k), the neuron atlas, its page and ``mmneurons atlas``."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmneurons_utils import make_scenes
+from mmneurons_utils.examples import ExampleStream, UnitExamples, dataset_examples, purity
+
+E = 4
+
+
+@pytest.fixture(scope="module")
+def scenes12():
+    return make_scenes(12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def brute(tiny_llava, scenes12):
+    """Top-E of every unit over all images at once: (high values, high images, low values, low images)."""
+    caps = tiny_llava.describe([s.image for s in scenes12], max_new_tokens=1,
+                               capture="down_proj_input", image_activations=True)
+    high = torch.stack([c.activations.image.amax(1) for c in caps], -1)     # (L, F, N)
+    low = torch.stack([c.activations.image.amin(1) for c in caps], -1)
+    h, l = high.topk(E, -1), low.topk(E, -1, largest=False)
+    return h.values, h.indices, l.values, l.indices
+
+
+@pytest.mark.parametrize("batch_size", [3, 5, 12])
+def test_streaming_equals_brute_force_at_both_ends(tiny_llava, scenes12, brute, batch_size):
+    ex = dataset_examples(tiny_llava, [s.image for s in scenes12], examples=E, batch_size=batch_size)
+    hv, hi, lv, li = brute
+    assert torch.equal(ex.high_images, hi) and torch.equal(ex.low_images, li)
+    torch.testing.assert_close(ex.high_values, hv)
+    torch.testing.assert_close(ex.low_values, lv)
+    assert ex.n_images == len(scenes12)
+    # top(): best first in the polarity's direction; −1 reads max(−a)
+    images, scores = ex.top(2, 17, polarity=1)
+    assert images == hi[2, 17].tolist() and scores == sorted(scores, reverse=True)
+    images, scores = ex.top(2, 17, polarity=-1)
+    assert images == li[2, 17].tolist()
+    np.testing.assert_allclose(scores, (-lv[2, 17]).tolist(), rtol=1e-6)
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_memory_does_not_grow_with_the_number_of_images(tiny_llava):
+    sizes = []
+    for n in (3, 12):
+        stream = ExampleStream(tiny_llava.n_layers, tiny_llava.d_ff, E)
+        scenes = make_scenes(n, seed=5)
+        for start in range(0, n, 3):
+            stream.add(tiny_llava.describe([s.image for s in scenes[start:start + 3]], max_new_tokens=1,
+                                           capture="down_proj_input", image_activations=True))
+        state = stream.result()
+        sizes.append([tuple(t.shape) for t in (state.high_values, state.high_images,
+                                               state.low_values, state.low_images)])
+        assert state.n_images == n
+    assert sizes[0] == sizes[1] == [(tiny_llava.n_layers, tiny_llava.d_ff, E)] * 4
+
+
+def test_fewer_images_than_examples_leaves_empty_slots(tiny_llava):
+    ex = dataset_examples(tiny_llava, [s.image for s in make_scenes(2, seed=1)], examples=E)
+    images, scores = ex.top(0, 0)
+    assert sorted(images) == [0, 1] and len(scores) == 2
+    assert np.isnan(purity(UnitExamples(*(torch.full((1, 1, 2), v) for v in (-np.inf, -1, np.inf, -1))),
+                           [[0, 0]], [1], [True]))[0]
+
+
+def test_cache_needs_a_description_and_is_reused(tiny_llava, scenes12, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMNEURONS_CACHE", str(tmp_path))
+    images = [s.image for s in scenes12]
+    dataset_examples(tiny_llava, images, examples=E)
+    assert not list(tmp_path.rglob("*.pt"))                     # no description: nothing cached
+    first = dataset_examples(tiny_llava, images, examples=E, description="scenes n=12 seed=3")
+    assert len(list(tmp_path.rglob("*.pt"))) == 1
+    calls = []
+    monkeypatch.setattr(tiny_llava, "describe", lambda *a, **k: calls.append(1))
+    again = dataset_examples(tiny_llava, images, examples=E, description="scenes n=12 seed=3")
+    assert not calls and torch.equal(again.high_images, first.high_images)
+    assert again.description == "scenes n=12 seed=3" and again.n_images == 12
+
+
+def test_purity_counts_top_images_with_the_noun(tiny_llava, scenes12):
+    ex = dataset_examples(tiny_llava, [s.image for s in scenes12], examples=E, batch_size=6)
+    units, signs = np.array([[1, 5], [3, 300]]), np.array([1, -1])
+    contains = np.zeros(len(scenes12), dtype=bool)
+    contains[ex.top(1, 5, 1)[0][:3]] = True                     # 3 of unit (1, 5)'s 4 top images
+    p = purity(ex, units, signs, contains)
+    assert p[0] == pytest.approx(0.75)
+    expected = np.mean([contains[i] for i in ex.top(3, 300, -1)[0]])
+    assert p[1] == pytest.approx(expected)
+    assert (purity(ex, units, signs, np.ones(len(scenes12), bool)) == 1).all()
