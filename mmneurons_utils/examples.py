@@ -68,8 +68,8 @@ class UnitExamples:
     def images_of(self, units, polarity) -> np.ndarray:
         """``Int[ndarray, "k E"]``: the top images of ``units`` (``Int[k, 2]``), each in its
         ``polarity`` (``Int[k]`` of ±1); ``-1`` where fewer than ``E`` images were seen."""
-        units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
-        signs = np.asarray(polarity, dtype=np.int64).reshape(-1)
+        units = np.array(units, dtype=np.int64).reshape(-1, 2)     # a writable copy
+        signs = np.array(polarity, dtype=np.int64).reshape(-1)
         layer, unit = torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])
         high, low = self.high_images[layer, unit].numpy(), self.low_images[layer, unit].numpy()
         return np.where(signs[:, None] >= 0, high, low)

@@ -90,3 +90,78 @@ def test_purity_counts_top_images_with_the_noun(tiny_llava, scenes12):
     expected = np.mean([contains[i] for i in ex.top(3, 300, -1)[0]])
     assert p[1] == pytest.approx(expected)
     assert (purity(ex, units, signs, np.ones(len(scenes12), bool)) == 1).all()
+
+
+# --- the atlas -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def atlas48(tiny_llava):
+    from mmneurons_utils.atlas import build_atlas
+
+    scenes = make_scenes(48, seed=0)
+    table, parts = build_atlas(tiny_llava, [s.image for s in scenes], top_k=10, examples=8,
+                               batch_size=16, return_parts=True)
+    return scenes, table, parts
+
+
+def test_atlas_columns_and_ranges(atlas48):
+    from mmneurons_utils.atlas import ATLAS_COLUMNS
+
+    _, table, parts = atlas48
+    assert list(table.columns) == ATLAS_COLUMNS and len(table)
+    assert table["polarity"].isin([-1, 1]).all()
+    assert table["frequency"].between(0, 1).all() and table["purity"].between(0, 1).all()
+    assert table["modality"].between(0, 1).all()
+    assert not table.duplicated(["noun", "layer", "unit"]).any()
+    row = table.iloc[0]
+    assert row["example_images"] == parts["examples"].top(row["layer"], row["unit"], row["polarity"])[0]
+    # n_images and frequency are those of the captions and the identification table
+    said = [row["noun"] in nouns for nouns in parts["nouns"]]
+    assert row["n_images"] == sum(said)
+    found = parts["found"]
+    hits = found[(found.method == "contribution") & (found.noun == row["noun"])
+                 & (found.layer == row["layer"]) & (found.unit == row["unit"])]
+    assert row["frequency"] == pytest.approx(hits["image"].nunique() / sum(said))
+
+
+def test_top_unit_of_a_frequent_noun_recurs_and_is_purer_than_random(atlas48):
+    from mmneurons_utils.atlas import summary
+
+    _, table, _ = atlas48
+    noun = table.sort_values(["n_images", "noun"], ascending=[False, True])["noun"].iloc[0]
+    rows = table[table.noun == noun]
+    assert rows["n_images"].iloc[0] >= 4
+    top = rows.iloc[0]
+    assert top["frequency"] >= 0.75
+    assert top["purity"] > top["purity_random"]
+    s = summary(table)
+    assert s["purity_contribution"] > 2 * s["purity_random"]
+
+
+def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
+    from mmneurons_utils.atlas import build_atlas
+    from mmneurons_utils.identify import find_neurons_by_method
+
+    images = [s.image for s in make_scenes(8, seed=2)]
+    _, parts = build_atlas(tiny_llava, images, top_k=5, examples=3, batch_size=3, return_parts=True)
+    reference, _ = find_neurons_by_method(tiny_llava, images, methods=("contribution", "random"), top_k=5)
+    ours = parts["found"].sort_values(["method", "image", "noun", "rank"], ignore_index=True)
+    reference = reference.sort_values(["method", "image", "noun", "rank"], ignore_index=True)
+    assert ours[["image", "noun", "method", "layer", "unit", "polarity"]].equals(
+        reference[["image", "noun", "method", "layer", "unit", "polarity"]])
+
+
+def test_atlas_parquet_round_trip(atlas48, tmp_path):
+    from mmneurons_utils.atlas import read_atlas, write_atlas
+
+    _, table, _ = atlas48
+    path = write_atlas(table, tmp_path / "atlas.parquet", meta={"description": "scenes n=48 seed=0"})
+    back, meta = read_atlas(path)
+    assert meta == {"description": "scenes n=48 seed=0"}
+    assert list(back.columns) == list(table.columns) and len(back) == len(table)
+    assert back["example_images"].tolist() == table["example_images"].tolist()
+    assert back["top_tokens"].tolist() == table["top_tokens"].tolist()
+    pd_testing = pytest.importorskip("pandas").testing
+    pd_testing.assert_frame_equal(back.drop(columns=["top_tokens", "example_images", "example_scores"]),
+                                  table.drop(columns=["top_tokens", "example_images", "example_scores"]))
+    assert not list(tmp_path.glob(".*tmp"))
