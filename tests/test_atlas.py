@@ -165,3 +165,70 @@ def test_atlas_parquet_round_trip(atlas48, tmp_path):
     pd_testing.assert_frame_equal(back.drop(columns=["top_tokens", "example_images", "example_scores"]),
                                   table.drop(columns=["top_tokens", "example_images", "example_scores"]))
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# --- the page ------------------------------------------------------------------------------
+
+def _data_uris(page):
+    import re
+
+    return re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+
+
+def test_atlas_page_is_self_contained_small_and_escaped(atlas48, tiny_llava, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mmneurons_utils.atlas_html import render_atlas_html
+
+    scenes, table, parts = atlas48
+    table = table.copy()
+    table.loc[table.noun == table.noun.iloc[0], "noun"] = "<b>x&y</b>"          # hostile noun
+    path = render_atlas_html(tiny_llava, table, [s.image for s in scenes], tmp_path / "index.html",
+                             captions=parts["captions"], meta={"model": "tiny-llava <m>"},
+                             cards_per_noun=2, examples_per_card=3)
+    page = path.read_text()
+    assert "<b>x&y</b>" not in page and "&lt;b&gt;x&amp;y&lt;/b&gt;" in page
+    assert "tiny-llava &lt;m&gt;" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    n_nouns = table.noun.nunique()
+    uris = _data_uris(page)
+    assert 0 < len(uris) <= n_nouns * 2 * 3
+    assert page.count("class='card'") == sum(min(2, n) for n in table.groupby("noun").size())
+    thumb = Image.open(io.BytesIO(base64.b64decode(uris[0])))
+    assert thumb.size == (64, 64)
+    print(f"page {len(page)} chars, {len(uris)} thumbnails")
+    assert len(page) < 30_000 * n_nouns                                       # modest
+    # the thumbnails carry the unit's map: not the plain image
+    row = table.iloc[0]
+    plain = np.asarray(scenes[row["example_images"][0]].image.convert("RGB").resize((64, 64)), dtype=float)
+    shown = np.asarray(thumb.convert("RGB"), dtype=float)
+    print("overlay difference", np.abs(shown - plain).mean())
+    assert np.abs(shown - plain).mean() > 8                      # dimmed where p·a is low
+
+
+def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp_path):
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from mmneurons_utils.atlas import ATLAS_COLUMNS
+    from mmneurons_utils.atlas_html import render_atlas_html
+
+    scenes = make_scenes(3, seed=0)
+    row = dict(noun="cat", layer=1, unit=2, polarity=-1, frequency=1.0, n_images=2, base_rate=0.5,
+               mean_score=0.1, top_tokens=["cat", "dog"], noun_rank=0, purity=1.0, purity_random=0.3,
+               modality=0.4, example_images=[2, 0], example_scores=[0.5, 0.4])
+    path = render_atlas_html(tiny_instructblip, pd.DataFrame([row], columns=ATLAS_COLUMNS),
+                             [s.image for s in scenes], tmp_path / "index.html")
+    page = path.read_text()
+    assert "L1.2 (−)" in page and "<b>cat</b>" in page
+    uris = _data_uris(page)
+    assert len(uris) == 2
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uris[0]))).convert("RGB"), dtype=float)
+    plain = np.asarray(scenes[2].image.convert("RGB").resize((64, 64)), dtype=float)
+    assert np.abs(thumb - plain).mean() < 4                      # the image itself (palette-quantised)

@@ -1,0 +1,186 @@
+"""The atlas as one self-contained static page (``index.html``): no scripts, no external
+assets; thumbnails are base64 PNG data URIs.
+
+A section per noun (most-said nouns first, a contents line at the top), a card per unit
+(``L{layer}.{unit} (+/−)``, its top tokens with the noun in bold, frequency, purity vs the
+random units' purity, modality) with thumbnails of its top dataset images, each overlaid
+with the unit's activation map in its polarity (``p · a`` over the patch grid, upsampled
+smoothly, normalised to the map's maximum: the image is dimmed where the unit is silent).
+Models whose image tokens are not a patch grid (InstructBLIP) show the plain images. The
+page is kept small by ``cards_per_noun``, ``examples_per_card`` and 64-colour PNGs (about
+2.5 kB per thumbnail as base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .specificity import patch_grid, unit_maps, upsample
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
+h1{font-size:1.4em} h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:1.6em}
+.meta{color:#555;font-size:.9em} nav a{margin-right:.6em}
+.cards{display:flex;flex-wrap:wrap;gap:.8em}
+.card{border:1px solid #ddd;border-radius:6px;padding:.5em;width:300px;font-size:.85em}
+.card .name{font-weight:600;font-family:monospace;font-size:1.05em}
+.neg{color:#1f5fbf} .pos{color:#b8321f}
+.tokens{font-family:monospace;color:#444;margin:.2em 0}
+.stats td{padding:0 .5em 0 0} .thumbs img{width:64px;height:64px;margin:1px;image-rendering:auto}
+"""
+
+
+def unit_label(row) -> str:
+    """``"L3.741 (−)"``: layer.unit and the direction in which it writes the noun."""
+    sign = "−" if int(row["polarity"]) < 0 else "+"
+    return f"L{int(row['layer'])}.{int(row['unit'])} ({sign})"
+
+
+def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Path,
+                      captions: Sequence[str] | None = None, title: str = "Neuron atlas",
+                      meta: dict | None = None, cards_per_noun: int = 3,
+                      examples_per_card: int = 4, thumb: int = 64, batch_size: int = 16,
+                      progress: bool = False) -> Path:
+    """Write the atlas page to ``path`` (atomically) and return it.
+
+    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows; ``images``: the images its
+    ``example_images`` index; ``captions``: their caption texts (thumbnail tooltips);
+    ``meta``: key → value pairs shown under the title. Maps need the example images'
+    activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
+    are run once more through the model, ``batch_size`` at a time (prefill only).
+    """
+    shown = _shown_rows(table, cards_per_noun)
+    thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress)
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    if meta:
+        parts.append("<p class='meta'>" + " · ".join(
+            f"{html.escape(str(k))}: {html.escape(_fmt(v))}" for k, v in meta.items()) + "</p>")
+    parts.append("<p class='meta'>Per unit: <b>frequency</b> = share of the noun's images whose top "
+                 "units include it; <b>purity</b> = share of its top dataset images (in its polarity) "
+                 "whose caption says the noun, vs the same for random units; <b>modality</b> = 1 fires "
+                 "only on image tokens, 0 only at the caption steps. Thumbnails: the unit's top images, "
+                 "dimmed where <i>p·a</i> is low (bright = where it fires).</p>")
+    nouns = list(dict.fromkeys(shown["noun"]))
+    parts.append("<nav>" + "".join(f"<a href='#{_anchor(n)}'>{html.escape(n)}</a>" for n in nouns)
+                 + "</nav>")
+    for noun in nouns:
+        rows = shown[shown["noun"] == noun]
+        n_images, base = int(rows["n_images"].iloc[0]), float(rows["base_rate"].iloc[0])
+        parts.append(f"<h2 id='{_anchor(noun)}'>{html.escape(noun)} <span class='meta'>"
+                     f"({n_images} images, {base:.1%} of the dataset)</span></h2><div class='cards'>")
+        for _, row in rows.iterrows():
+            parts.append(_card(row, thumbs, captions, examples_per_card))
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _shown_rows(table: pd.DataFrame, cards_per_noun: int) -> pd.DataFrame:
+    """Nouns by how many images say them (then name); each noun's first ``cards_per_noun`` rows."""
+    if not len(table):
+        return table
+    order = (table[["noun", "n_images"]].drop_duplicates("noun")
+             .sort_values(["n_images", "noun"], ascending=[False, True])["noun"].tolist())
+    return pd.concat([table[table["noun"] == n].head(cards_per_noun) for n in order],
+                     ignore_index=True)
+
+
+def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
+    sign = "neg" if int(row["polarity"]) < 0 else "pos"
+    noun = row["noun"]
+    tokens = ", ".join(f"<b>{html.escape(str(t))}</b>" if str(t).strip("▁Ġ ") == noun
+                       else html.escape(str(t)) for t in list(row["top_tokens"])[:8])
+    stats = (f"<table class='stats'><tr><td>frequency</td><td>{row['frequency']:.2f}</td>"
+             f"<td>mean score</td><td>{row['mean_score']:+.3f}</td></tr>"
+             f"<tr><td>purity</td><td><b>{row['purity']:.2f}</b> vs random "
+             f"{row['purity_random']:.2f}</td><td>modality</td><td>{_fmt(row['modality'])}</td></tr>"
+             "</table>")
+    images = []
+    for index, score in list(zip(row["example_images"], row["example_scores"]))[:examples_per_card]:
+        uri = thumbs.get((int(index), int(row["layer"]), int(row["unit"]), int(row["polarity"])))
+        if uri is None:
+            continue
+        tip = f"image {int(index)}, max p·a = {float(score):.3f}"
+        if captions is not None and int(index) < len(captions):
+            tip += f": {captions[int(index)]}"
+        images.append(f"<img src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
+    return (f"<div class='card'><div class='name {sign}'>{html.escape(unit_label(row))}</div>"
+            f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
+
+
+def _thumbnails(vlm, shown: pd.DataFrame, images, examples_per_card, thumb, batch_size, progress):
+    """``(image, layer, unit, polarity)`` → data URI of the thumbnail with that unit's map."""
+    from tqdm.auto import tqdm
+
+    wanted: dict[int, list[tuple[int, int, int]]] = {}
+    for row in shown.itertuples(index=False):
+        for index in list(row.example_images)[:examples_per_card]:
+            wanted.setdefault(int(index), []).append((int(row.layer), int(row.unit), int(row.polarity)))
+    order = sorted(wanted)
+    grid = patch_grid(vlm) if order else None
+    out: dict[tuple, str] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="atlas page", disable=not progress):
+        batch = order[start:start + batch_size]
+        pictures = [images[i].convert("RGB").resize((thumb, thumb)) for i in batch]
+        captions = (vlm.describe([images[i] for i in batch], max_new_tokens=1, batch_size=len(batch),
+                                 capture="down_proj_input", image_activations=True)
+                    if grid is not None else [None] * len(batch))
+        for index, picture, caption in zip(batch, pictures, captions):
+            units = sorted(set(wanted[index]))
+            if grid is None:
+                plain = _data_uri(picture)
+                out.update({(index, *u): plain for u in units})
+                continue
+            maps = unit_maps(vlm, caption.activations, [u[:2] for u in units], [u[2] for u in units])
+            for unit, grid_map in zip(units, maps):
+                out[(index, *unit)] = _data_uri(_overlay(picture, grid_map))
+    return out
+
+
+def _overlay(picture, grid_map: np.ndarray):
+    """A spotlight: the picture dimmed where ``grid_map``'s positive part is low
+    (brightness ``0.25 + 0.75 · map / max``), so it reads on objects of any colour."""
+    from PIL import Image
+
+    heat = np.clip(upsample(grid_map, (picture.height, picture.width), smooth=True), 0, None)
+    top = heat.max()
+    if not top > 0:
+        return picture
+    light = (0.25 + 0.75 * heat / top)[..., None]
+    base = np.asarray(picture, dtype=np.float32)
+    return Image.fromarray(np.clip(base * light, 0, 255).astype(np.uint8))
+
+
+def _data_uri(picture) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()      # a 64-colour palette: about a third of the RGB file's bytes
+    picture.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _anchor(noun: str) -> str:
+    return "noun-" + "".join(c if c.isalnum() else "-" for c in noun)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "—" if value != value else f"{value:.3g}"
+    return str(value)
