@@ -6,7 +6,8 @@
 Executed copies go to ``<out>/notebooks/``; each notebook, given ``output_dir``, writes
 its figures as PNG to ``<out>/figures/`` and its tables as CSV to ``<out>/tables/``
 (``mmneurons_utils.outputs.Outputs``); per-notebook wall times go to
-``<out>/timings.json``. Parameters are given as ``-p NAME VALUE`` (as papermill's own
+``<out>/timings.json``; then the paper-claims scorecard (``mmneurons_utils.claims``) is
+written from the tables to ``<out>/claims.csv`` and ``<out>/claims.md``. Parameters are given as ``-p NAME VALUE`` (as papermill's own
 command line) or ``-p NAME=VALUE``; values are read as JSON when they parse (numbers,
 booleans, quoted strings), else as plain strings.
 
@@ -157,6 +158,13 @@ def main(argv=None) -> None:
     tables = sorted((args.out / "tables").glob("*.csv"))
     print(f"all notebooks: {timings['total']} s; {len(figures)} figures in {args.out / 'figures'}, "
           f"{len(tables)} tables in {args.out / 'tables'}; times in {args.out / 'timings.json'}")
+    try:                                   # the paper-claims scorecard, from the tables just written
+        from .claims import write_scorecard
+
+        csv_path, md_path = write_scorecard(args.out)
+        print(f"claims scorecard: {md_path} and {csv_path}")
+    except Exception as error:             # never let the summary hide a finished run
+        print(f"claims scorecard not written: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":
