@@ -4,6 +4,7 @@
     mmneurons describe --model /path/to/llava-1.5-7b-hf --images photos/ --device cuda
     mmneurons perturb --model tiny-llava --scenes 20 --seed 0 --k 50 --zero --json
     mmneurons edit --model tiny-llava --source dog --target cat --scenes 200 --seed 0 --save edited/
+    mmneurons atlas --model tiny-llava --scenes 256 --seed 0 --top-k 10 --examples 8 --out atlas/ --json
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
 With ``--json`` the last line of standard output is one JSON object.
@@ -87,7 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.set_defaults(func=cmd_bench)
     _add_causal_commands(sub)
+    _add_atlas_command(sub)
     return parser
+
+
+def _add_atlas_command(sub) -> None:
+    """``atlas``: every noun's recurring units with their dataset examples, as parquet + HTML."""
+    a = sub.add_parser("atlas", help="neuron atlas: each noun's recurring units with dataset examples "
+                                     "(atlas.parquet and a static index.html)")
+    _add_model_args(a)
+    _add_image_args(a)
+    a.add_argument("--top-k", type=_positive_int, default=10, help="units per (image, noun) (default 10)")
+    a.add_argument("--examples", type=_positive_int, default=8,
+                   help="top dataset images kept per unit (default 8)")
+    a.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; a finished run with the same settings is reused)")
+    a.add_argument("--batch-size", type=_positive_int, default=16)
+    a.set_defaults(func=cmd_atlas)
 
 
 def _add_causal_commands(sub) -> None:
@@ -286,6 +303,72 @@ def cmd_edit(args) -> dict:
         if save is not None:
             print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
     return {k: _finite(v) for k, v in result.items()}
+
+
+def cmd_atlas(args) -> dict:
+    import resource
+    import time
+    from pathlib import Path
+
+    from .atlas import build_atlas, read_atlas, summary, write_atlas
+    from .atlas_html import render_atlas_html
+    from .identify import check_top_k
+    from .vlm import load_vlm
+
+    start = time.perf_counter()
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder; choose a folder")
+    if not out.parent.is_dir():
+        raise CliError(f"folder {out.parent} of --out does not exist")
+    names, images, _ = _images(args)
+    source = (f"scenes n={args.scenes} seed={args.seed}" if args.scenes
+              else f"images {Path(args.images).resolve()} ({len(names)} files, {_names_hash(names)})")
+    description = dict(model=args.model, dtype=str(args.dtype or "float32"), source=source,
+                       seed=args.seed, top_k=args.top_k, examples=args.examples)
+    parquet, page = out / "atlas.parquet", out / "index.html"
+    table = None
+    if parquet.exists():  # resume: a finished run with the same settings is reused, not redone
+        try:
+            table, meta = read_atlas(parquet)
+        except Exception as exc:
+            raise CliError(f"{parquet} exists and is not a readable atlas ({exc}); remove it or "
+                           "choose another --out") from exc
+        if meta.get("description") != description:
+            raise CliError(f"{parquet} holds another run ({meta.get('description')}); remove it or "
+                           "choose another --out")
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    check_top_k(vlm, args.top_k)
+    resumed = table is not None
+    captions = None
+    if table is None:
+        table, parts = build_atlas(vlm, images, top_k=args.top_k, examples=args.examples,
+                                   seed=args.seed, batch_size=args.batch_size, progress=True,
+                                   return_parts=True)
+        captions = parts["captions"]
+        out.mkdir(exist_ok=True)
+        write_atlas(table, parquet, meta=dict(description=description, n_images=len(images)))
+    if not resumed or not page.exists():
+        render_atlas_html(vlm, table, images, page, captions=captions,
+                          title=f"Neuron atlas: {args.model}, {source}",
+                          meta=dict(model=args.model, images=source, top_k=args.top_k,
+                                    examples=args.examples, **summary(table)),
+                          batch_size=args.batch_size, progress=True)
+    result = dict(out=str(out), model=args.model, n_images=len(images), **summary(table),
+                  resumed=resumed, seconds=round(time.perf_counter() - start, 2),
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    if not args.json:
+        state = "reused" if resumed else "written"
+        print(f"{result['n_nouns']} nouns, {result['n_units']} units over {len(images)} images; purity "
+              f"{_finite(result['purity_contribution'])} vs random {_finite(result['purity_random'])}; "
+              f"{state}: {parquet}, {page}")
+    return {k: _finite(v) for k, v in result.items()}
+
+
+def _names_hash(names) -> str:
+    import hashlib
+
+    return hashlib.blake2b("\n".join(names).encode(), digest_size=6).hexdigest()
 
 
 def main(argv=None) -> int:

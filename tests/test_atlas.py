@@ -232,3 +232,60 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
     thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uris[0]))).convert("RGB"), dtype=float)
     plain = np.asarray(scenes[2].image.convert("RGB").resize((64, 64)), dtype=float)
     assert np.abs(thumb - plain).mean() < 4                      # the image itself (palette-quantised)
+
+
+# --- mmneurons atlas -----------------------------------------------------------------------
+
+def test_cli_atlas_writes_parquet_and_page_and_reuses_a_finished_run(tmp_path, cli):
+    import json
+
+    from mmneurons_utils.atlas import read_atlas
+
+    out = tmp_path / "atlas"
+    argv = ["atlas", "--model", "tiny-llava", "--scenes", "24", "--seed", "0", "--top-k", "5",
+            "--examples", "4", "--out", str(out), "--json"]
+    code, stdout, _ = cli(*argv)
+    assert code == 0
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert {"n_images", "n_nouns", "n_units", "purity_contribution", "purity_random",
+            "peak_rss_mb"} <= set(result)
+    assert result["n_images"] == 24 and result["n_nouns"] > 0 and not result["resumed"]
+    assert result["purity_contribution"] > result["purity_random"]
+    assert result["peak_rss_mb"] > 0
+    table, meta = read_atlas(out / "atlas.parquet")
+    assert table["noun"].nunique() == result["n_nouns"] and meta["n_images"] == 24
+    page = (out / "index.html").read_text()
+    assert "data:image/png;base64," in page and "Neuron atlas" in page
+    assert not list(out.glob(".*tmp"))
+    # the same settings again: reused, the same numbers
+    code, stdout, _ = cli(*argv)
+    again = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and again["resumed"]
+    assert again["purity_contribution"] == result["purity_contribution"]
+    assert again["n_units"] == result["n_units"]
+    # other settings on the same folder: refused, not overwritten
+    code, _, err = cli(*[a if a != "5" else "6" for a in argv])
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "another run" in errors[0]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--top-k", "100000"], "top_k must be"),
+    (["--out", "/no/such/parent/atlas"], "does not exist"),
+])
+def test_cli_atlas_bad_values_exit_2_with_one_line(extra, needle, cli, tmp_path):
+    argv = ["atlas", "--scenes", "2", "--out", str(tmp_path / "a")] + extra
+    code, _, err = cli(*argv)
+    errors = [line for line in err.splitlines() if "error:" in line]   # (model loading bars aside)
+    assert code == 2 and len(errors) == 1 and needle in errors[0]
+    assert errors[0].startswith("mmneurons atlas: error:")
+    assert not (tmp_path / "a").exists()                                  # no work, no folder
+
+
+def test_cli_atlas_out_must_be_a_folder_and_examples_positive(cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli("atlas", "--scenes", "2", "--out", str(tmp_path / "file"))
+    assert code == 2 and "not a folder" in err
+    with pytest.raises(SystemExit) as exit_info:
+        cli("atlas", "--scenes", "2", "--examples", "0", "--out", str(tmp_path / "b"))
+    assert exit_info.value.code == 2
