@@ -289,3 +289,19 @@ def test_cli_atlas_out_must_be_a_folder_and_examples_positive(cli, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli("atlas", "--scenes", "2", "--examples", "0", "--out", str(tmp_path / "b"))
     assert exit_info.value.code == 2
+
+
+def test_example_strip_draws_a_units_top_images(atlas48, tiny_llava):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmneurons_utils.plots.atlas import example_strip
+
+    scenes, table, parts = atlas48
+    row = table.iloc[0]
+    fig = example_strip(tiny_llava, [s.image for s in scenes], row, n=4, captions=parts["captions"])
+    assert len([ax for ax in fig.axes if ax.images]) == 4
+    assert f"L{row['layer']}.{row['unit']}" in fig._suptitle.get_text()
+    plt.close(fig)
