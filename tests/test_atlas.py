@@ -149,6 +149,10 @@ def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
     reference = reference.sort_values(["method", "image", "noun", "rank"], ignore_index=True)
     assert ours[["image", "noun", "method", "layer", "unit", "polarity"]].equals(
         reference[["image", "noun", "method", "layer", "unit", "polarity"]])
+    # and the examples gathered on the same pass are dataset_examples'
+    examples = dataset_examples(tiny_llava, images, examples=3, batch_size=8)
+    assert torch.equal(parts["examples"].high_images, examples.high_images)
+    assert torch.equal(parts["examples"].low_images, examples.low_images)
 
 
 def test_atlas_parquet_round_trip(atlas48, tmp_path):
