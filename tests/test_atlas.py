@@ -309,3 +309,22 @@ def test_example_strip_draws_a_units_top_images(atlas48, tiny_llava):
     assert len([ax for ax in fig.axes if ax.images]) == 4
     assert f"L{row['layer']}.{row['unit']}" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_browser_dataset_strip(tiny_llava):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmneurons_utils.widgets.explorer import NeuronExplorer
+
+    explorer = NeuronExplorer(tiny_llava, scenes=make_scenes(12, seed=0), top_k=5)
+    unit = explorer.selected()
+    fig = explorer.dataset_strip(n=4)
+    assert len([ax for ax in fig.axes if ax.images]) == 4
+    assert f"L{unit['layer']}.{unit['unit']}" in fig._suptitle.get_text()
+    first = explorer._examples
+    plt.close(fig)
+    plt.close(explorer.dataset_strip(n=3))
+    assert explorer._examples is first                        # gathered once per scene list

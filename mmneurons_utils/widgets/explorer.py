@@ -142,6 +142,27 @@ class NeuronExplorer:
                                      title=f"{unit_label(unit)} on '{unit['noun']}'",
                                      boxes=boxes)
 
+    def dataset_strip(self, unit: dict | None = None, n: int = 6, examples: int = 8):
+        """The unit's strip of dataset examples: its top ``n`` images among the picker's scenes
+        (by ``max p · a`` over the image tokens, in its polarity), each with its map; see
+        :func:`mmneurons_utils.plots.atlas.example_strip`. The examples of every unit are
+        gathered once per scene list (one prefill pass over the scenes)."""
+        from ..examples import dataset_examples
+        from ..plots.atlas import example_strip
+
+        unit = unit or self.selected()
+        if unit is None:
+            return None
+        scenes = self.picker.scenes
+        cached = getattr(self, "_examples", None)
+        if cached is None or cached[0] is not scenes or cached[1].examples < n:
+            self._examples = (scenes, dataset_examples(self.vlm, [s.image for s in scenes],
+                                                       examples=max(examples, n)))
+        indices, scores = self._examples[1].top(unit["layer"], unit["unit"], unit["polarity"])
+        row = dict(unit, example_images=indices[:n], example_scores=scores[:n])
+        return example_strip(self.vlm, [s.image for s in scenes], row, n=n,
+                             captions=[s.caption for s in scenes])
+
     def view(self) -> BrowserView:
         """The current choice as static output: caption, units table, bars, heatmap, unit."""
         from .. import plots
