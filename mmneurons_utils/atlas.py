@@ -185,11 +185,20 @@ def read_atlas(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 def summary(table: pd.DataFrame) -> dict:
     """Headline numbers: nouns, units, and mean purity of the atlas units vs random units
-    (each noun's random purity counted once per atlas row, so the two are paired)."""
-    return dict(n_nouns=int(table["noun"].nunique()) if len(table) else 0,
-                n_units=int(len(table[["layer", "unit"]].drop_duplicates())) if len(table) else 0,
+    (each noun's random purity counted once per atlas row, so the two are paired);
+    ``purity_top_unit``: the mean purity of each noun's most frequent unit (ties: the
+    higher mean score), one per noun."""
+    if not len(table):
+        nan = float("nan")
+        return dict(n_nouns=0, n_units=0, n_rows=0, purity_contribution=nan, purity_random=nan,
+                    purity_top_unit=nan, base_rate=nan, modality=nan)
+    top = (table.sort_values(["noun", "frequency", "mean_score"], ascending=[True, False, False])
+           .groupby("noun").head(1))
+    return dict(n_nouns=int(table["noun"].nunique()),
+                n_units=int(len(table[["layer", "unit"]].drop_duplicates())),
                 n_rows=int(len(table)),
-                purity_contribution=float(table["purity"].mean()) if len(table) else float("nan"),
-                purity_random=float(table["purity_random"].mean()) if len(table) else float("nan"),
-                base_rate=float(table["base_rate"].mean()) if len(table) else float("nan"),
-                modality=float(table["modality"].mean()) if len(table) else float("nan"))
+                purity_contribution=float(table["purity"].mean()),
+                purity_random=float(table["purity_random"].mean()),
+                purity_top_unit=float(top["purity"].mean()),
+                base_rate=float(table["base_rate"].mean()),
+                modality=float(table["modality"].mean()))
