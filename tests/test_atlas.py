@@ -328,3 +328,17 @@ def test_browser_dataset_strip(tiny_llava):
     plt.close(fig)
     plt.close(explorer.dataset_strip(n=3))
     assert explorer._examples is first                        # gathered once per scene list
+
+
+def test_summary_top_unit_purity_takes_each_nouns_most_frequent_unit():
+    import pandas as pd
+
+    from mmneurons_utils.atlas import summary
+
+    table = pd.DataFrame(dict(
+        noun=["dog", "dog", "cat"], layer=[3, 2, 3], unit=[1, 2, 5], frequency=[1.0, 0.5, 0.8],
+        mean_score=[1.0, 2.0, 1.0], purity=[0.75, 0.25, 0.5], purity_random=[0.0, 0.0, 0.125],
+        base_rate=[0.1, 0.1, 0.05], modality=[0.5, 0.5, 0.5]))
+    got = summary(table)
+    assert got["purity_top_unit"] == (0.75 + 0.5) / 2          # dog's L3.1, cat's L3.5
+    assert got["purity_contribution"] == 0.5 and got["n_nouns"] == 2 and got["n_units"] == 3
