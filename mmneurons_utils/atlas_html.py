@@ -9,6 +9,10 @@ smoothly, normalised to the map's maximum: the image is dimmed where the unit is
 Models whose image tokens are not a patch grid (InstructBLIP) show the plain images. The
 page is kept small by ``cards_per_noun``, ``examples_per_card`` and 64-colour PNGs (about
 2.5 kB per thumbnail as base64).
+
+Stable class names for scripts and tests: ``mmn-noun`` (a noun's section heading),
+``mmn-card`` (a unit's card), ``mmn-name`` (its ``L3.479 (+)`` title), ``mmn-thumb`` (a
+thumbnail ``img``).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
     for noun in nouns:
         rows = shown[shown["noun"] == noun]
         n_images, base = int(rows["n_images"].iloc[0]), float(rows["base_rate"].iloc[0])
-        parts.append(f"<h2 id='{_anchor(noun)}'>{html.escape(noun)} <span class='meta'>"
+        parts.append(f"<h2 class='mmn-noun' id='{_anchor(noun)}'>{html.escape(noun)} <span class='meta'>"
                      f"({n_images} images, {base:.1%} of the dataset)</span></h2><div class='cards'>")
         for _, row in rows.iterrows():
             parts.append(_card(row, thumbs, captions, examples_per_card))
@@ -120,8 +124,8 @@ def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
         tip = f"image {int(index)}, max p·a = {float(score):.3f}"
         if captions is not None and int(index) < len(captions):
             tip += f": {captions[int(index)]}"
-        images.append(f"<img src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
-    return (f"<div class='card'><div class='name {sign}'>{html.escape(unit_label(row))}</div>"
+        images.append(f"<img class='mmn-thumb' src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
+    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(unit_label(row))}</div>"
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
 

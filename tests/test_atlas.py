@@ -200,7 +200,7 @@ def test_atlas_page_is_self_contained_small_and_escaped(atlas48, tiny_llava, tmp
     n_nouns = table.noun.nunique()
     uris = _data_uris(page)
     assert 0 < len(uris) <= n_nouns * 2 * 3
-    assert page.count("class='card'") == sum(min(2, n) for n in table.groupby("noun").size())
+    assert page.count("class='card mmn-card'") == sum(min(2, n) for n in table.groupby("noun").size())
     thumb = Image.open(io.BytesIO(base64.b64decode(uris[0])))
     assert thumb.size == (64, 64)
     print(f"page {len(page)} chars, {len(uris)} thumbnails")

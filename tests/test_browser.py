@@ -216,3 +216,83 @@ def test_neuron_browser_in_jupyterlab(jupyterlab):
     assert before_caption.startswith("caption:") and after_caption.startswith("caption:")
     assert after_caption != before_caption
     assert after_png != before_png, "the heatmap image did not change"
+
+
+# --- the atlas page (a static file: no JupyterLab needed, same browser) ---------------------
+
+_ATLAS_REPORT = """() => {
+  const cards = [...document.querySelectorAll('.mmn-card')];
+  const imgs = [...document.querySelectorAll('img')];
+  return {
+    cards: cards.map(c => ({name: (c.querySelector('.mmn-name') || {}).textContent || '',
+                            thumbs: c.querySelectorAll('img.mmn-thumb').length})),
+    images: imgs.length,
+    thumbs: document.querySelectorAll('img.mmn-thumb').length,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+    sizes: [...new Set(imgs.map(i => i.naturalWidth + 'x' + i.naturalHeight))],
+    nouns: document.querySelectorAll('h2.mmn-noun').length,
+  };
+}"""
+
+
+def _open_report(browser, path: Path, screenshot: Path | None = None) -> dict:
+    """Load ``path`` (file://) in a new page, wait for its images, return the page's report."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1100})
+    page.set_default_timeout(int(os.environ.get("MMNEURONS_BROWSER_TIMEOUT_MS", 60_000)))
+    try:
+        page.goto(path.resolve().as_uri(), wait_until="load")   # "load": every img settled
+        report = page.evaluate(_ATLAS_REPORT)
+        if screenshot is not None:
+            page.screenshot(path=str(screenshot))
+        return report
+    finally:
+        page.close()
+
+
+def test_atlas_page_in_chromium(tmp_path, cli):
+    """``mmneurons atlas`` on 24 scenes, its ``index.html`` opened from disk in Chromium: the
+    unit cards render with their ``L3.479 (+)`` titles and every thumbnail decodes; a copy of
+    the page with one corrupted data URI is caught (the check can fail)."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from mmneurons_utils.atlas import read_atlas
+
+    out = tmp_path / "atlas"
+    code, stdout, err = cli("atlas", "--model", "tiny-llava", "--scenes", "24", "--seed", "0",
+                            "--top-k", "5", "--examples", "4", "--out", str(out), "--json")
+    assert code == 0, err[-2000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    table, _ = read_atlas(out / "atlas.parquet")
+    expected_cards = int(table.groupby("noun").size().clip(upper=3).sum())   # cards_per_noun=3
+    html = (out / "index.html").read_text()
+    first = re.search(r"src='data:image/png;base64,([A-Za-z0-9+/=]{40})", html)
+    assert first, "no thumbnail in the page"
+    broken_copy = tmp_path / "broken.html"   # one thumbnail's PNG bytes garbled, same length
+    broken_copy.write_text(html.replace(first.group(1), "A" * 40, 1))
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True,
+                                    args=CHROMIUM_FLAGS, chromium_sandbox=False)
+        try:
+            report = _open_report(browser, out / "index.html", ARTIFACTS / "atlas.png")
+            control = _open_report(browser, broken_copy)
+        finally:
+            browser.close()
+    (ARTIFACTS / "atlas.json").write_text(json.dumps(
+        {"cli": result, "report": {k: v for k, v in report.items() if k != "cards"},
+         "cards": report["cards"][:10], "n_cards": len(report["cards"])}, indent=1))
+
+    cards = report["cards"]
+    assert len(cards) >= 1 and len(cards) == expected_cards
+    assert report["nouns"] == result["n_nouns"]
+    for card in cards:
+        assert re.fullmatch(r"L\d+\.\d+ \([+−]\)", card["name"].strip()), card["name"]
+        assert card["thumbs"] >= 1, card
+    assert report["thumbs"] == report["images"] >= len(cards)
+    assert report["broken"] == [], f"thumbnails that did not decode: {report['broken'][:5]}"
+    assert report["sizes"] == ["64x64"]
+    # the control: the same check on a page with one bad data URI fails
+    assert len(control["broken"]) == 1 and len(control["cards"]) == len(cards)
