@@ -102,7 +102,8 @@ def _add_atlas_command(sub) -> None:
     a.add_argument("--examples", type=_positive_int, default=8,
                    help="top dataset images kept per unit (default 8)")
     a.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder (created; a finished run with the same settings is reused)")
+                   help="output folder (created; a finished run with the same settings and weights is "
+                        "reused, one made with other weights of the model recomputed)")
     a.add_argument("--batch-size", type=_positive_int, default=16)
     a.set_defaults(func=cmd_atlas)
 
@@ -314,6 +315,7 @@ def cmd_atlas(args) -> dict:
     from .atlas_html import render_atlas_html
     from .identify import check_top_k
     from .vlm import load_vlm
+    from .vocabulary import weights_key
 
     start = time.perf_counter()
     out = Path(args.out).expanduser()
@@ -327,7 +329,7 @@ def cmd_atlas(args) -> dict:
     description = dict(model=args.model, dtype=str(args.dtype or "float32"), source=source,
                        seed=args.seed, top_k=args.top_k, examples=args.examples)
     parquet, page = out / "atlas.parquet", out / "index.html"
-    table = None
+    table = meta = None
     if parquet.exists():  # resume: a finished run with the same settings is reused, not redone
         try:
             table, meta = read_atlas(parquet)
@@ -339,6 +341,15 @@ def cmd_atlas(args) -> dict:
                            "choose another --out")
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     check_top_k(vlm, args.top_k)
+    # the settings name the model by path: a changed checkpoint at the same path is caught by
+    # the hash of the weights the atlas reads (W_U and every W_out, full bytes)
+    weights = weights_key(vlm, 0)
+    weights_changed = table is not None and meta.get("weights") != weights
+    if weights_changed:
+        print(f"mmneurons atlas: {parquet} was made with other weights of {args.model} "
+              f"({meta.get('weights') or 'not recorded'} ≠ {weights}); recomputing it",
+              file=sys.stderr)
+        table = None
     resumed = table is not None
     captions = None
     if table is None:
@@ -347,7 +358,10 @@ def cmd_atlas(args) -> dict:
                                    return_parts=True)
         captions = parts["captions"]
         out.mkdir(exist_ok=True)
-        write_atlas(table, parquet, meta=dict(description=description, n_images=len(images)))
+        if weights_changed:   # the old page goes first: a run killed below never pairs them
+            page.unlink(missing_ok=True)
+        write_atlas(table, parquet, meta=dict(description=description, n_images=len(images),
+                                              weights=weights))
     if not resumed or not page.exists():
         render_atlas_html(vlm, table, images, page, captions=captions,
                           title=f"Neuron atlas: {args.model}, {source}",
@@ -355,10 +369,10 @@ def cmd_atlas(args) -> dict:
                                     examples=args.examples, **summary(table)),
                           batch_size=args.batch_size, progress=True)
     result = dict(out=str(out), model=args.model, n_images=len(images), **summary(table),
-                  resumed=resumed, seconds=round(time.perf_counter() - start, 2),
+                  resumed=resumed, weights_changed=weights_changed, seconds=round(time.perf_counter() - start, 2),
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if not args.json:
-        state = "reused" if resumed else "written"
+        state = "reused" if resumed else ("rewritten (other weights)" if weights_changed else "written")
         print(f"{result['n_nouns']} nouns, {result['n_units']} units over {len(images)} images; purity "
               f"{_finite(result['purity_contribution'])} vs random {_finite(result['purity_random'])}; "
               f"{state}: {parquet}, {page}")

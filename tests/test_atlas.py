@@ -273,6 +273,51 @@ def test_cli_atlas_writes_parquet_and_page_and_reuses_a_finished_run(tmp_path, c
     assert code == 2 and len(errors) == 1 and "another run" in errors[0]
 
 
+def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_path, cli):
+    """The settings name the model by its path: editing one ``down_proj`` weight of the saved
+    checkpoint makes the next run recompute (and say so) instead of reusing the old atlas."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmneurons_utils.atlas import read_atlas
+    from mmneurons_utils.vlm import EMBEDDED_DIR
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
+    out = tmp_path / "atlas"
+    argv = ["atlas", "--model", str(checkpoint), "--scenes", "8", "--seed", "1", "--top-k", "5",
+            "--examples", "3", "--out", str(out), "--json"]
+
+    def run():
+        code, stdout, err = cli(*argv)
+        assert code == 0, err[-2000:]
+        return json.loads(stdout.strip().splitlines()[-1]), err
+
+    first, _ = run()
+    _, meta = read_atlas(out / "atlas.parquet")
+    assert not first["resumed"] and not first["weights_changed"] and len(meta["weights"]) == 32
+    again, err = run()
+    assert again["resumed"] and not again["weights_changed"] and "recomputing" not in err
+    # the same path, one weight of one unit's write vector changed
+    tensors = load_file(checkpoint / "model.safetensors")
+    key = "language_model.model.layers.2.mlp.down_proj.weight"
+    tensors[key][0, 7] += 0.5
+    save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    (out / "index.html").write_text("stale page")
+    changed, err = run()
+    assert not changed["resumed"] and changed["weights_changed"]
+    notes = [line for line in err.splitlines() if "other weights" in line]
+    assert len(notes) == 1 and "recomputing" in notes[0] and "error" not in notes[0]
+    _, new_meta = read_atlas(out / "atlas.parquet")
+    assert new_meta["weights"] != meta["weights"] and new_meta["description"] == meta["description"]
+    assert (out / "index.html").read_text() != "stale page"           # the page was rewritten too
+    assert not list(out.glob(".*tmp"))
+    settled, _ = run()                                                # the new weights: reused
+    assert settled["resumed"] and not settled["weights_changed"]
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--top-k", "100000"], "top_k must be"),
     (["--out", "/no/such/parent/atlas"], "does not exist"),
