@@ -139,3 +139,39 @@ def test_neuron_browser_without_patch_grid(tiny_instructblip):
     assert view.heatmap is None and len(view.table) == 3
     explorer.show()
     assert explorer.heatmap.value                              # a placeholder image
+
+
+def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
+    import matplotlib.pyplot as plt
+
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.examples import dataset_examples
+    from mmneurons_utils.widgets import NeuronExplorer
+
+    scenes = make_scenes(8, seed=0)
+    plain = NeuronExplorer(tiny_llava, scenes, top_k=5)                 # opt-in: off by default
+    assert plain.strip is None and plain.view().strip is None
+    explorer = NeuronExplorer(tiny_llava, scenes, top_k=5, examples=True, strip_n=3)
+    view = explorer.view()
+    assert len([ax for ax in view.strip.axes if ax.images]) == 3
+    plt.close(view.strip)
+    explorer.show()
+    first = bytes(explorer.strip.value)
+    assert first.startswith(b"\x89PNG") and explorer.strip in explorer.widget().children
+    explorer.units.value = 2                                            # click another unit
+    second = bytes(explorer.strip.value)
+    assert second.startswith(b"\x89PNG") and second != first
+    explorer.units.value = 0
+    assert bytes(explorer.strip.value) == first                                # drawn once, kept
+    # a UnitExamples over other images: the strip shows those images, best first
+    other = make_scenes(6, seed=4)
+    found = dataset_examples(tiny_llava, [s.image for s in other], examples=3)
+    given = NeuronExplorer(tiny_llava, scenes, top_k=5, examples=found, example_images=other,
+                           strip_n=3)
+    unit = given.selected()
+    fig = given.dataset_strip(n=3)
+    best = found.top(unit["layer"], unit["unit"], unit["polarity"])[0]
+    assert [ax.get_title().split()[0] for ax in fig.axes if ax.images] == [f"#{i}" for i in best]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="only 2"):
+        NeuronExplorer(tiny_llava, scenes, top_k=5, examples=found, example_images=other[:2])

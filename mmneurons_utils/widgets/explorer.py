@@ -13,6 +13,13 @@ the direction it writes the noun: ``L3.741 (−)`` writes it through ``−W_out[
 map is ``−a`` and its top tokens are the top of ``−W_U · W_out[:, i]``. Models whose image tokens
 are not a patch grid (InstructBLIP's queries) show the units and top tokens, no map.
 
+Opt-in, the selected unit's **dataset strip** (its top images over a dataset, in its
+polarity, each with its map; :meth:`NeuronExplorer.dataset_strip`): ``examples=True``
+gathers the examples of every unit over the picker's scenes (one prefill pass, on the first
+strip), or pass a :class:`~mmneurons_utils.examples.UnitExamples` (e.g. an atlas run's
+``parts["examples"]``) with ``example_images``, the images (or scenes) it indexes. Each
+unit's strip is drawn once (a prefill of its ``strip_n`` images and one figure) and kept.
+
 One image change costs one captioning pass with activations recorded (the scores and the
 maps share it) and one heatmap render; ``last_update_s`` holds the time of the last one.
 """
@@ -38,6 +45,7 @@ class BrowserView(NamedTuple):
     bars: "object"            # matplotlib Figure: their contribution scores, or None
     heatmap: "object"         # matplotlib Figure: the selected unit's map, or None
     unit: dict                # the selected unit: noun, rank, layer, unit, polarity, score, top_tokens
+    strip: "object" = None    # matplotlib Figure: its dataset strip (``examples`` given), or None
 
 
 class NeuronExplorer:
@@ -46,16 +54,39 @@ class NeuronExplorer:
     ``scenes``: the scenes to pick from (default ``make_scenes(n_images, seed)``);
     ``index``: the starting scene (default: the first whose caption names something).
     ``image`` and ``noun`` are the two dropdowns (kept for scripts that set them).
+
+    ``examples``: show the selected unit's dataset strip (``strip_n`` images): ``True`` for
+    the picker's scenes (gathered once per scene list), or a ``UnitExamples`` whose image
+    indices name ``example_images`` (images or scenes; default the picker's scenes). Off
+    (``None``) by default: the strip costs a prefill of its images per new unit.
     """
 
     def __init__(self, vlm, scenes=None, top_k: int = 10, seed: int = 0, n_images: int = 24,
-                 index: int | None = None, heat_px: int = 200):
+                 index: int | None = None, heat_px: int = 200, examples=None,
+                 example_images=None, strip_n: int = 6):
         from .. import specificity
+        from ..examples import UnitExamples
         from ..identify import check_top_k
 
         self.vlm, self.top_k, self.heat_px = vlm, check_top_k(vlm, top_k), heat_px
         self.grid = specificity.patch_grid(vlm)
         self.picker = ImagePicker(scenes, seed=seed, n=n_images)
+        if not (examples is None or examples is True or isinstance(examples, UnitExamples)):
+            raise ValueError(f"examples must be None, True or a UnitExamples, got {type(examples).__name__}")
+        if example_images is not None and not isinstance(examples, UnitExamples):
+            raise ValueError("example_images names the images of a UnitExamples: pass examples too")
+        if isinstance(examples, UnitExamples):
+            example_images = list(example_images if example_images is not None else self.picker.scenes)
+            if len(example_images) < examples.n_images:
+                raise ValueError(f"examples index {examples.n_images} images, example_images has "
+                                 f"only {len(example_images)}")
+        if isinstance(strip_n, bool) or not isinstance(strip_n, int) or strip_n < 1:
+            raise ValueError(f"strip_n must be a positive integer, got {strip_n!r}")
+        self._given_examples, self._example_images = examples, example_images
+        self.strip_n, self._strips = strip_n, {}
+        self.strip = W.Image(format="png") if examples is not None else None
+        if self.strip is not None:
+            self.strip.add_class("mmn-strip")
         if index is None:
             captions = vlm.describe([s.image for s in self.picker.scenes])
             index = next((i for i, c in enumerate(captions) if c.nouns), 0)
@@ -142,35 +173,71 @@ class NeuronExplorer:
                                      title=f"{unit_label(unit)} on '{unit['noun']}'",
                                      boxes=boxes)
 
-    def dataset_strip(self, unit: dict | None = None, n: int = 6, examples: int = 8):
-        """The unit's strip of dataset examples: its top ``n`` images among the picker's scenes
-        (by ``max p · a`` over the image tokens, in its polarity), each with its map; see
-        :func:`mmneurons_utils.plots.atlas.example_strip`. The examples of every unit are
-        gathered once per scene list (one prefill pass over the scenes)."""
+    def _strip_source(self, n: int, examples: int):
+        """``(UnitExamples, images, captions or None)`` the strips are drawn from."""
         from ..examples import dataset_examples
+
+        given = self._given_examples
+        if given is not None and given is not True:
+            items, found = self._example_images, given
+        else:   # the picker's scenes, gathered once per scene list
+            items = self.picker.scenes
+            cached = getattr(self, "_examples", None)
+            if cached is None or cached[0] is not items or cached[1].examples < n:
+                self._examples = (items, dataset_examples(self.vlm, [s.image for s in items],
+                                                          examples=max(examples, n)))
+            found = self._examples[1]
+        scenes = all(hasattr(item, "image") and hasattr(item, "caption") for item in items)
+        images = [item.image for item in items] if scenes else items
+        return found, images, ([item.caption for item in items] if scenes else None)
+
+    def dataset_strip(self, unit: dict | None = None, n: int = 6, examples: int = 8):
+        """The unit's strip of dataset examples: its top ``n`` images (by ``max p · a`` over
+        the image tokens, in its polarity), each with its map; see
+        :func:`mmneurons_utils.plots.atlas.example_strip`. The images are the given
+        ``example_images`` of the constructor's ``UnitExamples``, else the picker's scenes,
+        whose examples (``examples`` per unit) are gathered once per scene list (one prefill
+        pass over the scenes)."""
         from ..plots.atlas import example_strip
 
         unit = unit or self.selected()
         if unit is None:
             return None
-        scenes = self.picker.scenes
-        cached = getattr(self, "_examples", None)
-        if cached is None or cached[0] is not scenes or cached[1].examples < n:
-            self._examples = (scenes, dataset_examples(self.vlm, [s.image for s in scenes],
-                                                       examples=max(examples, n)))
-        indices, scores = self._examples[1].top(unit["layer"], unit["unit"], unit["polarity"])
+        found, images, captions = self._strip_source(n, examples)
+        indices, scores = found.top(unit["layer"], unit["unit"], unit["polarity"])
         row = dict(unit, example_images=indices[:n], example_scores=scores[:n])
-        return example_strip(self.vlm, [s.image for s in scenes], row, n=n,
-                             captions=[s.caption for s in scenes])
+        return example_strip(self.vlm, images, row, n=n, captions=captions)
+
+    def _strip_png(self, unit: dict | None) -> bytes:
+        """The unit's strip as PNG bytes, drawn once per unit (and example source)."""
+        import matplotlib.pyplot as plt
+
+        if unit is None:
+            return _placeholder(self.heat_px, "no unit")
+        source = self._given_examples if self._given_examples is not True else self.picker.scenes
+        if source is not getattr(self, "_strips_of", None):   # another scene list: start afresh
+            self._strips, self._strips_of = {}, source
+        key = (unit["noun"], unit["layer"], unit["unit"], unit["polarity"])
+        if key not in self._strips:
+            fig = self.dataset_strip(unit, n=self.strip_n)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+            plt.close(fig)
+            if len(self._strips) >= 64:
+                self._strips.pop(next(iter(self._strips)))
+            self._strips[key] = buffer.getvalue()
+        return self._strips[key]
 
     def view(self) -> BrowserView:
-        """The current choice as static output: caption, units table, bars, heatmap, unit."""
+        """The current choice as static output: caption, units table, bars, heatmap, unit
+        and, with ``examples``, the unit's dataset strip."""
         from .. import plots
 
         rows = self.rows()
         unit = self.selected()
         bars = plots.neuron_bars(self._table, self.tokens.value) if len(rows) else None
-        return BrowserView(self._caption.text, rows, bars, self.heatmap_figure(unit), unit or {})
+        strip = self.dataset_strip(unit, n=self.strip_n) if self.strip is not None and unit else None
+        return BrowserView(self._caption.text, rows, bars, self.heatmap_figure(unit), unit or {}, strip)
 
     # -- events -----------------------------------------------------------------------
     def _image_changed(self):
@@ -222,6 +289,8 @@ class NeuronExplorer:
             self.heatmap.value = _placeholder(self.heat_px, "no patch grid" if self.grid is None
                                               else "no noun in this caption")
         self.unit_info.value = _unit_html(unit)
+        if self.strip is not None:
+            self.strip.value = self._strip_png(unit)
         self.last_update_s = time.perf_counter() - start
         self.status.value = (f"<small style='color:gray'>{self.picker.label} · "
                              f"updated in {self.last_update_s * 1000:.0f} ms</small>")
@@ -232,9 +301,12 @@ class NeuronExplorer:
                         "<b>top units</b> <small>(rank · layer.unit (polarity) · contribution · "
                         "top tokens)"
                         "</small>")
+        strip = ([W.HTML("<b>top dataset images</b> <small>(the selected unit's, in its polarity, "
+                         "each with its map)</small>"), self.strip]
+                 if self.strip is not None else [])
         return W.VBox([self.picker.widget(), self.tokens.caption_html, self.tokens.dropdown,
                        W.HBox([W.VBox([header, self.units]), W.VBox([self.heatmap, self.unit_info])]),
-                       self.status])
+                       *strip, self.status])
 
     def show(self) -> None:
         self._ensure()
