@@ -2,17 +2,18 @@
 
 One module per part of the paper: ``identification`` (scenes, layer distribution,
 neuron bars), ``properties`` (heatmaps, metric and Jaccard bars), ``causal``
-(ablation curves, edit bars), ``atlas`` (a unit's strip of top dataset images).
+(ablation curves, edit bars), ``atlas`` (a unit's strip of top dataset images, the atlas
+units' purity vs random units, their modality).
 """
 
-from .atlas import example_strip
+from .atlas import example_strip, modality_histogram, purity_scatter
 from .causal import ablation_curves, edit_bars
 from .identification import layer_distribution, neuron_bars, save, scene_grid
 from .properties import heatmap_overlay, heatmap_panels, jaccard_bars, metric_bars
 
 __all__ = [
     "ablation_curves", "edit_bars",                                        # causal effect, editing
-    "example_strip",                                                       # atlas
+    "example_strip", "modality_histogram", "purity_scatter",               # atlas
     "heatmap_overlay", "heatmap_panels", "jaccard_bars", "metric_bars",    # properties
     "layer_distribution", "neuron_bars", "save", "scene_grid",             # identification
 ]

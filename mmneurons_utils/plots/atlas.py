@@ -1,4 +1,5 @@
-"""The neuron browser's strip of dataset examples: a unit's top images, each with its map."""
+"""Atlas figures: a unit's strip of top dataset images (each with its map), the atlas units'
+purity against random units, and their modality."""
 
 from __future__ import annotations
 
@@ -58,3 +59,59 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
 
 def _has(row, key) -> bool:
     return key in row if isinstance(row, dict) else key in getattr(row, "index", ())
+
+
+def purity_scatter(table, width: float = 3.4):
+    """Per noun: the mean purity of its atlas units (contribution) against the purity of the
+    random units drawn for its images, with the diagonal (no better than random) dashed.
+
+    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows (``noun, purity,
+    purity_random, base_rate``). A point's size grows with the noun's number of images.
+    """
+    import numpy as np
+
+    from .properties import METHOD_COLOURS
+
+    nouns = (table.groupby("noun", sort=True)
+             .agg(purity=("purity", "mean"), purity_random=("purity_random", "first"),
+                  n_images=("n_images", "first"))
+             .astype(float))
+    fig, ax = plt.subplots(figsize=(width, width))
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=0.8)
+    ax.scatter(nouns.purity_random, nouns.purity, s=8 + 4 * nouns.n_images,
+               color=METHOD_COLOURS["contribution"], alpha=0.7, edgecolor="white", linewidth=0.5)
+    mean_ours, mean_random = float(table["purity"].mean()), float(table["purity_random"].mean())
+    ax.scatter([mean_random], [mean_ours], marker="X", s=70, color="black", zorder=3,
+               label=f"mean: {mean_ours:.2f} vs {mean_random:.2f}")
+    top = float(np.nanmax([nouns.purity.max(), nouns.purity_random.max(), 0.1]))
+    limit = min(1.0, 1.1 * top)
+    ax.set_xlim(0, limit)
+    ax.set_ylim(0, limit)
+    ax.set_xlabel("purity of random units", fontsize=8)
+    ax.set_ylabel("purity of the noun's atlas units", fontsize=8)
+    ax.set_title(f"{len(nouns)} nouns: top images that say the noun", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def modality_histogram(table, bins: int = 20, width: float = 4.2):
+    """Histogram of the atlas units' ``modality`` (share of ``|a|`` on the image tokens: 1 = only
+    on the image, 0 = only at the caption steps), one count per (noun, unit) row."""
+    import numpy as np
+
+    values = table["modality"].dropna().to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(width, 2.6))
+    ax.hist(values, bins=np.linspace(0, 1, bins + 1), color="#4C72B0", edgecolor="white")
+    if len(values):
+        ax.axvline(values.mean(), color="black", linestyle="--", linewidth=0.8,
+                   label=f"mean {values.mean():.2f}")
+        ax.legend(fontsize=7)
+    ax.axvline(0.5, color="gray", linestyle=":", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("modality: share of |a| on image tokens (0 = caption steps only)", fontsize=8)
+    ax.set_ylabel("(noun, unit) pairs", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
