@@ -7,6 +7,9 @@
   scoring time ÷ the contribution score's, both after the shared generation
   (``gradient_speedup_end_to_end`` includes the generation on both sides);
   ``gradient_image_speedup`` the same for the image-position attribution.
+* ``atlas_ratio`` — the atlas pass (``atlas.build_atlas``: captioning with image
+  activations, the streaming dataset-example merge, identification, purity, modality)
+  ÷ plain ``describe`` on the same images.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
@@ -87,6 +90,21 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
         n_images=len(images), n_nouns=len(pairs))
 
 
+def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8) -> dict:
+    """``atlas_ratio``: ``build_atlas`` ÷ ``describe`` on ``images`` (medians of interleaved runs)."""
+    from .atlas import build_atlas
+
+    describe = lambda: vlm.describe(images, batch_size=16)
+    atlas = lambda: build_atlas(vlm, images, top_k=top_k, examples=examples, batch_size=16)
+    describe(), atlas()  # warm-up
+    t_describe, t_atlas = [], []
+    for _ in range(repeats):
+        t_describe.append(_median_time(describe, 1))
+        t_atlas.append(_median_time(atlas, 1))
+    return dict(atlas_ratio=round(statistics.median(t_atlas) / statistics.median(t_describe), 2),
+                atlas_s=round(statistics.median(t_atlas), 3))
+
+
 def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 32000, k: int = 10,
                        chunk: int = 256, device: str = "cpu") -> dict:
     """Run in a fresh process: peak extra memory of the chunked top-k for one layer."""
@@ -132,6 +150,7 @@ def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: i
     images = [s.image for s in make_scenes(n_images, seed=seed)]
     result = dict(model=vlm.name, device=str(vlm.device), dtype=str(vlm.dtype).replace("torch.", ""))
     result.update(time_identification(vlm, images, repeats=repeats))
+    result.update(time_atlas(vlm, images, repeats=repeats))
     if vocab_memory:
         result.update(measure_vocab_memory(chunk, device=str(vlm.device)))
     return result

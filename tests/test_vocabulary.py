@@ -61,4 +61,5 @@ def test_bench_reports_the_three_ratios(tiny_llava):
     assert result["overhead_ratio"] > 0.5          # identification includes a full describe
     assert result["gradient_speedup"] > 1          # gradient needs forward + backward per noun
     assert result["gradient_image_speedup"] > 1
+    assert result["atlas_ratio"] > 0.5             # the atlas pass includes a full describe
     assert result["n_nouns"] >= 1
