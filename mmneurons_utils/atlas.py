@@ -34,7 +34,6 @@ One row per (noun, unit):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +43,7 @@ import torch
 
 from .examples import ExampleStream, UnitExamples, purity
 from .identify import check_top_k, find_neurons
+from .results import write_parquet
 
 ATLAS_COLUMNS = ["noun", "layer", "unit", "polarity", "frequency", "n_images", "base_rate",
                  "mean_score", "top_tokens", "noun_rank", "purity", "purity_random", "modality",
@@ -155,19 +155,7 @@ def _atlas_rows(found, unit_examples: UnitExamples, nouns_of, sums, units_per_no
 def write_atlas(table: pd.DataFrame, path: str | Path, meta: dict | None = None) -> Path:
     """Write the atlas to ``path`` (parquet) atomically (a temporary file, then a rename);
     ``meta`` (JSON-able, e.g. the run's description) goes in the schema metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    metadata = {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(meta or {}).encode()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(arrow.replace_schema_metadata(metadata), tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet(table, path, {_META_KEY: json.dumps(meta or {}).encode()})
 
 
 def read_atlas(path: str | Path) -> tuple[pd.DataFrame, dict]:

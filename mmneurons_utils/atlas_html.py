@@ -20,13 +20,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from .results import atomic_write
 from .specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
@@ -86,14 +86,8 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
             parts.append(_card(row, thumbs, captions, examples_per_card))
         parts.append("</div>")
     parts.append("</body></html>")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    page = "\n".join(parts)
+    return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 def _shown_rows(table: pd.DataFrame, cards_per_noun: int) -> pd.DataFrame:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from .results import atomic_write
 
 __all__ = ["CLAIMS", "Claim", "Evidence", "HOLDS", "PARTLY", "FAILS", "NOT_MEASURED",
            "scorecard", "write_scorecard", "to_markdown", "wilson_interval"]
@@ -629,13 +630,7 @@ def to_markdown(card: pd.DataFrame) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")    # same folder: os.replace is atomic
-    try:
-        tmp.write_text(text, encoding="utf-8")              # the umask's permissions, as other outputs
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_scorecard(output_dir: str | Path, model: str | None = None) -> tuple[Path, Path]:

@@ -24,13 +24,14 @@ description nothing is cached (the images alone are not a stable key).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .results import atomic_write
+from .specificity import image_unit_scores
 from .vocabulary import cache_dir, weights_key
 
 
@@ -105,9 +106,7 @@ class ExampleStream:
         if any(c.activations is None or c.activations.image is None for c in captions):
             raise ValueError("captions lack image activations: describe the images with "
                              "capture='down_proj_input', image_activations=True")
-        # rows may hold different numbers of image tokens: reduce each image on its own
-        high = torch.stack([c.activations.image.amax(dim=1).float().cpu() for c in captions], -1)
-        low = torch.stack([c.activations.image.amin(dim=1).float().cpu() for c in captions], -1)
+        high, low = (x.permute(1, 2, 0) for x in image_unit_scores(captions))  # (L, F, B) each
         batch_images = indices.expand(*high.shape[:2], len(indices))           # (L, F, B)
         self.high_values, self.high_images = _merge(self.high_values, self.high_images,
                                                     high, batch_images, largest=True)
@@ -163,9 +162,7 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
     result = stream.result(description)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(result.state_dict(), tmp)
-        tmp.replace(path)  # atomic: a killed run leaves no half-written file
+        atomic_write(path, lambda tmp: torch.save(result.state_dict(), tmp))
     return result
 
 

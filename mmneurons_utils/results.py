@@ -17,6 +17,30 @@ import pandas as pd
 _DONE_KEY = b"mmneurons_done_images"
 
 
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``
+    (same folder, so the rename is atomic): a killed run leaves the old file or the new one,
+    never half of one, and no temporary file is left behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_parquet(table: pd.DataFrame, path: str | Path, metadata: dict[bytes, bytes]) -> Path:
+    """``table`` as parquet at ``path``, atomically, with ``metadata`` added to its schema's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **metadata})
+    return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
+
+
 class ResultFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -38,16 +62,6 @@ class ResultFile:
             self.done = json.loads((arrow.schema.metadata or {}).get(_DONE_KEY, b"[]"))
 
     def append(self, rows: pd.DataFrame, image_ids: list[str]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         self.table = pd.concat([self.table, rows], ignore_index=True) if len(self.table) else rows
         self.done = self.done + list(image_ids)
-        arrow = pa.Table.from_pandas(self.table, preserve_index=False)
-        metadata = {**(arrow.schema.metadata or {}), _DONE_KEY: json.dumps(self.done).encode()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            pq.write_table(arrow.replace_schema_metadata(metadata), tmp)
-            tmp.replace(self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_parquet(self.table, self.path, {_DONE_KEY: json.dumps(self.done).encode()})

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .results import atomic_write
+
 
 @dataclass
 class NeuronVocabulary:
@@ -119,7 +121,5 @@ def neuron_vocabulary(vlm, k: int = 10, chunk: int = 256, use_cache: bool = True
     table = NeuronVocabulary(**{name: torch.stack(parts) for name, parts in ends.items()})
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(vars(table), tmp)
-        tmp.replace(path)  # atomic: a killed run leaves no half-written table
+        atomic_write(path, lambda tmp: torch.save(vars(table), tmp))
     return table
