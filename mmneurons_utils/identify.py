@@ -139,12 +139,11 @@ def unit_scores(vlm, image: Image.Image, caption, targets, methods: Sequence[str
         out["contribution"] = [scoring.contribution_scores(vlm, a, t.token_id, weights[t.token_id])
                                for a, t in zip(steps, targets)]
     gradients = [m for m in methods if m in GRADIENT_METHODS]
-    if gradients and targets:
-        inputs = vlm.inputs([image])
-        for method in gradients:
-            out[method] = scoring.gradient_scores(vlm, inputs, caption.token_ids,
-                                                  [(t.step, t.token_id) for t in targets],
-                                                  at=GRADIENT_METHODS[method])
+    if gradients and targets:   # both gradient baselines share one forward pass
+        places = scoring.gradient_attributions(vlm, vlm.inputs([image]), caption.token_ids,
+                                               [(t.step, t.token_id) for t in targets],
+                                               [GRADIENT_METHODS[m] for m in gradients])
+        out.update({m: places[GRADIENT_METHODS[m]] for m in gradients})
     return out
 
 

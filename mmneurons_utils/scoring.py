@@ -70,29 +70,41 @@ def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
     per target. ``inputs`` are ``vlm.inputs([image])``. Returns one
     ``Float[Tensor, "L F"]`` per target.
     """
-    if at not in GRADIENT_PLACES:
-        raise ValueError(f"at must be one of {', '.join(GRADIENT_PLACES)}, got {at!r}")
+    return gradient_attributions(vlm, inputs, generated_ids, targets, (at,))[at]
+
+
+def gradient_attributions(vlm, inputs: dict, generated_ids: list[int],
+                          targets: list[tuple[int, int]],
+                          places=GRADIENT_PLACES) -> dict[str, list[torch.Tensor]]:
+    """:func:`gradient_scores` for several ``places`` at once: place → one
+    ``Float[Tensor, "L F"]`` per target, from **one** forward pass (one backward pass per
+    target and place)."""
+    bad = [p for p in places if p not in GRADIENT_PLACES]
+    if bad or not places:
+        raise ValueError(f"at must be one of {', '.join(GRADIENT_PLACES)}, "
+                         f"got {(bad or [tuple(places)])[0]!r}")
     full, prompt_len, _ = append_captions(inputs, [generated_ids])
-    image = vlm.image_token_mask(full["input_ids"])[0] if at == "image" else None   # (T,)
+    image = vlm.image_token_mask(full["input_ids"])[0] if "image" in places else None  # (T,)
     acts: list[torch.Tensor] = []
     handles = [vlm.down_proj(layer).register_forward_pre_hook(lambda m, args: acts.append(args[0]))
                for layer in range(vlm.n_layers)]
+    results: dict[str, list[torch.Tensor]] = {place: [] for place in places}
     try:
         with torch.enable_grad():
             logits = vlm.model(**full).logits                          # (1, T, V)
-            results = []
             for step, token_id in targets:
                 pos = prompt_len - 1 + step
-                if image is None:
+                if "noun" in places:
                     prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
                     grads = torch.autograd.grad(prob, acts, retain_graph=True)
-                    results.append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
-                                                for a, g in zip(acts, grads)]))
-                else:
+                    results["noun"].append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
+                                                        for a, g in zip(acts, grads)]))
+                if "image" in places:
                     logp = torch.log_softmax(logits[0, pos].float(), -1)[token_id]
                     grads = torch.autograd.grad(logp, acts, retain_graph=True)
-                    results.append(torch.stack([(a[0, image] * g[0, image]).float().sum(0).detach()
-                                                for a, g in zip(acts, grads)]))
+                    results["image"].append(torch.stack(
+                        [(a[0, image] * g[0, image]).float().sum(0).detach()
+                         for a, g in zip(acts, grads)]))
     finally:
         for handle in handles:
             handle.remove()
