@@ -35,6 +35,13 @@ def _record_mlp_outputs(vlm):
     return outputs, handles
 
 
+def _prompt_and_caption(enc, token_ids):
+    """One image's prompt with its caption appended, written out here (not with
+    ``capture.append_captions``) so the finite-difference checks stay independent."""
+    return dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([token_ids])], 1),
+                attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(token_ids), dtype=torch.long))
+
+
 def test_coefficient_times_w_out_is_the_mlp_output(random_vlm, images):
     outputs, handles = _record_mlp_outputs(random_vlm)
     try:
@@ -124,8 +131,7 @@ def test_gradient_times_activation_matches_finite_differences(name, images):
     (grad_x_act,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)])
     acts = cap.activations.steps[step]
     pos = enc["input_ids"].shape[1] - 1 + step
-    full = dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([cap.token_ids])], 1),
-                attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(cap.token_ids), dtype=torch.long))
+    full = _prompt_and_caption(enc, cap.token_ids)
 
     def prob(layer, unit, eps):
         def nudge(module, args):
@@ -260,8 +266,7 @@ def test_gradient_at_image_positions_matches_finite_differences(name, images):
     (attribution,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)], at="image")
     image = vlm.image_token_mask(enc["input_ids"])[0]
     pos = enc["input_ids"].shape[1] - 1 + step
-    full = dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([cap.token_ids])], 1),
-                attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(cap.token_ids), dtype=torch.long))
+    full = _prompt_and_caption(enc, cap.token_ids)
 
     def logp(layer, unit, eps):
         def scale(module, args):
