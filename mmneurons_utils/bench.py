@@ -145,7 +145,7 @@ def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
 
 def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 256,
               vocab_memory: bool = True) -> dict:
-    from .scenes import make_scenes
+    from .tiny.scenes import make_scenes
 
     images = [s.image for s in make_scenes(n_images, seed=seed)]
     result = dict(model=vlm.name, device=str(vlm.device), dtype=str(vlm.dtype).replace("torch.", ""))

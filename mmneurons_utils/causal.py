@@ -24,7 +24,6 @@ the k at which half of the nouns disappear.
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from typing import Sequence
 
@@ -32,33 +31,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import scoring
-from .capture import append_captions
-from .identify import METHODS, logit_weights, unit_scores
+from .identify import METHODS, logit_weights, rank_units
 from .interventions import ablate_activations, perturb_units
+from .nouns import says
+from .teacher_forcing import teacher_forced_logits
 
 LEVELS = ("weights", "activation")
-
-
-def teacher_forced_inputs(vlm, images, captions: Sequence[Sequence[int]]) -> tuple[dict, int, int]:
-    """Model inputs for prompt + caption tokens, right-padded: ``(inputs, prompt_len, longest)``
-    (see :func:`~mmneurons_utils.capture.append_captions`)."""
-    return append_captions(vlm.inputs(list(images)), captions, vlm.tokenizer.pad_token_id or 0)
-
-
-@torch.no_grad()
-def teacher_forced_logits(vlm, images, captions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-    """Logits at every caption step, teacher-forcing the given caption tokens.
-
-    One batched forward over prompt + caption (see :func:`teacher_forced_inputs`).
-    Returns per image ``Float[Tensor, "steps V"]`` (float32, CPU): row ``j`` is the
-    distribution that produced caption token ``j``.
-    """
-    full, prompt_len, longest = teacher_forced_inputs(vlm, images, captions)
-    if longest == 0:
-        return [torch.zeros(0, vlm.lm_head.out_features) for _ in captions]
-    logits = vlm.model(**full).logits[:, prompt_len - 1: prompt_len - 1 + longest].float()
-    return [logits[r, :len(c)].cpu() for r, c in enumerate(captions)]
 
 
 def margin_and_prob(logits: torch.Tensor, token_id: int) -> tuple[float, float]:
@@ -68,11 +46,6 @@ def margin_and_prob(logits: torch.Tensor, token_id: int) -> tuple[float, float]:
     return float(logits[token_id] - others.max()), float(torch.softmax(logits, -1)[token_id])
 
 
-def says(text: str, noun: str) -> bool:
-    """Whether ``noun`` occurs in ``text`` as a whole word (case-insensitive)."""
-    return re.search(rf"(?<![A-Za-z]){re.escape(noun)}(?![A-Za-z])", text, re.IGNORECASE) is not None
-
-
 def perturbation_name(sigma: float | None) -> str:
     return "zero" if sigma is None else f"noise σ={sigma:g}"
 
@@ -80,34 +53,61 @@ def perturbation_name(sigma: float | None) -> str:
 def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random: int,
              seed: int) -> list[dict]:
     """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "max_k 2"], …]``
-    (one array per random draw; one for the other methods)."""
+    (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the other methods)."""
     out = []
     weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
+    scored = [m for m in methods if m != "random"]
     for index, (image, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens
-        scores = unit_scores(vlm, image, caption, targets, methods, weights)
+        ranked = rank_units(vlm, image, caption, targets, scored, max_k, weights=weights)
+        draws = [rank_units(vlm, image, caption, targets, ("random",), max_k, [seed, index],
+                            draw=d, weights=weights)["random"] for d in range(n_random)] \
+            if "random" in methods else []
         for n, target in enumerate(targets):
-            ranks = {method: [scoring.top_units(per_target[n], max_k)[0]]
-                     for method, per_target in scores.items()}
-            if "random" in methods:
-                ranks["random"] = [scoring.random_units(vlm.n_layers, vlm.d_ff, max_k,
-                                                        [seed, index, n, draw])
-                                   for draw in range(n_random)]
+            ranks = {method: [ranked[method][n].units] for method in scored}
+            if draws:
+                ranks["random"] = [d[n].units for d in draws]
             out.append(dict(image=index, target=target, ranks=ranks))
     return out
 
 
+def table_rankings(vlm, table, captions, methods: Sequence[str], max_k: int) -> list[dict]:
+    """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
+    column indexes them): the units a user found are the ones perturbed. Each (image, noun,
+    method) must hold at least ``max_k`` ranks; a method's single table ranking is its one draw."""
+    from .identify import top_k_groups
+
+    groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], max_k)}
+    out = []
+    for index, caption in enumerate(captions):
+        for target in caption.noun_tokens:
+            ranks = {m: [groups[(index, target.noun, m)][["layer", "unit"]].to_numpy()]
+                     for m in methods if (index, target.noun, m) in groups}
+            if ranks:
+                out.append(dict(image=index, target=target, ranks=ranks))
+    missing = [m for m in methods if not any(m in t["ranks"] for t in out)]
+    if missing:
+        raise ValueError(f"the table has no rows of method(s) {', '.join(missing)} for these "
+                         f"images' nouns; its methods: {', '.join(sorted(table['method'].unique()))}")
+    return out
+
+
 def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
-                  methods: Sequence[str] = ("contribution", "random"),
+                  methods: Sequence[str] | None = None,
                   sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
                   relative: bool = True, level: str = "weights", max_new_tokens: int = 20,
-                  progress: bool = False) -> pd.DataFrame:
+                  progress: bool = False, table: pd.DataFrame | None = None) -> pd.DataFrame:
     """Noun margin / probability / removal under perturbation of the top-``k`` units.
 
     ``images``: PIL images; every noun of each clean caption is a target.
     ``ks``: set sizes (nested: the top-``k`` of one ranking). ``methods``: any of
     ``contribution``, ``gradient``, ``gradient_image``, ``random`` (``n_random`` seeded
     draws per noun).
+    ``table``: a ``find_neurons`` table of these ``images`` (``image`` = position in the
+    list, ``top_k`` ≥ the largest ``k``): its units are the ones perturbed, per (image,
+    noun, method), instead of ranking them here; ``methods`` then defaults to the table's
+    (a ``random`` row set is one draw). Without a table, ``methods`` defaults to
+    ``("contribution", "random")`` and the ranking is the same as ``find_neurons``'s.
     ``sigmas``: ``None`` = zero the columns, a float = Gaussian noise of that σ
     (relative to each column's RMS when ``relative``). ``level="activation"`` instead
     zeroes the units' coefficients only at the position that produces the noun (its
@@ -120,6 +120,9 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     """
     from tqdm.auto import tqdm
 
+    if methods is None:
+        methods = (tuple(dict.fromkeys(table["method"])) if table is not None
+                   else ("contribution", "random"))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)!r}")
@@ -139,9 +142,12 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
     prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
                    if level == "activation" else None)
-    targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
-    jobs = [(t, m, d, k, s) for t in targets for m in methods for d in range(len(t["ranks"][m]))
-            for k in ks for s in sigmas]
+    if table is not None:
+        targets = table_rankings(vlm, table, captions, methods, ks[-1])
+    else:
+        targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
+    jobs = [(t, m, d, k, s) for t in targets for m in methods if m in t["ranks"]
+            for d in range(len(t["ranks"][m])) for k in ks for s in sigmas]
     rows = []
     for t, method, draw, k, sigma in tqdm(jobs, desc="causal", disable=not progress):
         index, target = t["image"], t["target"]

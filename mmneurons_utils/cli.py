@@ -17,8 +17,9 @@ import json
 import sys
 
 from .images import read_image_folder
-from .nouns import NounTaggerMissing, caption_scores
-from .scenes import make_scenes
+from .nouns import NounTaggerMissing
+from .tiny.scenes import caption_scores
+from .tiny.scenes import make_scenes
 
 
 class CliError(ValueError):
@@ -129,8 +130,10 @@ def _add_causal_commands(sub) -> None:
     e.add_argument("--scenes", type=_positive_int, required=True, metavar="N",
                    help="N scenes: half of those saying the source are edited, the rest held out")
     e.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
-    e.add_argument("--n-neurons", type=_positive_int, default=5)
-    e.add_argument("--units", default="contribution", help="contribution (default), gradient, gradient_image or random")
+    e.add_argument("--k", "--n-neurons", dest="k", type=_positive_int, default=5,
+                   help="how many units to edit (default 5)")
+    e.add_argument("--method", "--units", dest="method", default="contribution",
+                   help="how the units are chosen: contribution (default), gradient, gradient_image or random")
     e.add_argument("--steps", type=_positive_int, default=150, help="most Adam steps (default 150)")
     e.add_argument("--save", metavar="DIR", help="save the edited model to this new folder")
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -263,11 +266,12 @@ def cmd_perturb(args) -> dict:
 def cmd_edit(args) -> dict:
     from pathlib import Path
 
-    from .editing import UNIT_CHOICES, ScenePool, run_edit, target_token
+    from .edit_evaluation import ImagePool, run_edit
+    from .editing import UNIT_CHOICES, target_token
     from .vlm import load_vlm
 
-    if args.units not in UNIT_CHOICES:
-        raise CliError(f"--units must be one of {', '.join(UNIT_CHOICES)}, got {args.units!r}")
+    if args.method not in UNIT_CHOICES:
+        raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
     if args.source == args.target:
         raise CliError(f"--source and --target are the same word ({args.source!r})")
     save = Path(args.save).expanduser() if args.save else None
@@ -275,8 +279,8 @@ def cmd_edit(args) -> dict:
         raise CliError(f"--save {save} already exists and is not an empty folder; choose a new one")
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     target_token(vlm, args.target)  # bad target: fail before captioning anything
-    pool = ScenePool.build(vlm, args.scenes, seed=args.seed, progress=True)
-    edit = run_edit(vlm, pool, args.source, args.target, n_neurons=args.n_neurons, units=args.units,
+    pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)], progress=True)
+    edit = run_edit(vlm, pool, args.source, args.target, k=args.k, method=args.method,
                     seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
     m = edit.metrics
     result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["applied"]),
@@ -312,7 +316,7 @@ def cmd_atlas(args) -> dict:
     from pathlib import Path
 
     from .atlas import build_atlas, read_atlas, summary, write_atlas
-    from .atlas_html import render_atlas_html
+    from .companion.atlas_html import render_atlas_html
     from .identify import check_top_k
     from .vlm import load_vlm
     from .vocabulary import weights_key

@@ -57,12 +57,13 @@ import pandas as pd
 import torch
 
 from . import scoring
-from .causal import margin_and_prob, says, teacher_forced_inputs, teacher_forced_logits
-from .interventions import as_units, column_snapshot
-from .nouns import locate_nouns
-from .scenes import NOUNS, make_scenes
+from .causal import margin_and_prob
+from .identify import METHODS, logit_weights, unit_scores
+from .interventions import added_deltas, as_units, column_snapshot
+from .nouns import NounToken, locate_nouns, says
+from .teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
 
-UNIT_CHOICES = ("contribution", "gradient", "gradient_image", "random")
+UNIT_CHOICES = METHODS   # how edit_token picks its units when none are given
 
 
 class EditInputError(ValueError):
@@ -71,9 +72,10 @@ class EditInputError(ValueError):
 
 def target_token(vlm, word: str) -> int:
     """The single token id of ``word``; ``EditInputError`` listing the choices otherwise."""
-    if vlm.embedded and word not in NOUNS:
+    vocabulary = vlm.noun_vocabulary
+    if vocabulary is not None and word not in vocabulary:
         raise EditInputError(f"target {word!r} is not in the model's noun vocabulary; choose one "
-                             f"of: {', '.join(sorted(NOUNS))}")
+                             f"of: {', '.join(sorted(vocabulary))}")
     ids = vlm.tokenizer.encode(word, add_special_tokens=False)
     ids = [i for i in ids if vlm.tokenizer.convert_ids_to_tokens(i) not in ("▁", "Ġ")]
     unk = vlm.tokenizer.unk_token_id
@@ -219,7 +221,7 @@ class Edit:
         Written to a temporary folder beside ``path`` and renamed at the end, so a failure
         never leaves a half-written folder. ``load_vlm(path)`` loads it back.
         """
-        from .vlm import EMBEDDED_DIR, EMBEDDED_MARKER
+        from .vlm import EMBEDDED_MARKER
 
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -231,10 +233,9 @@ class Edit:
         try:
             self.vlm.model.save_pretrained(tmp)
             self.vlm.processor.save_pretrained(tmp)
-            if self.vlm.embedded:  # keep the scene-vocabulary noun finder on reload
-                marker = EMBEDDED_DIR / self.vlm.name / EMBEDDED_MARKER
-                info = json.loads(marker.read_text()) if marker.is_file() else {"nouns": "scenes"}
-                (tmp / EMBEDDED_MARKER).write_text(json.dumps(info))
+            if self.vlm.noun_vocabulary is not None:  # keep the noun vocabulary on reload
+                (tmp / EMBEDDED_MARKER).write_text(json.dumps(
+                    {"nouns": list(self.vlm.noun_vocabulary), "source": "mmneurons_utils.editing"}))
             (tmp / "edit.json").write_text(json.dumps(self.summary(), indent=1))
             if path.exists():
                 path.rmdir()
@@ -275,9 +276,6 @@ def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons:
     """``Int[ndarray, "n 2"]``: the top-``n`` units by ``method``'s score for ``source`` summed
     over the edit images (``captions`` carry activations; the gradient methods also need the
     ``images``), or ``n`` seeded random units."""
-    from .identify import logit_weights, unit_scores
-    from .nouns import NounToken
-
     if method == "random":
         return scoring.random_units(vlm.n_layers, vlm.d_ff, n_neurons, [seed, source_id])
     if method != "contribution" and len(images) != len(captions):
@@ -290,19 +288,21 @@ def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons:
     return scoring.top_units(total, n_neurons)[0]
 
 
-def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int = 5,
-               units: str | np.ndarray = "contribution", unrelated: Sequence = (),
+def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
+               method: str = "contribution", k: int = 5, unrelated: Sequence = (),
                steps: int = 150, lr: float = 5e-3, kl_weight: float = 1.0, norm_weight: float = 0.1,
                stop_margin: float = 1.0, keep_failed: bool = False, seed: int = 0,
                max_new_tokens: int = 20, progress: bool = False) -> Edit:
-    """Learn deltas on the write vectors of ``n_neurons`` units so that ``images`` say
-    ``target`` where they said ``source`` (see the module docstring for the design).
+    """Learn deltas on the write vectors of ``units`` so that ``images`` say ``target``
+    where they said ``source`` (see the module docstring for the design).
 
-    ``images``: PIL images whose generated captions say ``source``. ``units``:
-    ``"contribution"`` (top units for the source, the paper's neurons), ``"gradient"`` /
-    ``"gradient_image"`` (the top units of either gradient baseline, summed over the images),
-    ``"random"`` (``seed``-ed, the baseline) or an explicit ``Int[array, "n 2"]``. ``unrelated``: images
-    whose captions the edit must leave alone (their KL enters the loss).
+    ``images``: PIL images whose generated captions say ``source``. ``units``: the units to
+    edit — ``Int[array, "N 2"]`` of ``(layer, unit)``, or rows of a ``find_neurons`` table
+    (e.g. ``units_of(table, source, k)``: the neurons found are the ones edited). Without
+    ``units`` the top-``k`` units are chosen here by ``method``'s score for the source summed
+    over ``images``: ``"contribution"`` (the paper's neurons), ``"gradient"`` /
+    ``"gradient_image"`` (either gradient baseline) or ``"random"`` (``seed``-ed). ``unrelated``:
+    images whose captions the edit must leave alone (their KL enters the loss).
 
     Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
     comes back with ``applied=False``, ``converged=False`` and its ``final_margin``.
@@ -316,22 +316,30 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
         raise EditInputError("no images to edit: pass at least one image whose caption says the source")
     if source == target:
         raise EditInputError(f"source and target are the same word ({source!r}); pick a different target")
-    for name, value, lo in (("n_neurons", n_neurons, 1), ("steps", steps, 1)):
+    for name, value, lo in (("k", k, 1), ("steps", steps, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
             raise EditInputError(f"{name} must be an integer ≥ {lo}, got {value!r}")
+    if units is None and method not in UNIT_CHOICES:
+        raise EditInputError(f"method must be one of {', '.join(UNIT_CHOICES)} (or pass units=), "
+                             f"got {method!r}")
+    if isinstance(units, str):
+        raise EditInputError(f"units must be (layer, unit) pairs or table rows, got {units!r}; "
+                             f"to choose them by a scoring method pass method={units!r}")
     target_id = target_token(vlm, target)
     captions = vlm.describe(images, max_new_tokens=max_new_tokens, capture="down_proj_input")
     src_steps = _source_steps(vlm, captions, source)
     source_id = captions[0].token_ids[src_steps[0]]
-    if isinstance(units, str):
-        if units not in UNIT_CHOICES:
-            raise EditInputError(f"units must be one of {', '.join(UNIT_CHOICES)} or an array of "
-                                 f"(layer, unit) pairs, got {units!r}")
-        if n_neurons > vlm.n_layers * vlm.d_ff:
-            raise EditInputError(f"n_neurons must be ≤ {vlm.n_layers * vlm.d_ff}, got {n_neurons}")
-        chosen = choose_units(vlm, captions, src_steps, source_id, n_neurons, units, seed, images)
+    if units is None:
+        if k > vlm.n_layers * vlm.d_ff:
+            raise EditInputError(f"k must be ≤ {vlm.n_layers * vlm.d_ff}, got {k}")
+        chosen = choose_units(vlm, captions, src_steps, source_id, k, method, seed, images)
     else:
-        chosen = np.unique(as_units(vlm, units), axis=0)
+        try:
+            chosen = np.unique(as_units(vlm, units), axis=0)
+        except ValueError as exc:
+            raise EditInputError(str(exc)) from exc
+        if len(chosen) == 0:
+            raise EditInputError("units is empty: pass at least one (layer, unit) pair")
     chosen = np.asarray(chosen, dtype=np.int64)
 
     # one teacher-forced batch: edit images first, then the unrelated ones
@@ -349,22 +357,11 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
     originals = column_snapshot(vlm, chosen)
     w_norm2 = sum(float(o.float().pow(2).sum()) for o in originals)
     deltas = torch.zeros(len(chosen), originals[0].shape[0], device=vlm.device, requires_grad=True)
-    layers = sorted({int(l) for l in chosen[:, 0]})
-    per_layer = {l: (torch.as_tensor(np.flatnonzero(chosen[:, 0] == l), device=vlm.device),
-                     torch.as_tensor(chosen[chosen[:, 0] == l, 1], device=vlm.device)) for l in layers}
 
-    def hook_for(layer):
-        which, cols = per_layer[layer]
-        def add(module, args, output):  # output += a[..., cols] @ Δ[which]   (batch, seq, D)
-            return output + (args[0][..., cols].float() @ deltas[which]).to(output.dtype)
-        return add
-
-    def forward():
-        logits = vlm.model(**full).logits[:, prompt_len - 1: prompt_len - 1 + longest].float()
-        return logits                                                   # (batch, steps, V)
+    def forward():                                                      # (B, S, V)
+        return caption_logits(vlm, full, prompt_len, longest)
 
     flags = [p.requires_grad for p in vlm.model.parameters()]
-    handles = []
     history: list[dict] = []
     converged, margin = False, float("-inf")
     try:
@@ -372,34 +369,33 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
             p.requires_grad_(False)
         with torch.no_grad():
             clean = torch.log_softmax(forward(), -1)
-        for l in layers:
-            handles.append(vlm.down_proj(l).register_forward_hook(hook_for(l)))
         optimizer = torch.optim.Adam([deltas], lr=lr)
-        for step in tqdm(range(steps + 1), desc=f"edit {source}→{target}", disable=not progress):
-            with torch.enable_grad():
-                logits = forward()
-                src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (n_images, V)
-                with torch.no_grad():
-                    margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0]) for r in src_logits])
-                margin = float(margins.min())
-                logp = torch.log_softmax(logits, -1)
-                nll = -logp[rows, pos_src - (prompt_len - 1), target_id].mean()
-                kl = (clean.exp() * (clean - logp)).sum(-1)[keep].mean() if keep.any() else logp.new_zeros(())
-                norm = deltas.pow(2).sum() / w_norm2
-                loss = nll + kl_weight * kl + norm_weight * norm
-                history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
-                                    kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
-                if margin > stop_margin:
-                    converged = True
-                    break
-                if step == steps:
-                    break
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        with added_deltas(vlm, chosen, deltas):
+            for step in tqdm(range(steps + 1), desc=f"edit {source}→{target}", disable=not progress):
+                with torch.enable_grad():
+                    logits = forward()
+                    src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (n_images, V)
+                    with torch.no_grad():
+                        margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0])
+                                               for r in src_logits])
+                    margin = float(margins.min())
+                    logp = torch.log_softmax(logits, -1)
+                    nll = -logp[rows, pos_src - (prompt_len - 1), target_id].mean()
+                    kl = ((clean.exp() * (clean - logp)).sum(-1)[keep].mean() if keep.any()
+                          else logp.new_zeros(()))
+                    norm = deltas.pow(2).sum() / w_norm2
+                    loss = nll + kl_weight * kl + norm_weight * norm
+                    history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
+                                        kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
+                    if margin > stop_margin:
+                        converged = True
+                        break
+                    if step == steps:
+                        break
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in zip(vlm.model.parameters(), flags):
             p.requires_grad_(flag)
 
@@ -409,7 +405,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
                 _originals=originals)
     delta_norm = float(edit.deltas.norm())
     edit.metrics.update(converged=converged, final_margin=margin, steps=edit.steps,
-                        n_neurons=len(chosen), unit_choice=units if isinstance(units, str) else "given",
+                        n_neurons=len(chosen), unit_choice=method if units is None else "given",
                         weight_norm=delta_norm, relative_norm=delta_norm / max(w_norm2, 1e-30) ** 0.5)
     if converged or keep_failed:
         edit.apply()
@@ -419,155 +415,3 @@ def edit_token(vlm, images: Sequence, source: str, target: str, n_neurons: int =
     success, excluded = flip_share(edit.captions_before, edit.captions_after, source, target)
     edit.metrics.update(applied=edit.applied, success=success, n_excluded_target=excluded)
     return edit
-
-
-# --- batch evaluation -------------------------------------------------------------
-@dataclass
-class ScenePool:
-    """Scenes with the model's captions, indexed by the nouns the captions say."""
-
-    images: list
-    captions: list
-
-    @classmethod
-    def build(cls, vlm, n: int, seed: int, max_new_tokens: int = 20, progress: bool = False) -> "ScenePool":
-        scenes = make_scenes(n, seed=seed)
-        images = [s.image for s in scenes]
-        return cls(images, vlm.describe(images, max_new_tokens=max_new_tokens, progress=progress))
-
-    def with_noun(self, noun: str) -> list[int]:
-        return [i for i, c in enumerate(self.captions) if says(c.text, noun)]
-
-    def without_noun(self, noun: str) -> list[int]:
-        return [i for i, c in enumerate(self.captions) if not says(c.text, noun)]
-
-    def nouns(self) -> list[str]:
-        return sorted({n for c in self.captions for n in c.nouns})
-
-    def split(self, source: str, n_edit: int | None = None, n_unrelated: int = 8,
-              n_locality: int | None = None, target: str | None = None) -> dict:
-        """Image indices for an edit of ``source`` into ``target``: ``edit`` (half of those
-        saying the source and not the target, or ``n_edit``), ``heldout`` (the rest of
-        them), ``excluded_target`` (those saying both: they cannot show a flip, so they are
-        neither edited nor held out), ``unrelated`` (first ``n_unrelated`` without the
-        source, used in the loss) and ``locality`` (the next ones, never seen)."""
-        said = self.with_noun(source)
-        if not said:
-            raise EditInputError(f"source {source!r} is in none of the {len(self.captions)} captions; "
-                                 f"nouns said: {', '.join(self.nouns())}")
-        also = set(self.with_noun(target)) if target is not None else set()
-        excluded = [i for i in said if i in also]
-        said = [i for i in said if i not in also]
-        if not said:
-            raise EditInputError(f"every caption saying {source!r} already says {target!r}; "
-                                 f"choose another target or a larger pool")
-        n_edit = max(1, (len(said) + 1) // 2) if n_edit is None else min(n_edit, len(said))
-        without = self.without_noun(source)
-        stop = None if n_locality is None else n_unrelated + n_locality
-        return dict(edit=said[:n_edit], heldout=said[n_edit:], excluded_target=excluded,
-                    unrelated=without[:n_unrelated], locality=without[n_unrelated:stop])
-
-
-def run_edit(vlm, pool: ScenePool, source: str, target: str, n_neurons: int = 5,
-             units: str = "contribution", n_edit: int | None = None, n_unrelated: int = 8,
-             n_locality: int | None = None, seed: int = 0, keep: bool = False, **kwargs) -> Edit:
-    """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``.
-
-    Images saying both the source and the target are left out (``n_excluded_target``). A
-    failed, unapplied edit gets NaN generalisation / locality / KL: the unchanged model's
-    "nothing drifted" would say nothing about the edit.
-    """
-    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
-    pick = lambda key: [pool.images[i] for i in parts[key]]
-    edit = edit_token(vlm, pick("edit"), source, target, n_neurons=n_neurons, units=units,
-                      unrelated=pick("unrelated"), seed=seed, **kwargs)
-    if edit.applied:
-        edit.evaluate(pick("heldout"), pick("locality"))
-    else:  # nothing was put in the weights: no side effect was measured
-        nan = float("nan")
-        edit.metrics.update(generalization=nan, n_heldout=len(parts["heldout"]), n_heldout_excluded=0,
-                            locality=nan, locality_kl=nan, n_locality=len(parts["locality"]))
-    edit.metrics.update(n_edit=len(parts["edit"]),
-                        n_excluded_target=edit.metrics["n_excluded_target"] + len(parts["excluded_target"]))
-    if not keep:
-        edit.undo()
-    return edit
-
-
-def edit_table(vlm, pool: ScenePool, pairs: Sequence[tuple[str, str]],
-               configs: Sequence[tuple[str, int]] = (("contribution", 5), ("random", 5)),
-               seed: int = 0, progress: bool = False, **kwargs) -> pd.DataFrame:
-    """Tidy table, one row per (source, target, units, n_neurons): every edit's metrics.
-
-    ``configs``: ``(units, n_neurons)`` settings to compare (e.g. the paper's neurons vs
-    the same number of random units, and more or fewer neurons). Each edit is undone
-    before the next one. ``applied``: the edit was put in the weights and measured; the
-    side-effect columns of the others are NaN (see the module docstring).
-    """
-    from tqdm.auto import tqdm
-
-    rows = []
-    jobs = [(s, t, u, n) for s, t in pairs for u, n in configs]
-    for source, target, units, n in tqdm(jobs, desc="edits", disable=not progress):
-        edit = run_edit(vlm, pool, source, target, n_neurons=n, units=units, seed=seed, **kwargs)
-        m = edit.metrics
-        rows.append(dict(source=source, target=target, units=units, n_neurons=n,
-                         applied=bool(m["applied"]),
-                         success=m["success"], generalization=m.get("generalization", np.nan),
-                         locality=m.get("locality", np.nan), locality_kl=m.get("locality_kl", np.nan),
-                         converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
-                         weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
-                         n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0),
-                         n_locality=m.get("n_locality", 0), n_excluded_target=m["n_excluded_target"]))
-    return pd.DataFrame(rows)
-
-
-def default_pairs(pool: ScenePool, n_pairs: int = 20, min_images: int = 4, seed: int = 0
-                  ) -> list[tuple[str, str]]:
-    """``n_pairs`` seeded ``(source, target)`` pairs: distinct sources said in at least
-    ``min_images`` of the pool's captions, each with a different random target noun, among
-    the targets that leave at least ``min_images`` captions saying the source and not the
-    target (the only images an edit can be scored on)."""
-    rng = np.random.default_rng(seed)
-    sources = [n for n in pool.nouns() if len(pool.with_noun(n)) >= min_images]
-    if len(sources) < n_pairs:
-        raise EditInputError(f"only {len(sources)} nouns are said in ≥ {min_images} captions of the "
-                             f"pool; ask for fewer pairs or a larger pool")
-    vocabulary = sorted(NOUNS)
-    said = {noun: set(pool.with_noun(noun)) for noun in vocabulary}
-    pairs = []
-    for i in rng.permutation(len(sources)):
-        source = sources[i]
-        choices = [t for t in vocabulary if t != source and len(said[source] - said[t]) >= min_images]
-        if choices:
-            pairs.append((source, choices[int(rng.integers(len(choices)))]))
-        if len(pairs) == n_pairs:
-            return pairs
-    raise EditInputError(f"only {len(pairs)} nouns are said in ≥ {min_images} captions without "
-                         f"some target; ask for fewer pairs or a larger pool")
-
-
-APPLIED_ONLY = ("generalization", "locality", "locality_kl", "weight_norm", "relative_norm")
-
-
-def summarize_edits(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per ``units, n_neurons``: ``n_pairs`` attempted, ``n_applied``; ``success``,
-    ``converged`` and ``steps`` averaged over every attempted pair (a failed edit scores
-    success 0: its images still say the source); generalisation (over pairs with held-out
-    images), locality, KL and ‖Δ‖ averaged over the applied edits only, NaN when none was
-    applied; ``n_excluded_target`` summed (images already saying the target, not scored).
-
-    A table without ``applied`` (written before it existed) uses ``converged``.
-    """
-    keys = ["units", "n_neurons"]
-    table = table.assign(applied=(table["applied"] if "applied" in table else table["converged"]).astype(bool))
-    every = table.groupby(keys, sort=True)
-    out = pd.DataFrame({"n_pairs": every.size(), "n_applied": every["applied"].sum().astype(int)})
-    out = out.join(every[["success", "converged", "steps"]].mean())
-    side = table[table["applied"]].groupby(keys, sort=True)[list(APPLIED_ONLY)].mean()
-    out = out.join(side.reindex(out.index))       # groups with no applied edit: NaN
-    if "n_excluded_target" in table:
-        out["n_excluded_target"] = every["n_excluded_target"].sum()
-    order = ["n_pairs", "n_applied", "success", "generalization", "locality", "locality_kl",
-             "converged", "steps", "weight_norm", "relative_norm", "n_excluded_target"]
-    return out[[c for c in order if c in out]].reset_index()

@@ -7,7 +7,7 @@ scores (:mod:`mmneurons_utils.scoring`) → the top ``k`` units → a tidy table
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,22 +80,9 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     picks = []  # (image index, target, units [k, 2], scores [k], polarity [k])
     for index, img, caption, image_targets in tqdm(list(zip(indices, images, captions, targets)),
                                                    desc=f"find ({method})", disable=not progress):
-        if not image_targets:
-            continue
-        steps = [caption.activations.steps[t.step] for t in image_targets]
-        if method == "random":
-            for n, (target, acts) in enumerate(zip(image_targets, steps)):
-                units = scoring.random_units(vlm.n_layers, vlm.d_ff, top_k, [seed, index, n])
-                layer, unit = torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])
-                scores = scoring.contribution_scores(vlm, acts, target.token_id,
-                                                     weights[target.token_id])[layer, unit]
-                scores = scores.cpu().numpy()
-                picks.append((index, target, units, scores, scoring.polarity(acts, units)))
-            continue
-        per_target = unit_scores(vlm, img, caption, image_targets, (method,), weights)[method]
-        for target, acts, scores_map in zip(image_targets, steps, per_target):
-            units, scores = scoring.top_units(scores_map, top_k)
-            picks.append((index, target, units, scores, scoring.polarity(acts, units)))
+        ranked = rank_units(vlm, img, caption, image_targets, (method,), top_k, [seed, index],
+                            weights=weights)[method]
+        picks += [(index, target, *r) for target, r in zip(image_targets, ranked)]
     empty = np.zeros((0, 2), dtype=np.int64)
     all_units = np.concatenate([p[2] for p in picks]) if picks else empty
     signs = np.concatenate([p[4] for p in picks]) if picks else np.zeros(0, dtype=np.int64)
@@ -145,6 +132,81 @@ def unit_scores(vlm, image: Image.Image, caption, targets, methods: Sequence[str
                                                [GRADIENT_METHODS[m] for m in gradients])
         out.update({m: places[GRADIENT_METHODS[m]] for m in gradients})
     return out
+
+
+class Ranked(NamedTuple):
+    """One target's ranking: ``units`` ``Int[ndarray, "k 2"]`` (best first), their
+    ``scores`` ``Float[ndarray, "k"]`` and ``polarity`` ``Int[ndarray, "k"]`` (±1)."""
+
+    units: np.ndarray
+    scores: np.ndarray
+    polarity: np.ndarray
+
+
+def rank_units(vlm, image: Image.Image, caption, targets, methods: Sequence[str], k: int,
+               seed=0, draw: int | None = None, weights: dict | None = None,
+               steps: Sequence[torch.Tensor] | None = None) -> dict[str, list[Ranked]]:
+    """The top-``k`` units of each of one image's ``targets`` under each of ``methods``:
+    method → one :class:`Ranked` per target. Every ranking in the package comes from here
+    (identification, ablation, invariance, editing's baselines) or from ``unit_scores``.
+
+    ``random`` draws ``k`` units from the seed ``[*seed, n]`` for target ``n`` (``[*seed, n,
+    draw]`` when ``draw`` is given; ``seed`` an int or a sequence of ints); its ``scores`` are
+    the units' contribution scores, for reference. The scoring methods share one pass (both
+    gradient baselines one forward). ``weights`` / ``steps`` as in :func:`unit_scores`;
+    polarity is the sign of the activation at each target's step.
+    """
+    steps = steps if steps is not None else [caption.activations.steps[t.step] for t in targets]
+    weights = weights if weights is not None else logit_weights(vlm, targets)
+    scored = unit_scores(vlm, image, caption, targets, methods, weights, steps)
+    prefix = list(np.atleast_1d(seed))
+    out: dict[str, list[Ranked]] = {}
+    for method in methods:
+        ranked = []
+        for n, (target, acts) in enumerate(zip(targets, steps)):
+            if method == "random":
+                units = scoring.random_units(vlm.n_layers, vlm.d_ff, k,
+                                             prefix + [n] + ([] if draw is None else [draw]))
+                scores = scoring.contribution_scores(vlm, acts, target.token_id,
+                                                     weights[target.token_id])
+                scores = scores[torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])].cpu().numpy()
+            else:
+                units, scores = scoring.top_units(scored[method][n], k)
+            ranked.append(Ranked(units, scores, scoring.polarity(acts, units)))
+        out[method] = ranked
+    return out
+
+
+def units_of(table: pd.DataFrame, noun: str, k: int, image: int | None = None,
+             method: str = "contribution") -> np.ndarray:
+    """``Int[ndarray, "k 2"]``: the ``(layer, unit)`` of a ``find_neurons`` table's top-``k``
+    rows for ``noun`` — the handoff from identification to ablation and editing.
+
+    ``image``: one image's ranking (its ``image`` column value); ``None`` pools every image
+    that says the noun, ranking the units by their summed score over those images (a unit
+    outside an image's top ``top_k`` adds nothing there). Raises ``ValueError`` naming what
+    the table holds when the noun / image / method is missing or holds fewer than ``k`` units.
+    """
+    rows = table[(table["noun"] == noun) & (table["method"] == method)]
+    if image is not None:
+        rows = rows[rows["image"] == image]
+    if rows.empty:
+        where = "" if image is None else f" of image {image}"
+        said = sorted(table.loc[table["method"] == method, "noun"].unique()) if image is None else \
+            sorted(table.loc[(table["method"] == method) & (table["image"] == image), "noun"].unique())
+        raise ValueError(f"the table has no {method!r} rows for {noun!r}{where}; its nouns there: "
+                         f"{', '.join(said) or '(none)'}")
+    if image is not None:
+        ranked = rows.sort_values("rank")[["layer", "unit"]].to_numpy()
+    else:
+        summed = rows.groupby(["layer", "unit"], sort=True)["score"].sum()
+        order = np.lexsort((summed.index.get_level_values(1), summed.index.get_level_values(0),
+                            -summed.to_numpy()))                 # by score, ties by (layer, unit)
+        ranked = np.asarray(summed.index.tolist(), dtype=np.int64)[order]
+    if len(ranked) < k:
+        raise ValueError(f"k={k} but the table holds {len(ranked)} {method!r} units for {noun!r}; "
+                         "identify with a larger top_k")
+    return np.asarray(ranked[:k], dtype=np.int64).reshape(-1, 2)
 
 
 def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence[str] = METHODS,

@@ -11,10 +11,11 @@ A unit ``(l, i)`` writes ``a[l, i] · W_out[l][:, i]`` into the residual stream,
   are restored bit-for-bit on normal exit, on exceptions, and when a unit is listed twice.
 * :func:`ablate_activations` leaves the weights alone and zeroes/scales the unit's
   **coefficient** ``a[l, i]`` (the input of ``down_proj``) at chosen sequence positions
-  only, through a ``forward_pre_hook``. Zeroing at every position is exactly zeroing the
+  only, through :func:`~mmneurons_utils.trace.trace_down_proj`. Zeroing at every position is exactly zeroing the
   column; restricting the positions (e.g. only the noun's step) is the comparison.
 
-Units are given as ``Int[array, "n 2"]`` of ``(layer, unit)`` rows (or a list of pairs).
+Units are given as ``Int[array, "N 2"]`` of ``(layer, unit)`` rows, a list of pairs, or rows of
+a ``find_neurons`` table (its ``layer`` and ``unit`` columns, e.g. ``units_of(table, …)``).
 A unit listed more than once is intervened on once: the argument is a *set* of units.
 """
 
@@ -26,6 +27,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .trace import trace_down_proj
+
 MODES = ("noise", "zero", "scale")
 
 
@@ -34,6 +37,10 @@ def as_units(vlm, units) -> np.ndarray:
 
     Raises ``ValueError`` naming the bad row and the valid ranges.
     """
+    if hasattr(units, "columns"):  # a find_neurons table (or a slice of it): its layer, unit
+        if not {"layer", "unit"} <= set(units.columns):
+            raise ValueError(f"a units table needs 'layer' and 'unit' columns, got {list(units.columns)}")
+        units = units[["layer", "unit"]].to_numpy()
     arr = np.asarray(units if len(units) else np.zeros((0, 2)), dtype=np.int64)
     if arr.ndim != 2 or arr.shape[1] != 2:
         raise ValueError(f"units must be (layer, unit) pairs, shape (n, 2); got shape {arr.shape}")
@@ -137,36 +144,50 @@ def ablate_activations(vlm, units, mode: str = "zero", factor: float = 0.0,
         raise ValueError(f"mode must be 'zero' or 'scale', got {mode!r}")
     value = 0.0 if mode == "zero" else float(factor)
     by_layer = unique_units(as_units(vlm, units))
-    handles = []
+    state = {layer: 0 for layer in by_layer}   # where each layer's next call starts
+    columns = {}                               # (layer, device) → the layer's unit indices
 
-    def make_hook(cols: np.ndarray):
-        state = {"next": 0}
-        idx_cache = {}
+    def ablate(x, layer):                      # x: (B, T, F)
+        seq = x.shape[1]
+        start = 0 if seq > 1 else state[layer]
+        state[layer] = start + seq
+        idx = columns.setdefault((layer, x.device), torch.as_tensor(by_layer[layer], device=x.device))
+        mask = _position_mask(positions, start, seq, x.device)
+        x = x.clone()
+        if mask is None:
+            x[..., idx] = x[..., idx] * value
+        elif mask.any():
+            sub = x[:, mask]                   # (B, m, F)
+            sub[..., idx] = sub[..., idx] * value
+            x[:, mask] = sub
+        return x
 
-        def hook(module, args):
-            x = args[0]                                          # (batch, seq, F)
-            seq = x.shape[1]
-            start = 0 if seq > 1 else state["next"]
-            state["next"] = start + seq
-            idx = idx_cache.setdefault(x.device, torch.as_tensor(cols, device=x.device))
-            mask = _position_mask(positions, start, seq, x.device)
-            x = x.clone()
-            if mask is None:
-                x[..., idx] = x[..., idx] * value
-            elif mask.any():
-                sub = x[:, mask]                                 # (batch, m, F)
-                sub[..., idx] = sub[..., idx] * value
-                x[:, mask] = sub
-            return (x,) + tuple(args[1:])
-        return hook
-
-    try:
-        for layer, cols in by_layer.items():
-            handles.append(vlm.down_proj(layer).register_forward_pre_hook(make_hook(cols)))
+    with trace_down_proj(vlm, by_layer, edit_input=ablate):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+@contextmanager
+def added_deltas(vlm, units, deltas: torch.Tensor) -> Iterator[None]:
+    """Within the block, unit ``units[j]`` writes ``a · (W_out[:, i] + Δ[j])``: ``down_proj``'s
+    output gains ``a[..., units] @ Δ`` — the same as ``W_out[:, units] += Δᵀ`` without
+    touching the weights, so gradients reach ``deltas`` (``Float[Tensor, "N D"]``, one row per
+    row of ``units``, in the given order) and nothing needs restoring (editing trains this way).
+    """
+    units = as_units(vlm, units)
+    if len(units) != len(np.unique(units, axis=0)):
+        raise ValueError("units must be distinct: each row gets its own delta")
+    if deltas.shape[0] != len(units):
+        raise ValueError(f"deltas has {deltas.shape[0]} rows for {len(units)} units")
+    rows = {int(layer): np.flatnonzero(units[:, 0] == layer) for layer in np.unique(units[:, 0])}
+    index = {layer: (torch.as_tensor(r, device=deltas.device),
+                     torch.as_tensor(units[r, 1], device=deltas.device)) for layer, r in rows.items()}
+
+    def add(output, x, layer):                 # output: (B, T, D)
+        which, cols = index[layer]
+        return output + (x[..., cols].float() @ deltas[which]).to(output.dtype)
+
+    with trace_down_proj(vlm, rows, edit_output=add):
+        yield
 
 
 def column_snapshot(vlm, units: Iterable) -> list[torch.Tensor]:

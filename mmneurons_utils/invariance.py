@@ -35,48 +35,32 @@ import torch
 
 from . import architectures as A
 from . import scoring
-from .capture import teacher_forced_activations
+from .teacher_forcing import teacher_forced_activations
 from .identify import check_top_k, logit_weights, unit_scores
 from .nouns import locate_nouns
 from .stats import jaccard
+from .trace import Trace
 
 
 @contextmanager
 def permuted_image_tokens(vlm, permutation) -> Iterator[None]:
     """Within the block, the LLM reads the image tokens in ``permutation`` order.
 
-    ``permutation``: ``Int[n_image_tokens]``, a permutation of ``0 … n-1``; the
-    projector's output ``Float[Tensor, "batch n D"]`` becomes ``out[:, permutation]``.
+    ``permutation``: ``Int[I]``, a permutation of ``0 … I-1`` (``I`` =
+    ``vlm.image_projector_rows``); the projector's output ``Float[Tensor, "B I D"]`` becomes
+    ``out[:, permutation]``.
     """
     projector = A.resolve(vlm.model, vlm.arch.image_projector)
     permutation = torch.as_tensor(np.asarray(permutation), dtype=torch.long)
 
-    def shuffle(module, args, out):
+    def shuffle(out, x):
         if out.shape[-2] != len(permutation):
             raise ValueError(f"permutation has {len(permutation)} entries for "
                              f"{out.shape[-2]} image tokens")
         return out[..., permutation.to(out.device), :]
 
-    handle = projector.register_forward_hook(shuffle)
-    try:
+    with Trace(projector, edit_output=shuffle):
         yield
-    finally:
-        handle.remove()
-
-
-def n_image_tokens(vlm) -> int:
-    """Rows of the projector's output for one image (what ``permuted_image_tokens`` permutes)."""
-    from PIL import Image
-
-    projector = A.resolve(vlm.model, vlm.arch.image_projector)
-    seen = []
-    handle = projector.register_forward_hook(lambda m, a, out: seen.append(out.shape[-2]))
-    try:
-        with torch.no_grad():
-            vlm.model(**vlm.inputs([Image.new("RGB", (64, 64))]))
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
@@ -95,7 +79,7 @@ def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
     check_top_k(vlm, top_k)
     scored = [m for m in dict.fromkeys(("contribution",) + tuple(methods)) if m != "random"]
     captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, capture="down_proj_input")
-    n_tokens = n_image_tokens(vlm)
+    n_tokens = vlm.image_projector_rows
     rows = []
     for index, (image, caption) in enumerate(tqdm(list(zip(images, captions)),
                                                   desc="region invariance", disable=not progress)):

@@ -1,6 +1,7 @@
 """Which words of a caption are nouns, and which generated token starts each.
 
-* Embedded models: the scenes' noun list (:data:`mmneurons_utils.scenes.NOUNS`).
+* Embedded models: their own noun vocabulary (``VLM.noun_vocabulary``, read from the
+  marker file beside their weights).
 * Real models: spaCy's POS tagger when spaCy and an English model are installed
   (``pip install spacy && python -m spacy download en_core_web_sm``), otherwise a
   clear :class:`NounTaggerMissing` error; pass ``nouns=[...]`` yourself instead.
@@ -16,8 +17,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .scenes import NOUNS
-
 
 class NounTaggerMissing(RuntimeError):
     """No POS tagger is installed and no noun list was given."""
@@ -30,7 +29,7 @@ class NounToken:
     token_id: int   # the noun's first sub-token
 
 
-def vocabulary_nouns(text: str, vocabulary: Iterable[str] = NOUNS) -> list[str]:
+def vocabulary_nouns(text: str, vocabulary: Iterable[str]) -> list[str]:
     """Nouns of ``vocabulary`` in ``text``, in order of first appearance, no repeats."""
     vocab = set(vocabulary)
     seen: list[str] = []
@@ -83,7 +82,7 @@ def locate_nouns(tokenizer, token_ids: Sequence[int], nouns: Sequence[str]) -> l
     text = tokenizer.decode(ids, skip_special_tokens=True)
     found = []
     for noun in nouns:
-        match = re.search(rf"(?<![A-Za-z]){re.escape(noun)}(?![A-Za-z])", text, flags=re.IGNORECASE)
+        match = _whole_word(noun).search(text)
         if match is None:
             continue
         step = next(j for j, end in enumerate(ends) if end > match.start())
@@ -91,15 +90,12 @@ def locate_nouns(tokenizer, token_ids: Sequence[int], nouns: Sequence[str]) -> l
     return found
 
 
-def caption_scores(texts: Sequence[str], scenes) -> dict:
-    """Micro-averaged noun recall / precision and exact-match rate against scene captions."""
-    hits = predicted = truth = exact = 0
-    for text, scene in zip(texts, scenes, strict=True):
-        said = vocabulary_nouns(text)
-        hits += len(set(said) & set(scene.nouns))
-        predicted += len(said)
-        truth += len(scene.nouns)
-        exact += text.strip() == scene.caption
-    return dict(noun_recall=round(hits / truth, 4),
-                noun_precision=round(hits / max(predicted, 1), 4),
-                exact_match=round(exact / len(scenes), 4), n_images=len(scenes))
+def _whole_word(word: str) -> re.Pattern:
+    """``word`` as a whole word, case-insensitive (letters may not touch it on either side)."""
+    return re.compile(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", re.IGNORECASE)
+
+
+def says(text: str, noun: str) -> bool:
+    """Whether ``noun`` occurs in ``text`` as a whole word (case-insensitive): the one noun
+    match behind "the caption still says it" in ablation, editing and the widgets."""
+    return _whole_word(noun).search(text) is not None

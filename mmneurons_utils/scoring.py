@@ -28,7 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .capture import append_captions
+from .teacher_forcing import append_captions
+from .trace import trace_down_proj
 
 
 @torch.no_grad()
@@ -85,29 +86,24 @@ def gradient_attributions(vlm, inputs: dict, generated_ids: list[int],
                          f"got {(bad or [tuple(places)])[0]!r}")
     full, prompt_len, _ = append_captions(inputs, [generated_ids])
     image = vlm.image_token_mask(full["input_ids"])[0] if "image" in places else None  # (T,)
-    acts: list[torch.Tensor] = []
-    handles = [vlm.down_proj(layer).register_forward_pre_hook(lambda m, args: acts.append(args[0]))
-               for layer in range(vlm.n_layers)]
     results: dict[str, list[torch.Tensor]] = {place: [] for place in places}
-    try:
-        with torch.enable_grad():
-            logits = vlm.model(**full).logits                          # (1, T, V)
-            for step, token_id in targets:
-                pos = prompt_len - 1 + step
-                if "noun" in places:
-                    prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
-                    grads = torch.autograd.grad(prob, acts, retain_graph=True)
-                    results["noun"].append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
-                                                        for a, g in zip(acts, grads)]))
-                if "image" in places:
-                    logp = torch.log_softmax(logits[0, pos].float(), -1)[token_id]
-                    grads = torch.autograd.grad(logp, acts, retain_graph=True)
-                    results["image"].append(torch.stack(
-                        [(a[0, image] * g[0, image]).float().sum(0).detach()
-                         for a, g in zip(acts, grads)]))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.enable_grad(), trace_down_proj(vlm, retain_input=True, detach=False) as traces:
+        logits = vlm.model(**full).logits                              # (1, T, V)
+    acts = [traces[layer].input for layer in range(vlm.n_layers)]      # (1, T, F) each, with graph
+    with torch.enable_grad():
+        for step, token_id in targets:
+            pos = prompt_len - 1 + step
+            if "noun" in places:
+                prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
+                grads = torch.autograd.grad(prob, acts, retain_graph=True)
+                results["noun"].append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
+                                                    for a, g in zip(acts, grads)]))
+            if "image" in places:
+                logp = torch.log_softmax(logits[0, pos].float(), -1)[token_id]
+                grads = torch.autograd.grad(logp, acts, retain_graph=True)
+                results["image"].append(torch.stack(
+                    [(a[0, image] * g[0, image]).float().sum(0).detach()
+                     for a, g in zip(acts, grads)]))
     return results
 
 

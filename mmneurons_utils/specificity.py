@@ -47,7 +47,7 @@ def patch_grid(vlm) -> tuple[int, int] | None:
     """
     if not vlm.arch.patch_grid:
         return None
-    n = int(vlm.image_token_mask(vlm.inputs([_blank()])["input_ids"]).sum())
+    n = vlm.n_image_tokens
     side = int(round(n ** 0.5))
     return (side, side) if side * side == n else None
 
@@ -56,7 +56,7 @@ def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
     """``Float[ndarray, "k rows cols"]`` activation maps ``p · a`` of ``units`` (``Int[k, 2]``).
 
     ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
-    ``image`` recorded (``Float[Tensor, "L n_image_tokens F"]``); ``polarity``: ``Int[k]``
+    ``image`` recorded (``Float[Tensor, "L I F"]``); ``polarity``: ``Int[k]``
     of ±1 (default all ``+1``, the raw activation).
     """
     grid = patch_grid(vlm)
@@ -198,8 +198,3 @@ def unit_polarity(rows: pd.DataFrame) -> np.ndarray:
         return rows["polarity"].to_numpy(dtype=np.int64)
     return np.ones(len(rows), dtype=np.int64)
 
-
-def _blank():
-    from PIL import Image
-
-    return Image.new("RGB", (64, 64))

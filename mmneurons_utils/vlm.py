@@ -21,8 +21,8 @@ from PIL import Image
 
 from . import architectures as A
 from .capture import Activations, record_activations
+from .trace import Trace
 from .nouns import NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
-from .scenes import NOUNS
 
 # config fields and processor attributes that name image / video placeholder tokens
 _PLACEHOLDER_FIELD = re.compile(r"(image|video|boi|eoi|vision_start|vision_end)_token_(id|index)")
@@ -33,7 +33,7 @@ INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip")
-EMBEDDED_MARKER = "mmneurons.json"  # written next to the weights of models trained on the scenes
+EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
 
 
 class ModelLoadError(ValueError):
@@ -57,26 +57,37 @@ class Caption:
 class VLM:
     """A captioning model plus where its neurons are (see ``architectures.py``)."""
 
-    def __init__(self, model, processor, arch: A.Architecture, name: str, embedded: bool):
+    def __init__(self, model, processor, arch: A.Architecture, name: str, embedded: bool,
+                 noun_vocabulary: Sequence[str] | None = None):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.arch = arch
         self.name = name
         self.embedded = embedded
+        # the nouns an embedded model can say (from its marker file); None: a tagger finds them
+        self.noun_vocabulary: tuple[str, ...] | None = (tuple(noun_vocabulary) if noun_vocabulary
+                                                          else None)
         self._warned_no_tagger = False
+        self._n_image_tokens: int | None = None
+        self._projector_rows: int | None = None
         config = model.config
         ids = [getattr(config, f) for f in arch.image_token_fields if getattr(config, f, None) is not None]
         self.image_token_id: int | None = ids[0] if ids else None
         self.placeholder_token_ids: list[int] = self._placeholder_token_ids()
 
     @classmethod
-    def from_parts(cls, model, processor, family: str | None = None, name: str | None = None) -> "VLM":
-        """Wrap an in-memory model; ``family`` may be an embedded name or an architecture family."""
+    def from_parts(cls, model, processor, family: str | None = None, name: str | None = None,
+                   noun_vocabulary: Sequence[str] | None = None) -> "VLM":
+        """Wrap an in-memory model; ``family`` may be an embedded name (its noun vocabulary
+        then comes from the embedded model's marker file) or an architecture family."""
         embedded = family in EMBEDDED
+        if embedded and noun_vocabulary is None:
+            noun_vocabulary = read_noun_vocabulary(EMBEDDED_DIR / family)
         family = A.EMBEDDED_FAMILY.get(family, family)
         arch = A.ARCHITECTURES[family] if family else A.architecture_for(model.config.model_type)
-        return cls(model, processor, arch, name or family or model.config.model_type, embedded)
+        return cls(model, processor, arch, name or family or model.config.model_type, embedded,
+                   noun_vocabulary)
 
     def _placeholder_token_ids(self) -> list[int]:
         """Ids of the image (and video) placeholder tokens that the config or the processor
@@ -173,11 +184,29 @@ class VLM:
             spans.append((int(pos[0]), int(pos[-1]) + 1) if len(pos) else (0, 0))
         return spans
 
+    @property
+    def n_image_tokens(self) -> int:
+        """Image-token positions of one image's prompt (what the language model reads of it),
+        counted once per model on a blank 64 × 64 image."""
+        if self._n_image_tokens is None:
+            ids = self.inputs([Image.new("RGB", (64, 64))])["input_ids"]
+            self._n_image_tokens = int(self.image_token_mask(ids)[0].sum())
+        return self._n_image_tokens
+
+    @property
+    def image_projector_rows(self) -> int:
+        """Rows of the image projector's output for one image: what region invariance
+        permutes. Equals :attr:`n_image_tokens` for llava / instructblip / paligemma; tiled
+        or packed families (llava_next, idefics3) differ. Counted once per model."""
+        if self._projector_rows is None:
+            projector = A.resolve(self.model, self.arch.image_projector)
+            with Trace(projector, retain_output=True) as trace, torch.no_grad():
+                self.model(**self.inputs([Image.new("RGB", (64, 64))]))
+            self._projector_rows = int(trace.output.shape[-2])
+        return self._projector_rows
+
     def summary(self) -> dict:
         """Facts about the model that the notebooks show (sizes, where the neurons are)."""
-        from PIL import Image as _Image
-
-        ids = self.inputs([_Image.new("RGB", (64, 64))])["input_ids"]
         return {
             "family": self.arch.family,
             "class": type(self.model).__name__,
@@ -187,7 +216,7 @@ class VLM:
             "d_ff (units per layer)": self.d_ff,
             "units in all": self.n_layers * self.d_ff,
             "vocabulary": self.lm_head.out_features,
-            "image tokens per image": int(self.image_token_mask(ids).sum()),
+            "image tokens per image": self.n_image_tokens,
             "gated FFN": self.arch.gated_ffn,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -202,13 +231,13 @@ class VLM:
 
     # --- captioning ------------------------------------------------------------
     def nouns_of(self, text: str) -> list[str]:
-        """Scene-vocabulary nouns for embedded models, spaCy's for real ones.
+        """The noun vocabulary's nouns for embedded models, spaCy's for real ones.
 
         Without spaCy a real model's captions get no nouns and one warning saying how
         to install a tagger or pass ``nouns=[...]``.
         """
-        if self.embedded:
-            return vocabulary_nouns(text, NOUNS)
+        if self.noun_vocabulary is not None:
+            return vocabulary_nouns(text, self.noun_vocabulary)
         try:
             return tagged_nouns(text)
         except NounTaggerMissing as exc:
@@ -304,7 +333,21 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
     model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
     embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
-    return VLM(model, processor, arch, name, embedded=embedded)
+    return VLM(model, processor, arch, name, embedded=embedded,
+               noun_vocabulary=read_noun_vocabulary(path) if embedded else None)
+
+
+def read_noun_vocabulary(folder: Path) -> list[str] | None:
+    """The ``nouns`` list of the marker file in ``folder`` (a model this project trained), or
+    ``None`` when there is none; ``ModelLoadError`` when the marker holds something else."""
+    marker = Path(folder) / EMBEDDED_MARKER
+    if not marker.is_file():
+        return None
+    nouns = json.loads(marker.read_text()).get("nouns")
+    if not (isinstance(nouns, list) and nouns and all(isinstance(n, str) for n in nouns)):
+        raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
+                             f"{str(nouns)[:60]!r}; re-save the model with this version")
+    return nouns
 
 
 def _hub_model_type(hub_id: str) -> str:

@@ -169,12 +169,11 @@ def test_down_proj_pre_hook_fires_during_describe(family_vlm):
 
 def test_image_projector_feeds_the_image_tokens(family_vlm):
     """Region invariance permutes this module's output rows: it must be what the LLM reads."""
-    from mmneurons_utils.invariance import n_image_tokens
     from mmneurons_utils.specificity import patch_grid
 
     family, vlm = family_vlm
     A.resolve(vlm.model, vlm.arch.image_projector)
-    rows = n_image_tokens(vlm)
+    rows = vlm.image_projector_rows
     ids = vlm.inputs(_images(1))["input_ids"]
     consumed = int(vlm.image_token_mask(ids).sum())
     if family in ("llava", "instructblip", "paligemma"):  # one row per image token
@@ -247,8 +246,7 @@ def test_teacher_forcing_reproduces_generation(family_vlm):
     """``append_captions`` extends every per-position input (PaliGemma: drops ``labels``,
     marks the caption causal in ``token_type_ids``), so a teacher-forced forward reads the
     activations and logits that generation produced."""
-    from mmneurons_utils.capture import teacher_forced_activations
-    from mmneurons_utils.causal import teacher_forced_logits
+    from mmneurons_utils.teacher_forcing import teacher_forced_activations, teacher_forced_logits
 
     _, vlm = family_vlm
     images, n = _images(2, seed=5), 4

@@ -185,7 +185,7 @@ def test_atlas_page_is_self_contained_small_and_escaped(atlas48, tiny_llava, tmp
 
     from PIL import Image
 
-    from mmneurons_utils.atlas_html import render_atlas_html
+    from mmneurons_utils.companion.atlas_html import render_atlas_html
 
     scenes, table, parts = atlas48
     table = table.copy()
@@ -221,7 +221,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
     from PIL import Image
 
     from mmneurons_utils.atlas import ATLAS_COLUMNS
-    from mmneurons_utils.atlas_html import render_atlas_html
+    from mmneurons_utils.companion.atlas_html import render_atlas_html
 
     scenes = make_scenes(3, seed=0)
     row = dict(noun="cat", layer=1, unit=2, polarity=-1, frequency=1.0, n_images=2, base_rate=0.5,

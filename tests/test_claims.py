@@ -6,10 +6,10 @@ import math
 import pandas as pd
 import pytest
 
-from mmneurons_utils import claims
-from mmneurons_utils.claims import (CLAIMS, FAILS, HOLDS, NOT_MEASURED, PARTLY, scorecard,
+from mmneurons_utils.companion import claims
+from mmneurons_utils.companion.claims import (CLAIMS, FAILS, HOLDS, NOT_MEASURED, PARTLY, scorecard,
                                     to_markdown, wilson_interval, write_scorecard)
-from mmneurons_utils.tables import save_table
+from mmneurons_utils.companion.tables import save_table
 
 METHODS = ("contribution", "gradient", "gradient_image", "random")
 
@@ -296,7 +296,7 @@ def test_write_scorecard_writes_csv_and_markdown_atomically(tmp_path):
 
 
 def test_the_runner_writes_the_scorecard_after_the_notebooks(tmp_path, monkeypatch):
-    from mmneurons_utils import run_notebooks
+    from mmneurons_utils.companion import run_notebooks
 
     def fake_run_all(notebooks, out, parameters, only=None, kernel_name=None):
         write(out, good_tables())

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mmneurons_utils import load_vlm, make_scenes
-from mmneurons_utils.causal import says
-from mmneurons_utils.editing import (EditInputError, ScenePool, edit_table, edit_token, run_edit,
-                                     summarize_edits)
+from mmneurons_utils.nouns import says
+from mmneurons_utils.edit_evaluation import ImagePool, edit_table, run_edit, summarize_edits
+from mmneurons_utils.editing import EditInputError, edit_token
 
 
 def _state(vlm):
@@ -27,7 +27,7 @@ def _assert_same_state(vlm, state):
 
 @pytest.fixture(scope="module")
 def pool(tiny_llava):
-    return ScenePool.build(tiny_llava, 80, seed=3)
+    return ImagePool.build(tiny_llava, [s.image for s in make_scenes(80, seed=3)])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def case(pool):
 def edit(tiny_llava, case):
     state = _state(tiny_llava)
     clean = [c.text for c in tiny_llava.describe(case["images"] + case["locality"])]
-    edit = edit_token(tiny_llava, case["images"], case["source"], case["target"], n_neurons=5,
+    edit = edit_token(tiny_llava, case["images"], case["source"], case["target"], k=5,
                       unrelated=case["unrelated"], seed=0)
     yield dict(edit=edit, state=state, clean=clean)
     edit.undo()
@@ -97,15 +97,15 @@ def test_save_pretrained_round_trip(tiny_llava, case, edit, tmp_path):
 def test_failed_edit_is_reported_and_leaves_the_weights(tiny_llava, case, edit):
     edit["edit"].undo()  # the shared edit is applied while the tests above run
     state = _state(tiny_llava)
-    failed = edit_token(tiny_llava, case["images"], case["source"], case["target"], n_neurons=2,
-                        units="random", steps=3, seed=1)
+    failed = edit_token(tiny_llava, case["images"], case["source"], case["target"], k=2,
+                        method="random", steps=3, seed=1)
     assert not failed.converged and not failed.applied and failed.metrics["success"] == 0.0
     assert failed.final_margin < 1.0 and failed.steps == 3
     _assert_same_state(tiny_llava, state)
     with pytest.raises(EditInputError, match="not applied"):
         failed.save_pretrained("/tmp/never-written")
-    kept = edit_token(tiny_llava, case["images"], case["source"], case["target"], n_neurons=2,
-                      units="random", steps=3, seed=1, keep_failed=True)
+    kept = edit_token(tiny_llava, case["images"], case["source"], case["target"], k=2,
+                      method="random", steps=3, seed=1, keep_failed=True)
     assert kept.applied and not kept.converged
     assert any(not torch.equal(v, state[k]) for k, v in tiny_llava.model.state_dict().items())
     kept.undo()
@@ -121,10 +121,14 @@ def test_bad_input_names_the_choices(tiny_llava, case, edit):
         edit_token(tiny_llava, images, source, "spaceship")
     with pytest.raises(EditInputError, match="same word"):
         edit_token(tiny_llava, images, source, source)
-    with pytest.raises(EditInputError, match="units must be one of"):
-        edit_token(tiny_llava, images, source, case["target"], units="best")
+    with pytest.raises(EditInputError, match="method must be one of"):
+        edit_token(tiny_llava, images, source, case["target"], method="best")
+    with pytest.raises(EditInputError, match="to choose them by a scoring method pass method='random'"):
+        edit_token(tiny_llava, images, source, case["target"], units="random")
+    with pytest.raises(EditInputError, match="out of range"):
+        edit_token(tiny_llava, images, source, case["target"], units=[(99, 0)])
     with pytest.raises(EditInputError, match="in none of the"):
-        ScenePool([], []).split("dog")
+        ImagePool([], []).split("dog")
 
 
 # --- honest evaluation: failed edits, already-said targets ------------------------------
@@ -149,7 +153,7 @@ def together(pool):
 def test_a_failed_edit_has_no_side_effect_scores(tiny_llava, pool, case, edit):
     edit["edit"].undo()
     state = _state(tiny_llava)
-    failed = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+    failed = run_edit(tiny_llava, pool, case["source"], case["target"], k=1, method="random",
                       steps=1, n_edit=2, n_unrelated=4, n_locality=6, seed=1)
     m = failed.metrics
     # the unchanged model says nothing about locality or generalisation: NaN, not 1 / 0
@@ -158,7 +162,7 @@ def test_a_failed_edit_has_no_side_effect_scores(tiny_llava, pool, case, edit):
     _assert_same_state(tiny_llava, state)
     # no held-out image left (every image saying the source is an edit image): NaN as well
     n_said = len(pool.with_noun(case["source"]))
-    failed = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+    failed = run_edit(tiny_llava, pool, case["source"], case["target"], k=1, method="random",
                       steps=1, n_edit=n_said, n_unrelated=4, n_locality=6, seed=1)
     assert failed.metrics["n_heldout"] == 0 and _isnan(failed.metrics["generalization"])
 
@@ -187,11 +191,11 @@ def test_images_already_saying_the_target_are_not_scored(tiny_llava, pool, toget
     source, target = together["source"], together["target"]
     both, alone = [pool.images[i] for i in together["both"]], [pool.images[i] for i in together["alone"]]
     # only an image that already says the target: nothing to score
-    e = edit_token(tiny_llava, both[:1], source, target, n_neurons=5, seed=0)
+    e = edit_token(tiny_llava, both[:1], source, target, k=5, seed=0)
     e.undo()
     assert _isnan(e.metrics["success"]) and e.metrics["n_excluded_target"] == 1
     # with an image saying the source alone: success is that image's flip only
-    e = edit_token(tiny_llava, alone[:1] + both[:1], source, target, n_neurons=5, seed=0)
+    e = edit_token(tiny_llava, alone[:1] + both[:1], source, target, k=5, seed=0)
     e.undo()
     flipped = says(e.captions_after[0], target) and not says(e.captions_after[0], source)
     assert e.metrics["n_excluded_target"] == 1 and e.metrics["success"] == float(flipped)
@@ -213,7 +217,7 @@ def test_playground_reports_a_failed_edit_as_not_applied(tiny_llava, pool, case,
 
     edit["edit"].undo()
     play = EditPlayground(tiny_llava, make_scenes(2, seed=0))
-    play.edit = run_edit(tiny_llava, pool, case["source"], case["target"], n_neurons=1, units="random",
+    play.edit = run_edit(tiny_llava, pool, case["source"], case["target"], k=1, method="random",
                          steps=1, n_edit=2, n_unrelated=4, n_locality=6, seed=1)
     line, report = play.view()
     col = report.iloc[:, 0]

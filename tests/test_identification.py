@@ -37,7 +37,7 @@ def _record_mlp_outputs(vlm):
 
 def _prompt_and_caption(enc, token_ids):
     """One image's prompt with its caption appended, written out here (not with
-    ``capture.append_captions``) so the finite-difference checks stay independent."""
+    ``teacher_forcing.append_captions``) so the finite-difference checks stay independent."""
     return dict(enc, input_ids=torch.cat([enc["input_ids"], torch.tensor([token_ids])], 1),
                 attention_mask=torch.ones(1, enc["input_ids"].shape[1] + len(token_ids), dtype=torch.long))
 

@@ -8,7 +8,7 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 REQUIRED = ("model", "device", "dtype", "seed", "output_dir")
-BUDGET_KB = 150   # figures are files; inline copies are compact (mmneurons_utils.outputs)
+BUDGET_KB = 150   # figures are files; inline copies are compact (mmneurons_utils.companion.outputs)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -25,6 +25,6 @@ def test_notebook_conventions(path):
     assert all(c.execution_count is not None for c in code), \
         "stored copy not executed: nbval compares stored outputs (python3 tasks.py refresh --only NN)"
     assert "Outputs(output_dir)" in "\n".join(c.source for c in code), \
-        "figures and tables go through mmneurons_utils.outputs.Outputs(output_dir)"
+        "figures and tables go through mmneurons_utils.companion.outputs.Outputs(output_dir)"
     size_kb = path.stat().st_size / 1024
     assert size_kb <= BUDGET_KB, f"{size_kb:.0f} KB stored: show figures with Outputs.figure"

@@ -13,7 +13,7 @@ matplotlib.use("agg")
 
 
 def test_save_table_writes_csv_with_flat_lists(tmp_path):
-    from mmneurons_utils.tables import save_table
+    from mmneurons_utils.companion.tables import save_table
 
     df = pd.DataFrame({"unit": [3, 5], "top_tokens": [["cat", "dog"], ["sun"]]})
     path = save_table(df, tmp_path, "t")
@@ -27,7 +27,8 @@ def test_save_table_writes_csv_with_flat_lists(tmp_path):
 def test_outputs_saves_full_figure_and_shows_a_small_copy(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from mmneurons_utils import make_scenes, outputs, plots
+    from mmneurons_utils import make_scenes, plots
+    from mmneurons_utils.companion import outputs
 
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
@@ -47,7 +48,7 @@ def test_outputs_saves_full_figure_and_shows_a_small_copy(tmp_path, monkeypatch)
 def test_runner_parameters_and_strip(tmp_path):
     import nbformat
 
-    from mmneurons_utils.run_notebooks import _parameter, notebook_paths, strip_for_git
+    from mmneurons_utils.companion.run_notebooks import _parameter, notebook_paths, strip_for_git
 
     assert _parameter(["model", "llava-hf/llava-1.5-7b-hf"]) == ("model", "llava-hf/llava-1.5-7b-hf")
     assert _parameter(["n_images=8"]) == ("n_images", 8)

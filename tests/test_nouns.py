@@ -1,10 +1,11 @@
-from mmneurons_utils.nouns import caption_scores, locate_nouns, vocabulary_nouns
-from mmneurons_utils.scenes import make_scenes
+from mmneurons_utils.nouns import locate_nouns, vocabulary_nouns
+from mmneurons_utils.tiny.scenes import NOUNS, caption_scores
+from mmneurons_utils.tiny.scenes import make_scenes
 from mmneurons_utils.tiny.build import make_tokenizer
 
 
 def test_vocabulary_nouns_in_order_without_repeats():
-    assert vocabulary_nouns("a boat and a boat, a dog on a blue background") == ["boat", "dog"]
+    assert vocabulary_nouns("a boat and a boat, a dog on a blue background", NOUNS) == ["boat", "dog"]
 
 
 def test_locate_nouns_gives_the_step_of_the_first_occurrence():

@@ -9,7 +9,7 @@ import torch
 
 from mmneurons_utils import find_neurons, make_scenes
 from mmneurons_utils import invariance, metrics, sensitivity, specificity
-from mmneurons_utils.capture import teacher_forced_activations
+from mmneurons_utils.teacher_forcing import teacher_forced_activations
 from mmneurons_utils.identify import find_neurons_by_method
 from mmneurons_utils.stats import auroc, bootstrap_ci, jaccard
 

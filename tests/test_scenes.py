@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mmneurons_utils.scenes import (BACKGROUNDS, NOUNS, TRAIN_SEED_BASE, caption_for, make_scene,
+from mmneurons_utils.tiny.scenes import (BACKGROUNDS, NOUNS, TRAIN_SEED_BASE, caption_for, make_scene,
                                     make_scenes)
 
 

@@ -3,8 +3,8 @@ import torch
 from PIL import Image
 
 from mmneurons_utils import load_vlm, make_scenes
-from mmneurons_utils.nouns import caption_scores
-from mmneurons_utils.scenes import NOUNS
+from mmneurons_utils.tiny.scenes import caption_scores
+from mmneurons_utils.tiny.scenes import NOUNS
 from mmneurons_utils.vlm import ModelLoadError
 
 

@@ -7,7 +7,7 @@ import textwrap
 
 import matplotlib.pyplot as plt
 
-from ..scenes import ATTRIBUTION
+from ..tiny.scenes import ATTRIBUTION
 
 
 def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.7):
@@ -19,7 +19,7 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     optionally ``example_scores`` and ``noun``; ``images``: the images those indices name;
     ``captions``: their caption texts (shown under each image). Returns the figure.
     """
-    from ..atlas_html import unit_label
+    from ..companion.atlas_html import unit_label
     from ..specificity import patch_grid, percentile_mask, unit_maps, upsample
     from .properties import heatmap_overlay
 

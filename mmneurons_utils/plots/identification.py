@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-from ..scenes import ATTRIBUTION
+from ..tiny.scenes import ATTRIBUTION
 
 
 def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..scenes import ATTRIBUTION
+from ..tiny.scenes import ATTRIBUTION
 
 METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "gradient_image": "#55A868",
                   "random": "#8C8C8C"}

@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from ..scenes import BACKGROUNDS, IMAGE_SIZE, NOUNS
+from .scenes import BACKGROUNDS, IMAGE_SIZE, NOUNS
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 PROMPT_WORDS = ["USER", ":", "Describe", "the", "image", "in", "few", "words", ".",

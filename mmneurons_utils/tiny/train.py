@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..scenes import TRAIN_SEED_BASE, make_scene
+from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene
 from .build import BUILDERS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -103,7 +103,7 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     batcher = CaptionBatcher(processor, vlm.prompt())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
-    from ..scenes import make_scenes
+    from .scenes import make_scenes
 
     monitor = make_scenes(eval_n, seed=MONITOR_SEED)
     log: list[dict] = []
@@ -140,7 +140,7 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
 
 def caption_quality(vlm, scenes) -> dict:
     """Noun recall / precision and exact match of greedy captions against ground truth."""
-    from ..nouns import caption_scores
+    from .scenes import caption_scores
 
     captions = vlm.describe([s.image for s in scenes])
     return caption_scores([c.text for c in captions], scenes)
@@ -156,7 +156,7 @@ def save_embedded(model, processor, out_dir: Path) -> None:
     model.to(torch.float32)
     processor.save_pretrained(tmp)
     # marks a checkpoint trained on the scenes: its nouns are the scene vocabulary
-    (tmp / "mmneurons.json").write_text(json.dumps({"nouns": "scenes", "source": "mmneurons_utils.tiny"}))
+    (tmp / "mmneurons.json").write_text(json.dumps({"nouns": list(NOUNS), "source": "mmneurons_utils.tiny"}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

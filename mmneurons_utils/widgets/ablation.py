@@ -1,6 +1,6 @@
 """The ablation panel: image, noun, ``k`` and σ → the caption and the noun's margin, live.
 
-The noun's top-``k`` contribution units (and, for comparison, ``k`` seeded random units)
+The noun's top-``k`` contribution units (from a ``find_neurons`` table when one is given, and, for comparison, ``k`` seeded random units)
 are perturbed inside a ``with`` block (zeroed, or Gaussian noise of σ × the column's RMS
 when σ > 0); the weights are restored after each render. One render is two teacher-forced
 forwards and two greedy captions (≈ 0.1 s on the embedded models).
@@ -17,10 +17,16 @@ from .panel import Panel
 class AblationPanel(Panel):
     """Pick an image and a noun of its caption; slide ``k`` and σ (0 = zero the columns)."""
 
-    def __init__(self, vlm, scenes, k: int = 50, sigma: float = 0.0, seed: int = 0, max_k: int = 500):
+    def __init__(self, vlm, scenes, k: int = 50, sigma: float = 0.0, seed: int = 0, max_k: int = 500,
+                 table=None):
         super().__init__(vlm, scenes)
         self.seed = seed
-        self.k = W.IntSlider(value=k, min=1, max=min(max_k, vlm.n_layers * vlm.d_ff), description="k",
+        # a find_neurons table of these scenes: its units are the ones perturbed (k ≤ its top_k)
+        self.table = table
+        if table is not None:
+            max_k = min(max_k, int(table["rank"].max()) + 1)
+        self.k = W.IntSlider(value=min(k, max_k), min=1, max=min(max_k, vlm.n_layers * vlm.d_ff),
+                             description="k",
                              continuous_update=False)
         self.sigma = W.FloatSlider(value=sigma, min=0.0, max=5.0, step=0.25, description="σ (0=zero)",
                                    continuous_update=False)
@@ -39,11 +45,19 @@ class AblationPanel(Panel):
         ranks = rankings(self.vlm, [image], [self.caption], ("contribution", "random"),
                          self.k.max, 1, self.seed)
         self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
+        index = self.picker.index.value
+        if self.table is not None and index >= 0:  # the table's units replace the ranking here
+            from ..identify import units_of
+
+            for noun, (target, ranked) in self._ranks.items():
+                ranked["contribution"] = [units_of(self.table, noun, self.k.max, image=index)]
         self.nouns.set_caption(self.caption)  # fires the noun observer → render
 
     def view(self) -> list:
         """``[summary line, table]``: per unit set, the caption and the noun's margin/probability."""
-        from ..causal import margin_and_prob, perturbation_context, says, teacher_forced_logits
+        from ..causal import margin_and_prob, perturbation_context
+        from ..nouns import says
+        from ..teacher_forcing import teacher_forced_logits
 
         noun = self.nouns.value
         if noun is None:

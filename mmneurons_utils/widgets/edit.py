@@ -20,17 +20,18 @@ from .panel import Panel
 class EditPlayground(Panel):
     """Pick an image, a source noun of its caption and a target noun; press edit / undo."""
 
-    def __init__(self, vlm, scenes, others=(), target: str = "cat", n_neurons: int = 5,
-                 n_unrelated: int = 4, seed: int = 0):
-        from ..scenes import NOUNS
-
+    def __init__(self, vlm, scenes, others=(), target: str = "cat", k: int = 5,
+                 n_unrelated: int = 4, seed: int = 0, table=None):
         super().__init__(vlm, scenes, noun_description="source")
-        self.n_neurons, self.seed = n_neurons, seed
+        self.k, self.seed = k, seed
+        # a find_neurons table of these scenes: edit its units for the picked scene and noun
+        self.table = table
         self.others = list(others)          # images for the loss (unrelated) and the report
         self.n_unrelated = n_unrelated
-        self.target = W.Dropdown(options=sorted(NOUNS) if vlm.embedded else [target], value=target,
+        vocabulary = sorted(vlm.noun_vocabulary) if vlm.noun_vocabulary else [target]
+        self.target = W.Dropdown(options=vocabulary, value=target,
                                  description="target", layout=W.Layout(width="220px"))
-        self.neurons = W.IntSlider(value=n_neurons, min=1, max=50, description="neurons")
+        self.neurons = W.IntSlider(value=k, min=1, max=50, description="neurons")
         self.edit_button = W.Button(description="edit", button_style="warning")
         self.undo_button = W.Button(description="undo", disabled=True)
         self.status = W.Label("")
@@ -46,11 +47,20 @@ class EditPlayground(Panel):
         self.nouns.set_caption(self.caption)
 
     def _others(self, source: str) -> tuple[list, list]:
-        from ..causal import says
+        from ..nouns import says
 
         captions = self.vlm.describe(self.others) if self.others else []
         free = [im for im, c in zip(self.others, captions) if not says(c.text, source)]
         return free[:self.n_unrelated], free[self.n_unrelated:]
+
+    def _table_units(self, source: str):
+        """The table's top units for the picked scene's ``source`` (``None``: choose them here)."""
+        from ..identify import units_of
+
+        index = self.picker.index.value
+        if self.table is None or index < 0:   # no table, or an uploaded image: not in the table
+            return None
+        return units_of(self.table, source, self.neurons.value, image=index)
 
     def run_edit(self):
         """Edit the picked image's ``source`` into ``target`` (undoing any previous edit)."""
@@ -62,7 +72,8 @@ class EditPlayground(Panel):
         try:
             unrelated, locality = self._others(source)
             self.edit = edit_token(self.vlm, [self.picker.image], source, target,
-                                   n_neurons=self.neurons.value, unrelated=unrelated, seed=self.seed)
+                                   units=self._table_units(source), k=self.neurons.value,
+                                   unrelated=unrelated, seed=self.seed)
             if self.edit.applied:
                 self.edit.evaluate((), locality)
             self.status.value = ("done" if self.edit.converged else

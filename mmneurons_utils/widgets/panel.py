@@ -39,7 +39,7 @@ class Panel:
             return
         from IPython.display import Image
 
-        from ..outputs import compact_png
+        from ..companion.outputs import compact_png
 
         self.out.outputs = ()
         for item in self.view():

@@ -66,7 +66,7 @@ class ImagePicker(_Observable):
     def __init__(self, scenes: Sequence | None = None, seed: int = 0, n: int = 24, index: int = 0,
                  thumbnail: int = 128):
         super().__init__()
-        from ..scenes import make_scenes
+        from ..tiny.scenes import make_scenes
 
         self._make = make_scenes
         self.scenes = list(scenes) if scenes is not None else make_scenes(n, seed)

@@ -108,12 +108,12 @@ class InvariancePanel(Panel):
 
     def view(self) -> list:
         """``[captions before/after, table of retained shares per noun and method]``."""
-        from ..invariance import n_image_tokens, permuted_image_tokens, region_invariance
+        from ..invariance import permuted_image_tokens, region_invariance
 
         image = self.picker.image
         before = self.vlm.describe([image])[0]
         permutation = np.random.default_rng([self.seed.value, 0]).permutation(
-            n_image_tokens(self.vlm))
+            self.vlm.image_projector_rows)
         with permuted_image_tokens(self.vlm, permutation):
             after = self.vlm.describe([image])[0]
         frame = region_invariance(self.vlm, [image], top_k=self.k.value, seed=self.seed.value,

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .results import atomic_write
-from .specificity import patch_grid, unit_maps, upsample
+from ..results import atomic_write
+from ..specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}

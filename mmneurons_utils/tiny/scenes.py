@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..nouns import vocabulary_nouns
+
 #: Noun → OpenMoji code point. Every noun is a single lower-case word, chosen to
 #: render distinctly at ~20 px (no two red, round look-alikes).
 NOUNS: dict[str, int] = {
@@ -163,3 +165,17 @@ def make_scenes(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> list[Scene]:
     if not isinstance(size, (int, np.integer)) or size < 32:
         raise ValueError(f"size must be an integer ≥ 32 px, got {size!r}")
     return [make_scene(seed, i, size) for i in range(int(n))]
+
+
+def caption_scores(texts, scenes) -> dict:
+    """Micro-averaged noun recall / precision and exact-match rate against scene captions."""
+    hits = predicted = truth = exact = 0
+    for text, scene in zip(texts, scenes, strict=True):
+        said = vocabulary_nouns(text, NOUNS)
+        hits += len(set(said) & set(scene.nouns))
+        predicted += len(said)
+        truth += len(scene.nouns)
+        exact += text.strip() == scene.caption
+    return dict(noun_recall=round(hits / truth, 4),
+                noun_precision=round(hits / max(predicted, 1), 4),
+                exact_match=round(exact / len(scenes), 4), n_images=len(scenes))

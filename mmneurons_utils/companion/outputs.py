@@ -44,7 +44,7 @@ def show_figure(fig, output_dir: str | Path, name: str, display_inline: bool = T
     """
     import matplotlib.pyplot as plt
 
-    from .plots import save
+    from ..plots import save
 
     path = save(fig, Path(output_dir) / "figures", name)
     if display_inline:
