@@ -326,7 +326,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
         raise EditInputError(f"units must be (layer, unit) pairs or table rows, got {units!r}; "
                              f"to choose them by a scoring method pass method={units!r}")
     target_id = target_token(vlm, target)
-    captions = vlm.describe(images, max_new_tokens=max_new_tokens, capture="down_proj_input")
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
     src_steps = _source_steps(vlm, captions, source)
     source_id = captions[0].token_ids[src_steps[0]]
     if units is None:
@@ -335,7 +335,8 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
         chosen = choose_units(vlm, captions, src_steps, source_id, k, method, seed, images)
     else:
         try:
-            chosen = np.unique(as_units(vlm, units), axis=0)
+            given = as_units(vlm, units)
+            chosen = given[np.sort(np.unique(given, axis=0, return_index=True)[1])]  # once each, in order
         except ValueError as exc:
             raise EditInputError(str(exc)) from exc
         if len(chosen) == 0:

@@ -41,12 +41,12 @@ class AblationPanel(Panel):
         from ..causal import rankings
 
         image = self.picker.image
-        self.caption = self.vlm.describe([image], capture="down_proj_input")[0]
+        self.caption = self.vlm.describe([image], activation="down_proj_input")[0]
         ranks = rankings(self.vlm, [image], [self.caption], ("contribution", "random"),
                          self.k.max, 1, self.seed)
         self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
-        index = self.picker.index.value
-        if self.table is not None and index >= 0:  # the table's units replace the ranking here
+        index = self.table_image()
+        if self.table is not None and index is not None:  # the table's units replace the ranking
             from ..identify import units_of
 
             for noun, (target, ranked) in self._ranks.items():

@@ -57,8 +57,8 @@ class EditPlayground(Panel):
         """The table's top units for the picked scene's ``source`` (``None``: choose them here)."""
         from ..identify import units_of
 
-        index = self.picker.index.value
-        if self.table is None or index < 0:   # no table, or an uploaded image: not in the table
+        index = self.table_image()
+        if self.table is None or index is None:
             return None
         return units_of(self.table, source, self.neurons.value, image=index)
 

@@ -24,6 +24,13 @@ class Panel:
         self.nouns = TokenPicker(description=noun_description)
         self.out = W.Output()
         self._shown = False
+        self._table_seed = self.picker.seed.value   # a table given to a panel is of these scenes
+
+    def table_image(self) -> int | None:
+        """The picked scene's ``image`` value in a ``find_neurons`` table of the panel's first
+        scenes, or ``None`` (an upload, or scenes redrawn with another seed: not in the table)."""
+        index = self.picker.index.value
+        return index if index >= 0 and self.picker.seed.value == self._table_seed else None
 
     def controls(self) -> list:
         """The rows of widgets shown above the output."""

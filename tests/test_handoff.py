@@ -1,0 +1,227 @@
+"""The package as one path: every hook goes through ``trace``, the method core never imports
+the scenes, and a ``find_neurons`` table is the handoff to ablation, editing and the widgets."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mmneurons_utils import find_neurons, make_scenes
+from mmneurons_utils.causal import causal_curves
+from mmneurons_utils.editing import edit_token
+from mmneurons_utils.identify import logit_weights, rank_units, units_of
+from mmneurons_utils.interventions import added_deltas, as_units, perturb_units
+from mmneurons_utils.scoring import contribution_scores, top_units
+from mmneurons_utils.trace import Trace, TraceDict, trace_down_proj
+from mmneurons_utils.vlm import ModelLoadError, read_noun_vocabulary
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mmneurons_utils"
+# what may import the embedded models' scenes: the embedded models themselves and the tools that
+# offer them as a dataset (the companion, its widgets and plots, the CLI and the benchmark)
+MAY_IMPORT_SCENES = ("tiny/", "companion/", "widgets/", "plots/", "cli.py", "bench.py")
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py") if "weights" not in p.parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module name an ``import`` / ``from … import`` of ``path`` names (relative ones
+    resolved against the package), including imports inside functions."""
+    names = set()
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names |= {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_every_hook_is_registered_in_trace():
+    """``register_forward_hook`` & co. appear in ``trace.py`` only."""
+    offenders = [str(p.relative_to(PACKAGE)) for p in _modules() if p.name != "trace.py"
+                 and any(word in p.read_text() for word in
+                         ("register_forward_pre_hook", "register_forward_hook",
+                          "register_full_backward", ".register_hook("))]
+    assert offenders == []
+
+
+def test_the_method_core_does_not_import_the_scenes():
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "__init__.py" or rel.startswith(MAY_IMPORT_SCENES):
+            continue
+        bad = {n for n in _imports(path) if "scenes" in n.split(".") or "tiny" in n.split(".")}
+        if bad:
+            offenders.append((rel, sorted(bad)))
+    assert offenders == []
+    # and importing the whole method (with the package's own __init__) loads no scene code
+    code = ("import sys, mmneurons_utils\n"
+            "import mmneurons_utils.identify, mmneurons_utils.causal, mmneurons_utils.editing, "
+            "mmneurons_utils.edit_evaluation, mmneurons_utils.invariance, mmneurons_utils.specificity, "
+            "mmneurons_utils.sensitivity, mmneurons_utils.metrics, mmneurons_utils.atlas\n"
+            "print(sorted(m for m in sys.modules if m.startswith('mmneurons_utils.tiny')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_embedded_vocabulary_comes_from_the_marker(tiny_llava, tmp_path):
+    from mmneurons_utils.tiny.scenes import NOUNS
+
+    assert set(tiny_llava.noun_vocabulary) == set(NOUNS)
+    assert read_noun_vocabulary(tmp_path) is None                     # no marker: a real model
+    (tmp_path / "mmneurons.json").write_text('{"nouns": "scenes"}')
+    with pytest.raises(ModelLoadError, match="list of noun words"):
+        read_noun_vocabulary(tmp_path)
+
+
+# --- the tracing helper -----------------------------------------------------------------
+def test_trace_reads_edits_and_always_removes_its_hooks():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    with Trace(layer, retain_input=True, retain_output=True) as t:
+        y = layer(x)
+    assert torch.equal(t.input, x) and torch.equal(t.output, y) and t.calls == 1
+    with Trace(layer, edit_input=lambda v: v * 0):                   # edits what the module sees
+        assert torch.equal(layer(x), layer.bias.expand(4, 2))
+    with Trace(layer, edit_output=lambda out, v: out + v.sum(-1, keepdim=True)):
+        assert torch.allclose(layer(x), y + x.sum(-1, keepdim=True))
+    with Trace(layer, edit_input=lambda v: None):                    # None: an observer
+        assert torch.equal(layer(x), y)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Trace(layer, edit_output=lambda out, v: out * 2):
+            raise RuntimeError("boom")
+    assert not layer._forward_hooks and not layer._forward_pre_hooks
+    assert torch.equal(layer(x), y)
+
+
+def test_trace_dict_names_its_modules_and_refuses_a_shared_one(tiny_llava):
+    seen = []
+    with trace_down_proj(tiny_llava, edit_input=lambda x, layer: seen.append(layer)):
+        tiny_llava.model(**tiny_llava.inputs([make_scenes(1, seed=2)[0].image]))
+    assert seen == list(range(tiny_llava.n_layers))
+    shared = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="one module"):
+        TraceDict({"a": shared, "b": shared})
+    assert all(not tiny_llava.down_proj(l)._forward_pre_hooks for l in range(tiny_llava.n_layers))
+
+
+def test_added_deltas_equal_the_same_change_of_the_weights(tiny_llava):
+    """``a @ Δ`` added to ``down_proj``'s output == ``W_out[:, units] += Δᵀ`` (what editing trains)."""
+    vlm = tiny_llava
+    inputs = vlm.inputs([make_scenes(1, seed=3)[0].image])
+    units = np.array([[0, 5], [3, 700], [3, 2], [1, 9]])
+    deltas = torch.randn(len(units), vlm.down_proj(0).out_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), added_deltas(vlm, units, deltas):
+        hooked = vlm.model(**inputs).logits
+    with torch.no_grad(), perturb_units(vlm, units, mode="scale", factor=1.0):  # restores the weights
+        for (layer, unit), delta in zip(units, deltas):
+            vlm.down_proj(int(layer)).weight[:, int(unit)] += delta
+        edited = vlm.model(**inputs).logits
+    assert torch.allclose(hooked, edited, atol=1e-4)
+    with pytest.raises(ValueError, match="distinct"):
+        with added_deltas(vlm, np.array([[0, 1], [0, 1]]), deltas[:2]):
+            pass
+
+
+# --- rank_units and the table handoff -------------------------------------------------------
+@pytest.fixture(scope="module")
+def found(tiny_llava):
+    images = [s.image for s in make_scenes(3, seed=11)]
+    return images, find_neurons(tiny_llava, images, top_k=20)
+
+
+def test_rank_units_is_the_formula_and_the_table(tiny_llava, found):
+    images, table = found
+    caption = tiny_llava.describe(images[:1], activation="down_proj_input")[0]
+    targets = caption.noun_tokens
+    ranked = rank_units(tiny_llava, images[0], caption, targets, ("contribution", "random"), 20,
+                        seed=[0, 0], weights=logit_weights(tiny_llava, targets))
+    for n, target in enumerate(targets):
+        scores = contribution_scores(tiny_llava, caption.activations.steps[target.step], target.token_id)
+        assert np.array_equal(ranked["contribution"][n].units, top_units(scores, 20)[0])
+        assert np.array_equal(ranked["contribution"][n].units,
+                              units_of(table, target.noun, 20, image=0))
+        random = find_neurons(tiny_llava, images[:1], method="random", top_k=20, captions=[caption])
+        assert np.array_equal(ranked["random"][n].units,
+                              units_of(random, target.noun, 20, image=0, method="random"))
+
+
+def test_units_of_pools_images_by_summed_score_and_names_what_is_missing(found):
+    _, table = found
+    noun = table.noun.value_counts().index[0]
+    rows = table[(table.noun == noun) & (table.method == "contribution")]
+    pooled = units_of(table, noun, 5)
+    summed = rows.groupby(["layer", "unit"])["score"].sum().sort_values(ascending=False)
+    assert [tuple(u) for u in pooled] == [tuple(i) for i in summed.index[:5]]
+    with pytest.raises(ValueError, match="no 'contribution' rows for 'zebra'.*nouns there"):
+        units_of(table, "zebra", 5)
+    with pytest.raises(ValueError, match="larger top_k"):
+        units_of(table, noun, 21, image=int(rows.image.iloc[0]))
+
+
+def test_perturb_units_takes_table_rows(tiny_llava, found):
+    _, table = found
+    rows = table[table["rank"] < 4]
+    assert np.array_equal(as_units(tiny_llava, rows), rows[["layer", "unit"]].to_numpy())
+    with pytest.raises(ValueError, match="'layer' and 'unit'"):
+        as_units(tiny_llava, rows.drop(columns="unit"))
+
+
+def test_causal_curves_on_the_table_equal_the_curves_it_ranks_itself(tiny_llava, found):
+    images, table = found
+    kwargs = dict(ks=[1, 10], max_new_tokens=12)
+    own = causal_curves(tiny_llava, images[:2], methods=("contribution",), **kwargs)
+    handed = causal_curves(tiny_llava, images[:2], table=table[table.image < 2], **kwargs)
+    assert len(own) > 0 and handed["method"].unique().tolist() == ["contribution"]
+    pd.testing.assert_frame_equal(own, handed)
+    # a table whose units differ gives different curves: the table's units are the ones perturbed
+    shifted = table[table.image < 2].assign(unit=lambda t: (t.unit + 1) % tiny_llava.d_ff)
+    other = causal_curves(tiny_llava, images[:2], table=shifted, **kwargs)
+    assert not np.allclose(other.margin.to_numpy(), own.margin.to_numpy())
+    with pytest.raises(ValueError, match="no rows of method"):
+        causal_curves(tiny_llava, images[:2], methods=("gradient",), table=table, **kwargs)
+
+
+def test_edit_token_on_the_tables_units_equals_choosing_them_and_undoes_exactly(tiny_llava, found):
+    images, table = found
+    source = table[table.image == 0].noun.iloc[0]
+    target = "cat" if source != "cat" else "dog"
+    before = [tiny_llava.down_proj(l).weight.clone() for l in range(tiny_llava.n_layers)]
+    units = units_of(table, source, 5, image=0)
+    handed = edit_token(tiny_llava, images[:1], source, target, units=units, steps=30)
+    handed.undo()
+    chosen = edit_token(tiny_llava, images[:1], source, target, method="contribution", k=5, steps=30)
+    chosen.undo()
+    assert np.array_equal(units, chosen.units) and np.array_equal(handed.units, chosen.units)
+    assert torch.equal(handed.deltas, chosen.deltas)
+    assert handed.metrics["unit_choice"] == "given" and chosen.metrics["unit_choice"] == "contribution"
+    for l, w in enumerate(before):
+        assert torch.equal(tiny_llava.down_proj(l).weight, w)
+
+
+def test_the_widgets_take_the_tables_units(tiny_llava):
+    from mmneurons_utils.widgets import AblationPanel, EditPlayground
+
+    scenes = make_scenes(2, seed=11)
+    table = find_neurons(tiny_llava, [s.image for s in scenes], top_k=8)
+    shifted = table.assign(unit=(table.unit + 1) % tiny_llava.d_ff)     # units no ranking would give
+    panel = AblationPanel(tiny_llava, scenes, k=4, table=shifted)
+    assert panel.k.max == 8
+    noun = panel.nouns.value
+    assert np.array_equal(panel._ranks[noun][1]["contribution"][0], units_of(shifted, noun, 8, image=0))
+    play = EditPlayground(tiny_llava, scenes, k=3, table=shifted)
+    assert np.array_equal(play._table_units(play.nouns.value), units_of(shifted, play.nouns.value, 3, image=0))
+    play.picker.seed.value = 99                                            # other scenes: not in the table
+    assert play._table_units(play.nouns.value) is None
