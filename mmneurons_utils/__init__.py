@@ -1,4 +1,25 @@
-"""mmneurons_utils: find, test and edit multi-modal neurons (Pan et al., ACL Findings 2024)."""
+"""mmneurons_utils: find, test and edit multi-modal neurons (Pan et al., ACL Findings 2024).
+
+Words: prose says *neuron*, code says *unit*. A unit ``(l, i)`` is coefficient ``i`` of
+decoder layer ``l``'s FFN, the input of its ``down_proj`` (write vector ``W_out[l][:, i]``).
+
+Shapes: every shape in the package's docstrings and comments (``Float[Tensor, "S L F"]``,
+``Int[ndarray, "K 2"]``, ``# (B, T, F)``) uses one set of letters:
+
+* ``B`` batch (images)
+* ``T`` sequence positions (prompt + caption)
+* ``S`` generated caption steps
+* ``L`` decoder layers
+* ``F`` units per layer (``d_ff``)
+* ``D`` ``d_model``
+* ``V`` vocabulary
+* ``I`` image tokens
+* ``N`` rows / units of a list
+* ``K`` top-k (``K`` = the call's ``k`` or ``top_k``)
+
+A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` the patch
+grid, ``E`` dataset examples per unit).
+"""
 
 from .identify import find_neurons
 from .vlm import VLM, Caption, load_vlm

@@ -23,10 +23,11 @@ One row per (noun, unit):
   mean of the same purity over the ``random`` units drawn for the noun's images (each with
   its polarity at the noun step), the baseline; chance is about ``base_rate``;
 * ``modality``: how much the unit fires on the image rather than on the text. For each of
-  the noun's images, ``I`` = mean ``|a|`` over its image tokens (prefill) and ``C`` = mean
-  ``|a|`` over its caption steps (the positions whose logits produce the caption's tokens);
-  ``modality = mean(I) / (mean(I) + mean(C))`` over the noun's images: 1 = fires only on
-  image tokens, 0 = only at the caption steps, 0.5 = equally;
+  the noun's images, ``a_image`` = mean ``|a|`` over its image tokens (prefill) and
+  ``a_caption`` = mean ``|a|`` over its caption steps (the positions whose logits produce
+  the caption's tokens); ``modality = mean(a_image) / (mean(a_image) + mean(a_caption))``
+  over the noun's images: 1 = fires only on image tokens, 0 = only at the caption steps,
+  0.5 = equally;
 * ``example_images``: the unit's top-``E`` image indices (in its polarity), best first,
   and ``example_scores`` their ``max p · a``.
 """

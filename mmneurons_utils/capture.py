@@ -64,7 +64,7 @@ class _Recording:
             if self.image_mask.shape != x.shape[:2]:
                 raise RuntimeError(f"image mask {tuple(self.image_mask.shape)} does not match "
                                    f"the prefill's {tuple(x.shape[:2])} positions")
-            # one (n_image_tokens_r, F) per row: rows may hold different numbers of
+            # one (I, F) per row, I the row's own: rows may hold different numbers of
             # image tokens (llava_next / idefics3 images of other sizes)
             self.image_rows[layer] = [row[mask] for row, mask in zip(x.detach(), self.image_mask)]
         self.step_rows[layer].append(x.detach()[:, -1])
@@ -85,7 +85,7 @@ def record_activations(vlm, image_mask: torch.Tensor | None = None,
                        activation: str = "down_proj_input") -> Iterator[_Recording]:
     """Hooks on every decoder layer while the block runs.
 
-    ``image_mask``: ``Bool[Tensor, "batch seq"]`` of the prefill's image positions
+    ``image_mask``: ``Bool[Tensor, "B T"]`` of the prefill's image positions
     (from ``vlm.image_token_mask(input_ids)``), or ``None`` to skip them.
     """
     if activation not in ACTIVATIONS:

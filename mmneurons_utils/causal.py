@@ -52,8 +52,9 @@ def perturbation_name(sigma: float | None) -> str:
 
 def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random: int,
              seed: int) -> list[dict]:
-    """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "max_k 2"], …]``
-    (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the other methods)."""
+    """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "K 2"], …]``, ``K`` =
+    ``max_k`` (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the
+    other methods)."""
     out = []
     weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
     scored = [m for m in methods if m != "random"]

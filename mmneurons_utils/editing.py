@@ -105,7 +105,7 @@ def _source_steps(vlm, captions, source: str) -> list[int]:
 
 @dataclass
 class Edit:
-    """A learned edit: additive deltas ``Float[Tensor, "n D"]`` on the write vectors of ``units``.
+    """A learned edit: additive deltas ``Float[Tensor, "N D"]`` on the write vectors of ``units``.
 
     ``applied`` says whether the deltas are in the weights now. ``metrics`` holds
     ``success`` (share of the edit images whose new caption says the target and not the
@@ -265,7 +265,7 @@ def flip_share(clean: Sequence[str], edited: Sequence[str], source: str, target:
 
 
 def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
-    """``Float[Tensor, "steps"]``: KL(softmax(clean) ‖ softmax(edited)) per row."""
+    """``Float[Tensor, "S"]``: KL(softmax(clean) ‖ softmax(edited)) per row (caption step)."""
     p = torch.log_softmax(clean_logits.float(), -1)
     q = torch.log_softmax(edited_logits.float(), -1)
     return (p.exp() * (p - q)).sum(-1)
@@ -275,7 +275,7 @@ def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons:
                  method: str = "contribution", seed: int = 0, images: Sequence = ()) -> np.ndarray:
     """``Int[ndarray, "n 2"]``: the top-``n`` units by ``method``'s score for ``source`` summed
     over the edit images (``captions`` carry activations; the gradient methods also need the
-    ``images``), or ``n`` seeded random units."""
+    ``images``), or ``k`` seeded random units."""
     if method == "random":
         return scoring.random_units(vlm.n_layers, vlm.d_ff, n_neurons, [seed, source_id])
     if method != "contribution" and len(images) != len(captions):
@@ -297,7 +297,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
     where they said ``source`` (see the module docstring for the design).
 
     ``images``: PIL images whose generated captions say ``source``. ``units``: the units to
-    edit — ``Int[array, "N 2"]`` of ``(layer, unit)``, or rows of a ``find_neurons`` table
+    edit — ``Int[ndarray, "N 2"]`` of ``(layer, unit)``, or rows of a ``find_neurons`` table
     (e.g. ``units_of(table, source, k)``: the neurons found are the ones edited). Without
     ``units`` the top-``k`` units are chosen here by ``method``'s score for the source summed
     over ``images``: ``"contribution"`` (the paper's neurons), ``"gradient"`` /
@@ -349,7 +349,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
     full, prompt_len, longest = teacher_forced_inputs(vlm, images + unrelated, seqs)
     rows = torch.arange(len(images))
     pos_src = torch.as_tensor(src_steps) + prompt_len - 1
-    keep = torch.zeros(len(seqs), longest, dtype=torch.bool)           # KL positions: (batch, steps)
+    keep = torch.zeros(len(seqs), longest, dtype=torch.bool)           # KL positions: (B, S)
     for r, s in enumerate(seqs):
         keep[r, :len(s)] = True
     keep[rows, torch.as_tensor(src_steps)] = False
@@ -375,7 +375,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
             for step in tqdm(range(steps + 1), desc=f"edit {source}→{target}", disable=not progress):
                 with torch.enable_grad():
                     logits = forward()
-                    src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (n_images, V)
+                    src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (B_edit, V)
                     with torch.no_grad():
                         margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0])
                                                for r in src_logits])

@@ -9,8 +9,8 @@ signals with negative activations, so its examples are the bottom end, read as
 
 For every one of the ``L × F`` units the ``E`` best images at each end are kept by a
 **streaming top-k**: each batch is described (``capture="down_proj_input",
-image_activations=True``), reduced to ``Float[L, F, batch]`` of max and min, concatenated
-with the running ``Float[L, F, E]`` state along the last axis and cut back to ``E`` with
+image_activations=True``), reduced to ``Float[Tensor, "L F B"]`` of max and min, concatenated
+with the running ``Float[Tensor, "L F E"]`` state along the last axis and cut back to ``E`` with
 ``topk`` (values and global image indices). The state is ``L × F × E × 2`` values plus as
 many indices, whatever the number of images; only one batch's activations live at once.
 
@@ -67,8 +67,9 @@ class UnitExamples:
         return images[keep].tolist(), scores[keep].tolist()
 
     def images_of(self, units, polarity) -> np.ndarray:
-        """``Int[ndarray, "k E"]``: the top images of ``units`` (``Int[k, 2]``), each in its
-        ``polarity`` (``Int[k]`` of ±1); ``-1`` where fewer than ``E`` images were seen."""
+        """``Int[ndarray, "N E"]``: the top images of ``units`` (``Int[ndarray, "N 2"]``), each
+        in its ``polarity`` (``Int[ndarray, "N"]`` of ±1); ``-1`` where fewer than ``E`` images
+        were seen."""
         units = np.array(units, dtype=np.int64).reshape(-1, 2)     # a writable copy
         signs = np.array(polarity, dtype=np.int64).reshape(-1)
         layer, unit = torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])
@@ -167,13 +168,15 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
 
 
 def purity(examples: UnitExamples, units, polarity, contains) -> np.ndarray:
-    """``Float[ndarray, "k"]``: share of each unit's top images (in its ``polarity``) for
-    which ``contains`` (``Bool[n_images]``, e.g. "the caption says the noun") holds.
+    """``Float[ndarray, "N"]``: share of each unit's top images (in its ``polarity``) for
+    which ``contains`` (``Bool[ndarray, "B"]``, one per image of the set, e.g. "the caption
+    says the noun") holds.
 
-    ``units``: ``Int[k, 2]``; ``polarity``: ``Int[k]`` of ±1. NaN for a unit with no images.
+    ``units``: ``Int[ndarray, "N 2"]``; ``polarity``: ``Int[ndarray, "N"]`` of ±1. NaN for a
+    unit with no images.
     """
     contains = np.asarray(contains, dtype=bool)
-    top = examples.images_of(units, polarity)                       # (k, E), -1 = empty slot
+    top = examples.images_of(units, polarity)                       # (N, E), -1 = empty slot
     filled = top >= 0
     hits = np.where(filled, contains[np.clip(top, 0, None)], False)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,6 +1,6 @@
 """``find_neurons``: the multi-modal neurons of every noun a model says about an image.
 
-Data flow: image → ``VLM.describe(capture=...)`` (one generation, activations
+Data flow: image → ``VLM.describe(activation=...)`` (one generation, activations
 recorded with the KV cache on) → nouns and the step of each → per-noun unit
 scores (:mod:`mmneurons_utils.scoring`) → the top ``k`` units → a tidy table.
 """
@@ -77,7 +77,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
         raise ValueError(f"captions must be {len(images)} captions made with capture={activation!r}")
     targets = [_targets(vlm, caption, nouns) for caption in captions]
     weights = logit_weights(vlm, [t for ts in targets for t in ts])
-    picks = []  # (image index, target, units [k, 2], scores [k], polarity [k])
+    picks = []  # (image index, target, units (K, 2), scores (K,), polarity (K,))
     for index, img, caption, image_targets in tqdm(list(zip(indices, images, captions, targets)),
                                                    desc=f"find ({method})", disable=not progress):
         ranked = rank_units(vlm, img, caption, image_targets, (method,), top_k, [seed, index],
@@ -104,7 +104,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
 
 def logit_weights(vlm, targets) -> dict[int, torch.Tensor]:
     """Token id → its ``unit_logit_weights`` (``Float[Tensor, "L F"]``), for every target's
-    token at once (one ``(T, D) @ (D, F)`` matmul per layer)."""
+    token at once (one ``(N, D) @ (D, F)`` matmul per layer, ``N`` tokens)."""
     tokens = sorted({t.token_id for t in targets})
     return dict(zip(tokens, scoring.unit_logit_weights(vlm, tokens))) if tokens else {}
 
@@ -135,8 +135,8 @@ def unit_scores(vlm, image: Image.Image, caption, targets, methods: Sequence[str
 
 
 class Ranked(NamedTuple):
-    """One target's ranking: ``units`` ``Int[ndarray, "k 2"]`` (best first), their
-    ``scores`` ``Float[ndarray, "k"]`` and ``polarity`` ``Int[ndarray, "k"]`` (±1)."""
+    """One target's ranking: ``units`` ``Int[ndarray, "K 2"]`` (best first), their
+    ``scores`` ``Float[ndarray, "K"]`` and ``polarity`` ``Int[ndarray, "K"]`` (±1)."""
 
     units: np.ndarray
     scores: np.ndarray
@@ -179,7 +179,7 @@ def rank_units(vlm, image: Image.Image, caption, targets, methods: Sequence[str]
 
 def units_of(table: pd.DataFrame, noun: str, k: int, image: int | None = None,
              method: str = "contribution") -> np.ndarray:
-    """``Int[ndarray, "k 2"]``: the ``(layer, unit)`` of a ``find_neurons`` table's top-``k``
+    """``Int[ndarray, "K 2"]``: the ``(layer, unit)`` of a ``find_neurons`` table's top-``k``
     rows for ``noun`` — the handoff from identification to ablation and editing.
 
     ``image``: one image's ranking (its ``image`` column value); ``None`` pools every image

@@ -14,7 +14,7 @@ A unit ``(l, i)`` writes ``a[l, i] · W_out[l][:, i]`` into the residual stream,
   only, through :func:`~mmneurons_utils.trace.trace_down_proj`. Zeroing at every position is exactly zeroing the
   column; restricting the positions (e.g. only the noun's step) is the comparison.
 
-Units are given as ``Int[array, "N 2"]`` of ``(layer, unit)`` rows, a list of pairs, or rows of
+Units are given as ``Int[ndarray, "N 2"]`` of ``(layer, unit)`` rows, a list of pairs, or rows of
 a ``find_neurons`` table (its ``layer`` and ``unit`` columns, e.g. ``units_of(table, …)``).
 A unit listed more than once is intervened on once: the argument is a *set* of units.
 """
@@ -33,7 +33,7 @@ MODES = ("noise", "zero", "scale")
 
 
 def as_units(vlm, units) -> np.ndarray:
-    """``Int[ndarray, "n 2"]`` of ``(layer, unit)`` rows, checked against the model's size.
+    """``Int[ndarray, "N 2"]`` of ``(layer, unit)`` rows, checked against the model's size.
 
     Raises ``ValueError`` naming the bad row and the valid ranges.
     """
@@ -53,7 +53,7 @@ def as_units(vlm, units) -> np.ndarray:
 
 
 def unique_units(units: np.ndarray) -> dict[int, np.ndarray]:
-    """Layer → sorted unique unit indices (``Int[ndarray, "n_l"]``)."""
+    """Layer → its sorted unique unit indices (``Int[ndarray, "N"]``, the layer's ``N`` units)."""
     units = np.unique(np.asarray(units, dtype=np.int64).reshape(-1, 2), axis=0)
     return {int(layer): units[units[:, 0] == layer, 1] for layer in np.unique(units[:, 0])}
 
@@ -64,7 +64,7 @@ def saved_columns(vlm, units) -> Iterator[dict[int, np.ndarray]]:
     back bit-for-bit when the block ends, however it ends. Yields layer → unit indices."""
     by_layer = unique_units(as_units(vlm, units))
     originals = {layer: vlm.down_proj(layer).weight[:, torch.as_tensor(cols)].detach().clone()
-                 for layer, cols in by_layer.items()}                       # (D, n_l) each
+                 for layer, cols in by_layer.items()}                       # (D, N) each
     try:
         yield by_layer
     finally:
@@ -99,7 +99,7 @@ def perturb_units(vlm, units, mode: str = "noise", sigma: float = 1.0, relative:
             for layer, cols in by_layer.items():
                 weight = vlm.down_proj(layer).weight
                 idx = torch.as_tensor(cols, device=weight.device)
-                columns = weight[:, idx].float()                              # (D, n_l)
+                columns = weight[:, idx].float()                              # (D, N)
                 if mode == "zero":
                     columns = torch.zeros_like(columns)
                 elif mode == "scale":
@@ -113,8 +113,8 @@ def perturb_units(vlm, units, mode: str = "noise", sigma: float = 1.0, relative:
 
 
 def _position_mask(positions, start: int, length: int, device) -> torch.Tensor | None:
-    """``Bool[Tensor, "length"]`` of which of the call's positions ``start … start+length-1``
-    are chosen; ``None`` means all."""
+    """``Bool[Tensor, "T"]`` (``T`` = ``length``) of which of the call's positions
+    ``start … start+length-1`` are chosen; ``None`` means all."""
     if positions is None:
         return None
     span = torch.arange(start, start + length, device=device)
@@ -157,7 +157,7 @@ def ablate_activations(vlm, units, mode: str = "zero", factor: float = 0.0,
         if mask is None:
             x[..., idx] = x[..., idx] * value
         elif mask.any():
-            sub = x[:, mask]                   # (B, m, F)
+            sub = x[:, mask]                   # (B, T_chosen, F)
             sub[..., idx] = sub[..., idx] * value
             x[:, mask] = sub
         return x

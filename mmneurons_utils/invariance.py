@@ -46,7 +46,7 @@ from .trace import Trace
 def permuted_image_tokens(vlm, permutation) -> Iterator[None]:
     """Within the block, the LLM reads the image tokens in ``permutation`` order.
 
-    ``permutation``: ``Int[I]``, a permutation of ``0 … I-1`` (``I`` =
+    ``permutation``: ``Int[ndarray, "I"]``, a permutation of ``0 … I-1`` (``I`` =
     ``vlm.image_projector_rows``); the projector's output ``Float[Tensor, "B I D"]`` becomes
     ``out[:, permutation]``.
     """
@@ -129,7 +129,8 @@ def _read(vlm, image, token_ids, targets, methods) -> dict[str, list[torch.Tenso
 
 
 def _overlap(units: np.ndarray, scores: torch.Tensor, k: int) -> float:
-    """Share of ``units`` (``Int[k, 2]``) inside the top-``k`` of ``scores``."""
+    """Share of ``units`` (``Int[ndarray, "N 2"]``) inside the top-``k`` of ``scores``
+    (``Float[Tensor, "L F"]``)."""
     top = {tuple(u) for u in scoring.top_units(scores, k)[0].tolist()}
     return sum(tuple(u) in top for u in np.asarray(units).tolist()) / len(units)
 

@@ -20,7 +20,9 @@
 the step that produces ``t`` (``+1`` for 0); every reading of the unit (its top tokens,
 maps, selectivity) is taken in that direction: ``p · (W_U · W_out[l][:, i])``, ``p · a``.
 
-Shapes: ``L`` decoder layers, ``F`` units per layer (``d_ff``), ``D`` = d_model.
+Shapes (the package's letters, see :mod:`mmneurons_utils`): ``L`` decoder layers, ``F``
+units per layer (``d_ff``), ``D`` d_model, ``V`` vocabulary, ``T`` sequence positions,
+``N`` rows of a list (units, token ids), ``K`` top-k.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from .trace import trace_down_proj
 def unit_logit_weights(vlm, token_id) -> torch.Tensor:
     """``W_U[t] · W_out[l][:, i]`` for every unit (float32).
 
-    ``token_id`` an int → ``Float[Tensor, "L F"]``; a list of ``T`` ids →
-    ``Float[Tensor, "T L F"]`` (one ``(T, D) @ (D, F)`` matmul per layer).
+    ``token_id`` an int → ``Float[Tensor, "L F"]``; a list of ``N`` ids →
+    ``Float[Tensor, "N L F"]`` (one ``(N, D) @ (D, F)`` matmul per layer).
     """
-    w_u = vlm.lm_head.weight[token_id]                                  # (D,) or (T, D)
-    return torch.stack([(w_u @ vlm.down_proj(layer).weight).float()    # → (F,) or (T, F)
+    w_u = vlm.lm_head.weight[token_id]                                  # (D,) or (N, D)
+    return torch.stack([(w_u @ vlm.down_proj(layer).weight).float()    # → (F,) or (N, F)
                         for layer in range(vlm.n_layers)], dim=-2)
 
 
@@ -108,14 +110,15 @@ def gradient_attributions(vlm, inputs: dict, generated_ids: list[int],
 
 
 def random_units(n_layers: int, d_ff: int, k: int, seed) -> np.ndarray:
-    """``Int[ndarray, "k 2"]``: ``k`` distinct ``(layer, unit)`` pairs, uniform, seeded
+    """``Int[ndarray, "K 2"]``: ``K`` = ``k`` distinct ``(layer, unit)`` pairs, uniform, seeded
     (``seed``: an int or a sequence of ints, as numpy's ``default_rng`` takes)."""
     flat = np.random.default_rng(seed).choice(n_layers * d_ff, size=k, replace=False)
     return np.stack([flat // d_ff, flat % d_ff], 1)
 
 
 def top_units(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` highest-scoring units of ``Float[Tensor, "L F"]``: ``(layer_unit[k, 2], score[k])``."""
+    """The ``k`` highest-scoring units of ``Float[Tensor, "L F"]``: ``(units, scores)``,
+    ``Int[ndarray, "K 2"]`` ``(layer, unit)`` rows and ``Float[ndarray, "K"]``, best first."""
     values, flat = scores.flatten().topk(k)
     d_ff = scores.shape[1]
     flat = flat.cpu().numpy()
@@ -123,8 +126,9 @@ def top_units(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def polarity(step_activations: torch.Tensor, units: np.ndarray) -> np.ndarray:
-    """``Int[ndarray, "k"]``: ``sign(a[l, i])`` (``+1`` for 0) of ``units`` (``Int[k, 2]``) in
-    ``step_activations`` (``Float[Tensor, "L F"]``, the activations at the noun's step)."""
+    """``Int[ndarray, "N"]``: ``sign(a[l, i])`` (``+1`` for 0) of ``units``
+    (``Int[ndarray, "N 2"]``) in ``step_activations`` (``Float[Tensor, "L F"]``, the
+    activations at the noun's step)."""
     units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
     values = step_activations[torch.as_tensor(units[:, 0]), torch.as_tensor(units[:, 1])]
     return np.where(values.float().cpu().numpy() < 0, -1, 1)
@@ -136,10 +140,11 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
                     chunk: int = 512) -> tuple[list[list[int]], np.ndarray | None]:
     """Each unit's logit lens in the direction it writes: ``p · (W_U · W_out[l][:, i])``.
 
-    ``units``: ``Int[n, 2]``; ``polarity``: ``Int[n]`` of ±1 (default all ``+1``);
-    ``token_ids``: ``Int[n]``, a token per unit whose rank is wanted (the noun's).
+    ``units``: ``Int[ndarray, "N 2"]``; ``polarity``: ``Int[ndarray, "N"]`` of ±1 (default
+    all ``+1``); ``token_ids``: ``Int[ndarray, "N"]``, a token per unit whose rank is wanted
+    (the noun's).
     Returns ``(top_ids, ranks)``: the top-``k`` token ids of each unit (best first) and,
-    when ``token_ids`` is given, ``Int[ndarray, "n"]`` the rank of each unit's token in its
+    when ``token_ids`` is given, ``Int[ndarray, "N"]`` the rank of each unit's token in its
     lens (0 = the unit's top token), else ``None``. Only the asked-for columns are
     multiplied, ``chunk`` at a time: ``(V × D) @ (D × chunk)``.
     """
@@ -156,14 +161,14 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
         rows = np.flatnonzero(units[:, 0] == layer)
         weight = vlm.down_proj(int(layer)).weight
         for part in np.array_split(rows, max(1, -(-len(rows) // chunk))):
-            columns = weight[:, torch.as_tensor(units[part, 1], device=weight.device)]    # (D, m)
+            columns = weight[:, torch.as_tensor(units[part, 1], device=weight.device)]  # (D, ≤chunk)
             sign = torch.as_tensor(signs[part], device=weight.device, dtype=torch.float32)
-            lens = (w_u @ columns).float() * sign                                         # (V, m)
+            lens = (w_u @ columns).float() * sign                                       # (V, ≤chunk)
             for row, ids in zip(part, lens.topk(k, dim=0).indices.T.tolist()):
                 top[row] = ids
             if tokens is not None:
                 own = lens[torch.as_tensor(tokens[part], device=lens.device),
-                           torch.arange(len(part), device=lens.device)]                   # (m,)
+                           torch.arange(len(part), device=lens.device)]                 # (≤chunk,)
                 ranks[part] = (lens > own).sum(0).cpu().numpy()
     return top, ranks
 

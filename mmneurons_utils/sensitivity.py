@@ -142,14 +142,14 @@ class TextSimilarity:
             raise EncoderError(f"cannot load text encoder {str(self.encoder)!r}: {exc}") from exc
 
     def bertscore(self, candidates: Sequence[str], references: Sequence[str]) -> np.ndarray:
-        """``Float[ndarray, "n"]`` BERTScore F1 of each candidate against its reference."""
+        """``Float[ndarray, "N"]`` BERTScore F1 of each candidate against its reference."""
         _, _, f1 = self.scorer.score(list(candidates), list(references), verbose=False)
         return f1.numpy()
 
     @torch.no_grad()
     def moverscore(self, candidates: Sequence[str], references: Sequence[str],
                    idf_corpus: Sequence[str] | None = None) -> np.ndarray:
-        """``Float[ndarray, "n"]`` MoverScore (``1 − EMD``; 1 for identical texts).
+        """``Float[ndarray, "N"]`` MoverScore (``1 − EMD``; 1 for identical texts).
 
         ``idf_corpus``: texts the IDF weights come from (default: ``references``).
         """

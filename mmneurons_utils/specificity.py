@@ -53,10 +53,11 @@ def patch_grid(vlm) -> tuple[int, int] | None:
 
 
 def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
-    """``Float[ndarray, "k rows cols"]`` activation maps ``p · a`` of ``units`` (``Int[k, 2]``).
+    """``Float[ndarray, "N rows cols"]`` activation maps ``p · a`` of ``units``
+    (``Int[ndarray, "N 2"]``).
 
     ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
-    ``image`` recorded (``Float[Tensor, "L I F"]``); ``polarity``: ``Int[k]``
+    ``image`` recorded (``Float[Tensor, "L I F"]``); ``polarity``: ``Int[ndarray, "N"]``
     of ±1 (default all ``+1``, the raw activation).
     """
     grid = patch_grid(vlm)
@@ -67,7 +68,7 @@ def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
         raise ValueError("activations lack image positions: describe the images with "
                          "capture='down_proj_input', image_activations=True")
     units = torch.as_tensor(np.array(units, dtype=np.int64).reshape(-1, 2))
-    per_unit = activations.image[units[:, 0], :, units[:, 1]].float().cpu().numpy()  # (k, n_image)
+    per_unit = activations.image[units[:, 0], :, units[:, 1]].float().cpu().numpy()  # (N, I)
     if polarity is not None:
         per_unit = per_unit * np.asarray(polarity, dtype=np.float32).reshape(-1, 1)
     return per_unit.reshape(len(units), *grid)
@@ -127,7 +128,7 @@ def box_scores(grid_map: np.ndarray, size: tuple[int, int], boxes) -> dict[str, 
 
 
 def image_unit_scores(captions) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(max, min)``, each ``Float[Tensor, "n_images L F"]``: each unit's largest and smallest
+    """``(max, min)``, each ``Float[Tensor, "B L F"]``: each unit's largest and smallest
     activation over each image's tokens (the image score of a ``+`` / ``−`` unit is
     ``max`` / ``−min``). ``captions`` from ``describe(..., capture="down_proj_input",
     image_activations=True)``.
@@ -139,10 +140,10 @@ def image_unit_scores(captions) -> tuple[torch.Tensor, torch.Tensor]:
 
 def signed_image_scores(extremes: tuple[torch.Tensor, torch.Tensor], units,
                         polarity=None) -> np.ndarray:
-    """``Float[ndarray, "n_images k"]``: ``max_j p · a_j`` of each unit over each image's
+    """``Float[ndarray, "B N"]``: ``max_j p · a_j`` of each unit over each image's
     tokens, from :func:`image_unit_scores`' ``(max, min)``."""
     units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
-    high, low = (x[:, units[:, 0], units[:, 1]].numpy() for x in extremes)     # (N, k) each
+    high, low = (x[:, units[:, 0], units[:, 1]].numpy() for x in extremes)     # (B, N) each
     signs = np.ones(len(units)) if polarity is None else np.asarray(polarity).reshape(-1)
     return np.where(signs > 0, high, -low)
 
@@ -171,13 +172,13 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     """
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
-    extremes = image_unit_scores(captions)                          # (N, L, F) twice
+    extremes = image_unit_scores(captions)                          # (B, L, F) twice
     rows = []
     for (image, noun, method), group in groups:
         units = np.array(group[["layer", "unit"]], dtype=np.int64)
         polarity = unit_polarity(group)
         contains = np.array([noun in s.nouns for s in scenes])
-        per_unit = signed_image_scores(extremes, units, polarity)    # (N, k)
+        per_unit = signed_image_scores(extremes, units, polarity)    # (B, K)
         row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
                    auroc=float(np.nanmean([auroc(u[contains], u[~contains]) for u in per_unit.T]))
                    if contains.any() and not contains.all() else float("nan"))
@@ -192,7 +193,7 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
 
 
 def unit_polarity(rows: pd.DataFrame) -> np.ndarray:
-    """``Int[ndarray, "k"]``: the rows' ``polarity`` column, or all ``+1`` for tables made
+    """``Int[ndarray, "N"]``: the rows' ``polarity`` column, or all ``+1`` for tables made
     before it existed."""
     if "polarity" in rows:
         return rows["polarity"].to_numpy(dtype=np.int64)

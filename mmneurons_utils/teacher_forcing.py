@@ -7,8 +7,9 @@ the edit's loss. Rows are left-padded prompts (as :meth:`VLM.inputs` makes them)
 by right-padded captions, so position ``prompt_len - 1 + j`` produces caption token ``j``
 in every row.
 
-Shapes: ``B`` images, ``T`` positions, ``S`` caption steps, ``L`` layers, ``F`` units per
-layer, ``V`` vocabulary.
+Shapes (the package's letters, see :mod:`mmneurons_utils`): ``B`` batch (images), ``T``
+sequence positions, ``S`` caption steps, ``L`` decoder layers, ``F`` units per layer
+(``d_ff``), ``V`` vocabulary, ``N`` rows of a list.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def append_captions(inputs: dict, captions, pad_id: int = 0) -> tuple[dict, int,
     left-padded as :meth:`VLM.inputs` makes them) with each caption's token ids appended,
     right-padded: ``(inputs, prompt_len, longest)``.
 
-    Every per-position input (``Int[Tensor, "batch seq"]``) is extended as ``generate``
+    Every per-position input (``Int[Tensor, "B T"]``) is extended as ``generate``
     extends it for generated tokens: ``attention_mask`` with 1 (0 on the padding),
     ``token_type_ids`` with 1 (PaliGemma's causal suffix: the caption attends causally, as
     in generation, not bidirectionally like the prompt prefix), ``mm_token_type_ids`` with 0
@@ -96,8 +97,9 @@ def teacher_forced_logits(vlm, images, captions: Sequence[Sequence[int]]) -> lis
 @torch.no_grad()
 def teacher_forced_activations(vlm, inputs: dict, generated_ids: list[int],
                                steps: list[int]) -> torch.Tensor:
-    """``Float[Tensor, "len(steps) L F"]``: activations at the positions producing ``steps``
-    when the caption ``generated_ids`` is fed whole (one forward, no generation).
+    """``Float[Tensor, "N L F"]`` (``N`` = ``len(steps)``): activations at the positions
+    producing ``steps`` when the caption ``generated_ids`` is fed whole (one forward, no
+    generation).
 
     ``inputs`` are ``vlm.inputs([image])``. Equals the generation-time activations of the
     same caption (the KV cache changes nothing); under an intervention (e.g. permuted

@@ -118,12 +118,13 @@ class VLM:
         return A.resolve(self.model, self.arch.layers)
 
     def down_proj(self, layer: int) -> torch.nn.Linear:
-        """Layer ``layer``'s FFN output projection; ``weight`` is ``W_out[l]``, ``d_model × d_ff``."""
+        """Layer ``layer``'s FFN output projection; ``weight`` is ``W_out[l]``, ``D × F``
+        (``d_model × d_ff``)."""
         return A.resolve(self.layers[layer], self.arch.down_proj)
 
     @property
     def lm_head(self) -> torch.nn.Linear:
-        """The unembedding; ``weight`` is ``W_U``, ``V × d_model``."""
+        """The unembedding; ``weight`` is ``W_U``, ``V × D``."""
         return A.resolve(self.model, self.arch.lm_head)
 
     @property
@@ -171,7 +172,7 @@ class VLM:
         return out
 
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``Bool[Tensor, "batch seq"]``: positions that carry image features."""
+        """``Bool[Tensor, "B T"]``: positions that carry image features."""
         if self.image_token_id is None:
             raise ValueError(f"{self.name}: config names no image token id")
         return input_ids == self.image_token_id

@@ -5,7 +5,7 @@ are the arg-top-k of ``p · W_U · W_out[l][:, i]`` where ``p`` is its polarity 
 of its coefficient; see :mod:`mmneurons_utils.scoring`). The table keeps both ends of
 every unit's lens (``p = +1``: the top; ``p = −1``: the bottom), so either polarity is a
 lookup. The full product ``W_U · W_out[l]``
-is ``V × d_ff`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
+is ``V × F`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
 all 32), which the official code stores. Here it is never formed: the vocabulary
 is walked in chunks of ``chunk`` rows with a running top-k, ``block`` units at a time,
 so the extra memory is about ``block × (chunk + 4k)`` values — one reused buffer and the
@@ -30,9 +30,10 @@ from .results import atomic_write
 
 @dataclass
 class NeuronVocabulary:
-    """``ids``: ``Int[Tensor, "L F k"]`` token ids, best first; ``logits``: ``Float[Tensor, "L F k"]``
-    (the top of ``W_U · W_out``); ``bottom_ids`` / ``bottom_logits``: the same for
-    ``−W_U · W_out`` (a unit of polarity −1), so ``bottom_logits`` are the negated logits."""
+    """``ids``: ``Int[Tensor, "L F K"]`` token ids, best first; ``logits``:
+    ``Float[Tensor, "L F K"]`` (the top of ``W_U · W_out``); ``bottom_ids`` /
+    ``bottom_logits``: the same for ``−W_U · W_out`` (a unit of polarity −1), so
+    ``bottom_logits`` are the negated logits."""
 
     ids: torch.Tensor
     logits: torch.Tensor
@@ -53,11 +54,11 @@ def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 25
     """Top-``k`` rows of ``w_u @ w_out`` for every column, without forming the product.
 
     ``w_u``: ``Float[Tensor, "V D"]``, ``w_out``: ``Float[Tensor, "D F"]`` →
-    ``(values, ids)``, each ``[F, k]``, values descending. Columns are taken ``block``
-    at a time (they are independent); for each block the vocabulary is walked
-    ``chunk`` rows at a time into one reused ``block × chunk`` buffer, and each
-    chunk's own top-k is merged into the running top-k. Extra memory: about
-    ``block × (chunk + 4k)`` values, whatever ``F`` and ``V`` are.
+    ``(values, ids)``, ``Float[Tensor, "F K"]`` and ``Int[Tensor, "F K"]`` (``K`` = ``k``),
+    values descending. Columns are taken ``block`` at a time (they are independent); for
+    each block the vocabulary is walked ``chunk`` rows at a time into one reused
+    ``block × chunk`` buffer, and each chunk's own top-k is merged into the running top-k.
+    Extra memory: about ``block × (chunk + 4k)`` values, whatever ``F`` and ``V`` are.
     """
     n_vocab, d_ff = w_u.shape[0], w_out.shape[1]
     if not 1 <= k <= n_vocab:
@@ -76,10 +77,10 @@ def _topk_block(w_u, w_out, k, chunk):
         width = rows.shape[0]
         scores = torch.matmul(w_out.T, rows.T, out=buffer[:, :width] if width == buffer.shape[1]
                               else None)                                       # (block, ≤chunk)
-        values, ids = scores.topk(min(k, width), dim=1)                        # (block, ≤k)
+        values, ids = scores.topk(min(k, width), dim=1)                        # (block, ≤K)
         values, ids = values.float(), ids + start
         if best_values is not None:
-            merged = torch.cat([best_values, values], 1)                         # (block, ≤2k)
+            merged = torch.cat([best_values, values], 1)                         # (block, ≤2K)
             values, where = merged.topk(min(k, merged.shape[1]), dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, where)
         best_values, best_ids = values, ids

@@ -1,6 +1,6 @@
 """The paper-claims scorecard: each claim of Pan et al. (2024), the number that tests it, a verdict.
 
-    from mmneurons_utils.claims import scorecard, write_scorecard
+    from mmneurons_utils.companion.claims import scorecard, write_scorecard
     card = scorecard("outputs/tables")          # one row per (model, claim)
     csv_path, md_path = write_scorecard("outputs")   # outputs/claims.csv, outputs/claims.md
 

@@ -1,12 +1,12 @@
 """Execute every numbered notebook with papermill; collect figures, tables and timings.
 
-    python -m mmneurons_utils.run_notebooks --out outputs
-    python -m mmneurons_utils.run_notebooks --out gpu-run -p model llava-hf/llava-1.5-7b-hf -p device cuda -p dtype bfloat16
+    python -m mmneurons_utils.companion.run_notebooks --out outputs
+    python -m mmneurons_utils.companion.run_notebooks --out gpu-run -p model llava-hf/llava-1.5-7b-hf -p device cuda -p dtype bfloat16
 
 Executed copies go to ``<out>/notebooks/``; each notebook, given ``output_dir``, writes
 its figures as PNG to ``<out>/figures/`` and its tables as CSV to ``<out>/tables/``
-(``mmneurons_utils.outputs.Outputs``); per-notebook wall times go to
-``<out>/timings.json``; then the paper-claims scorecard (``mmneurons_utils.claims``) is
+(``mmneurons_utils.companion.outputs.Outputs``); per-notebook wall times go to
+``<out>/timings.json``; then the paper-claims scorecard (``mmneurons_utils.companion.claims``) is
 written from the tables to ``<out>/claims.csv`` and ``<out>/claims.md``. Parameters are given as ``-p NAME VALUE`` (as papermill's own
 command line) or ``-p NAME=VALUE``; values are read as JSON when they parse (numbers,
 booleans, quoted strings), else as plain strings.

@@ -42,9 +42,9 @@ def ablation_curves(summary, x: str = "k", perturbation: str | None = None,
 def edit_bars(summary, metrics=("success", "generalization", "locality"), width: float = 6.5):
     """Grouped bars: one group per ``(units, n_neurons)`` setting, one bar per metric.
 
-    ``summary``: :func:`mmneurons_utils.editing.summarize_edits` output. Each label says how
-    many of the pairs' edits were applied (side effects average over those only); a metric with
-    no applied edit to measure it is marked "n/a" instead of a bar.
+    ``summary``: :func:`~mmneurons_utils.edit_evaluation.summarize_edits` output. Each label
+    says how many of the pairs' edits were applied (side effects average over those only); a
+    metric with no applied edit to measure it is marked "n/a" instead of a bar.
     """
     labels = [f"{u}\n{n} units" for u, n in zip(summary.units, summary.n_neurons)]
     if {"n_applied", "n_pairs"} <= set(summary.columns):

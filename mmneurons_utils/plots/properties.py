@@ -13,7 +13,8 @@ METHOD_COLOURS = {"contribution": "#DD8452", "gradient": "#4C72B0", "gradient_im
 
 def heatmap_overlay(image, heat: np.ndarray, mask: np.ndarray | None = None, ax=None,
                     title: str | None = None, boxes=None, alpha: float = 0.55):
-    """``heat`` (``Float[H, W]``, same size as ``image``) over the image; ``mask`` as a contour.
+    """``heat`` (``Float[ndarray, "H W"]``, same size as ``image``) over the image; ``mask`` as
+    a contour.
 
     ``boxes``: ``(x0, y0, x1, y1)`` rectangles drawn in white (e.g. the noun's box).
     Returns the figure.
@@ -36,7 +37,7 @@ def heatmap_overlay(image, heat: np.ndarray, mask: np.ndarray | None = None, ax=
 
 def heatmap_panels(image, heats: dict, masks: dict | None = None, boxes=None,
                    width: float = 2.3):
-    """One overlay per entry of ``heats`` (title → ``Float[H, W]``), side by side."""
+    """One overlay per entry of ``heats`` (title → ``Float[ndarray, "H W"]``), side by side."""
     fig, axes = plt.subplots(1, len(heats), figsize=(width * len(heats), width + 0.4),
                              squeeze=False)
     for ax, (title, heat) in zip(axes.flat, heats.items()):
