@@ -86,12 +86,12 @@ def ensure_chromium() -> None:
 def main() -> int:
     command, extra = (sys.argv[1] if len(sys.argv) > 1 else ""), sys.argv[2:]
     if command == "run":
-        args = ["-m", "mmneurons_utils.run_notebooks", "--notebooks", "notebooks", "--out", "outputs"]
+        args = ["-m", "mmneurons_utils.companion.run_notebooks", "--notebooks", "notebooks", "--out", "outputs"]
     elif command == "test":
         args = ["-m", "pytest", "tests", "notebooks", "--nbval",
                 "--nbval-sanitize-with", "notebooks/nbval_sanitize.cfg"]
     elif command == "refresh":
-        args = ["-m", "mmneurons_utils.run_notebooks", "--notebooks", "notebooks", "--refresh"]
+        args = ["-m", "mmneurons_utils.companion.run_notebooks", "--notebooks", "notebooks", "--refresh"]
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The neuron atlas: for every noun the models says over a dataset, its recurring units,
 each with its dataset examples.
 
-One captioning pass (``describe(capture="down_proj_input", image_activations=True)``, batch
+One captioning pass (``describe(activation="down_proj_input", image_activations=True)``, batch
 by batch) serves everything: each batch is identified (``find_neurons`` with the methods
 ``contribution`` and ``random``, on the batch's captions), merged into the streaming
 dataset examples (:mod:`mmneurons_utils.examples`) and reduced to per-noun activation sums;
@@ -77,7 +77,7 @@ def build_atlas(vlm, images: Sequence, top_k: int = 10, examples: int = 8, seed:
         batch = images[start:start + batch_size]
         indices = list(range(start, start + len(batch)))
         captions = vlm.describe(batch, max_new_tokens=max_new_tokens, batch_size=len(batch),
-                                capture="down_proj_input", image_activations=True)
+                                activation="down_proj_input", image_activations=True)
         stream.add(captions, indices)
         for method in ("contribution", "random"):
             tables.append(find_neurons(vlm, batch, method=method, top_k=top_k, seed=seed,

@@ -39,9 +39,8 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
-    from .identify import find_neurons
-    from .scoring import (contribution_scores, gradient_scores, top_units, unit_logit_weights,
-                          unit_top_tokens)
+    from .identify import find_neurons, logit_weights, rank_units
+    from .scoring import unit_top_tokens
 
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
@@ -50,32 +49,24 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     for _ in range(repeats):  # interleaved, so drift hits both alike
         t_describe.append(_median_time(describe, 1))
         t_identify.append(_median_time(identify, 1))
-    captions = vlm.describe(images, capture="down_proj_input")
+    captions = vlm.describe(images, activation="down_proj_input")
     pairs = [(img, cap, t) for img, cap in zip(images, captions) for t in cap.noun_tokens]
     if not pairs:
         raise ValueError("the benchmark images produced no nouns; use other images")
 
-    # both scorers as find_neurons runs them: every noun's top units, then one logit-lens pass
-    def contribution_all():
-        tokens = sorted({t.token_id for _, _, t in pairs})
-        weights = dict(zip(tokens, unit_logit_weights(vlm, tokens)))
-        units = [top_units(contribution_scores(vlm, cap.activations.steps[t.step], t.token_id,
-                                               weights[t.token_id]), top_k)[0]
-                 for _, cap, t in pairs]
+    # each scorer as find_neurons runs it: every noun's top units (rank_units), then one
+    # logit-lens pass over all of them
+    def rank_all(method):
+        weights = logit_weights(vlm, [t for _, _, t in pairs])
+        units = [r.units for img, cap in zip(images, captions) if cap.noun_tokens
+                 for r in rank_units(vlm, img, cap, cap.noun_tokens, (method,), top_k,
+                                     weights=weights)[method]]
         unit_top_tokens(vlm, np.concatenate(units))
 
-    def gradient_all(at):
-        units = []
-        for img, cap in zip(images, captions):
-            if cap.noun_tokens:
-                for scores in gradient_scores(vlm, vlm.inputs([img]), cap.token_ids,
-                                              [(t.step, t.token_id) for t in cap.noun_tokens], at=at):
-                    units.append(top_units(scores, top_k)[0])
-        unit_top_tokens(vlm, np.concatenate(units))
-
+    contribution_all = lambda: rank_all("contribution")
     t_contribution = _median_time(contribution_all, repeats) / len(pairs)
-    t_gradient = _median_time(lambda: gradient_all("noun"), repeats) / len(pairs)
-    t_gradient_image = _median_time(lambda: gradient_all("image"), repeats) / len(pairs)
+    t_gradient = _median_time(lambda: rank_all("gradient"), repeats) / len(pairs)
+    t_gradient_image = _median_time(lambda: rank_all("gradient_image"), repeats) / len(pairs)
     t_generation = statistics.median(t_describe) / len(pairs)
     return dict(
         overhead_ratio=round(statistics.median(t_identify) / statistics.median(t_describe), 3),

@@ -138,7 +138,7 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     if n_random < 1:
         raise ValueError(f"n_random must be ≥ 1, got {n_random!r}")
     images = list(images)
-    captions = vlm.describe(images, max_new_tokens=max_new_tokens, capture="down_proj_input")
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
     clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
     # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
     prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]

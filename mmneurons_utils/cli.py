@@ -18,8 +18,7 @@ import sys
 
 from .images import read_image_folder
 from .nouns import NounTaggerMissing
-from .tiny.scenes import caption_scores
-from .tiny.scenes import make_scenes
+from .tiny.scenes import caption_scores, make_scenes
 
 
 class CliError(ValueError):
@@ -227,6 +226,7 @@ def _finite(value):
 
 def cmd_perturb(args) -> dict:
     from .causal import causal_curves, half_removal_k, summarize
+    from .identify import METHODS
     from .vlm import load_vlm
 
     if args.sigma is not None and not args.sigma > 0:
@@ -236,8 +236,7 @@ def cmd_perturb(args) -> dict:
     total = vlm.n_layers * vlm.d_ff
     if args.k > total:
         raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
-    methods = (("contribution", "gradient", "gradient_image", "random") if args.gradient
-               else ("contribution", "random"))
+    methods = METHODS if args.gradient else ("contribution", "random")   # METHODS: every ranking
     curves = causal_curves(vlm, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
                            n_random=args.n_random, seed=args.seed, relative=not args.absolute,
                            progress=True)

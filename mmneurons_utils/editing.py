@@ -4,14 +4,16 @@ The paper edits multi-modal neurons but its editing code was never published; th
 our design, each choice explained.
 
 **What is edited.** Only the write vectors ``W_out[l][:, i]`` (``down_proj`` columns) of
-the top-``n`` units for ``source``: the units with the largest contribution score
+the units it is given — typically a ``find_neurons`` table's top units for ``source``
+(``units=units_of(table, source, k)``) — or, without them, the top-``k`` units for ``source``:
+the units with the largest contribution score
 (:func:`~mmneurons_utils.scoring.contribution_scores`) summed over the edit images at the
 step that produced ``source``. These units already fire when the source is said and write
 its unembedding direction, so moving their write vector towards ``target`` acts exactly
 where the source is produced and little elsewhere (their activation is small on other
 steps and images). One additive delta ``Δ[j]`` (``Float[Tensor, "D"]``) per unit. The
-baselines pick their units the same way from their own scores (``units="gradient"``,
-``"gradient_image"``) or at random.
+baselines pick their units the same way from their own scores (``method="gradient"``,
+``"gradient_image"``) or at random (``method="random"``).
 
 **How it is learned.** Adam on the deltas only (the model's parameters get no gradient),
 through a forward hook that adds ``a[..., units] @ Δ`` to ``down_proj``'s output — the
@@ -38,7 +40,7 @@ cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
 the source and *not* the target (the others go to ``n_excluded_target``: losing the source
 there is no flip). A failed edit is not applied (unless ``keep_failed``): success 0 (its images
 keep saying the source), but locality, KL and generalisation NaN, as is generalisation with no
-held-out image. :func:`summarize_edits` takes success over every attempted pair, side effects
+held-out image. :func:`~mmneurons_utils.edit_evaluation.summarize_edits` takes success over every attempted pair, side effects
 and ‖Δ‖ over the applied edits only.
 """
 
@@ -167,7 +169,7 @@ class Edit:
         """Side effects on images not used for learning the edit; adds to ``metrics``.
 
         Measures the edit *as if applied* (it is applied for the measurement and left as
-        it was found), so a failed edit can be studied too; :func:`run_edit` gives a failed,
+        it was found), so a failed edit can be studied too; :func:`~mmneurons_utils.edit_evaluation.run_edit` gives a failed,
         unapplied edit NaN side effects instead (nothing was put in the weights).
 
         ``heldout_images``: ``generalization`` = share whose edited caption says the target
@@ -271,13 +273,13 @@ def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor
     return (p.exp() * (p - q)).sum(-1)
 
 
-def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons: int,
+def choose_units(vlm, captions, steps: Sequence[int], source_id: int, k: int,
                  method: str = "contribution", seed: int = 0, images: Sequence = ()) -> np.ndarray:
-    """``Int[ndarray, "n 2"]``: the top-``n`` units by ``method``'s score for ``source`` summed
+    """``Int[ndarray, "K 2"]``: the top-``k`` units by ``method``'s score for ``source`` summed
     over the edit images (``captions`` carry activations; the gradient methods also need the
     ``images``), or ``k`` seeded random units."""
     if method == "random":
-        return scoring.random_units(vlm.n_layers, vlm.d_ff, n_neurons, [seed, source_id])
+        return scoring.random_units(vlm.n_layers, vlm.d_ff, k, [seed, source_id])
     if method != "contribution" and len(images) != len(captions):
         raise EditInputError(f"units={method!r} needs the edit images to score them")
     targets = [NounToken(noun=str(source_id), step=s, token_id=source_id) for s in steps]
@@ -285,7 +287,7 @@ def choose_units(vlm, captions, steps: Sequence[int], source_id: int, n_neurons:
     images = list(images) or [None] * len(captions)
     total = sum(unit_scores(vlm, image, caption, [target], (method,), weights)[method][0]
                 for image, caption, target in zip(images, captions, targets))
-    return scoring.top_units(total, n_neurons)[0]
+    return scoring.top_units(total, k)[0]
 
 
 def edit_token(vlm, images: Sequence, source: str, target: str, units=None,

@@ -8,7 +8,7 @@ signals with negative activations, so its examples are the bottom end, read as
 ``max_j (−a_j) = −min_j a_j``.
 
 For every one of the ``L × F`` units the ``E`` best images at each end are kept by a
-**streaming top-k**: each batch is described (``capture="down_proj_input",
+**streaming top-k**: each batch is described (``activation="down_proj_input",
 image_activations=True``), reduced to ``Float[Tensor, "L F B"]`` of max and min, concatenated
 with the running ``Float[Tensor, "L F E"]`` state along the last axis and cut back to ``E`` with
 ``topk`` (values and global image indices). The state is ``L × F × E × 2`` values plus as
@@ -106,7 +106,7 @@ class ExampleStream:
         indices = torch.as_tensor(list(indices), dtype=torch.int64)
         if any(c.activations is None or c.activations.image is None for c in captions):
             raise ValueError("captions lack image activations: describe the images with "
-                             "capture='down_proj_input', image_activations=True")
+                             "activation='down_proj_input', image_activations=True")
         high, low = (x.permute(1, 2, 0) for x in image_unit_scores(captions))  # (L, F, B) each
         batch_images = indices.expand(*high.shape[:2], len(indices))           # (L, F, B)
         self.high_values, self.high_images = _merge(self.high_values, self.high_images,
@@ -158,7 +158,7 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
         batch = images[start:start + batch_size]
         # one token is enough: the image positions are all in the prefill
         captions = vlm.describe(batch, max_new_tokens=1, batch_size=len(batch),
-                                capture="down_proj_input", image_activations=True)
+                                activation="down_proj_input", image_activations=True)
         stream.add(captions, range(start, start + len(batch)))
     result = stream.result(description)
     if path is not None:

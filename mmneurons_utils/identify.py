@@ -51,7 +51,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     its own set). See :mod:`mmneurons_utils.scoring`.
     ``image_indices``: the numbers written to the ``image`` column and keying the random
     draws (default ``0 … n-1``); batch runs pass each image's position in the whole run.
-    ``captions``: the images' captions from ``vlm.describe(images, capture=activation)``
+    ``captions``: the images' captions from ``vlm.describe(images, activation=activation)``
     if already made (e.g. to score several methods on one generation); else made here.
 
     Returns a long-form DataFrame, one row per (image, noun, neuron), columns
@@ -72,9 +72,9 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
         raise ValueError(f"image_indices has {len(indices)} entries for {len(images)} images")
     if captions is None:
         captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                capture=activation, progress=progress)
+                                activation=activation, progress=progress)
     elif len(captions) != len(images) or any(c.activations is None for c in captions):
-        raise ValueError(f"captions must be {len(images)} captions made with capture={activation!r}")
+        raise ValueError(f"captions must be {len(images)} captions made with activation={activation!r}")
     targets = [_targets(vlm, caption, nouns) for caption in captions]
     weights = logit_weights(vlm, [t for ts in targets for t in ts])
     picks = []  # (image index, target, units (K, 2), scores (K,), polarity (K,))
@@ -219,7 +219,7 @@ def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence
     image positions when ``image_activations``), e.g. for heatmaps.
     """
     captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            capture="down_proj_input", image_activations=image_activations,
+                            activation="down_proj_input", image_activations=image_activations,
                             progress=progress)
     tables = [find_neurons(vlm, images, method=m, top_k=top_k, seed=seed, captions=captions,
                            progress=progress) for m in methods]
@@ -261,7 +261,7 @@ def score_maps(vlm, images: Sequence[Image.Image], methods: Sequence[str] = ("co
     Returns one dict per (image, noun) with ``image``, ``noun``, ``token_id`` and, per
     method, a ``Float[Tensor, "L F"]`` of scores.
     """
-    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, capture="down_proj_input")
+    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, activation="down_proj_input")
     out = []
     for index, (img, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens

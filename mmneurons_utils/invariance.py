@@ -78,7 +78,7 @@ def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
 
     check_top_k(vlm, top_k)
     scored = [m for m in dict.fromkeys(("contribution",) + tuple(methods)) if m != "random"]
-    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, capture="down_proj_input")
+    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, activation="down_proj_input")
     n_tokens = vlm.image_projector_rows
     rows = []
     for index, (image, caption) in enumerate(tqdm(list(zip(images, captions)),

@@ -24,8 +24,8 @@ __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
     "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
     "layer_distribution", "method_agreement", "noun_in_top_tokens", "paper_table",
-    "polarity_report", "summarise",
-    "summarise_ci",
+    "polarity_report", "summarize",
+    "summarize_ci",
 ]
 
 
@@ -87,7 +87,7 @@ def polarity_report(vlm, images, top_k: int = 10, n_top_tokens: int = 10,
                 noun_hit_unsigned=float((unsigned < n_top_tokens).mean()))
 
 
-def summarise(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFrame:
     """Mean of ``columns`` grouped by ``by``, rounded for display."""
     return frame.groupby(by)[list(columns)].mean().round(3)
 
@@ -108,7 +108,7 @@ def noun_in_top_tokens(table: pd.DataFrame) -> float:
                           for noun, tokens, rank in zip(table.noun, table.top_tokens, ranks)]))
 
 
-def summarise_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
+def summarize_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
                  seed: int = 0, n_resamples: int = 2000,
                  cluster: str | None = "image") -> pd.DataFrame:
     """Long table: one row per group of ``by`` and metric, with ``mean, low, high, n,

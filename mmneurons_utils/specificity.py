@@ -2,7 +2,7 @@
 
 A unit's **activation map** is its ``down_proj`` input at each image-token position
 of the prefill (``Caption.activations.image`` from
-``vlm.describe(..., capture="down_proj_input", image_activations=True)``), laid out on
+``vlm.describe(..., activation="down_proj_input", image_activations=True)``), laid out on
 the patch grid. The paper (and its official code) draws these maps upsampled onto
 the image, with the 95th-percentile binary mask.
 
@@ -66,7 +66,7 @@ def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
                          "grid, so there is no activation map over the image; use selectivity")
     if activations is None or activations.image is None:
         raise ValueError("activations lack image positions: describe the images with "
-                         "capture='down_proj_input', image_activations=True")
+                         "activation='down_proj_input', image_activations=True")
     units = torch.as_tensor(np.array(units, dtype=np.int64).reshape(-1, 2))
     per_unit = activations.image[units[:, 0], :, units[:, 1]].float().cpu().numpy()  # (N, I)
     if polarity is not None:
@@ -130,7 +130,7 @@ def box_scores(grid_map: np.ndarray, size: tuple[int, int], boxes) -> dict[str, 
 def image_unit_scores(captions) -> tuple[torch.Tensor, torch.Tensor]:
     """``(max, min)``, each ``Float[Tensor, "B L F"]``: each unit's largest and smallest
     activation over each image's tokens (the image score of a ``+`` / ``−`` unit is
-    ``max`` / ``−min``). ``captions`` from ``describe(..., capture="down_proj_input",
+    ``max`` / ``−min``). ``captions`` from ``describe(..., activation="down_proj_input",
     image_activations=True)``.
     """
     images = [c.activations.image.float() for c in captions]

@@ -250,11 +250,11 @@ class VLM:
     @torch.no_grad()
     def describe(self, images: Sequence[Image.Image], max_new_tokens: int = 20,
                  batch_size: int = 32, nouns: Sequence[str] | None = None,
-                 progress: bool = False, capture: str | None = None,
+                 progress: bool = False, activation: str | None = None,
                  image_activations: bool = False, use_cache: bool = True) -> list[Caption]:
         """Greedy captions, one :class:`Caption` per image, ``batch_size`` images per forward.
 
-        ``capture="down_proj_input"`` (or ``"act_fn"``) also records each caption's neuron
+        ``activation="down_proj_input"`` (or ``"act_fn"``) also records each caption's neuron
         activations into ``Caption.activations`` (see :mod:`mmneurons_utils.capture`);
         ``image_activations=True`` adds those at the image-token positions.
         """
@@ -275,7 +275,7 @@ class VLM:
         for start in tqdm(starts, desc="describe", disable=not progress):
             enc = self.inputs(images[start:start + batch_size])
             mask = self.image_token_mask(enc["input_ids"]) if image_activations else None
-            recorder = record_activations(self, mask, capture) if capture else nullcontext()
+            recorder = record_activations(self, mask, activation) if activation else nullcontext()
             with recorder as recording:
                 out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                           use_cache=use_cache, suppress_tokens=suppress)
@@ -283,7 +283,7 @@ class VLM:
                 ids = row[: next((j for j, t in enumerate(row) if t in stop), len(row))]
                 caption = self._caption(ids, nouns)
                 if recording is not None:
-                    caption.activations = recording.for_row(r, len(ids), capture)
+                    caption.activations = recording.for_row(r, len(ids), activation)
                 captions.append(caption)
         return captions
 

@@ -252,7 +252,7 @@ def test_teacher_forcing_reproduces_generation(family_vlm):
     images, n = _images(2, seed=5), 4
     with _forced_length(vlm, n):
         caps = vlm.describe(images, max_new_tokens=n, nouns=[], batch_size=2,
-                            capture="down_proj_input")
+                            activation="down_proj_input")
         with torch.no_grad():
             out = vlm.model.generate(**vlm.inputs(images), max_new_tokens=n, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
@@ -299,8 +299,8 @@ def test_batch_equals_one_at_a_time(family_vlm, padding_side):
     try:
         with _forced_length(vlm, n):
             batch = vlm.describe(images, max_new_tokens=n, nouns=[], batch_size=len(images),
-                                 capture="down_proj_input", image_activations=True)
-            alone = [vlm.describe([image], max_new_tokens=n, nouns=[], capture="down_proj_input",
+                                 activation="down_proj_input", image_activations=True)
+            alone = [vlm.describe([image], max_new_tokens=n, nouns=[], activation="down_proj_input",
                                   image_activations=True)[0] for image in images]
     finally:
         vlm.tokenizer.padding_side = saved

@@ -19,7 +19,7 @@ def scenes12():
 def brute(tiny_llava, scenes12):
     """Top-E of every unit over all images at once: (high values, high images, low values, low images)."""
     caps = tiny_llava.describe([s.image for s in scenes12], max_new_tokens=1,
-                               capture="down_proj_input", image_activations=True)
+                               activation="down_proj_input", image_activations=True)
     high = torch.stack([c.activations.image.amax(1) for c in caps], -1)     # (L, F, N)
     low = torch.stack([c.activations.image.amin(1) for c in caps], -1)
     h, l = high.topk(E, -1), low.topk(E, -1, largest=False)
@@ -50,7 +50,7 @@ def test_memory_does_not_grow_with_the_number_of_images(tiny_llava):
         scenes = make_scenes(n, seed=5)
         for start in range(0, n, 3):
             stream.add(tiny_llava.describe([s.image for s in scenes[start:start + 3]], max_new_tokens=1,
-                                           capture="down_proj_input", image_activations=True))
+                                           activation="down_proj_input", image_activations=True))
         state = stream.result()
         sizes.append([tuple(t.shape) for t in (state.high_values, state.high_images,
                                                state.low_values, state.low_images)])

@@ -15,7 +15,7 @@ METHODS = ("contribution", "gradient", "gradient_image", "random")
 
 
 def summary(values: dict, models=("m1", "m2")) -> pd.DataFrame:
-    """A ``summarise_ci`` long table: ``values[method][metric] = (mean, low, high)``."""
+    """A ``summarize_ci`` long table: ``values[method][metric] = (mean, low, high)``."""
     rows = []
     for model in models:
         for method, metrics in values.items():

@@ -248,7 +248,7 @@ def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, metho
     from mmneurons_utils.scoring import gradient_scores, top_units
 
     images = case["images"]
-    captions = tiny_llava.describe(images, capture="down_proj_input")
+    captions = tiny_llava.describe(images, activation="down_proj_input")
     steps = _source_steps(tiny_llava, captions, case["source"])
     source_id = captions[0].token_ids[steps[0]]
     chosen = choose_units(tiny_llava, captions, steps, source_id, 5, method, images=images)

@@ -19,8 +19,8 @@ def _clustered(n_images: int = 30, rows_per_image: int = 5, seed: int = 0) -> pd
 def test_cluster_bootstrap_resamples_images_not_rows():
     frame = _clustered()
     one_per_image = frame.drop_duplicates("image")
-    summary = metrics.summarise_ci(frame, ["method"], ["score"], seed=4).iloc[0]
-    rows = metrics.summarise_ci(frame, ["method"], ["score"], seed=4, cluster=None).iloc[0]
+    summary = metrics.summarize_ci(frame, ["method"], ["score"], seed=4).iloc[0]
+    rows = metrics.summarize_ci(frame, ["method"], ["score"], seed=4, cluster=None).iloc[0]
     mean, low, high = bootstrap_ci(one_per_image.score, seed=4)
     assert summary["n"] == 150 and summary["n_clusters"] == 30
     assert summary["mean"] == pytest.approx(mean)
@@ -44,9 +44,9 @@ def test_cluster_bootstrap_drops_nans_and_weights_rows():
         cluster_bootstrap_ci([1.0, 2.0], ["a"])
 
 
-def test_summarise_ci_without_an_image_column_is_the_row_bootstrap():
+def test_summarize_ci_without_an_image_column_is_the_row_bootstrap():
     frame = _clustered().drop(columns="image")
-    summary = metrics.summarise_ci(frame, ["method"], ["score", "absent"], seed=1)
+    summary = metrics.summarize_ci(frame, ["method"], ["score", "absent"], seed=1)
     mean, low, high = bootstrap_ci(frame.score, seed=1)
     first = summary.iloc[0]
     assert (first["mean"], first["low"], first["high"]) == (mean, low, high)

@@ -45,7 +45,7 @@ def _prompt_and_caption(enc, token_ids):
 def test_coefficient_times_w_out_is_the_mlp_output(random_vlm, images):
     outputs, handles = _record_mlp_outputs(random_vlm)
     try:
-        caps = random_vlm.describe(images, max_new_tokens=5, capture="down_proj_input")
+        caps = random_vlm.describe(images, max_new_tokens=5, activation="down_proj_input")
     finally:
         for h in handles:
             h.remove()
@@ -66,7 +66,7 @@ def test_unit_contributions_sum_to_the_mlps_share_of_the_logit(random_vlm, image
     handles.append(vlm.final_norm.register_forward_pre_hook(lambda m, a: residual.append(a[0][:, -1].detach())))
     try:
         enc = vlm.inputs(images[:1])
-        caps = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")
+        caps = vlm.describe(images[:1], max_new_tokens=3, activation="down_proj_input")
         with torch.no_grad():
             logits = vlm.model.generate(**enc, max_new_tokens=1, do_sample=False, output_logits=True,
                                         return_dict_in_generate=True).logits[0][0]
@@ -87,8 +87,8 @@ def test_unit_contributions_sum_to_the_mlps_share_of_the_logit(random_vlm, image
 
 
 def test_kv_cache_on_and_off_give_the_same_scores(random_vlm, images):
-    on = random_vlm.describe(images, max_new_tokens=4, capture="down_proj_input")
-    off = random_vlm.describe(images, max_new_tokens=4, capture="down_proj_input", use_cache=False)
+    on = random_vlm.describe(images, max_new_tokens=4, activation="down_proj_input")
+    off = random_vlm.describe(images, max_new_tokens=4, activation="down_proj_input", use_cache=False)
     for a, b in zip(on, off):
         assert a.token_ids == b.token_ids
         token = a.token_ids[-1]
@@ -98,7 +98,7 @@ def test_kv_cache_on_and_off_give_the_same_scores(random_vlm, images):
 
 
 def test_image_positions_are_recorded(random_vlm, images):
-    cap = random_vlm.describe(images[:1], max_new_tokens=2, capture="down_proj_input",
+    cap = random_vlm.describe(images[:1], max_new_tokens=2, activation="down_proj_input",
                               image_activations=True)[0]
     n_image = int(random_vlm.image_token_mask(random_vlm.inputs(images[:1])["input_ids"]).sum())
     assert cap.activations.image.shape == (random_vlm.n_layers, n_image, random_vlm.d_ff)
@@ -110,11 +110,11 @@ def test_act_fn_option_records_the_gate_only(random_vlm, images):
     handles = [layer.mlp.up_proj.register_forward_hook(lambda m, a, o, l=l: ups[l].append(o[:, -1].detach()))
                for l, layer in enumerate(random_vlm.layers)]
     try:
-        gate = random_vlm.describe(images[:1], max_new_tokens=2, capture="act_fn")[0].activations.steps
+        gate = random_vlm.describe(images[:1], max_new_tokens=2, activation="act_fn")[0].activations.steps
     finally:
         for h in handles:
             h.remove()
-    full = random_vlm.describe(images[:1], max_new_tokens=2, capture="down_proj_input")[0].activations.steps
+    full = random_vlm.describe(images[:1], max_new_tokens=2, activation="down_proj_input")[0].activations.steps
     for layer in range(random_vlm.n_layers):
         torch.testing.assert_close(gate[0, layer] * ups[layer][0][0], full[0, layer], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(gate, full)
@@ -125,7 +125,7 @@ def test_gradient_times_activation_matches_finite_differences(name, images):
     build = build_tiny_llava if name == "tiny-llava" else build_tiny_instructblip
     model, processor = build(seed=2)
     vlm = VLM.from_parts(model.double(), processor, family=name)  # float64: clean differences
-    cap = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")[0]
+    cap = vlm.describe(images[:1], max_new_tokens=3, activation="down_proj_input")[0]
     step, token = 1, cap.token_ids[1]
     enc = vlm.inputs(images[:1])
     (grad_x_act,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)])
@@ -161,7 +161,7 @@ def test_hooks_are_removed_when_generation_raises(random_vlm, images):
     handle = random_vlm.layers[-1].register_forward_pre_hook(boom)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            random_vlm.describe(images[:1], capture="down_proj_input")
+            random_vlm.describe(images[:1], activation="down_proj_input")
     finally:
         handle.remove()
     assert all(not random_vlm.down_proj(l)._forward_pre_hooks for l in range(random_vlm.n_layers))
@@ -237,7 +237,7 @@ def test_polarity_is_the_sign_of_the_coefficient_and_orients_the_logit_lens(tiny
     """``polarity`` = sign(a) at the noun step; ``top_tokens`` and ``noun_rank`` are read from
     ``polarity · (W_U · W_out[:, i])``, checked against the full lens computed here."""
     images = [s.image for s in make_scenes(6, seed=21)]
-    caps = tiny_llava.describe(images, capture="down_proj_input")
+    caps = tiny_llava.describe(images, activation="down_proj_input")
     table = find_neurons(tiny_llava, images, top_k=10, captions=caps)
     assert set(table.polarity) == {-1, 1}          # both directions occur among the top units
     w_u = tiny_llava.lm_head.weight.detach()
@@ -260,7 +260,7 @@ def test_gradient_at_image_positions_matches_finite_differences(name, images):
     build = build_tiny_llava if name == "tiny-llava" else build_tiny_instructblip
     model, processor = build(seed=2)
     vlm = VLM.from_parts(model.double(), processor, family=name)
-    cap = vlm.describe(images[:1], max_new_tokens=3, capture="down_proj_input")[0]
+    cap = vlm.describe(images[:1], max_new_tokens=3, activation="down_proj_input")[0]
     step, token = 1, cap.token_ids[1]
     enc = vlm.inputs(images[:1])
     (attribution,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)], at="image")

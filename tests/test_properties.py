@@ -123,7 +123,7 @@ def test_query_token_models_have_no_maps_but_have_selectivity(tiny_instructblip,
 
 
 def test_maps_need_image_activations(tiny_llava, scenes):
-    caption = tiny_llava.describe([scenes[0].image], capture="down_proj_input")[0]
+    caption = tiny_llava.describe([scenes[0].image], activation="down_proj_input")[0]
     with pytest.raises(ValueError, match="image_activations=True"):
         specificity.unit_maps(tiny_llava, caption.activations, [[0, 0]])
 
@@ -158,7 +158,7 @@ def test_semantic_sensitivity_table(tiny_llava, scenes, similarity, llava_run):
     assert set(frame.reference) == {"caption", "noun"}
     assert "bleurt" not in frame and frame.attrs["bleurt"].startswith("not computed")
     assert frame.bertscore.between(-1, 1.0001).all()
-    summary = metrics.summarise_ci(frame.assign(model="m"), ["model", "method"],
+    summary = metrics.summarize_ci(frame.assign(model="m"), ["model", "method"],
                                    ["bertscore", "moverscore", "bleurt"])
     wide = metrics.paper_table(summary)
     assert (wide["bleurt"] == "not computed").all()
@@ -175,7 +175,7 @@ def test_bad_encoder_paths_name_the_path(tmp_path):
 
 # --- region invariance ------------------------------------------------------------
 def test_teacher_forcing_reads_the_generation_time_activations(tiny_llava, scenes):
-    caption = tiny_llava.describe([scenes[1].image], capture="down_proj_input")[0]
+    caption = tiny_llava.describe([scenes[1].image], activation="down_proj_input")[0]
     steps = list(range(len(caption.token_ids)))
     forced = teacher_forced_activations(tiny_llava, tiny_llava.inputs([scenes[1].image]),
                                         caption.token_ids, steps)

@@ -138,7 +138,7 @@ def _thumbnails(vlm, shown: pd.DataFrame, images, examples_per_card, thumb, batc
         batch = order[start:start + batch_size]
         pictures = [images[i].convert("RGB").resize((thumb, thumb)) for i in batch]
         captions = (vlm.describe([images[i] for i in batch], max_new_tokens=1, batch_size=len(batch),
-                                 capture="down_proj_input", image_activations=True)
+                                 activation="down_proj_input", image_activations=True)
                     if grid is not None else [None] * len(batch))
         for index, picture, caption in zip(batch, pictures, captions):
             units = sorted(set(wanted[index]))

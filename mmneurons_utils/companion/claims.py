@@ -137,7 +137,7 @@ def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float,
 # ---------------------------------------------------------------------------- reading
 
 def _summary(frame: pd.DataFrame, notebook_model: str | None) -> pd.DataFrame:
-    """A ``summarise_ci`` long table with a ``model`` column (the notebook's model if absent)."""
+    """A ``summarize_ci`` long table with a ``model`` column (the notebook's model if absent)."""
     need = {"method", "metric", "mean"}
     if not need <= set(frame.columns):
         raise _Unusable(f"lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")

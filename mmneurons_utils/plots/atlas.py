@@ -30,7 +30,7 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     fig, axes = plt.subplots(1, max(len(indices), 1), figsize=(width * max(len(indices), 1), width + 0.8),
                              squeeze=False)
     grid = patch_grid(vlm)
-    caps = (vlm.describe([images[i] for i in indices], max_new_tokens=1, capture="down_proj_input",
+    caps = (vlm.describe([images[i] for i in indices], max_new_tokens=1, activation="down_proj_input",
                          image_activations=True) if grid is not None and indices else [None] * len(indices))
     for ax, index, score, cap in zip(axes.flat, indices, scores, caps):
         image = images[index].convert("RGB")

@@ -51,7 +51,7 @@ def metric_bars(summary, metric: str, chance: dict | None = None, width: float =
     """Bars with 95 % intervals: one panel per model, one bar per method.
 
     ``summary``: DataFrame with columns ``model, method, metric, mean, low, high``
-    (as ``metrics.summarise_ci`` returns). ``chance``: model → a level drawn dashed.
+    (as ``metrics.summarize_ci`` returns). ``chance``: model → a level drawn dashed.
     """
     rows = summary[summary.metric == metric]
     models = list(dict.fromkeys(rows.model))
@@ -75,7 +75,7 @@ def metric_bars(summary, metric: str, chance: dict | None = None, width: float =
 
 def jaccard_bars(summary, width: float = 3.4):
     """Cross-image invariance: Jaccard of top-k sets for the same noun vs different nouns,
-    per method, one panel per model. ``summary`` as ``metrics.summarise_ci`` returns."""
+    per method, one panel per model. ``summary`` as ``metrics.summarize_ci`` returns."""
     models = list(dict.fromkeys(summary.model))
     fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 2.6), squeeze=False,
                              sharey=True)

@@ -114,7 +114,7 @@ class NeuronExplorer:
         from ..identify import find_neurons
 
         image = self.picker.image
-        captions = self.vlm.describe([image], capture="down_proj_input",
+        captions = self.vlm.describe([image], activation="down_proj_input",
                                      image_activations=self.grid is not None)
         self._caption = captions[0]
         self._table = find_neurons(self.vlm, image, top_k=self.top_k, captions=captions)
