@@ -30,7 +30,28 @@ EditInput = Callable[..., "torch.Tensor | None"]
 EditOutput = Callable[..., "torch.Tensor | None"]
 
 
-class Trace(AbstractContextManager):
+class _HookBlock(AbstractContextManager):
+    """Opens its hooks on entering; removes every one on leaving, and when opening fails."""
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Trace(_HookBlock):
     """Hooks on one ``module`` for the duration of a ``with`` block.
 
     ``edit_input(x) -> x' | None``; ``edit_output(output, x) -> output' | None``
@@ -76,18 +97,10 @@ class Trace(AbstractContextManager):
             self.output = self._keep(output)
         return output
 
-    def __enter__(self) -> "Trace":
-        try:
-            self._handles.append(self.module.register_forward_pre_hook(self._pre))
-            if self._edit_output is not None or self._retain[1]:
-                self._handles.append(self.module.register_forward_hook(self._post))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _open(self) -> None:
+        self._handles.append(self.module.register_forward_pre_hook(self._pre))
+        if self._edit_output is not None or self._retain[1]:
+            self._handles.append(self.module.register_forward_hook(self._post))
 
     def close(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -96,7 +109,7 @@ class Trace(AbstractContextManager):
         self._handles.clear()
 
 
-class TraceDict(AbstractContextManager, dict):
+class TraceDict(_HookBlock, dict):
     """A :class:`Trace` per named module: ``{name: Trace}`` for the duration of the block.
 
     ``modules``: ``{name: module}``. Raises ``ValueError`` when two names share one module
@@ -118,19 +131,10 @@ class TraceDict(AbstractContextManager, dict):
         self._options = dict(retain_input=retain_input, retain_output=retain_output, detach=detach)
         self._edit_input, self._edit_output = edit_input, edit_output
 
-    def __enter__(self) -> "TraceDict":
-        try:
-            for name, module in self._modules.items():
-                self[name] = Trace(module, **self._options,
-                                   edit_input=_bind(self._edit_input, name),
-                                   edit_output=_bind(self._edit_output, name)).__enter__()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _open(self) -> None:
+        for name, module in self._modules.items():
+            self[name] = Trace(module, **self._options, edit_input=_bind(self._edit_input, name),
+                               edit_output=_bind(self._edit_output, name)).__enter__()
 
     def close(self) -> None:
         for trace in self.values():
