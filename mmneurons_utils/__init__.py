@@ -21,6 +21,7 @@ A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` t
 grid, ``E`` dataset examples per unit).
 """
 
+from .datasets import load_images
 from .identify import find_neurons
 from .vlm import VLM, Caption, load_vlm
 
@@ -33,4 +34,4 @@ def __getattr__(name):
         return getattr(scenes, name)
     raise AttributeError(f"module 'mmneurons_utils' has no attribute {name!r}")
 
-__all__ = ["Caption", "Scene", "VLM", "find_neurons", "load_vlm", "make_scenes"]
+__all__ = ["Caption", "Scene", "VLM", "find_neurons", "load_images", "load_vlm", "make_scenes"]

@@ -39,22 +39,38 @@ def vocabulary_nouns(text: str, vocabulary: Iterable[str]) -> list[str]:
     return seen
 
 
-def tagged_nouns(text: str) -> list[str]:
-    """Nouns found by spaCy's tagger (first appearance, lower case, no repeats)."""
+NOUN_TAGS = ("NN", "NNS")              # the official code's nouns
+PROPER_NOUN_TAGS = ("NNP", "NNPS")
+
+
+def tagged_nouns(text: str, proper: bool = False) -> list[str]:
+    """Nouns found by spaCy's tagger (first appearance, lower case, no repeats): Penn tags
+    NN and NNS, as the official code keeps them, plus NNP / NNPS when ``proper``."""
     try:
         import spacy
     except ImportError as exc:
         raise NounTaggerMissing(
             "finding nouns in a real model's caption needs spaCy with an English model "
             "(pip install spacy && python -m spacy download en_core_web_sm), "
-            "or pass nouns=[...] yourself") from exc
+            "or pass nouns=[...] yourself (or candidate nouns, e.g. an annotation file's categories)") from exc
     nlp = _spacy_model(spacy)
+    tags = NOUN_TAGS + (PROPER_NOUN_TAGS if proper else ())
     seen: list[str] = []
     for token in nlp(text):
         word = token.text.lower()
-        if token.pos_ == "NOUN" and word not in seen:
+        if token.tag_ in tags and word not in seen:
             seen.append(word)
     return seen
+
+
+def tagger_available() -> bool:
+    """Whether spaCy and its English model can be loaded (the tagger path of ``nouns_of``)."""
+    try:
+        import spacy
+        _spacy_model(spacy)
+    except (ImportError, NounTaggerMissing):
+        return False
+    return True
 
 
 _SPACY = {}

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import datasets
 from .identify import top_k_groups
 from .stats import auroc
 
@@ -166,30 +167,44 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     (``max p · a`` over the image tokens). Maps and scores use the table's ``polarity``
     (all ``+1`` when the table has no such column).
 
-    One row per (image, noun, method): ``in_scene`` (the noun is really in the image),
+    Which images contain the noun: the samples' known objects (``nouns``: the scenes', or an
+    annotation file's, matched by :func:`~mmneurons_utils.datasets.contains`), or — for images
+    with no labels at all (a bare folder) — the model's own captions (:func:`presence_source`).
+    Boxes are matched to the noun by :func:`~mmneurons_utils.datasets.boxes_for`; images
+    without boxes get no box metrics.
+
+    One row per (image, noun, method): ``in_scene`` (the noun is in the image),
     ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
     scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit``.
     """
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
     extremes = image_unit_scores(captions)                          # (B, L, F) twice
+    labelled = presence_source(scenes) == "labels"
     rows = []
     for (image, noun, method), group in groups:
         units = np.array(group[["layer", "unit"]], dtype=np.int64)
         polarity = unit_polarity(group)
-        contains = np.array([noun in s.nouns for s in scenes])
+        contains = np.array([datasets.contains(s, noun) if labelled else noun in c.nouns
+                             for s, c in zip(scenes, captions)])
         per_unit = signed_image_scores(extremes, units, polarity)    # (B, K)
         row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
                    auroc=float(np.nanmean([auroc(u[contains], u[~contains]) for u in per_unit.T]))
                    if contains.any() and not contains.all() else float("nan"))
         scene = scenes[image]
-        boxes = [box for n, box in scene.boxes if n == noun]
+        boxes = datasets.boxes_for(scene, noun)
         if grid is not None and boxes:
             size = (scene.image.height, scene.image.width)
             mean = unit_maps(vlm, captions[image].activations, units, polarity).mean(0)
             row.update(box_scores(mean, size, boxes))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def presence_source(samples) -> str:
+    """``"labels"`` when any sample lists its objects (scenes, an annotated folder), else
+    ``"captions"``: selectivity then takes "the image contains the noun" from the model's caption."""
+    return "labels" if any(getattr(s, "nouns", None) for s in samples) else "captions"
 
 
 def unit_polarity(rows: pd.DataFrame) -> np.ndarray:

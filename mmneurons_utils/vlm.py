@@ -22,7 +22,8 @@ from PIL import Image
 from . import architectures as A
 from .capture import Activations, record_activations
 from .trace import Trace
-from .nouns import NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, vocabulary_nouns
+from .nouns import (NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, tagger_available,
+                    vocabulary_nouns)
 
 # config fields and processor attributes that name image / video placeholder tokens
 _PLACEHOLDER_FIELD = re.compile(r"(image|video|boi|eoi|vision_start|vision_end)_token_(id|index)")
@@ -68,6 +69,9 @@ class VLM:
         # the nouns an embedded model can say (from its marker file); None: a tagger finds them
         self.noun_vocabulary: tuple[str, ...] | None = (tuple(noun_vocabulary) if noun_vocabulary
                                                           else None)
+        # candidate nouns for a real model when no tagger is installed (e.g. the annotation
+        # file's category words: datasets.ImageSet.candidate_nouns()); None: none given
+        self.candidate_nouns: Sequence[str] | None = None
         self._warned_no_tagger = False
         self._n_image_tokens: int | None = None
         self._projector_rows: int | None = None
@@ -232,9 +236,11 @@ class VLM:
 
     # --- captioning ------------------------------------------------------------
     def nouns_of(self, text: str) -> list[str]:
-        """The noun vocabulary's nouns for embedded models, spaCy's for real ones.
+        """The caption's nouns, from the first source that applies (:attr:`noun_source`):
+        an embedded model's noun vocabulary; spaCy's tagger (NN / NNS, as the official code);
+        the :attr:`candidate_nouns` when no tagger is installed.
 
-        Without spaCy a real model's captions get no nouns and one warning saying how
+        With none of them a real model's captions get no nouns and one warning saying how
         to install a tagger or pass ``nouns=[...]``.
         """
         if self.noun_vocabulary is not None:
@@ -242,10 +248,23 @@ class VLM:
         try:
             return tagged_nouns(text)
         except NounTaggerMissing as exc:
+            if self.candidate_nouns:
+                return vocabulary_nouns(text, self.candidate_nouns)
             if not self._warned_no_tagger:
                 warnings.warn(str(exc), stacklevel=3)
                 self._warned_no_tagger = True
             return []
+
+    @property
+    def noun_source(self) -> str:
+        """Where :meth:`nouns_of` takes a caption's nouns from, in words (notebooks print it)."""
+        if self.noun_vocabulary is not None:
+            return f"the model's noun vocabulary ({len(self.noun_vocabulary)} words, {EMBEDDED_MARKER})"
+        if tagger_available():
+            return "spaCy's tagger (NN, NNS)"
+        if self.candidate_nouns:
+            return f"candidate nouns given to the model ({len(self.candidate_nouns)} words, e.g. annotation categories)"
+        return "none: no tagger installed and no candidate nouns; pass nouns=[...]"
 
     @torch.no_grad()
     def describe(self, images: Sequence[Image.Image], max_new_tokens: int = 20,

@@ -21,9 +21,10 @@ from mmneurons_utils.trace import Trace, TraceDict, trace_down_proj
 from mmneurons_utils.vlm import ModelLoadError, read_noun_vocabulary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmneurons_utils"
-# what may import the embedded models' scenes: the embedded models themselves and the tools that
-# offer them as a dataset (the companion, its widgets and plots, the CLI and the benchmark)
-MAY_IMPORT_SCENES = ("tiny/", "companion/", "widgets/", "plots/", "cli.py", "bench.py")
+# what may import the embedded models' scenes: the embedded models themselves, datasets.py (they
+# are its default source) and the tools that offer them (the companion, its widgets and plots,
+# the CLI and the benchmark)
+MAY_IMPORT_SCENES = ("tiny/", "companion/", "widgets/", "plots/", "cli.py", "bench.py", "datasets.py")
 
 
 def _modules():

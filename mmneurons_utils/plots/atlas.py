@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt
 from ..tiny.scenes import ATTRIBUTION
 
 
-def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.7):
+def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.7,
+                  attribution: str = ATTRIBUTION):
     """A unit's top dataset images side by side, each overlaid with the unit's map ``p · a``
     (upsampled, 95th-percentile mask as a contour; the plain image for models without a
     patch grid).
@@ -52,7 +53,8 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     noun = f" — '{get('noun')}'" if _has(row, "noun") else ""
     fig.suptitle(f"{unit_label(dict(layer=layer, unit=unit, polarity=sign))}{noun}: top dataset images",
                  fontsize=9)
-    fig.text(0.01, 0.0, ATTRIBUTION, fontsize=5, color="gray")
+    if attribution:   # the image credit (the scenes' OpenMoji credit; "" for none)
+        fig.text(0.01, 0.0, attribution, fontsize=5, color="gray")
     fig.tight_layout()
     return fig
 

@@ -11,10 +11,13 @@ import matplotlib.ticker
 from ..tiny.scenes import ATTRIBUTION
 
 
-def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6):
-    """Scenes with their ground-truth (and, if given, generated) captions.
+def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6,
+               attribution: str = ATTRIBUTION):
+    """Scenes (or any samples) with their ground-truth caption — a sample without one shows
+    its ``name`` — and, if given, the generated captions.
 
-    A generated caption that differs from the truth is drawn in red.
+    A generated caption that differs from the truth is drawn in red. ``attribution``: the
+    image credit printed under the grid (the scenes' OpenMoji credit; ``""`` for none).
     """
     rows = -(-len(scenes) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * width, rows * (width + 0.9)),
@@ -24,14 +27,16 @@ def scene_grid(scenes, captions=None, columns: int = 4, width: float = 2.6):
     for i, scene in enumerate(scenes):
         ax = axes.flat[i]
         ax.imshow(scene.image, interpolation="nearest")
-        lines = ["truth: " + scene.caption]
+        truth = getattr(scene, "caption", None)
+        lines = ["truth: " + truth if truth else str(getattr(scene, "name", f"image {i}"))]
         colour = "black"
         if captions is not None:
             lines.append("model: " + captions[i].text)
-            colour = "black" if captions[i].text == scene.caption else "crimson"
+            colour = "crimson" if truth and captions[i].text != truth else "black"
         wrapped = [part for line in lines for part in textwrap.wrap(line, 34)]
         ax.set_title("\n".join(wrapped), fontsize=7, color=colour, loc="left")
-    fig.text(0.01, 0.003, ATTRIBUTION, fontsize=6, color="gray")
+    if attribution:
+        fig.text(0.01, 0.003, attribution, fontsize=6, color="gray")
     fig.tight_layout()
     return fig
 

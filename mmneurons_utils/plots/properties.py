@@ -36,13 +36,15 @@ def heatmap_overlay(image, heat: np.ndarray, mask: np.ndarray | None = None, ax=
 
 
 def heatmap_panels(image, heats: dict, masks: dict | None = None, boxes=None,
-                   width: float = 2.3):
-    """One overlay per entry of ``heats`` (title → ``Float[ndarray, "H W"]``), side by side."""
+                   width: float = 2.3, attribution: str = ATTRIBUTION):
+    """One overlay per entry of ``heats`` (title → ``Float[ndarray, "H W"]``), side by side;
+    ``attribution``: the image credit under them (``""`` for none)."""
     fig, axes = plt.subplots(1, len(heats), figsize=(width * len(heats), width + 0.4),
                              squeeze=False)
     for ax, (title, heat) in zip(axes.flat, heats.items()):
         heatmap_overlay(image, heat, (masks or {}).get(title), ax=ax, title=title, boxes=boxes)
-    fig.text(0.01, 0.0, ATTRIBUTION, fontsize=5, color="gray")
+    if attribution:
+        fig.text(0.01, 0.0, attribution, fontsize=5, color="gray")
     fig.tight_layout()
     return fig
 

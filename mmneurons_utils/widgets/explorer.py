@@ -34,6 +34,7 @@ from typing import NamedTuple
 import ipywidgets as W
 from IPython.display import display
 
+from ..datasets import boxes_for
 from .pickers import ImagePicker, TokenPicker
 
 
@@ -168,7 +169,7 @@ class NeuronExplorer:
                                          [(unit["layer"], unit["unit"])], [unit["polarity"]])[0]
         heat = specificity.upsample(grid_map, (image.height, image.width), smooth=True)
         scene = self.picker.scene
-        boxes = [box for noun, box in scene.boxes if noun == unit["noun"]] if scene else None
+        boxes = boxes_for(scene, unit["noun"]) if scene else None
         return plots.heatmap_overlay(image, heat, specificity.percentile_mask(heat, 95),
                                      title=f"{unit_label(unit)} on '{unit['noun']}'",
                                      boxes=boxes)
@@ -187,9 +188,10 @@ class NeuronExplorer:
                 self._examples = (items, dataset_examples(self.vlm, [s.image for s in items],
                                                           examples=max(examples, n)))
             found = self._examples[1]
-        scenes = all(hasattr(item, "image") and hasattr(item, "caption") for item in items)
-        images = [item.image for item in items] if scenes else items
-        return found, images, ([item.caption for item in items] if scenes else None)
+        samples = all(hasattr(item, "image") for item in items)
+        images = [item.image for item in items] if samples else items
+        captions = [getattr(item, "caption", None) for item in items] if samples else []
+        return found, images, (captions if captions and all(captions) else None)
 
     def dataset_strip(self, unit: dict | None = None, n: int = 6, examples: int = 8):
         """The unit's strip of dataset examples: its top ``n`` images (by ``max p · a`` over
@@ -206,7 +208,8 @@ class NeuronExplorer:
         found, images, captions = self._strip_source(n, examples)
         indices, scores = found.top(unit["layer"], unit["unit"], unit["polarity"])
         row = dict(unit, example_images=indices[:n], example_scores=scores[:n])
-        return example_strip(self.vlm, images, row, n=n, captions=captions)
+        return example_strip(self.vlm, images, row, n=n, captions=captions,
+                             attribution=self.picker.attribution)
 
     def _strip_png(self, unit: dict | None) -> bytes:
         """The unit's strip as PNG bytes, drawn once per unit (and example source)."""

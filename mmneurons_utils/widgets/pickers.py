@@ -18,6 +18,8 @@ import ipywidgets as W
 from IPython.display import display
 from PIL import Image
 
+from ..datasets import attribution_of, is_scene, label_of
+
 
 def png_bytes(image: Image.Image, size: int | None = None) -> bytes:
     """``image`` as PNG, upscaled without smoothing so its longest side is ``size`` px."""
@@ -72,11 +74,13 @@ class ImagePicker(_Observable):
         self.scenes = list(scenes) if scenes is not None else make_scenes(n, seed)
         if not self.scenes:
             raise ValueError("ImagePicker needs at least one scene")
+        self.redraws = all(is_scene(s) for s in self.scenes)   # a folder's images have no seed
+        self.attribution = attribution_of(self.scenes)
         self.thumbnail = thumbnail
         self._uploads: dict[int, tuple[str, Image.Image]] = {}   # option value (< 0) → upload
         self.seed = W.BoundedIntText(value=getattr(self.scenes[0], "seed", seed), min=0,
                                      max=2**31 - 1, description="seed",
-                                     layout=W.Layout(width="170px"))
+                                     layout=W.Layout(width="170px"), disabled=not self.redraws)
         self.index = W.Dropdown(options=self._options(), value=index, description="image",
                                 layout=W.Layout(width="430px"))
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
@@ -102,7 +106,11 @@ class ImagePicker(_Observable):
     @property
     def label(self) -> str:
         value = self.index.value
-        return f"upload: {self._uploads[value][0]}" if value < 0 else f"scene {value} (seed {self.seed.value})"
+        if value < 0:
+            return f"upload: {self._uploads[value][0]}"
+        if not self.redraws:
+            return f"image {value} ({getattr(self.scenes[value], 'name', value)})"
+        return f"scene {value} (seed {self.seed.value})"
 
     def select(self, index: int) -> None:
         """Pick scene ``index`` (or an upload's negative option value)."""
@@ -118,10 +126,12 @@ class ImagePicker(_Observable):
 
     # -- events -----------------------------------------------------------------------
     def _options(self):
-        scenes = [(f"{i}: {s.caption}", i) for i, s in enumerate(self.scenes)]
+        scenes = [(label_of(s, i), i) for i, s in enumerate(self.scenes)]
         return scenes + [(f"upload: {name}", key) for key, (name, _) in self._uploads.items()]
 
     def _seed_changed(self):
+        if not self.redraws:
+            return
         keep = self.index.value
         self.scenes = self._make(len(self.scenes), int(self.seed.value))
         with self._hold():

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from ..datasets import boxes_for
 from .panel import Panel
 
 
@@ -80,13 +81,14 @@ class SpecificityPanel(Panel):
         heats = {f"{title} ({self.method.value})": heat for title, heat in heats.items()}
         masks = {title: specificity.percentile_mask(heat) for title, heat in heats.items()}
         scene = self.picker.scene
-        boxes = [b for n, b in scene.boxes if n == noun] if scene is not None else []
+        boxes = boxes_for(scene, noun) if scene is not None else []
         if boxes:
             grid = specificity.unit_maps(self.vlm, self.caption.activations, units, polarity).mean(0)
             scores = specificity.box_scores(grid, size, boxes)
             line += (f" | mass in box {scores['mass_in_box']:.2f} (chance {scores['box_share']:.2f}), "
                      f"pointing {'hit' if scores['pointing_hit'] else 'miss'}")
-        fig = plots.heatmap_panels(image, heats, masks, boxes=boxes)
+        fig = plots.heatmap_panels(image, heats, masks, boxes=boxes,
+                                   attribution=self.picker.attribution)
         plt.close(fig)
         return [line, shown, fig]
 

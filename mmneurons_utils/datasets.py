@@ -1,0 +1,452 @@
+"""Images to study: the embedded scenes, or a folder of your own, optionally with COCO boxes.
+
+One abstraction for the notebooks, the widgets and the CLI. :func:`load_images` returns an
+:class:`ImageSet` — a list of samples that each carry ``image``, ``name``, ``nouns`` (the
+objects known to be in it), ``boxes`` (``(name, (x0, y0, x1, y1))`` in pixels, x1/y1
+exclusive) and ``caption`` (a reference caption, or ``None``):
+
+* ``images=None`` (or ``""``): ``n`` embedded scenes of ``seed`` — :class:`~mmneurons_utils.tiny.scenes.Scene`
+  objects, with their true captions, nouns and boxes;
+* ``images="photos/"``: every image directly in the folder (sorted by file name; the first
+  ``n`` when ``n`` is given), with no nouns, boxes or captions;
+* plus ``annotations="photos/annotations.json"``: a COCO instances file (``images`` with
+  ``id`` and ``file_name``; ``annotations`` with ``image_id``, ``category_id`` and ``bbox`` =
+  ``[x, y, width, height]``; ``categories`` with ``id`` and ``name``) supplies each image's
+  object names and boxes (scaled when the file's size differs from the annotated one).
+
+A caption's noun is matched to an annotation's category by :func:`match_category`, in
+this order: the same word; the same singular (``dogs`` → ``dog``, ``buses`` → ``bus``,
+``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`SYNONYMS` (``man`` /
+``woman`` / ``people`` → ``person``, ``television`` → ``tv``, ``phone`` → ``cell phone``, …);
+the last word of a multi-word category (``glass`` → ``wine glass``, ``hydrant`` →
+``fire hydrant``). :func:`unmatched_nouns` reports the nouns that matched nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image
+
+from .images import IMAGE_SUFFIXES, ImageReadError, read_image
+
+# category → other words a caption may use for it (COCO's names; extend as needed)
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "person": ("man", "woman", "boy", "girl", "child", "kid", "baby", "people", "lady", "guy",
+               "player", "men", "women", "children", "kids"),
+    "tv": ("television", "tvs"),
+    "airplane": ("plane", "aeroplane", "jet", "aircraft"),
+    "motorcycle": ("motorbike",),
+    "bicycle": ("bike",),
+    "couch": ("sofa",),
+    "cell phone": ("phone", "cellphone", "mobile"),
+    "dining table": ("table",),
+    "potted plant": ("plant",),
+    "sports ball": ("ball",),
+    "donut": ("doughnut",),
+    "hot dog": ("hotdog",),
+    "cup": ("mug",),
+    "car": ("automobile",),
+    "refrigerator": ("fridge",),
+    "hair drier": ("dryer", "hairdryer"),
+    "teddy bear": ("teddy",),
+    "tennis racket": ("racquet",),
+    "handbag": ("purse",),
+}
+# plural → singular where the rules of singular() get it wrong (identity: no singular form)
+_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person",
+              "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
+              "knives": "knife", "wives": "wife", "lives": "life", "wolves": "wolf",
+              "leaves": "leaf", "shelves": "shelf", "halves": "half", "calves": "calf",
+              "loaves": "loaf", "scarves": "scarf", "thieves": "thief",
+              "potatoes": "potato", "tomatoes": "tomato", "heroes": "hero", "mangoes": "mango",
+              "skis": "ski", "movies": "movie", "cookies": "cookie", "brownies": "brownie",
+              "sheep": "sheep", "fish": "fish", "deer": "deer", "species": "species",
+              "series": "series", "glasses": "glasses", "scissors": "scissors",
+              "pants": "pants", "jeans": "jeans", "shorts": "shorts", "news": "news"}
+_PLURAL = {v: k for k, v in _IRREGULAR.items() if k != v}
+
+
+class DatasetError(ValueError):
+    """An image folder or annotation file cannot be used (the message says what is accepted)."""
+
+
+def singular(word: str) -> str:
+    """A plural noun's singular by a few English rules (``dogs`` → ``dog``, ``boxes`` →
+    ``box``, ``ponies`` → ``pony``, ``men`` → ``man``); other words unchanged."""
+    word = word.lower().strip()
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) > 4 and word.endswith("ies"):          # ponies → pony (but pies → pie)
+        return word[:-3] + "y"
+    if word.endswith(("ouses", "auses")):               # houses → house, causes → cause
+        return word[:-1]
+    if word.endswith(("ches", "shes", "xes", "sses", "zzes", "tzes", "uses")):
+        return word[:-2]                                # boxes → box, buses → bus
+    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]                                # dogs → dog, sizes → size
+    return word
+
+
+def _plural(word: str) -> str:
+    """A singular noun's plural by the same rules (``bus`` → ``buses``, ``pony`` → ``ponies``)."""
+    if word in _PLURAL:
+        return _PLURAL[word]
+    if word in _IRREGULAR:                  # sheep, fish, … (no other form)
+        return word
+    if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    return word + "s"
+
+
+def match_category(noun: str, categories: Iterable[str]) -> str | None:
+    """The category of ``categories`` that ``noun`` names, or ``None``.
+
+    Four passes, each over all categories before the next (case-insensitive): the same word;
+    the same singular (:func:`singular` on both sides, or ``noun`` is the category's plural);
+    a synonym of :data:`SYNONYMS` (or its singular); the last word of a multi-word category.
+    ``match_category("dogs", ["dog"]) == "dog"``; ``match_category("woman", ["person"]) ==
+    "person"``; ``match_category("glass", ["wine glass"]) == "wine glass"``.
+    """
+    word = noun.lower().strip()
+    one = singular(word)
+    categories = [(category, category.lower().strip()) for category in categories]
+    passes = (
+        lambda c: word == c,
+        lambda c: one == singular(c) or word == _plural(c),
+        lambda c: word in SYNONYMS.get(c, ()) or one in {singular(o) for o in SYNONYMS.get(c, ())},
+        lambda c: " " in c and one == singular(c.split()[-1]),
+    )
+    for matches in passes:
+        for category, c in categories:
+            if matches(c):
+                return category
+    return None
+
+
+def candidate_words(categories: Iterable[str]) -> list[str]:
+    """Single words a caption may use for ``categories``: each name (a multi-word name: its
+    last word), its singular and plural, and its one-word synonyms with theirs — the
+    candidate nouns when no tagger is installed (a caption is matched word by word). Every
+    word returned names one of ``categories`` by :func:`match_category`."""
+    categories = list(categories)
+    words = set()
+    for category in categories:
+        c = category.lower().strip()
+        for w in (c.split()[-1] if c else "", *SYNONYMS.get(c, ())):
+            if w and " " not in w:
+                words |= {w, singular(w), _plural(singular(w))}
+    return sorted(w for w in words if match_category(w, categories) is not None)
+
+
+@dataclass
+class Sample:
+    """One image of a folder: ``name`` (file name), ``nouns`` (its annotated object names,
+    ``[]`` when there are no annotations), ``boxes`` (``(name, (x0, y0, x1, y1))``) and
+    ``caption`` (``None``: folders carry no reference captions)."""
+
+    image: Image.Image
+    name: str
+    nouns: list[str] = field(default_factory=list)
+    boxes: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)
+    caption: str | None = None
+
+
+class ImageSet(list):
+    """A list of samples (``Scene`` or :class:`Sample`) plus where they came from.
+
+    ``kind``: ``"scenes"`` or ``"folder"``; ``source``: one line for the notebooks; ``key``: a
+    short, stable name of exactly these images (caches and titles: ``"scenes n=128 seed=0"``);
+    ``categories``: the annotation's category names (scenes: their noun vocabulary; a bare
+    folder: none); ``has_boxes`` / ``has_nouns``: whether object boxes / the objects present
+    are known; ``has_captions``: whether reference captions are (scenes only).
+    """
+
+    def __init__(self, samples: Iterable, kind: str, source: str, key: str,
+                 categories: Sequence[str] = (), has_boxes: bool = False, has_nouns: bool = False,
+                 notes: Sequence[str] = ()):
+        super().__init__(samples)
+        self.kind, self.source, self.key = kind, source, key
+        self.categories = list(categories)
+        self.has_boxes, self.has_nouns = has_boxes, has_nouns
+        self.has_captions = kind == "scenes"
+        self.notes = list(notes)
+        self.attribution = attribution_of(self)
+
+    def __getitem__(self, index):
+        """An item, or for a slice an :class:`ImageSet` with the same labels (``data[:8]``)."""
+        if isinstance(index, slice):
+            part = ImageSet(super().__getitem__(index), self.kind, self.source,
+                            f"{self.key} [{_slice_text(index)}]",
+                            categories=self.categories, has_boxes=self.has_boxes,
+                            has_nouns=self.has_nouns, notes=self.notes)
+            return part
+        return super().__getitem__(index)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s.image for s in self]
+
+    @property
+    def names(self) -> list[str]:
+        """One name per image: the file name, or ``scene-<seed>-<index>`` for a scene."""
+        return [getattr(s, "name", None) or f"scene-{s.seed}-{s.index}" for s in self]
+
+    def candidate_nouns(self) -> list[str]:
+        """The annotation categories as candidate caption nouns (:func:`candidate_words`)."""
+        return candidate_words(self.categories)
+
+    def summary(self) -> str:
+        """One line: the source, how many images, and which metrics its labels allow."""
+        boxes = ("object boxes: yes" if self.has_boxes else
+                 "no object boxes (mass in box and pointing are skipped)")
+        line = f"{self.source}: {len(self)} images; {boxes}"
+        return "; ".join([line] + self.notes)
+
+
+def _slice_text(index: slice) -> str:
+    return ":".join("" if v is None else str(v) for v in (index.start, index.stop, index.step))
+
+
+def prepare_model(vlm, data: ImageSet) -> str:
+    """Give ``vlm`` the annotation categories as candidate nouns (used only by a real model
+    without a tagger) and say where its caption nouns come from, in one line."""
+    if data.categories and vlm.noun_vocabulary is None:
+        vlm.candidate_nouns = data.candidate_nouns()
+    return f"{vlm.name}: caption nouns from {vlm.noun_source}"
+
+
+def is_scene(sample) -> bool:
+    """Whether ``sample`` is one of the embedded scenes (it has a seed and a background)."""
+    return hasattr(sample, "background") and hasattr(sample, "seed")
+
+
+def attribution_of(samples) -> str:
+    """The image credit figures of ``samples`` print: the OpenMoji credit for scenes, none
+    for other images."""
+    if samples and all(is_scene(s) for s in samples):
+        from .tiny.scenes import ATTRIBUTION
+
+        return ATTRIBUTION
+    return ""
+
+
+def label_of(sample, index: int) -> str:
+    """A short name for a picker: ``"3: a dog on a red background"`` / ``"3: photo.jpg"``."""
+    return f"{index}: {getattr(sample, 'caption', None) or getattr(sample, 'name', 'image')}"
+
+
+def boxes_for(sample, noun: str) -> list[tuple[int, int, int, int]]:
+    """The boxes of ``sample`` whose object ``noun`` names (exact name, else
+    :func:`match_category` against the sample's box names)."""
+    names = {name for name, _ in sample.boxes}
+    if noun not in names:
+        noun = match_category(noun, sorted(names)) or noun
+    return [box for name, box in sample.boxes if name == noun]
+
+
+def contains(sample, noun: str) -> bool:
+    """Whether ``noun`` names one of the objects known to be in ``sample``."""
+    return noun in sample.nouns or match_category(noun, sample.nouns) is not None
+
+
+def unmatched_nouns(captions, data: ImageSet) -> dict[str, int]:
+    """Caption nouns that name no category of ``data`` → how many captions said them
+    (empty when ``data`` has no categories to match against)."""
+    if not data.categories:
+        return {}
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for noun in caption.nouns:
+            if match_category(noun, data.categories) is None:
+                counts[noun] = counts.get(noun, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def load_images(images: str | Path | None = None, annotations: str | Path | None = None,
+                n: int | None = None, seed: int = 0) -> ImageSet:
+    """The images to study (see the module docstring): the embedded scenes when ``images``
+    is empty, else the folder ``images``, with ``annotations`` (COCO instances JSON) when given.
+
+    ``n``: how many (scenes: default 24; folder: the first ``n`` by file name, default all;
+    only those are read). Hidden files (``.…``, e.g. macOS ``._IMG.jpg``) are left out.
+    Raises :class:`DatasetError` for a missing or empty folder, an image that cannot be read,
+    an annotation file that is not COCO instances JSON, or one that lists none of the images.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DatasetError(f"n must be a positive integer or None, got {n!r}")
+    if not images:
+        if annotations:
+            raise DatasetError("annotations were given without an image folder; pass images=<folder>")
+        from .tiny.scenes import NOUNS, make_scenes   # the embedded models' own data
+
+        count = 24 if n is None else n
+        return ImageSet(make_scenes(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",
+                        f"scenes n={count} seed={seed}", categories=list(NOUNS), has_boxes=True,
+                        has_nouns=True)
+    paths = image_files(images)
+    paths = paths[:n] if n is not None else paths     # read only the images used
+    try:
+        files = [(p.name, read_image(p)) for p in paths]
+    except ImageReadError as exc:
+        raise DatasetError(str(exc)) from exc
+    if not annotations:
+        return ImageSet([Sample(image, name) for name, image in files], "folder", f"folder {images}",
+                        f"folder {images} n={len(files)}")
+    labels, categories = read_coco(annotations)
+    by_base: dict[str, list[str]] = {}    # a file_name with a folder ("val2017/x.jpg") matches x.jpg
+    for key in labels:
+        by_base.setdefault(Path(key).name, []).append(key)
+    samples, missing = [], 0
+    for name, image in files:
+        keys = [name] if name in labels else by_base.get(name, [])
+        if len(keys) != 1:
+            missing += 1
+            samples.append(Sample(image, name))
+            continue
+        size, objects = labels[keys[0]]
+        width, height = size or image.size
+        sx, sy = image.width / width, image.height / height
+        boxes = [(category, _pixel_box(box, sx, sy, image.size)) for category, box in objects]
+        nouns = list(dict.fromkeys(category for category, _ in objects))
+        samples.append(Sample(image, name, nouns, boxes))
+    annotation_name = Path(annotations).name
+    if missing == len(files):
+        raise DatasetError(f"none of the {len(files)} images of {images} has an entry in {annotations} "
+                           f"(its first file_name is {next(iter(labels), None)!r}, the folder's first "
+                           f"image {files[0][0]!r}); is it this folder's annotation file?")
+    notes = [f"{missing} image(s) have no entry in {annotation_name} (no boxes for them)"] \
+        if missing else []
+    return ImageSet(samples, "folder", f"folder {images} with {annotation_name}",
+                    f"folder {images} n={len(files)} annotations {annotation_name}",
+                    categories=categories, has_boxes=True, has_nouns=True, notes=notes)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix; hidden files left out), sorted by
+    name; :class:`DatasetError` when it is not a folder or holds none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder" + ("" if folder.exists() else " (it does not exist)"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise DatasetError(f"{folder} holds no images (accepted: {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_coco(path: str | Path) -> tuple[dict, list[str]]:
+    """``({file_name: ((width, height) or None, [(category, [x, y, w, h]), …])}, category
+    names)`` from a COCO instances file; :class:`DatasetError` naming what is wrong.
+
+    An image entry's ``width`` / ``height`` may be left out (``None``: its boxes are in the
+    image file's own pixels); every other field named in the module docstring is required.
+    """
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"annotation file {path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not JSON ({exc}); expected a COCO instances file") from exc
+    except OSError as exc:
+        raise DatasetError(f"annotation file {path} cannot be read ({exc})") from exc
+    expected = "a COCO instances file with 'images', 'annotations' and 'categories' lists"
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise DatasetError(f"{path} is not {expected} (missing or not a list: {', '.join(missing)})")
+
+    def get(entry, key: str, where: str):
+        if not isinstance(entry, dict) or key not in entry:
+            raise DatasetError(f"{path}: {where} has no '{key}' field (images: id, file_name, "
+                               "width, height; annotations: image_id, category_id, bbox "
+                               "[x, y, w, h]; categories: id, name)")
+        return entry[key]
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    categories = {get(c, "id", f"categories[{i}]"): str(get(c, "name", f"categories[{i}]"))
+                  for i, c in enumerate(data["categories"])}
+    files, labels = {}, {}
+    for i, im in enumerate(data["images"]):
+        where = f"images[{i}]"
+        name = str(get(im, "file_name", where))
+        size = None
+        if "width" in im or "height" in im:
+            size = (get(im, "width", where), get(im, "height", where))
+            if not all(is_number(v) and v > 0 for v in size):
+                raise DatasetError(f"{path}: width/height of {where} ({name}) are {list(size)}, "
+                                   "expected positive numbers")
+        files[get(im, "id", where)] = name
+        labels.setdefault(name, (size, []))
+    for i, a in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        image_id, category_id, bbox = (get(a, k, where) for k in ("image_id", "category_id", "bbox"))
+        if image_id not in files:
+            raise DatasetError(f"{path}: image_id {image_id!r} of {where} is not the id of an entry "
+                               "of 'images'")
+        if category_id not in categories:
+            raise DatasetError(f"{path}: category_id {category_id!r} of {where} is not the id of an "
+                               "entry of 'categories'")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
+                and bbox[2] >= 0 and bbox[3] >= 0):
+            raise DatasetError(f"{path}: bbox of {where} is {bbox!r}, expected [x, y, width, height] "
+                               "(four numbers, width and height ≥ 0)")
+        labels[files[image_id]][1].append((categories[category_id], [float(v) for v in bbox]))
+    return labels, sorted(set(categories.values()))
+
+
+def _pixel_box(box, sx: float, sy: float, size) -> tuple[int, int, int, int]:
+    """COCO ``[x, y, w, h]`` (annotated size) → ``(x0, y0, x1, y1)`` pixels of the image, x1/y1
+    exclusive, clipped to it and at least one pixel wide and high."""
+    x, y, w, h = box
+    width, height = size
+    x0 = min(width - 1, max(0, math.floor(x * sx)))
+    y0 = min(height - 1, max(0, math.floor(y * sy)))
+    x1, y1 = min(width, math.ceil((x + w) * sx)), min(height, math.ceil((y + h) * sy))
+    return (x0, y0, max(x0 + 1, x1), max(y0 + 1, y1))
+
+
+def write_image_folder(samples: Sequence, folder: str | Path, annotations: bool = True,
+                       categories: Sequence[str] | None = None) -> Path:
+    """Write ``samples`` (e.g. scenes) as ``image_0000.png`` … into the new or empty folder
+    ``folder``, with a COCO ``annotations.json`` of their boxes when ``annotations``.
+
+    ``categories``: the category names to list (default: the names in the samples' boxes;
+    e.g. the scenes' whole noun vocabulary keeps it as the folder's categories). PNG is
+    lossless, so the folder's images are the samples' pixels: the folder path gives the
+    same numbers as the samples themselves. Returns ``folder``.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"{folder} exists and is not a folder; choose a new folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise DatasetError(f"{folder} exists and is not empty; choose a new folder")
+    in_boxes = {name for s in samples for name, _ in s.boxes}
+    names = list(dict.fromkeys(categories)) if categories is not None else sorted(in_boxes)
+    if in_boxes - set(names):
+        raise DatasetError(f"the boxes name {sorted(in_boxes - set(names))}, which categories lacks")
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    coco = dict(images=[], annotations=[], categories=[dict(id=i, name=n) for n, i in ids.items()])
+    digits = max(4, len(str(len(samples) - 1)))        # file names sort in sample order
+    for index, sample in enumerate(samples):
+        file_name = f"image_{index:0{digits}d}.png"
+        sample.image.save(folder / file_name)
+        coco["images"].append(dict(id=index, file_name=file_name, width=sample.image.width,
+                                   height=sample.image.height))
+        for name, (x0, y0, x1, y1) in sample.boxes:
+            coco["annotations"].append(dict(id=len(coco["annotations"]) + 1, image_id=index,
+                                            category_id=ids[name], bbox=[x0, y0, x1 - x0, y1 - y0],
+                                            area=(x1 - x0) * (y1 - y0), iscrowd=0))
+    if annotations:
+        (folder / "annotations.json").write_text(json.dumps(coco))
+    return folder
