@@ -138,7 +138,7 @@ def summarize_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
                 n_clusters = n
             rows.append(dict(zip(by, key), metric=metric, mean=mean, low=low, high=high,
                              n=n, n_clusters=n_clusters))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*by, "metric", "mean", "low", "high", "n", "n_clusters"])
 
 
 def paper_table(summary: pd.DataFrame, index: Sequence[str] = ("model", "method"),

@@ -146,7 +146,7 @@ def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path)
 
 
 def test_notebook_03_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
-    small = dict(n_region=6, n_cross=12, compare_model="")
+    small = dict(n_region=12, n_cross=12, compare_model="")
     scenes = _run(tmp_path / "scenes", "03", **small)
     folder = _run(tmp_path / "coco", "03", images=str(coco), annotations=str(coco / "annotations.json"), **small)
     _same(scenes, folder)
