@@ -2,9 +2,11 @@
 
     mmneurons describe --model tiny-llava --scenes 500 --seed 0 --json
     mmneurons describe --model /path/to/llava-1.5-7b-hf --images photos/ --device cuda
+    mmneurons find --images coco_subset/ --annotations coco_subset/annotations.json --out r.parquet
     mmneurons perturb --model tiny-llava --scenes 20 --seed 0 --k 50 --zero --json
     mmneurons edit --model tiny-llava --source dog --target cat --scenes 200 --seed 0 --save edited/
     mmneurons atlas --model tiny-llava --scenes 256 --seed 0 --top-k 10 --examples 8 --out atlas/ --json
+    mmneurons export-scenes --scenes 24 --seed 0 --out scenes_folder/
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
 With ``--json`` the last line of standard output is one JSON object.
@@ -16,7 +18,6 @@ import argparse
 import json
 import sys
 
-from .images import read_image_folder
 from .nouns import NounTaggerMissing
 from .tiny.scenes import caption_scores, make_scenes
 
@@ -53,6 +54,10 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--scenes", type=_positive_int, metavar="N", help="N generated scenes")
     source.add_argument("--images", metavar="DIR", help="a folder of images")
+    p.add_argument("--annotations", metavar="FILE",
+                   help="with --images: a COCO instances JSON (images, annotations with bbox, "
+                        "categories) giving each image's objects; its categories are the candidate "
+                        "nouns of a real model when spaCy is not installed")
     p.add_argument("--seed", type=_seed, default=0,
                    help="scene seed (0–9999 are held out from training; default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     _add_causal_commands(sub)
     _add_atlas_command(sub)
+
+    x = sub.add_parser("export-scenes", help="write embedded scenes as a folder of PNGs with a COCO "
+                                             "annotations.json (to try the --images path offline)")
+    x.add_argument("--scenes", type=_positive_int, required=True, metavar="N", help="N scenes")
+    x.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
+    x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    x.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    x.set_defaults(func=cmd_export_scenes)
     return parser
 
 
@@ -139,20 +152,46 @@ def _add_causal_commands(sub) -> None:
     e.set_defaults(func=cmd_edit)
 
 
-def _images(args):
-    """``(names, images, scenes or None)`` from ``--scenes``/``--seed`` or ``--images``."""
+def _data(args):
+    """The :class:`~mmneurons_utils.datasets.ImageSet` of ``--scenes``/``--seed`` or
+    ``--images`` (with ``--annotations``)."""
+    from .datasets import load_images
+
+    if args.annotations and not args.images:
+        raise CliError("--annotations needs --images DIR, the folder of the images it annotates")
     if args.images:
-        named = read_image_folder(args.images)
-        return [n for n, _ in named], [im for _, im in named], None
-    scenes = make_scenes(args.scenes, seed=args.seed)
-    return [f"scene-{args.seed}-{s.index}" for s in scenes], [s.image for s in scenes], scenes
+        return load_images(args.images, args.annotations)
+    return load_images(n=args.scenes, seed=args.seed)
+
+
+def _images(args, data=None):
+    """``(names, images, scenes or None)`` from ``--scenes``/``--seed`` or ``--images``."""
+    data = _data(args) if data is None else data
+    return data.names, data.images, (data if data.kind == "scenes" else None)
+
+
+def _load_model(args, data):
+    """The model of ``--model``; with ``--annotations`` its candidate nouns are the
+    annotation's categories (used only by a real model when no tagger is installed)."""
+    from .datasets import prepare_model
+    from .vlm import load_vlm
+
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    if args.annotations:
+        prepare_model(vlm, data)
+    return vlm
+
+
+def _say_noun_source(args, vlm) -> None:
+    """With ``--images`` and no ``--json``, one line naming where caption nouns come from."""
+    if args.images and not args.json:
+        print(f"caption nouns from {vlm.noun_source}")
 
 
 def cmd_describe(args) -> dict:
-    from .vlm import load_vlm
-
-    names, images, scenes = _images(args)
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    data = _data(args)
+    names, images, scenes = _images(args, data)
+    vlm = _load_model(args, data)
     nouns = [n.strip() for n in args.nouns.split(",") if n.strip()] if args.nouns else None
     captions = vlm.describe(images, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, nouns=nouns, progress=True)
@@ -161,11 +200,14 @@ def cmd_describe(args) -> dict:
         row = dict(image=name, caption=cap.text, nouns=cap.nouns)
         if scenes is not None:
             row["truth"] = scenes[i].caption
+        elif data.has_nouns:
+            row["objects"] = list(data[i].nouns)   # the annotation's object names
         rows.append(row)
         if not args.json:
             truth = f"   [truth: {row['truth']}]" if "truth" in row else ""
             print(f"{name}: {cap.text}{truth}")
-    result = dict(model=args.model, n_images=len(images), captions=rows)
+    result = dict(model=args.model, n_images=len(images), captions=rows,
+                  noun_source="nouns= given" if nouns is not None else vlm.noun_source)
     if scenes is not None:
         result.update(caption_scores([c.text for c in captions], scenes))
         if not args.json:
@@ -180,12 +222,13 @@ def cmd_find(args) -> dict:
 
     from .identify import check_top_k, find_neurons
     from .results import ResultFile
-    from .vlm import load_vlm
 
     results = ResultFile(args.out)  # checks --out before any work
-    names, images, _ = _images(args)
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    data = _data(args)
+    names, images, _ = _images(args, data)
+    vlm = _load_model(args, data)
     check_top_k(vlm, args.top_k)
+    _say_noun_source(args, vlm)
     todo = [i for i, name in enumerate(names) if name not in set(results.done)]
     bar = tqdm(total=len(todo), desc=f"find ({args.method})")
     for start in range(0, len(todo), args.batch_size):
@@ -200,7 +243,7 @@ def cmd_find(args) -> dict:
     bar.close()
     summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
                    n_images=len(names), n_new=len(todo), n_skipped=len(names) - len(todo),
-                   n_rows=len(results.table))
+                   n_rows=len(results.table), noun_source=vlm.noun_source)
     if not args.json:
         print(f"{summary['n_new']} images identified, {summary['n_skipped']} already done; "
               f"{summary['n_rows']} rows in {args.out}")
@@ -227,12 +270,12 @@ def _finite(value):
 def cmd_perturb(args) -> dict:
     from .causal import causal_curves, half_removal_k, summarize
     from .identify import METHODS
-    from .vlm import load_vlm
 
     if args.sigma is not None and not args.sigma > 0:
         raise CliError(f"--sigma must be a positive number, got {args.sigma!r}")
-    _, images, _ = _images(args)
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    data = _data(args)
+    images = data.images
+    vlm = _load_model(args, data)
     total = vlm.n_layers * vlm.d_ff
     if args.k > total:
         raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
@@ -317,7 +360,6 @@ def cmd_atlas(args) -> dict:
     from .atlas import build_atlas, read_atlas, summary, write_atlas
     from .companion.atlas_html import render_atlas_html
     from .identify import check_top_k
-    from .vlm import load_vlm
     from .vocabulary import weights_key
 
     start = time.perf_counter()
@@ -326,9 +368,13 @@ def cmd_atlas(args) -> dict:
         raise CliError(f"--out {out} exists and is not a folder; choose a folder")
     if not out.parent.is_dir():
         raise CliError(f"folder {out.parent} of --out does not exist")
-    names, images, _ = _images(args)
+    data = _data(args)
+    names, images, _ = _images(args, data)
     source = (f"scenes n={args.scenes} seed={args.seed}" if args.scenes
               else f"images {Path(args.images).resolve()} ({len(names)} files, {_names_hash(names)})")
+    if args.annotations:   # its categories are the candidate nouns: part of what was run
+        source += (f" annotations {Path(args.annotations).resolve()} "
+                   f"({len(data.categories)} categories, {_names_hash(data.categories)})")
     description = dict(model=args.model, dtype=str(args.dtype or "float32"), source=source,
                        seed=args.seed, top_k=args.top_k, examples=args.examples)
     parquet, page = out / "atlas.parquet", out / "index.html"
@@ -342,7 +388,7 @@ def cmd_atlas(args) -> dict:
         if meta.get("description") != description:
             raise CliError(f"{parquet} holds another run ({meta.get('description')}); remove it or "
                            "choose another --out")
-    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    vlm = _load_model(args, data)
     check_top_k(vlm, args.top_k)
     # the settings name the model by path: a changed checkpoint at the same path is caught by
     # the hash of the weights the atlas reads (W_U and every W_out, full bytes)
@@ -380,6 +426,23 @@ def cmd_atlas(args) -> dict:
               f"{_finite(result['purity_contribution'])} vs random {_finite(result['purity_random'])}; "
               f"{state}: {parquet}, {page}")
     return {k: _finite(v) for k, v in result.items()}
+
+
+def cmd_export_scenes(args) -> dict:
+    from .datasets import write_image_folder
+    from .tiny.scenes import NOUNS
+
+    scenes = make_scenes(args.scenes, seed=args.seed)
+    # the whole noun vocabulary as categories: the folder's labels are the scenes' labels
+    out = write_image_folder(scenes, args.out, categories=list(NOUNS))
+    result = dict(out=str(out), n_images=len(scenes), seed=args.seed,
+                  n_boxes=sum(len(s.boxes) for s in scenes),
+                  annotations=str(out / "annotations.json"))
+    if not args.json:
+        print(f"{len(scenes)} scenes (seed {args.seed}) written to {out}: PNG files and "
+              f"annotations.json ({result['n_boxes']} boxes); e.g. mmneurons find --images {out} "
+              f"--annotations {out / 'annotations.json'} --out results.parquet")
+    return result
 
 
 def _names_hash(names) -> str:

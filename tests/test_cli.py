@@ -74,3 +74,125 @@ def test_find_refuses_a_foreign_file_and_bad_top_k(tmp_path, cli):
     code, _, err = cli("find", "--scenes", "1", "--top-k", "5000", "--out", str(tmp_path / "r.parquet"))
     assert code == 2 and "top_k must be an integer in 1 … 3072" in err
     assert not (tmp_path / "r.parquet").exists()
+
+
+# --- your own images: export-scenes, --images with --annotations ---------------------------------
+
+def _last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_export_scenes_writes_a_coco_folder_and_refuses_a_used_one(tmp_path, cli):
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.datasets import load_images
+    from mmneurons_utils.tiny.scenes import NOUNS
+
+    out = tmp_path / "folder"
+    code, stdout, _ = cli("export-scenes", "--scenes", "3", "--seed", "5", "--out", str(out), "--json")
+    result = _last_json(stdout)
+    scenes = make_scenes(3, seed=5)
+    assert code == 0 and result["n_images"] == 3 and result["n_boxes"] == sum(len(s.boxes) for s in scenes)
+    data = load_images(out, result["annotations"])
+    assert [s.boxes for s in data] == [s.boxes for s in scenes]
+    assert set(data.categories) == set(NOUNS)          # the scenes' categories, not just those drawn
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = cli("export-scenes", "--scenes", "3", "--out", str(out))
+    assert code == 2 and "not empty" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_find_on_the_exported_folder_gives_the_scenes_rows(tmp_path, cli):
+    """The folder path (PNG + COCO annotations) and the scenes path: the same rows."""
+    import pandas as pd
+
+    folder = tmp_path / "folder"
+    assert cli("export-scenes", "--scenes", "5", "--seed", "3", "--out", str(folder))[0] == 0
+    code, stdout, _ = cli("find", "--scenes", "5", "--seed", "3", "--top-k", "8",
+                          "--out", str(tmp_path / "scenes.parquet"), "--json")
+    assert code == 0
+    from_scenes = _last_json(stdout)
+    code, stdout, _ = cli("find", "--images", str(folder), "--annotations", str(folder / "annotations.json"),
+                          "--seed", "3", "--top-k", "8", "--out", str(tmp_path / "folder.parquet"), "--json")
+    assert code == 0
+    from_folder = _last_json(stdout)
+    assert from_scenes["noun_source"] == from_folder["noun_source"] and "vocabulary" in from_folder["noun_source"]
+    assert from_scenes["n_rows"] == from_folder["n_rows"] > 0
+    a, b = pd.read_parquet(tmp_path / "scenes.parquet"), pd.read_parquet(tmp_path / "folder.parquet")
+    columns = ["caption", "noun", "rank", "layer", "unit", "score", "polarity", "top_tokens"]
+    pd.testing.assert_frame_equal(a[columns].reset_index(drop=True), b[columns].reset_index(drop=True))
+    assert list(a.image_id.unique()) == [f"scene-3-{i}" for i in range(5) if f"scene-3-{i}" in set(a.image_id)]
+    assert set(b.image_id) <= {f"image_{i:04d}.png" for i in range(5)}
+    # the human-readable run says where the nouns came from
+    code, stdout, _ = cli("find", "--images", str(folder), "--annotations", str(folder / "annotations.json"),
+                          "--top-k", "8", "--out", str(tmp_path / "folder.parquet"))
+    assert code == 0 and "caption nouns from" in stdout and "5 already done" in stdout
+
+
+def test_annotations_give_a_real_model_its_candidate_nouns(tmp_path, cli):
+    """A checkpoint without a noun vocabulary and no spaCy: --annotations' categories are its
+    candidate nouns, and the captions' nouns are the embedded vocabulary's."""
+    import shutil
+
+    from mmneurons_utils.nouns import tagger_available
+    from mmneurons_utils.vlm import EMBEDDED_DIR, EMBEDDED_MARKER
+
+    if tagger_available():
+        pytest.skip("spaCy's tagger is installed: it, not the candidates, finds the nouns")
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
+    (checkpoint / EMBEDDED_MARKER).unlink()        # now a "real" model: no noun vocabulary
+    folder = tmp_path / "folder"
+    assert cli("export-scenes", "--scenes", "4", "--seed", "6", "--out", str(folder))[0] == 0
+    code, stdout, _ = cli("describe", "--scenes", "4", "--seed", "6", "--json")
+    truth = _last_json(stdout)
+    code, stdout, _ = cli("describe", "--model", str(checkpoint), "--images", str(folder),
+                          "--annotations", str(folder / "annotations.json"), "--json")
+    got = _last_json(stdout)
+    assert code == 0 and "candidate nouns" in got["noun_source"]
+    assert [r["caption"] for r in got["captions"]] == [r["caption"] for r in truth["captions"]]
+    assert [r["nouns"] for r in got["captions"]] == [r["nouns"] for r in truth["captions"]]
+    assert any(r["nouns"] for r in got["captions"])
+    assert all(r["objects"] for r in got["captions"])          # the annotation's object names
+    with pytest.warns(UserWarning, match="spaCy"):             # no annotations: no nouns, one warning
+        code, stdout, _ = cli("describe", "--model", str(checkpoint), "--images", str(folder), "--json")
+    bare = _last_json(stdout)
+    assert code == 0 and all(r["nouns"] == [] for r in bare["captions"]) and "none" in bare["noun_source"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["find", "--scenes", "2", "--annotations", "a.json", "--out", "r.parquet"], "--annotations needs --images"),
+    (["find", "--images", "{folder}", "--annotations", "{folder}/missing.json", "--out", "r.parquet"],
+     "does not exist"),
+    (["find", "--images", "{folder}", "--annotations", "{folder}/image_0000.png", "--out", "r.parquet"],
+     "is not JSON"),
+    (["describe", "--images", "{folder}", "--annotations", "{other}/annotations.json"], "none of the 2 images"),
+    (["atlas", "--images", "{folder}/nothing", "--out", "{folder}/atlas"], "not a folder"),
+    (["export-scenes", "--scenes", "1", "--out", "{folder}/image_0000.png"], "not a folder"),
+])
+def test_own_image_errors_exit_2_with_one_line(tmp_path, argv, needle, cli, monkeypatch):
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.datasets import write_image_folder
+
+    write_image_folder(make_scenes(2, seed=0), tmp_path / "folder")
+    other = write_image_folder(make_scenes(1, seed=0), tmp_path / "other")
+    (other / "annotations.json").write_text((other / "annotations.json").read_text()
+                                            .replace("image_0000.png", "photo.jpg"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*[a.format(folder=tmp_path / "folder", other=other) for a in argv])
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_atlas_on_the_exported_folder_is_the_scenes_atlas(tmp_path, cli):
+    from mmneurons_utils.atlas import read_atlas
+
+    folder = tmp_path / "folder"
+    assert cli("export-scenes", "--scenes", "8", "--seed", "1", "--out", str(folder))[0] == 0
+    common = ["--seed", "1", "--top-k", "5", "--examples", "3", "--json"]
+    code, stdout, _ = cli("atlas", "--scenes", "8", *common, "--out", str(tmp_path / "a"))
+    assert code == 0
+    code, stdout, _ = cli("atlas", "--images", str(folder), "--annotations", str(folder / "annotations.json"),
+                          *common, "--out", str(tmp_path / "b"))
+    assert code == 0
+    (a, meta_a), (b, meta_b) = read_atlas(tmp_path / "a" / "atlas.parquet"), read_atlas(tmp_path / "b" / "atlas.parquet")
+    assert len(a) > 0 and a.equals(b)
+    assert "annotations" in meta_b["description"]["source"] and "annotations" not in meta_a["description"]["source"]
