@@ -176,3 +176,16 @@ def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
     plt.close(fig)
     with pytest.raises(ValueError, match="only 2"):
         NeuronExplorer(tiny_llava, scenes, top_k=5, examples=found, example_images=other[:2])
+
+
+def test_runner_makes_path_parameters_absolute(tmp_path, monkeypatch):
+    """Notebooks run inside notebooks/: a relative folder given on the command line must still
+    name the caller's folder."""
+    from mmneurons_utils.companion.run_notebooks import _absolute_paths
+
+    (tmp_path / "photos").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = _absolute_paths({"images": "photos", "annotations": "missing.json", "model": "tiny-llava",
+                           "n_images": 8})
+    assert out == {"images": str(tmp_path / "photos"), "annotations": "missing.json",
+                   "model": "tiny-llava", "n_images": 8}

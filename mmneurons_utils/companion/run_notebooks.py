@@ -44,6 +44,20 @@ def _parameter(words: list[str]) -> tuple[str, object]:
     return name, _value(value)
 
 
+PATH_PARAMETERS = ("images", "annotations", "encoder", "bleurt_checkpoint", "model", "compare_model")
+
+
+def _absolute_paths(parameters: dict) -> dict:
+    """Path parameters that name something under the caller's folder, made absolute: each
+    notebook runs inside its own folder, where a relative path would point elsewhere."""
+    out = dict(parameters)
+    for name in PATH_PARAMETERS:
+        value = out.get(name)
+        if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
+            out[name] = str(Path(value).resolve())
+    return out
+
+
 def notebook_paths(notebooks: Path, only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those with a prefix."""
     paths = sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
@@ -152,7 +166,7 @@ def main(argv=None) -> None:
             raise SystemExit("error: --refresh runs the notebooks' default parameters; drop -p")
         refresh(args.notebooks, args.only, args.kernel)
         return
-    parameters = dict(_parameter(words) for words in args.parameter)
+    parameters = _absolute_paths(dict(_parameter(words) for words in args.parameter))
     timings = run_all(args.notebooks, args.out, parameters, args.only, args.kernel)
     figures = sorted((args.out / "figures").glob("*.png"))
     tables = sorted((args.out / "tables").glob("*.csv"))
