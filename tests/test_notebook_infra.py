@@ -53,8 +53,10 @@ def test_runner_parameters_and_strip(tmp_path):
     assert _parameter(["model", "llava-hf/llava-1.5-7b-hf"]) == ("model", "llava-hf/llava-1.5-7b-hf")
     assert _parameter(["n_images=8"]) == ("n_images", 8)
     assert _parameter(["device", "cuda"]) == ("device", "cuda")
-    with pytest.raises(SystemExit):
-        _parameter(["model"])
+    assert _parameter(["compare_model", ""]) == ("compare_model", "")   # -p compare_model ""
+    for bad in (["model"], ["model="]):
+        with pytest.raises(SystemExit):
+            _parameter(bad)
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("1")]
     nb.cells[0].metadata["papermill"] = {"duration": 1.0}

@@ -39,7 +39,7 @@ def _parameter(words: list[str]) -> tuple[str, object]:
         name, value = words
     else:
         raise SystemExit(f"error: -p takes NAME VALUE or NAME=VALUE, got {' '.join(words)!r}")
-    if not name or value == "":
+    if not name or (value == "" and len(words) == 1):   # "NAME VALUE" may set "" (e.g. compare_model)
         raise SystemExit(f"error: -p takes NAME VALUE or NAME=VALUE, got {' '.join(words)!r}")
     return name, _value(value)
 
