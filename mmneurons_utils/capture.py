@@ -50,8 +50,9 @@ class Activations:
 
 
 class _Recording:
-    def __init__(self, n_layers: int, image_mask: torch.Tensor | None):
+    def __init__(self, n_layers: int, image_mask: torch.Tensor | None, device: torch.device):
         self.image_mask = image_mask
+        self.device = device       # one device for every layer's rows (a device map spreads them)
         self.calls = [0] * n_layers
         self.step_rows: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
         self.image_rows: list[list[torch.Tensor] | None] = [None] * n_layers
@@ -66,8 +67,9 @@ class _Recording:
                                    f"the prefill's {tuple(x.shape[:2])} positions")
             # one (I, F) per row, I the row's own: rows may hold different numbers of
             # image tokens (llava_next / idefics3 images of other sizes)
-            self.image_rows[layer] = [row[mask] for row, mask in zip(x.detach(), self.image_mask)]
-        self.step_rows[layer].append(x.detach()[:, -1])
+            mask = self.image_mask.to(x.device)
+            self.image_rows[layer] = [row[m].to(self.device) for row, m in zip(x.detach(), mask)]
+        self.step_rows[layer].append(x.detach()[:, -1].to(self.device))
         self.calls[layer] += 1
 
     def for_row(self, row: int, n_steps: int, kind: str) -> Activations:
@@ -90,7 +92,7 @@ def record_activations(vlm, image_mask: torch.Tensor | None = None,
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    recording = _Recording(vlm.n_layers, image_mask)
+    recording = _Recording(vlm.n_layers, image_mask, vlm.device)
     if activation == "down_proj_input":  # read before down_proj: its input is the coefficient
         modules = {layer: vlm.down_proj(layer) for layer in range(vlm.n_layers)}
         options = dict(edit_input=lambda x, layer: recording.record(layer, x))

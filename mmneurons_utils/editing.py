@@ -62,6 +62,7 @@ from . import scoring
 from .causal import margin_and_prob
 from .identify import METHODS, logit_weights, unit_scores
 from .interventions import added_deltas, as_units, column_snapshot
+from .offload import write_columns
 from .nouns import NounToken, locate_nouns, says
 from .teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
 
@@ -142,18 +143,23 @@ class Edit:
         """Write ``original + Δ`` into the columns (always computed from the clones, so
         applying twice gives the same weights)."""
         if not self.applied:
-            for (layer, unit), original, delta in zip(self.units, self._originals, self.deltas):
-                weight = self.vlm.down_proj(int(layer)).weight
-                weight[:, int(unit)] = (original.float() + delta.to(original.device)).to(weight.dtype)
+            self._write([(o.float() + d.to(o.device)).to(o.dtype)
+                         for o, d in zip(self._originals, self.deltas)])
             self.applied = True
         return self
+
+    def _write(self, columns: list[torch.Tensor]) -> None:
+        """Put ``columns`` (one ``Float[Tensor, "D"]`` per unit) into the weights, one write per layer."""
+        for layer in sorted({int(l) for l in self.units[:, 0]}):
+            rows = [j for j, l in enumerate(self.units[:, 0]) if int(l) == layer]
+            write_columns(self.vlm.down_proj(layer), torch.as_tensor(self.units[rows, 1]),
+                          torch.stack([columns[j] for j in rows], 1))
 
     @torch.no_grad()
     def undo(self) -> "Edit":
         """Copy the cloned original columns back (bit-for-bit); safe to call twice."""
         if self.applied:
-            for (layer, unit), original in zip(self.units, self._originals):
-                self.vlm.down_proj(int(layer)).weight[:, int(unit)] = original
+            self._write(self._originals)
             self.applied = False
         return self
 

@@ -31,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .offload import weight, write_columns
 from .trace import trace_down_proj
 
 MODES = ("noise", "zero", "scale")
@@ -67,14 +68,13 @@ def saved_columns(vlm, units) -> Iterator[dict[int, np.ndarray]]:
     """Clone the ``down_proj`` columns of ``units`` (once per unique column) and copy them
     back bit-for-bit when the block ends, however it ends. Yields layer → unit indices."""
     by_layer = unique_units(as_units(vlm, units))
-    originals = {layer: vlm.down_proj(layer).weight[:, torch.as_tensor(cols)].detach().clone()
+    originals = {layer: weight(vlm.down_proj(layer))[:, torch.as_tensor(cols)].detach().clone()
                  for layer, cols in by_layer.items()}                       # (D, N) each
     try:
         yield by_layer
     finally:
-        with torch.no_grad():
-            for layer, cols in by_layer.items():
-                vlm.down_proj(layer).weight[:, torch.as_tensor(cols)] = originals[layer]
+        for layer, cols in by_layer.items():
+            write_columns(vlm.down_proj(layer), torch.as_tensor(cols), originals[layer])
 
 
 @contextmanager
@@ -101,9 +101,9 @@ def perturb_units(vlm, units, mode: str = "noise", sigma: float = 1.0, relative:
     with saved_columns(vlm, units) as by_layer:
         with torch.no_grad():  # only the writes: the block runs in the caller's grad mode
             for layer, cols in by_layer.items():
-                weight = vlm.down_proj(layer).weight
-                idx = torch.as_tensor(cols, device=weight.device)
-                columns = weight[:, idx].float()                              # (D, N)
+                module = vlm.down_proj(layer)
+                idx, w = torch.as_tensor(cols), weight(module)
+                columns = w[:, idx.to(w.device)].float()                      # (D, N)
                 if mode == "zero":
                     columns = torch.zeros_like(columns)
                 elif mode == "scale":
@@ -112,7 +112,7 @@ def perturb_units(vlm, units, mode: str = "noise", sigma: float = 1.0, relative:
                     noise = torch.randn(columns.shape[1], columns.shape[0], generator=generator).T
                     scale = columns.pow(2).mean(0, keepdim=True).sqrt() if relative else 1.0
                     columns = columns + float(sigma) * scale * noise.to(columns.device)
-                weight[:, idx] = columns.to(weight.dtype)
+                write_columns(module, idx, columns)
         yield
 
 
@@ -186,9 +186,10 @@ def added_deltas(vlm, units, deltas: torch.Tensor) -> Iterator[None]:
     index = {layer: (torch.as_tensor(r, device=deltas.device),
                      torch.as_tensor(units[r, 1], device=deltas.device)) for layer, r in rows.items()}
 
-    def add(output, x, layer):                 # output: (B, T, D)
+    def add(output, x, layer):                 # output: (B, T, D); layers may sit on other devices
         which, cols = index[layer]
-        return output + (x[..., cols].float() @ deltas[which]).to(output.dtype)
+        change = x[..., cols.to(x.device)].float() @ deltas[which].to(x.device)
+        return output + change.to(output.dtype)
 
     with trace_down_proj(vlm, rows, edit_output=add):
         yield
@@ -196,4 +197,4 @@ def added_deltas(vlm, units, deltas: torch.Tensor) -> Iterator[None]:
 
 def column_snapshot(vlm, units: Iterable) -> list[torch.Tensor]:
     """Clones of the ``down_proj`` columns of ``units``, in order (an edit's originals, undo checks)."""
-    return [vlm.down_proj(int(l)).weight[:, int(u)].detach().clone() for l, u in as_units(vlm, units)]
+    return [weight(vlm.down_proj(int(l)))[:, int(u)].detach().clone() for l, u in as_units(vlm, units)]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .offload import weight
 from .teacher_forcing import append_captions
 from .trace import trace_down_proj
 
@@ -41,9 +42,12 @@ def unit_logit_weights(vlm, token_id) -> torch.Tensor:
     ``token_id`` an int → ``Float[Tensor, "L F"]``; a list of ``N`` ids →
     ``Float[Tensor, "N L F"]`` (one ``(N, D) @ (D, F)`` matmul per layer).
     """
-    w_u = vlm.lm_head.weight[token_id]                                  # (D,) or (N, D)
-    return torch.stack([(w_u @ vlm.down_proj(layer).weight).float()    # → (F,) or (N, F)
-                        for layer in range(vlm.n_layers)], dim=-2)
+    w_u = weight(vlm.lm_head)[token_id]                                 # (D,) or (N, D)
+    per_layer = []
+    for layer in range(vlm.n_layers):                    # layers may sit on other devices
+        w_out = weight(vlm.down_proj(layer))                            # (D, F)
+        per_layer.append((w_u.to(w_out.device) @ w_out).float().to(vlm.device))   # (F,) or (N, F)
+    return torch.stack(per_layer, dim=-2)
 
 
 @torch.no_grad()
@@ -99,13 +103,13 @@ def gradient_attributions(vlm, inputs: dict, generated_ids: list[int],
                 prob = torch.softmax(logits[0, pos].float(), -1)[token_id]
                 grads = torch.autograd.grad(prob, acts, retain_graph=True)
                 results["noun"].append(torch.stack([(a[0, pos] * g[0, pos]).float().detach()
-                                                    for a, g in zip(acts, grads)]))
+                                                    .to(vlm.device) for a, g in zip(acts, grads)]))
             if "image" in places:
                 logp = torch.log_softmax(logits[0, pos].float(), -1)[token_id]
                 grads = torch.autograd.grad(logp, acts, retain_graph=True)
                 results["image"].append(torch.stack(
-                    [(a[0, image] * g[0, image]).float().sum(0).detach()
-                     for a, g in zip(acts, grads)]))
+                    [(a[0, image.to(a.device)] * g[0, image.to(a.device)]).float().sum(0).detach()
+                     .to(vlm.device) for a, g in zip(acts, grads)]))
     return results
 
 
@@ -156,14 +160,14 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
         raise ValueError(f"polarity and token_ids must have one entry per unit ({n})")
     top: list[list[int]] = [[] for _ in range(n)]
     ranks = None if tokens is None else np.zeros(n, dtype=np.int64)
-    w_u = vlm.lm_head.weight
+    w_u = weight(vlm.lm_head)                                                           # (V, D)
     for layer in np.unique(units[:, 0]):
         rows = np.flatnonzero(units[:, 0] == layer)
-        weight = vlm.down_proj(int(layer)).weight
+        w_out = weight(vlm.down_proj(int(layer)))                                       # (D, F)
         for part in np.array_split(rows, max(1, -(-len(rows) // chunk))):
-            columns = weight[:, torch.as_tensor(units[part, 1], device=weight.device)]  # (D, ≤chunk)
-            sign = torch.as_tensor(signs[part], device=weight.device, dtype=torch.float32)
-            lens = (w_u @ columns).float() * sign                                       # (V, ≤chunk)
+            columns = w_out[:, torch.as_tensor(units[part, 1], device=w_out.device)]   # (D, ≤chunk)
+            sign = torch.as_tensor(signs[part], device=w_u.device, dtype=torch.float32)
+            lens = (w_u @ columns.to(w_u.device)).float() * sign                        # (V, ≤chunk)
             for row, ids in zip(part, lens.topk(k, dim=0).indices.T.tolist()):
                 top[row] = ids
             if tokens is not None:

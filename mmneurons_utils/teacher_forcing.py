@@ -111,7 +111,7 @@ def teacher_forced_activations(vlm, inputs: dict, generated_ids: list[int],
     rows: dict[int, torch.Tensor] = {}    # keep only the asked-for positions, not (T, F) per layer
 
     def read(x, layer):
-        rows[layer] = x[0, positions].detach()
+        rows[layer] = x[0, positions.to(x.device)].detach().to(vlm.device)
 
     with trace_down_proj(vlm, edit_input=read):
         vlm.model(**full)

@@ -21,6 +21,7 @@ from PIL import Image
 
 from . import architectures as A
 from .capture import Activations, record_activations
+from .offload import execution_device
 from .trace import Trace
 from .nouns import (NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, tagger_available,
                     vocabulary_nouns)
@@ -111,7 +112,11 @@ class VLM:
     # --- where the neurons are -------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' execution device (a device map may put other
+        layers elsewhere, or offload them)."""
+        embeddings = self.model.get_input_embeddings()
+        return execution_device(embeddings) if embeddings is not None else \
+            next(p.device for p in self.model.parameters() if p.device.type != "meta")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -321,15 +326,34 @@ def _as_rgb(image, index: int) -> Image.Image:
 
 
 def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None) -> VLM:
+             dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+             max_memory: dict | None = None, offload_folder: str | Path | None = None) -> VLM:
     """Load an embedded model by name, a local checkpoint folder, or a hub id.
 
     ``device`` defaults to CPU, ``dtype`` to float32 (``"bfloat16"``/``"float16"`` accepted).
+
+    For a model larger than the device: ``device_map`` (``"auto"``, ``"balanced"``,
+    ``"sequential"`` or a dict of module → device, as ``from_pretrained`` takes it; needs
+    ``accelerate``), ``max_memory`` (device → size, e.g. ``{0: "20GiB", "cpu": "60GiB"}``) and
+    ``offload_folder`` (where layers that fit nowhere go, on disk). Every part of the package
+    works on such a model: weights are read and changed where the forward pass uses them
+    (:mod:`mmneurons_utils.offload`). ``device`` is then ignored.
     """
     import transformers
 
-    device = _device(device)
     dtype = _dtype(dtype)
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ModelLoadError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for a device map)
+        except ImportError as exc:
+            raise ModelLoadError("device_map needs the accelerate package: pip install accelerate") from exc
+        if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+            raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
+                                 f"module name → device, got {device_map!r}")
+    else:
+        device = _device(device)
     name = str(name_or_path)
     path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
     if name in EMBEDDED and not (path / "config.json").exists():
@@ -351,10 +375,35 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     arch = A.architecture_for(model_type)
     model_class = getattr(transformers, arch.model_class)
     processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
-    model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
+    if device_map is None:
+        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
+    else:
+        model = _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
     embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
     return VLM(model, processor, arch, name, embedded=embedded,
                noun_vocabulary=read_noun_vocabulary(path) if embedded else None)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder):
+    """``from_pretrained`` with a device map; its errors said in this package's terms."""
+    try:
+        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local,
+                                            device_map=device_map, max_memory=max_memory,
+                                            offload_folder=offload_folder)
+    except ValueError as exc:
+        text = str(exc)
+        if "offload_folder" in text or "offload" in text and "disk" in text:
+            raise ModelLoadError("the device map puts some layers on disk; pass offload_folder="
+                                 "<a folder with room for them>") from exc
+        raise ModelLoadError(f"device_map={device_map!r} / max_memory={max_memory!r} cannot be "
+                             f"used: {text.splitlines()[0]}") from exc
+    except (RuntimeError, AssertionError, KeyError) as exc:
+        raise ModelLoadError(f"device_map={device_map!r} cannot be used here: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return model.eval()
 
 
 def read_noun_vocabulary(folder: Path) -> list[str] | None:

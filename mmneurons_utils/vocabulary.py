@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .offload import weight
 from .results import atomic_write
 
 
@@ -91,8 +92,8 @@ def weights_key(vlm, k: int) -> str:
     """A hash of ``W_U`` and every ``W_out`` (full bytes: an edit to one column changes it)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{vlm.name}|{k}|{vlm.dtype}|both-ends".encode())
-    for weight in [vlm.lm_head.weight] + [vlm.down_proj(l).weight for l in range(vlm.n_layers)]:
-        tensor = weight.detach().contiguous().cpu()
+    for module in [vlm.lm_head] + [vlm.down_proj(l) for l in range(vlm.n_layers)]:
+        tensor = weight(module).detach().contiguous().cpu()
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
     return digest.hexdigest()
@@ -112,9 +113,9 @@ def neuron_vocabulary(vlm, k: int = 10, chunk: int = 256, use_cache: bool = True
     if use_cache and path.is_file():
         return NeuronVocabulary(**torch.load(path, map_location="cpu"))
     ends = {"ids": [], "logits": [], "bottom_ids": [], "bottom_logits": []}
-    w_u = vlm.lm_head.weight.detach()
+    w_u = weight(vlm.lm_head).detach()
     for layer in tqdm(range(vlm.n_layers), desc="neuron vocabulary", disable=not progress):
-        w_out = vlm.down_proj(layer).weight.detach()
+        w_out = weight(vlm.down_proj(layer)).detach().to(w_u.device)
         for prefix, sign in (("", 1), ("bottom_", -1)):
             values, top = topk_columns(w_u, sign * w_out, k, chunk)
             ends[f"{prefix}ids"].append(top.cpu())
