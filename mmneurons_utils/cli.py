@@ -7,6 +7,7 @@
     mmneurons edit --model tiny-llava --source dog --target cat --scenes 200 --seed 0 --save edited/
     mmneurons atlas --model tiny-llava --scenes 256 --seed 0 --top-k 10 --examples 8 --out atlas/ --json
     mmneurons export-scenes --scenes 24 --seed 0 --out scenes_folder/
+    accelerate launch --num_processes 8 -m mmneurons_utils.cli find --device cuda --images photos/ --out big.parquet
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
 With ``--json`` the last line of standard output is one JSON object.
@@ -46,7 +47,9 @@ _seed = _int_at_least(0, "a non-negative integer seed")
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llava",
                    help="tiny-llava, tiny-instructblip, a local checkpoint folder or a hub id")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N, mps")
+    p.add_argument("--device", default=None,
+                   help="cpu (default), cuda, cuda:N, mps; under accelerate launch the default is "
+                        "each process's own device and cuda means cuda:<local rank>")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
@@ -217,20 +220,41 @@ def cmd_describe(args) -> dict:
     return result
 
 
-def cmd_find(args) -> dict:
-    from tqdm.auto import tqdm
-
-    from .identify import check_top_k, find_neurons
+def cmd_find(args) -> dict | None:
+    from .identify import check_top_k
+    from .parallel import checked_part_files, launched_state, process_device
     from .results import ResultFile
 
     results = ResultFile(args.out)  # checks --out before any work
+    parts = checked_part_files(results.path)   # left by an interrupted accelerate launch run
+    state = launched_state()        # None: one process (no accelerate launch)
     data = _data(args)
     names, images, _ = _images(args, data)
+    if state is not None:
+        args.device = process_device(state, args.device)
     vlm = _load_model(args, data)
     check_top_k(vlm, args.top_k)
+    if state is not None or parts:
+        return _find_in_parts(args, state, results, vlm, names, images)
     _say_noun_source(args, vlm)
     todo = [i for i, name in enumerate(names) if name not in set(results.done)]
-    bar = tqdm(total=len(todo), desc=f"find ({args.method})")
+    _identify(args, vlm, names, images, todo, results, f"find ({args.method})")
+    summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
+                   n_images=len(names), n_new=len(todo), n_skipped=len(names) - len(todo),
+                   n_rows=len(results.table), noun_source=vlm.noun_source)
+    if not args.json:
+        print(f"{summary['n_new']} images identified, {summary['n_skipped']} already done; "
+              f"{summary['n_rows']} rows in {args.out}")
+    return summary
+
+
+def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> None:
+    """Identify the images ``todo`` (indices into the run) batch by batch into ``results``."""
+    from tqdm.auto import tqdm
+
+    from .identify import find_neurons
+
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         table = find_neurons(vlm, [images[i] for i in batch], method=args.method, top_k=args.top_k,
@@ -241,11 +265,35 @@ def cmd_find(args) -> dict:
         results.append(table.drop(columns="image"), [names[i] for i in batch])
         bar.update(len(batch))
     bar.close()
+
+
+def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
+    """``find`` through part files (:mod:`mmneurons_utils.parallel`): under ``accelerate launch``
+    each process identifies its share of the images, the main process merges; one process that
+    finds part files of an interrupted parallel run finishes it the same way. Only the main
+    process prints; the others return ``None``."""
+    from .parallel import PartRun
+
+    if state is None:       # one process, part files beside --out
+        from accelerate import PartialState
+
+        state = PartialState(cpu=True)
+    main_process = state.is_main_process
+    if main_process:
+        _say_noun_source(args, vlm)
+    run = PartRun(results.path, names, results.done, state)
+    n = state.num_processes
+    desc = f"find ({args.method})" + (f", process {state.process_index} of {n}" if n > 1 else "")
+    _identify(args, vlm, names, images, run.mine, run.part, desc, progress=main_process)
+    merged = run.finish()
+    if merged is None:
+        return None
     summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
-                   n_images=len(names), n_new=len(todo), n_skipped=len(names) - len(todo),
-                   n_rows=len(results.table), noun_source=vlm.noun_source)
+                   n_images=len(names), n_new=len(run.todo), n_skipped=len(names) - len(run.todo),
+                   n_rows=len(merged.table), noun_source=vlm.noun_source, n_processes=n)
     if not args.json:
-        print(f"{summary['n_new']} images identified, {summary['n_skipped']} already done; "
+        by = f" by {n} processes" if n > 1 else " (part files of an earlier run merged)"
+        print(f"{summary['n_new']} images identified{by}, {summary['n_skipped']} already done; "
               f"{summary['n_rows']} rows in {args.out}")
     return summary
 
@@ -360,8 +408,14 @@ def cmd_atlas(args) -> dict:
     from .atlas import build_atlas, read_atlas, summary, write_atlas
     from .companion.atlas_html import render_atlas_html
     from .identify import check_top_k
+    from .parallel import launched_processes
     from .vocabulary import weights_key
 
+    if launched_processes() > 1:
+        raise CliError(f"atlas runs in one process, not under accelerate launch with "
+                       f"{launched_processes()} processes (its dataset examples are one running top-k "
+                       "over all images and its page is drawn from them); run it with "
+                       "python -m mmneurons_utils.cli atlas …")
     start = time.perf_counter()
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -457,11 +511,24 @@ def main(argv=None) -> int:
     try:
         result = args.func(args)
     except (ValueError, NounTaggerMissing) as exc:  # bad input; anything else is a bug: let it show
-        print(f"mmneurons {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mmneurons {args.command}: error: {exc}{_which_process()}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json and result is not None:   # None: a process of accelerate launch other than the main
         print(json.dumps(result))
     return 0
+
+
+def _which_process() -> str:
+    """`` (process r of P)`` under a launcher with several processes, else empty."""
+    import os
+
+    from .parallel import launched_processes
+
+    try:
+        n = launched_processes()
+    except ValueError:
+        return ""
+    return f" (process {os.environ.get('RANK', '?')} of {n})" if n > 1 else ""
 
 
 if __name__ == "__main__":

@@ -41,6 +41,18 @@ def write_parquet(table: pd.DataFrame, path: str | Path, metadata: dict[bytes, b
     return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
+def done_images(path: str | Path) -> list[str]:
+    """The ids of the finished images that the result file at ``path`` records (its schema
+    metadata only; the rows are not read)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable parquet file ({exc}); remove it") from exc
+    return json.loads(metadata.get(_DONE_KEY, b"[]"))
+
+
 class ResultFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
