@@ -10,6 +10,21 @@
 * ``atlas_ratio`` — the atlas pass (``atlas.build_atlas``: captioning with image
   activations, the streaming dataset-example merge, identification, purity, modality)
   ÷ plain ``describe`` on the same images.
+* ``official_speedup`` — the official code's identification (reimplemented in
+  :mod:`mmneurons_utils.official`: batch size 1, no KV cache so every generated token
+  re-runs the whole model, vision tower included; the gate-only ``act_fn`` activation; the
+  ``W_out·W_U`` projection of every layer precomputed for the whole vocabulary) ÷ ours
+  (``find_neurons``: batch size 16, KV cache on, contribution, top-50) on the same images,
+  after checking that both make the same captions and pick the same nouns at the same
+  steps (:class:`~mmneurons_utils.official.OfficialMismatch` otherwise). ``official_s`` and
+  ``official_ours_s`` are the two medians, ``official_images_per_s`` the official
+  throughput, ``official_prepare_s`` its one-time projection (outside the ratio: the
+  official code runs it as a separate script), ``official_forwards_per_image`` the full
+  forwards it runs per image, ``official_n_nouns`` the nouns both picked.
+* ``images_per_s`` — ours (``find_neurons``, contribution, top-50) in images per second at
+  batch sizes 1, 8 and 32: a dict keyed by the batch size as a string,
+  ``{"1": …, "8": …, "32": …}``, measured on the first ``max(n_images, 32)`` scenes of the
+  seed (``images_per_s_n_images``) so that every batch size gets a full batch.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
@@ -27,6 +42,10 @@ import sys
 import time
 
 import numpy as np
+
+
+THROUGHPUT_BATCH_SIZES = (1, 8, 32)
+OURS_BATCH_SIZE = 16     # find_neurons' default: ours in official_speedup
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -79,6 +98,47 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
         gradient_ms_per_noun=round(1e3 * t_gradient, 3),
         gradient_image_ms_per_noun=round(1e3 * t_gradient_image, 3),
         n_images=len(images), n_nouns=len(pairs))
+
+
+def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: int = 50,
+                  batch_sizes=THROUGHPUT_BATCH_SIZES) -> dict:
+    """``official_speedup`` (official ÷ ours on ``images``) and ``images_per_s`` of ours at
+    ``batch_sizes`` on ``throughput_images`` (default ``images``); medians of interleaved runs."""
+    from .identify import find_neurons
+    from .official import check_same_nouns, official_find, prepare_official
+
+    start = time.perf_counter()
+    tables = prepare_official(vlm)
+    t_prepare = time.perf_counter() - start
+    ours = lambda: find_neurons(vlm, images, top_k=top_k, batch_size=OURS_BATCH_SIZE)
+    official = lambda: official_find(vlm, images, tables, top_k=top_k)
+    # the same captions, nouns and steps (greedy either way); also the warm-up of both
+    captions = vlm.describe(images, batch_size=OURS_BATCH_SIZE, activation="down_proj_input")
+    results = official()
+    n_nouns = check_same_nouns(vlm, captions, results)
+    if not n_nouns:
+        raise ValueError("the benchmark images produced no nouns; use other images")
+    ours()
+    t_official, t_ours = [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        t_official.append(_median_time(official, 1))
+        t_ours.append(_median_time(ours, 1))
+    many = list(throughput_images) if throughput_images is not None else list(images)
+    t_batch: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    for _ in range(repeats):
+        for b in batch_sizes:
+            t_batch[b].append(_median_time(lambda: find_neurons(vlm, many, top_k=top_k,
+                                                                batch_size=b), 1))
+    official_s, ours_s = statistics.median(t_official), statistics.median(t_ours)
+    return dict(
+        official_speedup=round(official_s / ours_s, 2),
+        official_s=round(official_s, 4), official_ours_s=round(ours_s, 4),
+        official_images_per_s=round(len(images) / official_s, 2),
+        official_prepare_s=round(t_prepare, 4),
+        official_forwards_per_image=round(sum(len(r.token_ids) for r in results) / len(results), 2),
+        official_n_nouns=n_nouns,
+        images_per_s={str(b): round(len(many) / statistics.median(t), 2) for b, t in t_batch.items()},
+        images_per_s_n_images=len(many))
 
 
 def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8) -> dict:
@@ -135,13 +195,20 @@ def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
 
 
 def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 256,
-              vocab_memory: bool = True) -> dict:
+              vocab_memory: bool = True, official: bool = True) -> dict:
+    """Every measurement of the module docstring on the first ``n_images`` scenes of ``seed``
+    (``images_per_s`` on the first ``max(n_images, 32)``); ``official=False`` skips
+    ``official_speedup`` and ``images_per_s``, ``vocab_memory=False`` the memory probe."""
     from .tiny.scenes import make_scenes
 
-    images = [s.image for s in make_scenes(n_images, seed=seed)]
+    scenes = make_scenes(max(n_images, max(THROUGHPUT_BATCH_SIZES)), seed=seed)  # scene i: (seed, i) only
+    images = [s.image for s in scenes[:n_images]]
     result = dict(model=vlm.name, device=str(vlm.device), dtype=str(vlm.dtype).replace("torch.", ""))
     result.update(time_identification(vlm, images, repeats=repeats))
     result.update(time_atlas(vlm, images, repeats=repeats))
+    if official:
+        result.update(time_official(vlm, images, [s.image for s in scenes], repeats=repeats,
+                                    batch_sizes=THROUGHPUT_BATCH_SIZES))
     if vocab_memory:
         result.update(measure_vocab_memory(chunk, device=str(vlm.device)))
     return result
