@@ -25,6 +25,8 @@
   batch sizes 1, 8 and 32: a dict keyed by the batch size as a string,
   ``{"1": …, "8": …, "32": …}``, measured on the first ``max(n_images, 32)`` scenes of the
   seed (``images_per_s_n_images``) so that every batch size gets a full batch.
+* ``offload_slowdown`` (``--offload``) — ``find_neurons`` with every decoder layer and the
+  unembedding offloaded to disk (accelerate device map) ÷ the loaded model, on the same images.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
@@ -194,11 +196,39 @@ def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
+    """``offload_slowdown``: ``find_neurons`` with every decoder layer and the unembedding
+    offloaded to disk (an accelerate device map with a tiny ``max_memory``) ÷ the loaded model,
+    interleaved medians. Loads the model a second time from ``vlm.name``: embedded models or
+    local folders (``None`` when that is not a loadable name)."""
+    import tempfile
+
+    from .identify import find_neurons
+    from .vlm import ModelLoadError, load_vlm
+
+    with tempfile.TemporaryDirectory(prefix="mmneurons-offload-") as folder:
+        try:
+            mapped = load_vlm(vlm.name, dtype=vlm.dtype, device_map="auto",
+                              max_memory={"cpu": "6MB"}, offload_folder=folder)
+        except ModelLoadError:
+            return dict(offload_slowdown=None)
+        loaded_run = lambda: find_neurons(vlm, images, top_k=top_k)
+        mapped_run = lambda: find_neurons(mapped, images, top_k=top_k)
+        loaded_run(), mapped_run()  # warm-up
+        loaded, offloaded = [], []
+        for _ in range(repeats):    # interleaved, so drift hits both alike
+            loaded.append(_median_time(loaded_run, 1))
+            offloaded.append(_median_time(mapped_run, 1))
+    return dict(offload_slowdown=round(statistics.median(offloaded) / statistics.median(loaded), 2),
+                offload_s=round(statistics.median(offloaded), 4))
+
+
 def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 256,
-              vocab_memory: bool = True, official: bool = True) -> dict:
+              vocab_memory: bool = True, official: bool = True, offload: bool = False) -> dict:
     """Every measurement of the module docstring on the first ``n_images`` scenes of ``seed``
     (``images_per_s`` on the first ``max(n_images, 32)``); ``official=False`` skips
-    ``official_speedup`` and ``images_per_s``, ``vocab_memory=False`` the memory probe."""
+    ``official_speedup`` and ``images_per_s``, ``vocab_memory=False`` the memory probe;
+    ``offload=True`` adds ``offload_slowdown`` (:func:`time_offload`)."""
     from .tiny.scenes import make_scenes
 
     scenes = make_scenes(max(n_images, max(THROUGHPUT_BATCH_SIZES)), seed=seed)  # scene i: (seed, i) only
@@ -209,6 +239,8 @@ def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: i
     if official:
         result.update(time_official(vlm, images, [s.image for s in scenes], repeats=repeats,
                                     batch_sizes=THROUGHPUT_BATCH_SIZES))
+    if offload:
+        result.update(time_offload(vlm, images, repeats=repeats))
     if vocab_memory:
         result.update(measure_vocab_memory(chunk, device=str(vlm.device)))
     return result

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n-images", type=_positive_int, default=16)
     b.add_argument("--seed", type=_seed, default=0)
     b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--offload", action="store_true",
+                   help="also time find with every decoder layer offloaded to disk (offload_slowdown)")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.set_defaults(func=cmd_bench)
     _add_causal_commands(sub)
@@ -303,7 +305,8 @@ def cmd_bench(args) -> dict:
     from .vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
-    result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats)
+    result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats,
+                       offload=args.offload)
     if not args.json:
         for key, value in result.items():
             print(f"{key}: {value}")

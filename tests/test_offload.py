@@ -109,3 +109,11 @@ def test_bad_device_maps_are_clear_errors():
         load_vlm("tiny-llava", device_map="everywhere")
     with pytest.raises(ModelLoadError, match="need a device_map"):
         load_vlm("tiny-llava", max_memory={"cpu": "1GB"})
+
+
+def test_bench_times_the_offloaded_model(llava_pair, images):
+    from mmneurons_utils.bench import time_offload
+
+    full, _ = llava_pair
+    out = time_offload(full, images[:2], repeats=1)
+    assert out["offload_slowdown"] > 0 and out["offload_s"] > 0
