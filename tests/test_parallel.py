@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -107,7 +108,11 @@ def test_an_interrupted_parallel_run_is_finished_by_one_process(tmp_path, cli):
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["n_new"] == 2 and summary["n_skipped"] == 4 and summary["n_processes"] == 1
-    pd.testing.assert_frame_equal(pd.read_parquet(out), ref, check_exact=True)
+    got = pd.read_parquet(out)
+    # the 2 resumed images were captioned in a batch of 2, the reference's in a batch of 6: the
+    # same units and ranks, scores equal up to the batch's float rounding (~1e-7)
+    pd.testing.assert_frame_equal(got.drop(columns="score"), ref.drop(columns="score"), check_exact=True)
+    np.testing.assert_allclose(got["score"], ref["score"], rtol=1e-5, atol=1e-6)
     assert _done(out) == names and not part_files(out)
 
 
