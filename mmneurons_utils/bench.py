@@ -59,17 +59,25 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved(first, second, repeats: int, warm_up: bool = True) -> tuple[float, float]:
+    """Medians of ``first()`` and ``second()`` timed in turn ``repeats`` times (interleaved,
+    so drift hits both alike), after one untimed call of each when ``warm_up``."""
+    if warm_up:
+        first(), second()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        times[0].append(_median_time(first, 1))
+        times[1].append(_median_time(second, 1))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     from .identify import find_neurons, logit_weights, rank_units
     from .scoring import unit_top_tokens
 
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
-    describe(), identify()  # warm-up
-    t_describe, t_identify = [], []
-    for _ in range(repeats):  # interleaved, so drift hits both alike
-        t_describe.append(_median_time(describe, 1))
-        t_identify.append(_median_time(identify, 1))
+    t_describe, t_identify = _interleaved(describe, identify, repeats)
     captions = vlm.describe(images, activation="down_proj_input")
     pairs = [(img, cap, t) for img, cap in zip(images, captions) for t in cap.noun_tokens]
     if not pairs:
@@ -88,14 +96,14 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
     t_contribution = _median_time(contribution_all, repeats) / len(pairs)
     t_gradient = _median_time(lambda: rank_all("gradient"), repeats) / len(pairs)
     t_gradient_image = _median_time(lambda: rank_all("gradient_image"), repeats) / len(pairs)
-    t_generation = statistics.median(t_describe) / len(pairs)
+    t_generation = t_describe / len(pairs)
     return dict(
-        overhead_ratio=round(statistics.median(t_identify) / statistics.median(t_describe), 3),
+        overhead_ratio=round(t_identify / t_describe, 3),
         gradient_speedup=round(t_gradient / t_contribution, 1),
         gradient_image_speedup=round(t_gradient_image / t_contribution, 1),
         gradient_speedup_end_to_end=round((t_generation + t_gradient) / (t_generation + t_contribution), 2),
-        describe_s=round(statistics.median(t_describe), 4),
-        identify_s=round(statistics.median(t_identify), 4),
+        describe_s=round(t_describe, 4),
+        identify_s=round(t_identify, 4),
         contribution_ms_per_noun=round(1e3 * t_contribution, 3),
         gradient_ms_per_noun=round(1e3 * t_gradient, 3),
         gradient_image_ms_per_noun=round(1e3 * t_gradient_image, 3),
@@ -121,17 +129,13 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
     if not n_nouns:
         raise ValueError("the benchmark images produced no nouns; use other images")
     ours()
-    t_official, t_ours = [], []
-    for _ in range(repeats):  # interleaved, so drift hits both alike
-        t_official.append(_median_time(official, 1))
-        t_ours.append(_median_time(ours, 1))
+    official_s, ours_s = _interleaved(official, ours, repeats, warm_up=False)
     many = list(throughput_images) if throughput_images is not None else list(images)
     t_batch: dict[int, list[float]] = {b: [] for b in batch_sizes}
     for _ in range(repeats):
         for b in batch_sizes:
             t_batch[b].append(_median_time(lambda: find_neurons(vlm, many, top_k=top_k,
                                                                 batch_size=b), 1))
-    official_s, ours_s = statistics.median(t_official), statistics.median(t_ours)
     return dict(
         official_speedup=round(official_s / ours_s, 2),
         official_s=round(official_s, 4), official_ours_s=round(ours_s, 4),
@@ -149,13 +153,8 @@ def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8
 
     describe = lambda: vlm.describe(images, batch_size=16)
     atlas = lambda: build_atlas(vlm, images, top_k=top_k, examples=examples, batch_size=16)
-    describe(), atlas()  # warm-up
-    t_describe, t_atlas = [], []
-    for _ in range(repeats):
-        t_describe.append(_median_time(describe, 1))
-        t_atlas.append(_median_time(atlas, 1))
-    return dict(atlas_ratio=round(statistics.median(t_atlas) / statistics.median(t_describe), 2),
-                atlas_s=round(statistics.median(t_atlas), 3))
+    t_describe, t_atlas = _interleaved(describe, atlas, repeats)
+    return dict(atlas_ratio=round(t_atlas / t_describe, 2), atlas_s=round(t_atlas, 3))
 
 
 def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 32000, k: int = 10,
@@ -214,13 +213,8 @@ def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
             return dict(offload_slowdown=None)
         loaded_run = lambda: find_neurons(vlm, images, top_k=top_k)
         mapped_run = lambda: find_neurons(mapped, images, top_k=top_k)
-        loaded_run(), mapped_run()  # warm-up
-        loaded, offloaded = [], []
-        for _ in range(repeats):    # interleaved, so drift hits both alike
-            loaded.append(_median_time(loaded_run, 1))
-            offloaded.append(_median_time(mapped_run, 1))
-    return dict(offload_slowdown=round(statistics.median(offloaded) / statistics.median(loaded), 2),
-                offload_s=round(statistics.median(offloaded), 4))
+        loaded, offloaded = _interleaved(loaded_run, mapped_run, repeats)
+    return dict(offload_slowdown=round(offloaded / loaded, 2), offload_s=round(offloaded, 4))
 
 
 def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: int = 256,
