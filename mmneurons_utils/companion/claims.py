@@ -164,8 +164,9 @@ def _pick(frame: pd.DataFrame, model: str, method: str, metric: str) -> tuple[Va
             float(row["n"]), float(row["n_clusters"]))
 
 
-def _summary_evidence(frame, notebook_model, metric, label, extra_metrics=()):
-    """Per model: contribution and baselines on ``metric`` (+ ``extra_metrics`` per method)."""
+def _summary_evidence(frame, notebook_model, metric, label, extra_metrics=(), detail=None):
+    """Per model: contribution and baselines on ``metric`` (+ ``extra_metrics`` per method);
+    ``detail(extra)`` writes the reader's line from those values."""
     frame = _summary(frame, notebook_model)
     out = {}
     for model in dict.fromkeys(frame["model"]):
@@ -176,7 +177,7 @@ def _summary_evidence(frame, notebook_model, metric, label, extra_metrics=()):
         extra = {(method, m): _pick(frame, model, method, m)[0]
                  for method in ("contribution", *BASELINES) for m in (metric, *extra_metrics)}
         out[model] = Evidence(label, ours, {b: _pick(frame, model, b, metric)[0] for b in BASELINES},
-                              n, n_clusters, extra)
+                              n, n_clusters, extra, detail(extra) if detail else "")
     return out
 
 
@@ -231,15 +232,11 @@ def _beats(ours: Value, base: Value, ratio: float) -> str:
 
 def _measure_sensitivity(tables, notebook_model):
     _needs(tables, "02_noun_hits_summary")
-    out = _summary_evidence(tables["02_noun_hits_summary"], notebook_model,
-                            "noun_hit", "noun hit (top-10 units' top-10 tokens contain the noun)",
-                            ("noun_rank",))
-    for e in out.values():
-        if isinstance(e, Evidence):
-            e.detail = (f"noun rank (median in the units' lenses): ours "
-                        f"{_fmt(e.extra['contribution', 'noun_rank'].mean)}, random "
-                        f"{_fmt(e.extra['random', 'noun_rank'].mean)}")
-    return out
+    return _summary_evidence(
+        tables["02_noun_hits_summary"], notebook_model,
+        "noun_hit", "noun hit (top-10 units' top-10 tokens contain the noun)", ("noun_rank",),
+        lambda x: (f"noun rank (median in the units' lenses): ours "
+                   f"{_fmt(x['contribution', 'noun_rank'].mean)}, random {_fmt(x['random', 'noun_rank'].mean)}"))
 
 
 def _judge_sensitivity(e: Evidence) -> str:
@@ -290,14 +287,12 @@ def _judge_specificity(e: Evidence) -> str:
 
 def _measure_region(tables, notebook_model):
     _needs(tables, "03_region_summary")
-    out = _summary_evidence(tables["03_region_summary"], notebook_model, "retained",
-                            "retained: share of the top-10 still top-10 after shuffling the image "
-                            "tokens (single-noun scenes)", ("noun_kept", "caption_same"))
-    for e in out.values():
-        if isinstance(e, Evidence):
-            e.detail = (f"noun still said after the shuffle {_fmt(e.extra['contribution', 'noun_kept'].mean)}; "
-                        f"caption unchanged {_fmt(e.extra['contribution', 'caption_same'].mean)}")
-    return out
+    return _summary_evidence(
+        tables["03_region_summary"], notebook_model, "retained",
+        "retained: share of the top-10 still top-10 after shuffling the image tokens (single-noun scenes)",
+        ("noun_kept", "caption_same"),
+        lambda x: (f"noun still said after the shuffle {_fmt(x['contribution', 'noun_kept'].mean)}; "
+                   f"caption unchanged {_fmt(x['contribution', 'caption_same'].mean)}"))
 
 
 def _judge_region(e: Evidence) -> str:
@@ -311,15 +306,11 @@ def _judge_region(e: Evidence) -> str:
 
 def _measure_cross(tables, notebook_model):
     _needs(tables, "03_cross_image_summary")
-    out = _summary_evidence(tables["03_cross_image_summary"], notebook_model, "jaccard_same",
-                            "Jaccard of one noun's top-10 sets across its images",
-                            ("jaccard_different", "top_unit_share"))
-    for e in out.values():
-        if isinstance(e, Evidence):
-            e.detail = (f"vs other nouns' sets {_fmt_value(e.extra['contribution', 'jaccard_different'])}; "
-                        f"scenes holding the noun's most frequent unit "
-                        f"{_fmt(e.extra['contribution', 'top_unit_share'].mean)}")
-    return out
+    return _summary_evidence(
+        tables["03_cross_image_summary"], notebook_model, "jaccard_same",
+        "Jaccard of one noun's top-10 sets across its images", ("jaccard_different", "top_unit_share"),
+        lambda x: (f"vs other nouns' sets {_fmt_value(x['contribution', 'jaccard_different'])}; "
+                   f"scenes holding the noun's most frequent unit {_fmt(x['contribution', 'top_unit_share'].mean)}"))
 
 
 def _judge_cross(e: Evidence) -> str:
