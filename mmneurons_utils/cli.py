@@ -239,14 +239,20 @@ def cmd_find(args) -> dict | None:
     if state is not None or parts:
         return _find_in_parts(args, state, results, vlm, names, images)
     _say_noun_source(args, vlm)
-    todo = [i for i, name in enumerate(names) if name not in set(results.done)]
+    done = set(results.done)
+    todo = [i for i, name in enumerate(names) if name not in done]
     _identify(args, vlm, names, images, todo, results, f"find ({args.method})")
+    return _find_summary(args, vlm, len(names), len(todo), len(results.table))
+
+
+def _find_summary(args, vlm, n_images: int, n_new: int, n_rows: int, by: str = "", **extra) -> dict:
+    """``find``'s JSON summary, and its one line without ``--json`` (``by``: who identified)."""
     summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
-                   n_images=len(names), n_new=len(todo), n_skipped=len(names) - len(todo),
-                   n_rows=len(results.table), noun_source=vlm.noun_source)
+                   n_images=n_images, n_new=n_new, n_skipped=n_images - n_new, n_rows=n_rows,
+                   noun_source=vlm.noun_source, **extra)
     if not args.json:
-        print(f"{summary['n_new']} images identified, {summary['n_skipped']} already done; "
-              f"{summary['n_rows']} rows in {args.out}")
+        print(f"{n_new} images identified{by}, {n_images - n_new} already done; "
+              f"{n_rows} rows in {args.out}")
     return summary
 
 
@@ -290,14 +296,8 @@ def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
     merged = run.finish()
     if merged is None:
         return None
-    summary = dict(out=str(args.out), model=args.model, method=args.method, top_k=args.top_k,
-                   n_images=len(names), n_new=len(run.todo), n_skipped=len(names) - len(run.todo),
-                   n_rows=len(merged.table), noun_source=vlm.noun_source, n_processes=n)
-    if not args.json:
-        by = f" by {n} processes" if n > 1 else " (part files of an earlier run merged)"
-        print(f"{summary['n_new']} images identified{by}, {summary['n_skipped']} already done; "
-              f"{summary['n_rows']} rows in {args.out}")
-    return summary
+    by = f" by {n} processes" if n > 1 else " (part files of an earlier run merged)"
+    return _find_summary(args, vlm, len(names), len(run.todo), len(merged.table), by, n_processes=n)
 
 
 def cmd_bench(args) -> dict:
