@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .identify import METHODS, logit_weights, rank_units
+from .identify import METHODS, logit_weights, rank_units, top_k_groups
 from .interventions import ablate_activations, perturb_units
 from .nouns import says
 from .teacher_forcing import teacher_forced_logits
@@ -76,8 +76,6 @@ def table_rankings(vlm, table, captions, methods: Sequence[str], max_k: int) -> 
     """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
     column indexes them): the units a user found are the ones perturbed. Each (image, noun,
     method) must hold at least ``max_k`` ranks; a method's single table ranking is its one draw."""
-    from .identify import top_k_groups
-
     groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], max_k)}
     out = []
     for index, caption in enumerate(captions):
