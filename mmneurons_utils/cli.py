@@ -44,6 +44,61 @@ _positive_int = _int_at_least(1, "a positive integer")
 _seed = _int_at_least(0, "a non-negative integer seed")
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (``inf``, ``nan``, ``0``, ``-1`` refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): ``mmneurons find: error: …``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_method(method: str) -> str:
+    from .identify import METHODS
+
+    if method not in METHODS:
+        raise CliError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+def _check_model_options(args) -> None:
+    """``--device`` and ``--dtype`` checked before anything is read or loaded."""
+    from .vlm import _device, _dtype
+
+    _dtype(args.dtype)
+    if args.device is not None:
+        _device(args.device)
+
+
+def _check_new_folder(folder, option: str):
+    """``folder`` (to be created, or empty) can be made here: its nearest existing ancestor
+    is a writable folder."""
+    from pathlib import Path
+
+    from .results import check_writable_folder
+
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{option} {folder} exists and is not a folder; choose a folder")
+    existing = folder if folder.exists() else folder.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable_folder(existing, f"{option} {folder}" if existing == folder else
+                          f"folder {existing} (where {option} {folder} would be made)")
+    return folder
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llava",
                    help="tiny-llava, tiny-instructblip, a local checkpoint folder or a hub id")
@@ -67,7 +122,7 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmneurons", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="mmneurons", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("describe", help="caption images with the paper's prompt")
     _add_model_args(d)
@@ -133,7 +188,7 @@ def _add_causal_commands(sub) -> None:
     _add_image_args(p)
     p.add_argument("--k", type=_positive_int, default=50, help="units per noun (default 50)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--sigma", type=float, help="Gaussian noise of this σ (× the column's RMS)")
+    how.add_argument("--sigma", type=_positive_float, help="Gaussian noise of this σ (× the column's RMS)")
     how.add_argument("--zero", action="store_true", help="zero the write vectors (the default)")
     p.add_argument("--absolute", action="store_true", help="σ is absolute, not relative to the column")
     p.add_argument("--n-random", type=_positive_int, default=3, help="random draws per noun (default 3)")
@@ -223,21 +278,66 @@ def cmd_describe(args) -> dict:
 
 
 def cmd_find(args) -> dict | None:
+    from .parallel import launched_state
+    from .results import check_output_file, exclusive
+
+    _check_method(args.method)
+    check_output_file(args.out)     # before the lock, the images and the model
+    state = launched_state()        # None: one process (no accelerate launch)
+    if state is not None and not state.is_main_process:
+        return _find_locked(args, state)   # only the main process writes --out
+    with exclusive(args.out):       # a second writer of --out waits, then resumes
+        return _find_locked(args, state)
+
+
+def _find_settings(args, vlm=None) -> dict:
+    """What decides ``find``'s rows: recorded in ``--out`` and compared on a rerun (the
+    seed only where it draws: ``--method random``; the scenes' seed is in their names)."""
+    settings = dict(model=args.model, dtype=_DTYPE_NAMES.get(str(args.dtype or "float32"),
+                                                             str(args.dtype)),
+                    method=args.method, top_k=args.top_k,
+                    seed=args.seed if args.method == "random" else None)
+    if vlm is not None:
+        from .vocabulary import weights_key
+
+        settings.update(weights=weights_key(vlm, 0), nouns=_noun_identity(vlm))
+    return settings
+
+
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _noun_identity(vlm) -> str:
+    """Where the caption nouns come from, with a hash of the candidate list when it is one."""
+    if vlm.noun_vocabulary is None and vlm.candidate_nouns:
+        return f"{vlm.noun_source} {_names_hash(sorted(vlm.candidate_nouns))}"
+    return vlm.noun_source
+
+
+def _find_locked(args, state) -> dict | None:
     from .identify import check_top_k
-    from .parallel import checked_part_files, launched_state, process_device
+    from .parallel import checked_part_files, process_device
+    from .provenance import image_hashes
     from .results import ResultFile
 
-    results = ResultFile(args.out)  # checks --out before any work
+    results = ResultFile(args.out)  # refuses a file it did not write, before any work
     parts = checked_part_files(results.path)   # left by an interrupted accelerate launch run
-    state = launched_state()        # None: one process (no accelerate launch)
     data = _data(args)
     names, images, _ = _images(args, data)
+    hashes = image_hashes(names, images)
+    files = [results] + [ResultFile(p) for p in parts]
+    for f in files:                  # other settings or changed images: refuse before the model loads
+        f.expect(_find_settings(args), hashes, data.key)
     if state is not None:
         args.device = process_device(state, args.device)
     vlm = _load_model(args, data)
     check_top_k(vlm, args.top_k)
+    settings = _find_settings(args, vlm)
+    for f in files:
+        f.expect(settings, hashes, data.key)
+    run = (settings, hashes, data.key)
     if state is not None or parts:
-        return _find_in_parts(args, state, results, vlm, names, images)
+        return _find_in_parts(args, state, results, vlm, names, images, run)
     _say_noun_source(args, vlm)
     done = set(results.done)
     todo = [i for i, name in enumerate(names) if name not in done]
@@ -270,12 +370,13 @@ def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> N
         caption_of = dict(zip(batch, table.attrs["captions"]))
         table.insert(0, "image_id", [names[i] for i in table["image"]])
         table.insert(1, "caption", [caption_of[i] for i in table["image"]])
+        table.insert(2, "model", args.model)
         results.append(table.drop(columns="image"), [names[i] for i in batch])
         bar.update(len(batch))
     bar.close()
 
 
-def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
+def _find_in_parts(args, state, results, vlm, names, images, run) -> dict | None:
     """``find`` through part files (:mod:`mmneurons_utils.parallel`): under ``accelerate launch``
     each process identifies its share of the images, the main process merges; one process that
     finds part files of an interrupted parallel run finishes it the same way. Only the main
@@ -289,7 +390,9 @@ def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
     main_process = state.is_main_process
     if main_process:
         _say_noun_source(args, vlm)
+    settings, hashes, source = run
     run = PartRun(results.path, names, results.done, state)
+    run.part.expect(settings, hashes, source)    # the part records this run's settings too
     n = state.num_processes
     desc = f"find ({args.method})" + (f", process {state.process_index} of {n}" if n > 1 else "")
     _identify(args, vlm, names, images, run.mine, run.part, desc, progress=main_process)
@@ -512,13 +615,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a one-line error
     try:
+        if hasattr(args, "device"):
+            _check_model_options(args)
         result = args.func(args)
     except (ValueError, NounTaggerMissing) as exc:  # bad input; anything else is a bug: let it show
-        print(f"mmneurons {args.command}: error: {exc}{_which_process()}", file=sys.stderr)
+        _close_progress_bars()
+        message = " ".join(str(exc).split())      # one line, whatever the message held
+        print(f"mmneurons {args.command}: error: {message}{_which_process()}", file=sys.stderr)
         return 2
     if args.json and result is not None:   # None: a process of accelerate launch other than the main
         print(json.dumps(result))
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed command left open, so that its error line starts
+    on a line of its own (not glued to a bar's)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.flush()
 
 
 def _which_process() -> str:

@@ -1,31 +1,80 @@
-"""Reading user images from a folder, with errors that name the file."""
+"""Reading user images as a viewer shows them, with errors that name the file.
+
+* the EXIF orientation is applied (a phone photo stored sideways with an orientation tag is
+  read upright, :func:`PIL.ImageOps.exif_transpose`);
+* 16-bit and 32-bit images (``I;16``, ``I``, ``F``) are scaled to 8 bits from their type's
+  full range (``I;16``: 0 … 65535 → 0 … 255), not clipped at 255 as ``convert("RGB")`` does;
+* a file whose header claims more pixels than Pillow's limit
+  (:data:`PIL.Image.MAX_IMAGE_PIXELS`, about 89 million; raise it there to read larger ones)
+  is refused before it is decoded (a decompression bomb).
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# the full range of each high-bit-depth mode (float images are taken as 0 … 1)
+_FULL_RANGE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+               "I": 65535.0, "F": 1.0}
 
 
 class ImageReadError(ValueError):
     """An image file or folder cannot be used."""
 
 
+def as_viewed(image: Image.Image) -> Image.Image:
+    """``image`` as RGB the way an image viewer shows it: EXIF orientation applied, high
+    bit depths scaled to 8 bits (see the module doc)."""
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode in _FULL_RANGE:
+        image = _to_8_bit(image)
+    return image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit grayscale image as 8-bit ``L``, scaled from its mode's full range (a
+    32-bit integer image whose values exceed 16 bits: from its own maximum)."""
+    values = np.asarray(image, dtype=np.float64)
+    top = _FULL_RANGE[image.mode]
+    if image.mode == "I" and values.max(initial=0) > 65535:
+        top = float(values.max())
+    scaled = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """An RGB image, fully decoded now (so a truncated file fails here, not later)."""
+    """An RGB image as a viewer shows it, fully decoded now (so a truncated file fails here,
+    not later)."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return as_viewed(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"image {path} is too large to read safely ({_pixels(exc)}; the "
+                             f"limit is {Image.MAX_IMAGE_PIXELS:,} pixels, "
+                             "PIL.Image.MAX_IMAGE_PIXELS): possibly a decompression bomb") from exc
     except FileNotFoundError as exc:
         raise ImageReadError(f"image {path} does not exist") from exc
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"image {path} is not a readable image "
                              f"(accepted: {', '.join(IMAGE_SUFFIXES)})") from exc
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"image {path} cannot be read: {exc}") from exc
+
+
+def _pixels(exc: Exception) -> str:
+    """``"900,000,000 pixels"`` from Pillow's message, else its message."""
+    import re
+
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(match[1]):,} pixels" if match else str(exc)
 
 
 def read_image_folder(folder: str | Path) -> list[tuple[str, Image.Image]]:

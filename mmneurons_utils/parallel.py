@@ -126,6 +126,8 @@ def merge_parts(out: str | Path, names: list[str]) -> int:
     tables = []
     for number, path in enumerate(parts):
         part = ResultFile(path)
+        if part.settings is not None:     # the parts' settings and image hashes go with their rows
+            results.expect(part.settings, part.images)
         if len(part.table.columns) and "image_id" not in part.table.columns:
             raise ValueError(f"{path} is not a part file of mmneurons find (no image_id column); "
                              "remove it")

@@ -1,27 +1,75 @@
-"""Resumable, atomic result files for batch runs (parquet).
+"""Resumable, atomic result files for batch runs (parquet) that know what they hold.
 
 The table is rewritten whole after each batch of images, to a temporary file that
-then replaces the old one, so a killed run leaves the last complete file. The ids
-of finished images (also those that produced no rows) live in the parquet schema
-metadata, so a re-run skips them.
+then replaces the old one, so a killed run leaves the last complete file (and the next
+write removes the temporary file it left). The schema metadata holds the ids of the
+finished images (also those that produced no rows), so a re-run skips them, and the run's
+settings and a content hash of each finished image (:mod:`~mmneurons_utils.provenance`),
+so a re-run with other settings or changed images is refused instead of mixed in.
+
+A file that this package did not write is never appended to or rewritten, and one output
+has one writer at a time (:func:`exclusive`, a lock file beside it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from .provenance import changed_images, differences
+
 _DONE_KEY = b"mmneurons_done_images"
+_RUN_KEY = b"mmneurons_run"     # JSON: {"settings": {...}, "images": {image id: content hash}}
+
+
+class ResultFileError(ValueError):
+    """A result file that cannot be used for this run (the message says what to do)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the ``.<name>.<pid>.tmp`` files beside ``path`` whose process is gone (left by
+    a run that was killed while writing); returns them."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.tmp")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        match = pattern.fullmatch(candidate.name)
+        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
+            try:
+                if candidate.is_dir():
+                    continue
+                candidate.unlink()
+                removed.append(candidate)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``
     (same folder, so the rename is atomic): a killed run leaves the old file or the new one,
-    never half of one, and no temporary file is left behind."""
+    never half of one, and no temporary file is left behind (one left by a killed run is
+    removed here)."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -29,6 +77,53 @@ def atomic_write(path: str | Path, write) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = ".parquet") -> Path:
+    """``path`` as an output file, checked before any work: the right suffix, not a folder,
+    in an existing folder that this user can write (``ValueError`` naming it otherwise)."""
+    path = Path(path).expanduser()
+    if suffix and path.suffix != suffix:
+        raise ResultFileError(f"{option} must end in {suffix}, got {path}")
+    if path.is_dir():
+        raise ResultFileError(f"{option} {path} is a folder; give a file name ending in {suffix}")
+    check_writable_folder(path.parent, f"folder {path.parent} of {option}")
+    if path.exists() and not path.is_file():
+        raise ResultFileError(f"{option} {path} exists and is not a regular file")
+    return path
+
+
+def check_writable_folder(folder: str | Path, what: str) -> Path:
+    """``folder`` exists, is a folder and this user may create files in it."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ResultFileError(f"{what} does not exist")
+    if not folder.is_dir():
+        raise ResultFileError(f"{what} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ResultFileError(f"{what} is not writable (permission denied); choose another place")
+    return folder
+
+
+@contextmanager
+def exclusive(path: str | Path):
+    """Hold the lock of output ``path`` (``.<name>.lock`` beside it, :mod:`filelock`) for the
+    block: a second writer of the same output waits (saying so in one line) until the first
+    is done, then sees its rows."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"mmneurons: {path} is being written by another run; waiting for it to finish "
+              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def write_parquet(table: pd.DataFrame, path: str | Path, metadata: dict[bytes, bytes]) -> Path:
@@ -41,39 +136,102 @@ def write_parquet(table: pd.DataFrame, path: str | Path, metadata: dict[bytes, b
     return atomic_write(path, lambda tmp: pq.write_table(arrow, tmp))
 
 
-def done_images(path: str | Path) -> list[str]:
-    """The ids of the finished images that the result file at ``path`` records (its schema
-    metadata only; the rows are not read)."""
+def _read_metadata(path: Path) -> dict:
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.read_schema(path).metadata or {}
+        return pq.read_schema(path).metadata or {}
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable parquet file ({exc}); remove it") from exc
+        raise ResultFileError(f"{path} exists and is not a readable parquet file ({exc}); "
+                              "remove it or choose another --out") from exc
+
+
+def _check_ours(path: Path, metadata: dict) -> None:
+    if _DONE_KEY not in metadata:
+        what = "an atlas table" if b"mmneurons_atlas" in metadata else "a parquet file"
+        raise ResultFileError(f"{path} is {what} that mmneurons find did not write; it is left "
+                              "untouched: choose another --out")
+
+
+def done_images(path: str | Path) -> list[str]:
+    """The ids of the finished images that the result file at ``path`` records (its schema
+    metadata only; the rows are not read)."""
+    path = Path(path)
+    metadata = _read_metadata(path)
+    _check_ours(path, metadata)
     return json.loads(metadata.get(_DONE_KEY, b"[]"))
 
 
+def read_run(path: str | Path) -> dict:
+    """``{"settings": …, "images": {id: hash}}`` recorded in the result file at ``path``
+    (empty for a file written before settings were recorded)."""
+    return json.loads(_read_metadata(Path(path)).get(_RUN_KEY, b"{}"))
+
+
 class ResultFile:
+    """A result file of ``mmneurons find`` (or one of its part files): ``table``, ``done``
+    (finished image ids), ``settings`` and ``images`` (id → content hash) as recorded.
+
+    Opening a file this package did not write raises :class:`ResultFileError` (it is
+    never rewritten). :meth:`expect` checks that the file holds this run's settings and
+    images before any work; :meth:`append` adds a batch's rows atomically."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.suffix != ".parquet":
-            raise ValueError(f"--out must end in .parquet, got {self.path}")
-        if not self.path.parent.is_dir():
-            raise ValueError(f"folder {self.path.parent} of --out does not exist")
+        self.path = check_output_file(path)
         self.table = pd.DataFrame()
         self.done: list[str] = []
+        self.settings: dict | None = None
+        self.images: dict[str, str] = {}
+        self.sources: list[str] = []
+        self._wanted_images: dict[str, str] = {}
         if self.path.exists():
             import pyarrow.parquet as pq
 
-            try:
-                arrow = pq.read_table(self.path)
-            except Exception as exc:  # not ours, or not parquet: never overwrite it silently
-                raise ValueError(f"{self.path} exists and is not a readable parquet file ({exc}); "
-                                 "remove it or choose another --out") from exc
+            metadata = _read_metadata(self.path)
+            _check_ours(self.path, metadata)
+            arrow = pq.read_table(self.path)
             self.table = arrow.to_pandas()
-            self.done = json.loads((arrow.schema.metadata or {}).get(_DONE_KEY, b"[]"))
+            self.done = json.loads(metadata.get(_DONE_KEY, b"[]"))
+            run = json.loads(metadata.get(_RUN_KEY, b"{}"))
+            self.settings, self.images = run.get("settings"), dict(run.get("images", {}))
+            self.sources = list(run.get("sources", []))
+
+    def expect(self, settings: dict, images: dict[str, str], source: str | None = None) -> None:
+        """Refuse (:class:`ResultFileError`, one line) unless the file holds results of the
+        same ``settings`` (the keys given; call again with more once they are known) and its
+        copy of every image of ``images`` (id → content hash) that it already holds is the
+        same; a new or empty file takes them on. ``source``: where the images come from (in
+        words; recorded, not compared: the content hashes are the images' identity)."""
+        fresh = not self.done
+        if not fresh and self.settings is None:
+            raise ResultFileError(f"{self.path} was written by an older mmneurons find that did not "
+                                  "record its settings, so it cannot be resumed safely; remove it or "
+                                  "choose another --out")
+        if not fresh:
+            diff = differences(self.settings, settings)
+            if diff:
+                raise ResultFileError(f"{self.path} holds results of other settings ({'; '.join(diff)}); "
+                                      "rerun with its settings to resume, or remove it / choose "
+                                      "another --out to start fresh")
+            changed = changed_images(self.images, images)
+            if changed:
+                raise ResultFileError(
+                    f"{self.path} holds results of other contents for {len(changed)} image(s) of this "
+                    f"run under the same names ({', '.join(changed[:3])}{'…' if len(changed) > 3 else ''}); "
+                    "remove it or choose another --out to recompute")
+        self.settings = {**(self.settings or {}), **settings}
+        self._wanted_images.update(images)
+        if source and source not in self.sources:
+            self.sources.append(source)
 
     def append(self, rows: pd.DataFrame, image_ids: list[str]) -> None:
         self.table = pd.concat([self.table, rows], ignore_index=True) if len(self.table) else rows
         self.done = self.done + list(image_ids)
-        write_parquet(self.table, self.path, {_DONE_KEY: json.dumps(self.done).encode()})
+        for name in image_ids:
+            if name in self._wanted_images:
+                self.images[name] = self._wanted_images[name]
+        metadata = {_DONE_KEY: json.dumps(self.done).encode()}
+        if self.settings is not None:
+            metadata[_RUN_KEY] = json.dumps(dict(settings=self.settings, sources=self.sources,
+                                                 images=self.images)).encode()
+        write_parquet(self.table, self.path, metadata)

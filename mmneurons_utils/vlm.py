@@ -322,7 +322,9 @@ class VLM:
 def _as_rgb(image, index: int) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"image {index} is a {type(image).__name__}, expected a PIL.Image.Image")
-    return image.convert("RGB")
+    from .images import as_viewed   # EXIF orientation, 16-bit scaled to 8 (not clipped)
+
+    return image if image.mode == "RGB" and not image.getexif() else as_viewed(image)
 
 
 def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
@@ -363,7 +365,10 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a transformers checkpoint (no config.json); "
                                  f"supported model types: {', '.join(A.supported_model_types())}")
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "?")
+        from .checkpoint import check_checkpoint, read_config
+
+        model_type = read_config(path).get("model_type", "?")
+        check_checkpoint(path)
         source, local = str(path), True
     elif "/" in name and not name.startswith((".", "/", "~")):
         source, local = name, False  # a hub id: the one case that may reach the network
@@ -436,6 +441,13 @@ def _device(device) -> torch.device:
         raise ModelLoadError(f"bad device {device!r}; use cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} asked for, but there are only "
+                             f"{torch.cuda.device_count()} CUDA devices; use cuda:0 … cuda:"
+                             f"{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu", "npu"):
+        raise ModelLoadError(f"device {device!r} cannot run the model (a {dev.type} device holds "
+                             "no data to compute with); use cpu, cuda, cuda:N or mps")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but MPS is not available; use cpu")
     return dev

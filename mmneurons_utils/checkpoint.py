@@ -1,0 +1,64 @@
+"""A local checkpoint folder checked before ``from_pretrained`` reads it, with one-line errors
+that name the file: a ``config.json`` that is not JSON, no weights file, a truncated or
+damaged safetensors file, no processor / tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded (the message names the file)."""
+
+
+def read_config(folder: str | Path) -> dict:
+    """The folder's ``config.json`` as a dict; :class:`CheckpointError` naming it otherwise."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint's config is "
+                              "damaged: copy it again") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object "
+                              "with model_type")
+    return config
+
+
+def check_checkpoint(folder: str | Path) -> None:
+    """Every file ``from_pretrained`` needs is there and whole (safetensors headers and sizes
+    checked with the ``safetensors`` library; nothing is loaded)."""
+    folder = Path(folder)
+    weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    shards = sorted(folder.glob("model-*.safetensors"))
+    if not weights and not shards:
+        raise CheckpointError(f"{folder} has no weights file (expected one of "
+                              f"{', '.join(WEIGHT_FILES)}); copy the whole checkpoint folder")
+    for path in [p for p in weights if p.suffix == ".safetensors"] + shards:
+        check_safetensors(path)
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise CheckpointError(f"{folder} has no image processor file (expected "
+                              f"{' or '.join(PROCESSOR_FILES)}); copy the whole checkpoint folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{folder} has no tokenizer file (expected one of "
+                              f"{', '.join(TOKENIZER_FILES)}); copy the whole checkpoint folder")
+
+
+def check_safetensors(path: str | Path) -> None:
+    """``path`` opens as a complete safetensors file (header and every tensor's bytes)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError / OSError: say which file, in one line
+        raise CheckpointError(f"{path} is not a complete safetensors file ({exc}); it is "
+                              "truncated or damaged: copy it again") from exc
