@@ -293,9 +293,8 @@ def cmd_find(args) -> dict | None:
 def _find_settings(args, vlm=None) -> dict:
     """What decides ``find``'s rows: recorded in ``--out`` and compared on a rerun (the
     seed only where it draws: ``--method random``; the scenes' seed is in their names)."""
-    settings = dict(model=args.model, dtype=_DTYPE_NAMES.get(str(args.dtype or "float32"),
-                                                             str(args.dtype)),
-                    method=args.method, top_k=args.top_k,
+    dtype = str(args.dtype or "float32")
+    settings = dict(model=args.model, dtype=_DTYPE_NAMES.get(dtype, dtype), method=args.method, top_k=args.top_k,
                     seed=args.seed if args.method == "random" else None)
     if vlm is not None:
         from .vocabulary import weights_key
@@ -507,47 +506,74 @@ def cmd_edit(args) -> dict:
 
 
 def cmd_atlas(args) -> dict:
-    import resource
-    import time
-    from pathlib import Path
-
-    from .atlas import build_atlas, read_atlas, summary, write_atlas
-    from .companion.atlas_html import render_atlas_html
-    from .identify import check_top_k
     from .parallel import launched_processes
-    from .vocabulary import weights_key
+    from .results import exclusive
 
     if launched_processes() > 1:
         raise CliError(f"atlas runs in one process, not under accelerate launch with "
                        f"{launched_processes()} processes (its dataset examples are one running top-k "
                        "over all images and its page is drawn from them); run it with "
                        "python -m mmneurons_utils.cli atlas …")
+    out = _check_new_folder(args.out, "--out")
+    out.mkdir(exist_ok=True)
+    with exclusive(out / "atlas.parquet"):      # one writer of the folder at a time
+        return _atlas_locked(args, out)
+
+
+def _check_atlas_folder(out, description: dict):
+    """``(table, meta)`` of a finished atlas in ``out`` with the same ``description``,
+    ``(None, None)`` when it holds none; refuses a folder holding another run, or an
+    ``atlas.parquet`` / ``index.html`` this command did not write (they are left as they are)."""
+    from .atlas import read_atlas
+    from .companion.atlas_html import is_atlas_page
+    from .provenance import differences
+
+    parquet, page = out / "atlas.parquet", out / "index.html"
+    if page.exists() and not is_atlas_page(page):
+        raise CliError(f"{page} exists and was not written by mmneurons atlas; it is left untouched: "
+                       "choose another --out")
+    if not parquet.exists():
+        return None, None
+    try:
+        table, meta = read_atlas(parquet)
+    except Exception as exc:
+        raise CliError(f"{parquet} exists and is not a readable atlas ({exc}); remove it or "
+                       "choose another --out") from exc
+    recorded = meta.get("description")
+    if not isinstance(recorded, dict):
+        raise CliError(f"{parquet} was not written by mmneurons atlas (no settings recorded); it is "
+                       "left untouched: choose another --out")
+    diff = differences(recorded, description)
+    if diff:
+        raise CliError(f"{parquet} holds another run ({'; '.join(diff)}); rerun with its settings to "
+                       "reuse it, or remove the folder / choose another --out")
+    return table, meta
+
+
+def _atlas_locked(args, out) -> dict:
+    import resource
+    import time
+    from pathlib import Path
+
+    from .atlas import build_atlas, summary, write_atlas
+    from .companion.atlas_html import render_atlas_html
+    from .identify import check_top_k
+    from .provenance import image_hashes, images_digest
+    from .vocabulary import weights_key
+
     start = time.perf_counter()
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a folder; choose a folder")
-    if not out.parent.is_dir():
-        raise CliError(f"folder {out.parent} of --out does not exist")
     data = _data(args)
     names, images, _ = _images(args, data)
     source = (f"scenes n={args.scenes} seed={args.seed}" if args.scenes
-              else f"images {Path(args.images).resolve()} ({len(names)} files, {_names_hash(names)})")
+              else f"images {Path(args.images).resolve()} ({len(names)} files)")
     if args.annotations:   # its categories are the candidate nouns: part of what was run
         source += (f" annotations {Path(args.annotations).resolve()} "
                    f"({len(data.categories)} categories, {_names_hash(data.categories)})")
     description = dict(model=args.model, dtype=str(args.dtype or "float32"), source=source,
-                       seed=args.seed, top_k=args.top_k, examples=args.examples)
+                       seed=args.seed, top_k=args.top_k, examples=args.examples,
+                       images=images_digest(image_hashes(names, images)))   # names and contents
     parquet, page = out / "atlas.parquet", out / "index.html"
-    table = meta = None
-    if parquet.exists():  # resume: a finished run with the same settings is reused, not redone
-        try:
-            table, meta = read_atlas(parquet)
-        except Exception as exc:
-            raise CliError(f"{parquet} exists and is not a readable atlas ({exc}); remove it or "
-                           "choose another --out") from exc
-        if meta.get("description") != description:
-            raise CliError(f"{parquet} holds another run ({meta.get('description')}); remove it or "
-                           "choose another --out")
+    table, meta = _check_atlas_folder(out, description)   # resume: a finished run is reused
     vlm = _load_model(args, data)
     check_top_k(vlm, args.top_k)
     # the settings name the model by path: a changed checkpoint at the same path is caught by
@@ -566,13 +592,12 @@ def cmd_atlas(args) -> dict:
                                    seed=args.seed, batch_size=args.batch_size, progress=True,
                                    return_parts=True)
         captions = parts["captions"]
-        out.mkdir(exist_ok=True)
         if weights_changed:   # the old page goes first: a run killed below never pairs them
             page.unlink(missing_ok=True)
         write_atlas(table, parquet, meta=dict(description=description, n_images=len(images),
-                                              weights=weights))
+                                              weights=weights, image_names=names))
     if not resumed or not page.exists():
-        render_atlas_html(vlm, table, images, page, captions=captions,
+        render_atlas_html(vlm, table, images, page, captions=captions, names=names,
                           title=f"Neuron atlas: {args.model}, {source}",
                           meta=dict(model=args.model, images=source, top_k=args.top_k,
                                     examples=args.examples, **summary(table)),

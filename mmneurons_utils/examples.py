@@ -148,11 +148,16 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     stream = ExampleStream(vlm.n_layers, vlm.d_ff, examples)
     path = None
-    if description is not None and use_cache:
-        path = cache_dir() / "examples" / f"{examples_key(vlm, description, examples)}.pt"
-        if path.is_file():
-            return UnitExamples(**torch.load(path, map_location="cpu"))
     images = list(images)
+    if description is not None and use_cache:
+        from .provenance import image_hashes, images_digest
+
+        # keyed by the images' contents too: changed images under the same description recompute
+        contents = images_digest(image_hashes(map(str, range(len(images))), images))
+        path = cache_dir() / "examples" / f"{examples_key(vlm, f'{description}|{contents}', examples)}.pt"
+        cached = _load_cache(path)
+        if cached is not None:
+            return UnitExamples(**cached)
     for start in tqdm(range(0, len(images), batch_size), desc="dataset examples",
                       disable=not progress):
         batch = images[start:start + batch_size]
@@ -165,6 +170,17 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(result.state_dict(), tmp))
     return result
+
+
+def _load_cache(path):
+    """The cached state at ``path``, or ``None`` when there is none or it cannot be read (a
+    damaged cache file is recomputed and replaced, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception:
+        return None
 
 
 def purity(examples: UnitExamples, units, polarity, contains) -> np.ndarray:

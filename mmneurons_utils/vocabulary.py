@@ -111,7 +111,10 @@ def neuron_vocabulary(vlm, k: int = 10, chunk: int = 256, use_cache: bool = True
 
     path = cache_dir() / "vocabulary" / f"{weights_key(vlm, k)}.pt"
     if use_cache and path.is_file():
-        return NeuronVocabulary(**torch.load(path, map_location="cpu"))
+        try:
+            return NeuronVocabulary(**torch.load(path, map_location="cpu"))
+        except Exception:   # a damaged cache file (a full disk, a killed copy): recompute it
+            pass
     ends = {"ids": [], "logits": [], "bottom_ids": [], "bottom_logits": []}
     w_u = weight(vlm.lm_head).detach()
     for layer in tqdm(range(vlm.n_layers), desc="neuron vocabulary", disable=not progress):

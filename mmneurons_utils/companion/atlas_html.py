@@ -42,6 +42,21 @@ h1{font-size:1.4em} h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:
 """
 
 
+GENERATOR = "<meta name='generator' content='mmneurons atlas'>"
+
+
+def is_atlas_page(path: str | Path) -> bool:
+    """Whether the file at ``path`` is a page :func:`render_atlas_html` wrote (it carries
+    :data:`GENERATOR`; pages of earlier versions: their ``mmn-`` class names)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return GENERATOR in head or ("<title>Neuron atlas" in head and "mmn-" in Path(path).read_text(
+        encoding="utf-8", errors="replace"))
+
+
 def unit_label(row) -> str:
     """``"L3.741 (−)"``: layer.unit and the direction in which it writes the noun."""
     sign = "−" if int(row["polarity"]) < 0 else "+"
@@ -52,19 +67,20 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                       captions: Sequence[str] | None = None, title: str = "Neuron atlas",
                       meta: dict | None = None, cards_per_noun: int = 3,
                       examples_per_card: int = 4, thumb: int = 64, batch_size: int = 16,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, names: Sequence[str] | None = None) -> Path:
     """Write the atlas page to ``path`` (atomically) and return it.
 
     ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows; ``images``: the images its
     ``example_images`` index; ``captions``: their caption texts (thumbnail tooltips);
-    ``meta``: key → value pairs shown under the title. Maps need the example images'
+    ``meta``: key → value pairs shown under the title; ``names``: the images' file names
+    (thumbnails are named by them, else by their index). Maps need the example images'
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
     are run once more through the model, ``batch_size`` at a time (prefill only).
     """
     shown = _shown_rows(table, cards_per_noun)
     thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+             f"{GENERATOR}<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     if meta:
         parts.append("<p class='meta'>" + " · ".join(
@@ -83,7 +99,7 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
         parts.append(f"<h2 class='mmn-noun' id='{_anchor(noun)}'>{html.escape(noun)} <span class='meta'>"
                      f"({n_images} images, {base:.1%} of the dataset)</span></h2><div class='cards'>")
         for _, row in rows.iterrows():
-            parts.append(_card(row, thumbs, captions, examples_per_card))
+            parts.append(_card(row, thumbs, captions, examples_per_card, names))
         parts.append("</div>")
     parts.append("</body></html>")
     page = "\n".join(parts)
@@ -100,7 +116,7 @@ def _shown_rows(table: pd.DataFrame, cards_per_noun: int) -> pd.DataFrame:
                      ignore_index=True)
 
 
-def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
+def _card(row, thumbs: dict, captions, examples_per_card: int, names=None) -> str:
     sign = "neg" if int(row["polarity"]) < 0 else "pos"
     noun = row["noun"]
     tokens = ", ".join(f"<b>{html.escape(str(t))}</b>" if str(t).strip("▁Ġ ") == noun
@@ -115,10 +131,11 @@ def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
         uri = thumbs.get((int(index), int(row["layer"]), int(row["unit"]), int(row["polarity"])))
         if uri is None:
             continue
-        tip = f"image {int(index)}, max p·a = {float(score):.3f}"
+        label = names[int(index)] if names is not None and int(index) < len(names) else f"image {int(index)}"
+        tip = f"{label}, max p·a = {float(score):.3f}"
         if captions is not None and int(index) < len(captions):
             tip += f": {captions[int(index)]}"
-        images.append(f"<img class='mmn-thumb' src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
+        images.append(f"<img class='mmn-thumb' src='{uri}' alt='{html.escape(label, quote=True)}' title='{html.escape(tip, quote=True)}'>")
     return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(unit_label(row))}</div>"
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
