@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .nouns import NounTaggerMissing
 from .tiny.scenes import caption_scores, make_scenes
@@ -469,12 +470,17 @@ def cmd_edit(args) -> dict:
         raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
     if args.source == args.target:
         raise CliError(f"--source and --target are the same word ({args.source!r})")
-    save = Path(args.save).expanduser() if args.save else None
-    if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
+    save = _check_new_folder(args.save, "--save") if args.save else None
+    if save is not None and save.exists() and any(save.iterdir()):
         raise CliError(f"--save {save} already exists and is not an empty folder; choose a new one")
+    _check_edit_words(args)         # before the model loads
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     target_token(vlm, args.target)  # bad target: fail before captioning anything
     pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)], progress=True)
+    said = pool.nouns()
+    if said and args.source not in said:   # a word of the captions that is no noun ("a", "of")
+        raise CliError(f"--source {args.source!r} is not a noun the {len(pool.captions)} captions "
+                       f"say; nouns said: {', '.join(said)}")
     edit = run_edit(vlm, pool, args.source, args.target, k=args.k, method=args.method,
                     seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
     m = edit.metrics
@@ -503,6 +509,31 @@ def cmd_edit(args) -> dict:
         if save is not None:
             print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
     return {k: _finite(v) for k, v in result.items()}
+
+
+# words that are never the noun of an edit (articles, the prompt's words, pronouns, prepositions)
+_NOT_NOUNS = frozenset("a an the of in on at to and or with without image picture photo this that "
+                       "these those it its is are there some".split())
+
+
+def _check_edit_words(args) -> None:
+    """``--source`` / ``--target`` are single nouns: not an article or a preposition, letters
+    only, and, for a model with a noun vocabulary (the embedded ones), words of it — checked
+    from the checkpoint folder before the model loads."""
+    from .vlm import EMBEDDED, EMBEDDED_DIR, ModelLoadError, read_noun_vocabulary
+
+    for option, word in (("--source", args.source), ("--target", args.target)):
+        if not word.replace("-", "").isalpha() or word.lower() in _NOT_NOUNS:
+            raise CliError(f"{option} must be a noun (one word, letters only, not an article or "
+                           f"preposition), got {word!r}")
+    folder = EMBEDDED_DIR / args.model if args.model in EMBEDDED else Path(args.model).expanduser()
+    try:
+        vocabulary = read_noun_vocabulary(folder) if folder.is_dir() else None
+    except (ModelLoadError, ValueError):
+        return                  # the model's loader says what is wrong with the folder
+    if vocabulary is not None and args.source not in vocabulary:
+        raise CliError(f"--source {args.source!r} is not in the model's noun vocabulary; choose one "
+                       f"of: {', '.join(sorted(vocabulary))}")
 
 
 def cmd_atlas(args) -> dict:

@@ -229,6 +229,7 @@ class Edit:
         Written to a temporary folder beside ``path`` and renamed at the end, so a failure
         never leaves a half-written folder. ``load_vlm(path)`` loads it back.
         """
+        from .results import respect_umask
         from .vlm import EMBEDDED_MARKER
 
         path = Path(path).expanduser()
@@ -245,6 +246,7 @@ class Edit:
                 (tmp / EMBEDDED_MARKER).write_text(json.dumps(
                     {"nouns": list(self.vlm.noun_vocabulary), "source": "mmneurons_utils.editing"}))
             (tmp / "edit.json").write_text(json.dumps(self.summary(), indent=1))
+            respect_umask(tmp)      # mkdtemp's folder is 0700: readable by others as mkdir makes it
             if path.exists():
                 path.rmdir()
             os.replace(tmp, path)

@@ -105,6 +105,20 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
     return folder
 
 
+def respect_umask(folder: str | Path) -> Path:
+    """Give ``folder`` and everything in it the permissions a plain ``mkdir`` / ``open`` would
+    (``0o777`` / ``0o666`` less the umask): a folder made by :func:`tempfile.mkdtemp` is
+    ``0700``, readable by its owner only."""
+    folder = Path(folder)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    return folder
+
+
 @contextmanager
 def exclusive(path: str | Path):
     """Hold the lock of output ``path`` (``.<name>.lock`` beside it, :mod:`filelock`) for the

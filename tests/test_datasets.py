@@ -215,8 +215,11 @@ def test_boxes_are_clipped_to_the_image(tmp_path):
     _write(tmp_path / "a.json", _coco(annotations=[
         dict(id=1, image_id=1, category_id=3, bbox=[-2, 5, 20, 20]),
         dict(id=2, image_id=1, category_id=3, bbox=[30, 30, 5, 5])]))
-    boxes = [box for _, box in load_images(tmp_path, tmp_path / "a.json")[0].boxes]
-    assert boxes == [(0, 5, 8, 8), (7, 7, 8, 8)]          # inside the image, at least one pixel
+    data = load_images(tmp_path, tmp_path / "a.json")
+    boxes = [box for _, box in data[0].boxes]
+    assert boxes == [(0, 5, 8, 8)]          # clipped to the image; the box outside it is dropped
+    assert any("outside" in n and "annotations[1]" in n for n in data.notes), data.notes
+    assert any("clipped" in n and "annotations[0]" in n for n in data.notes), data.notes
 
 
 def test_folder_without_annotations_has_no_labels(tmp_path):
