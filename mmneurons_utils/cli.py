@@ -45,19 +45,6 @@ _positive_int = _int_at_least(1, "a positive integer")
 _seed = _int_at_least(0, "a non-negative integer seed")
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0 (``inf``, ``nan``, ``0``, ``-1`` refused)."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block): ``mmneurons find: error: …``."""
 
@@ -82,16 +69,16 @@ def _check_model_options(args) -> None:
         _device(args.device)
 
 
-def _check_new_folder(folder, option: str):
+def _check_new_folder(folder, option: str, parents: bool = True):
     """``folder`` (to be created, or empty) can be made here: its nearest existing ancestor
-    is a writable folder."""
-    from pathlib import Path
-
+    (``parents=False``: its parent) is a writable folder."""
     from .results import check_writable_folder
 
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise CliError(f"{option} {folder} exists and is not a folder; choose a folder")
+    if not parents and not folder.parent.is_dir():
+        raise CliError(f"folder {folder.parent} of {option} does not exist")
     existing = folder if folder.exists() else folder.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -189,7 +176,7 @@ def _add_causal_commands(sub) -> None:
     _add_image_args(p)
     p.add_argument("--k", type=_positive_int, default=50, help="units per noun (default 50)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--sigma", type=_positive_float, help="Gaussian noise of this σ (× the column's RMS)")
+    how.add_argument("--sigma", type=float, help="Gaussian noise of this σ (× the column's RMS)")
     how.add_argument("--zero", action="store_true", help="zero the write vectors (the default)")
     p.add_argument("--absolute", action="store_true", help="σ is absolute, not relative to the column")
     p.add_argument("--n-random", type=_positive_int, default=3, help="random draws per noun (default 3)")
@@ -221,7 +208,10 @@ def _data(args):
     if args.annotations and not args.images:
         raise CliError("--annotations needs --images DIR, the folder of the images it annotates")
     if args.images:
-        return load_images(args.images, args.annotations)
+        data = load_images(args.images, args.annotations)
+        for note in data.notes:          # what the annotations lack, one line each
+            print(f"mmneurons {args.command}: note: {note}", file=sys.stderr)
+        return data
     return load_images(n=args.scenes, seed=args.seed)
 
 
@@ -240,7 +230,23 @@ def _load_model(args, data):
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     if args.annotations:
         prepare_model(vlm, data)
+        _note_unmatched_categories(args, vlm, data)
     return vlm
+
+
+def _note_unmatched_categories(args, vlm, data) -> None:
+    """One line naming the annotation categories that no word of the model's noun vocabulary
+    names (their boxes can never be matched to a caption noun)."""
+    from .datasets import match_category
+
+    if vlm.noun_vocabulary is None:
+        return
+    named = {match_category(word, data.categories) for word in vlm.noun_vocabulary}
+    unmatched = [c for c in data.categories if c not in named]
+    if unmatched:
+        print(f"mmneurons {args.command}: note: {len(unmatched)} categories of {args.annotations} "
+              f"name no noun the model says ({', '.join(unmatched[:5])}{', …' if len(unmatched) > 5 else ''});"
+              " their boxes are never used", file=sys.stderr)
 
 
 def _say_noun_source(args, vlm) -> None:
@@ -425,8 +431,9 @@ def cmd_perturb(args) -> dict:
     from .causal import causal_curves, half_removal_k, summarize
     from .identify import METHODS
 
-    if args.sigma is not None and not args.sigma > 0:
-        raise CliError(f"--sigma must be a positive number, got {args.sigma!r}")
+    if args.sigma is not None and not 0 < args.sigma < float("inf"):   # also nan, inf
+        raise CliError(f"--sigma must be a finite positive number (× the column's RMS, or absolute "
+                       f"with --absolute), got {args.sigma!r}")
     data = _data(args)
     images = data.images
     vlm = _load_model(args, data)
@@ -545,10 +552,18 @@ def cmd_atlas(args) -> dict:
                        f"{launched_processes()} processes (its dataset examples are one running top-k "
                        "over all images and its page is drawn from them); run it with "
                        "python -m mmneurons_utils.cli atlas …")
-    out = _check_new_folder(args.out, "--out")
+    out = _check_new_folder(args.out, "--out", parents=False)
+    created = not out.exists()
     out.mkdir(exist_ok=True)
-    with exclusive(out / "atlas.parquet"):      # one writer of the folder at a time
-        return _atlas_locked(args, out)
+    try:
+        with exclusive(out / "atlas.parquet"):      # one writer of the folder at a time
+            return _atlas_locked(args, out)
+    except BaseException:
+        if created:     # a run that wrote nothing leaves no folder behind
+            (out / ".atlas.parquet.lock").unlink(missing_ok=True)
+            if not any(out.iterdir()):
+                out.rmdir()
+        raise
 
 
 def _check_atlas_folder(out, description: dict):

@@ -305,14 +305,17 @@ def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_p
     key = "language_model.model.layers.2.mlp.down_proj.weight"
     tensors[key][0, 7] += 0.5
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    (out / "index.html").write_text("stale page")
+    from mmneurons_utils.companion.atlas_html import GENERATOR
+
+    stale = f"<!DOCTYPE html><html><head>{GENERATOR}</head><body>stale page</body></html>"
+    (out / "index.html").write_text(stale)             # a page of its own, from the old weights
     changed, err = run()
     assert not changed["resumed"] and changed["weights_changed"]
     notes = [line for line in err.splitlines() if "other weights" in line]
     assert len(notes) == 1 and "recomputing" in notes[0] and "error" not in notes[0]
     _, new_meta = read_atlas(out / "atlas.parquet")
     assert new_meta["weights"] != meta["weights"] and new_meta["description"] == meta["description"]
-    assert (out / "index.html").read_text() != "stale page"           # the page was rewritten too
+    assert (out / "index.html").read_text() != stale                  # the page was rewritten too
     assert not list(out.glob(".*tmp"))
     settled, _ = run()                                                # the new weights: reused
     assert settled["resumed"] and not settled["weights_changed"]
