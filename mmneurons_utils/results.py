@@ -83,10 +83,10 @@ def check_output_file(path: str | Path, option: str = "--out", suffix: str | Non
     """``path`` as an output file, checked before any work: the right suffix, not a folder,
     in an existing folder that this user can write (``ValueError`` naming it otherwise)."""
     path = Path(path).expanduser()
-    if suffix and path.suffix != suffix:
-        raise ResultFileError(f"{option} must end in {suffix}, got {path}")
     if path.is_dir():
         raise ResultFileError(f"{option} {path} is a folder; give a file name ending in {suffix}")
+    if suffix and path.suffix != suffix:
+        raise ResultFileError(f"{option} must end in {suffix}, got {path}")
     check_writable_folder(path.parent, f"folder {path.parent} of {option}")
     if path.exists() and not path.is_file():
         raise ResultFileError(f"{option} {path} exists and is not a regular file")
