@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from mmneurons_utils.parallel import merge_parts, part_files, part_path
-from mmneurons_utils.results import ResultFile, done_images
+from mmneurons_utils.results import ResultFile, done_images, read_run
 
 FIND = ["find", "--model", "tiny-llava", "--scenes", "6", "--seed", "3", "--top-k", "10"]
 
@@ -100,10 +100,17 @@ def test_an_interrupted_parallel_run_is_finished_by_one_process(tmp_path, cli):
     names = [f"scene-3-{i}" for i in range(6)]
     out = tmp_path / "out.parquet"
     # --out already holds images 0 and 1 (an earlier, finished run on 2 scenes) …
-    ResultFile(out).append(_rows_of(ref, names[:2]), names[:2])
+    run = read_run(reference)          # the same settings and images as this run's
+
+    def of_this_run(path):
+        results = ResultFile(path)
+        results.expect(run["settings"], run["images"])
+        return results
+
+    of_this_run(out).append(_rows_of(ref, names[:2]), names[:2])
     # … and a killed 2-process run got as far as image 4 (process 1) and 2 (process 0)
-    ResultFile(part_path(out, 1, 2)).append(_rows_of(ref, names[4:5]), names[4:5])
-    ResultFile(part_path(out, 0, 2)).append(_rows_of(ref, names[2:3]), names[2:3])
+    of_this_run(part_path(out, 1, 2)).append(_rows_of(ref, names[4:5]), names[4:5])
+    of_this_run(part_path(out, 0, 2)).append(_rows_of(ref, names[2:3]), names[2:3])
     code, stdout, _ = cli(*FIND, "--out", str(out), "--json")
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
