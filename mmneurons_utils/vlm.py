@@ -365,10 +365,9 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a transformers checkpoint (no config.json); "
                                  f"supported model types: {', '.join(A.supported_model_types())}")
-        from .checkpoint import check_checkpoint, read_config
+        from .checkpoint import read_config
 
         model_type = read_config(path).get("model_type", "?")
-        check_checkpoint(path)
         source, local = str(path), True
     elif "/" in name and not name.startswith((".", "/", "~")):
         source, local = name, False  # a hub id: the one case that may reach the network
@@ -378,6 +377,10 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
             f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED)}), "
             "a local checkpoint folder, or a hub id such as llava-hf/llava-1.5-7b-hf")
     arch = A.architecture_for(model_type)
+    if local:
+        from .checkpoint import check_checkpoint
+
+        check_checkpoint(path)     # weights, processor, tokenizer there and whole: one-line errors
     model_class = getattr(transformers, arch.model_class)
     processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
     if device_map is None:
@@ -417,7 +420,10 @@ def read_noun_vocabulary(folder: Path) -> list[str] | None:
     marker = Path(folder) / EMBEDDED_MARKER
     if not marker.is_file():
         return None
-    nouns = json.loads(marker.read_text()).get("nouns")
+    try:
+        nouns = json.loads(marker.read_text(encoding="utf-8")).get("nouns")
+    except (ValueError, AttributeError) as exc:    # not JSON, or not an object
+        raise ModelLoadError(f"{marker} is not a JSON object with a 'nouns' list ({exc})") from exc
     if not (isinstance(nouns, list) and nouns and all(isinstance(n, str) for n in nouns)):
         raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
                              f"{str(nouns)[:60]!r}; re-save the model with this version")
@@ -446,8 +452,8 @@ def _device(device) -> torch.device:
                              f"{torch.cuda.device_count()} CUDA devices; use cuda:0 … cuda:"
                              f"{torch.cuda.device_count() - 1}")
     if dev.type not in ("cpu", "cuda", "mps", "xpu", "npu"):
-        raise ModelLoadError(f"device {device!r} cannot run the model (a {dev.type} device holds "
-                             "no data to compute with); use cpu, cuda, cuda:N or mps")
+        why = " (meta tensors hold no data)" if dev.type == "meta" else ""
+        raise ModelLoadError(f"device {device!r} cannot run the model{why}; use cpu, cuda, cuda:N or mps")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError(f"device {device!r} asked for, but MPS is not available; use cpu")
     return dev
