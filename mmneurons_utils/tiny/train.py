@@ -164,7 +164,7 @@ def save_embedded(model, processor, out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--model", required=True, choices=sorted(RECIPES) + ["smol-llava"])
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--lr", type=float)
@@ -178,6 +178,16 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", type=int, default=0, help="continuation number (new scene seeds)")
     args = parser.parse_args(argv)
     common = dict(eval_every=args.eval_every, eval_n=args.eval_n, threads=args.threads)
+    if args.model == "smol-llava":  # pretrained LM, frozen: its own resumable recipe (tiny/smol.py)
+        from . import smol
+
+        recipe = dict(smol.RECIPE, **{k: v for k in ("steps", "batch", "warmup", "seed")
+                                      if (v := getattr(args, k)) is not None})
+        print(json.dumps(smol.train(args.out or WEIGHTS_DIR / "smol-llava", **recipe,
+                                    eval_every=args.eval_every if args.eval_every != 250 else 100,
+                                    eval_n=args.eval_n if args.eval_n != 200 else 48,
+                                    threads=args.threads)))
+        return
     out = args.out or WEIGHTS_DIR / args.model
     custom = {k: v for k in RECIPES[args.model][0] if (v := getattr(args, k)) is not None}
     if custom or args.init is not None or args.stage:  # one run, the first stage's settings as defaults
