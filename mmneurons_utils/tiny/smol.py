@@ -37,7 +37,7 @@ from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene, make_scenes
 NAME = "smol-llava"
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_TARGETS = r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-RECIPE = dict(steps=500, batch=16, lr_projector=2e-3, lr_tower=3e-4, lr_lora=1e-3, warmup=30, seed=0)
+RECIPE = dict(steps=600, batch=16, lr_projector=2e-3, lr_tower=3e-4, lr_lora=1e-3, warmup=30, seed=0)
 CHECKPOINT_EVERY = 20
 
 
