@@ -21,9 +21,11 @@ A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` t
 grid, ``E`` dataset examples per unit).
 """
 
-from .datasets import load_images
-from .identify import find_neurons
-from .vlm import VLM, Caption, load_vlm
+from .data.datasets import load_images
+from .interventions import causal, editing
+from .method.identify import find_neurons, find_neurons_by_method
+from .model.vlm import VLM, Caption, load_vlm
+from .properties import metrics
 
 
 def __getattr__(name):
@@ -34,4 +36,5 @@ def __getattr__(name):
         return getattr(scenes, name)
     raise AttributeError(f"module 'mmneurons_utils' has no attribute {name!r}")
 
-__all__ = ["Caption", "Scene", "VLM", "find_neurons", "load_images", "load_vlm", "make_scenes"]
+__all__ = ["Caption", "Scene", "VLM", "causal", "editing", "find_neurons", "find_neurons_by_method",
+           "load_images", "load_vlm", "make_scenes", "metrics"]

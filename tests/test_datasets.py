@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmneurons_utils.datasets import (SYNONYMS, DatasetError, ImageSet, Sample, boxes_for, candidate_words,
+from mmneurons_utils.data.datasets import (SYNONYMS, DatasetError, ImageSet, Sample, boxes_for, candidate_words,
                                       contains, load_images, match_category, read_coco, singular,
                                       unmatched_nouns, write_image_folder)
 from mmneurons_utils.tiny.scenes import NOUNS, make_scenes

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from mmneurons_utils import make_scenes, metrics
-from mmneurons_utils.identify import find_neurons_by_method
-from mmneurons_utils.scoring import unit_logit_lens
-from mmneurons_utils.sensitivity import noun_hits
+from mmneurons_utils.method.identify import find_neurons_by_method
+from mmneurons_utils.method.scoring import unit_logit_lens
+from mmneurons_utils.properties.sensitivity import noun_hits
 
 N_SCENES = 48
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.causal import causal_curves
-from mmneurons_utils.editing import edit_token
-from mmneurons_utils.identify import logit_weights, rank_units, units_of
-from mmneurons_utils.interventions import added_deltas, as_units, perturb_units
-from mmneurons_utils.scoring import contribution_scores, top_units
-from mmneurons_utils.trace import Trace, TraceDict, trace_down_proj
-from mmneurons_utils.vlm import ModelLoadError, read_noun_vocabulary
+from mmneurons_utils.interventions.causal import causal_curves
+from mmneurons_utils.interventions.editing import edit_token
+from mmneurons_utils.method.identify import logit_weights, rank_units, units_of
+from mmneurons_utils.interventions.ablation import added_deltas, as_units, perturb_units
+from mmneurons_utils.method.scoring import contribution_scores, top_units
+from mmneurons_utils.model.trace import Trace, TraceDict, trace_down_proj
+from mmneurons_utils.model.vlm import ModelLoadError, read_noun_vocabulary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmneurons_utils"
 # what may import the embedded models' scenes: the embedded models themselves, datasets.py (they
@@ -68,9 +68,9 @@ def test_the_method_core_does_not_import_the_scenes():
     assert offenders == []
     # and importing the whole method (with the package's own __init__) loads no scene code
     code = ("import sys, mmneurons_utils\n"
-            "import mmneurons_utils.identify, mmneurons_utils.causal, mmneurons_utils.editing, "
-            "mmneurons_utils.edit_evaluation, mmneurons_utils.invariance, mmneurons_utils.specificity, "
-            "mmneurons_utils.sensitivity, mmneurons_utils.metrics, mmneurons_utils.atlas\n"
+            "import mmneurons_utils.method.identify, mmneurons_utils.interventions.causal, mmneurons_utils.interventions.editing, "
+            "mmneurons_utils.batch.edit_evaluation, mmneurons_utils.properties.invariance, mmneurons_utils.properties.specificity, "
+            "mmneurons_utils.properties.sensitivity, mmneurons_utils.properties.metrics, mmneurons_utils.atlas.build\n"
             "print(sorted(m for m in sys.modules if m.startswith('mmneurons_utils.tiny')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.identify import NounNotInCaption
-from mmneurons_utils.scoring import contribution_scores, gradient_scores, unit_logit_weights
+from mmneurons_utils.method.identify import NounNotInCaption
+from mmneurons_utils.method.scoring import contribution_scores, gradient_scores, unit_logit_weights
 from mmneurons_utils.tiny.build import build_tiny_instructblip, build_tiny_llava
-from mmneurons_utils.vlm import VLM
+from mmneurons_utils.model.vlm import VLM
 
 
 @pytest.fixture(scope="module", params=["tiny-llava", "tiny-instructblip"])

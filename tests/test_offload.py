@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, load_vlm, make_scenes
-from mmneurons_utils.editing import edit_token
-from mmneurons_utils.identify import units_of
-from mmneurons_utils.interventions import ablate_activations, perturb_units
-from mmneurons_utils.offload import offloaded, weight
-from mmneurons_utils.teacher_forcing import teacher_forced_logits
-from mmneurons_utils.vlm import ModelLoadError
+from mmneurons_utils.interventions.editing import edit_token
+from mmneurons_utils.method.identify import units_of
+from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
+from mmneurons_utils.model.offload import offloaded, weight
+from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
+from mmneurons_utils.model.vlm import ModelLoadError
 
 pytest.importorskip("accelerate")
 
@@ -96,7 +96,7 @@ def test_an_edit_of_offloaded_layers_matches_and_undoes_exactly(llava_pair, imag
 
 
 def test_the_vocabulary_reads_the_offloaded_weights(llava_pair):
-    from mmneurons_utils.vocabulary import neuron_vocabulary, weights_key
+    from mmneurons_utils.method.vocabulary import neuron_vocabulary, weights_key
 
     full, mapped = llava_pair
     assert weights_key(full, 5) == weights_key(mapped, 5)
@@ -112,7 +112,7 @@ def test_bad_device_maps_are_clear_errors():
 
 
 def test_bench_times_the_offloaded_model(llava_pair, images):
-    from mmneurons_utils.bench import time_offload
+    from mmneurons_utils.batch.bench import time_offload
 
     full, _ = llava_pair
     out = time_offload(full, images[:2], repeats=1)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from mmneurons_utils.bench import vocab_memory_probe
-from mmneurons_utils.scoring import unit_top_tokens
-from mmneurons_utils.vocabulary import neuron_vocabulary, topk_columns
+from mmneurons_utils.batch.bench import vocab_memory_probe
+from mmneurons_utils.method.scoring import unit_top_tokens
+from mmneurons_utils.method.vocabulary import neuron_vocabulary, topk_columns
 
 
 @pytest.mark.parametrize("chunk, block", [(1, 50), (7, 13), (64, 1), (1000, 1000)])
@@ -55,7 +55,7 @@ def test_memory_probe_reports_a_small_fraction():
 
 
 def test_bench_reports_the_three_ratios(tiny_llava):
-    from mmneurons_utils.bench import run_bench
+    from mmneurons_utils.batch.bench import run_bench
 
     result = run_bench(tiny_llava, n_images=3, seed=0, repeats=1, vocab_memory=False)
     assert result["overhead_ratio"] > 0.5          # identification includes a full describe

@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..results import atomic_write
-from ..specificity import patch_grid, unit_maps, upsample
+from ..store.results import atomic_write
+from ..properties.specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
@@ -55,7 +55,7 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                       progress: bool = False) -> Path:
     """Write the atlas page to ``path`` (atomically) and return it.
 
-    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows; ``images``: the images its
+    ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows; ``images``: the images its
     ``example_images`` index; ``captions``: their caption texts (thumbnail tooltips);
     ``meta``: key → value pairs shown under the title. Maps need the example images'
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)

@@ -21,7 +21,7 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     ``captions``: their caption texts (shown under each image). Returns the figure.
     """
     from ..companion.atlas_html import unit_label
-    from ..specificity import patch_grid, percentile_mask, unit_maps, upsample
+    from ..properties.specificity import patch_grid, percentile_mask, unit_maps, upsample
     from .properties import heatmap_overlay
 
     get = row.get if isinstance(row, dict) else row.__getitem__
@@ -67,7 +67,7 @@ def purity_scatter(table, width: float = 3.4):
     """Per noun: the mean purity of its atlas units (contribution) against the purity of the
     random units drawn for its images, with the diagonal (no better than random) dashed.
 
-    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows (``noun, purity,
+    ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows (``noun, purity,
     purity_random, base_rate``). A point's size grows with the noun's number of images.
     """
     import numpy as np

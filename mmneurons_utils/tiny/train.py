@@ -86,7 +86,7 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
 
     ``stage`` offsets the training-scene seeds so a continuation sees new scenes.
     """
-    from ..vlm import VLM  # the same captioning path the package uses
+    from ..model.vlm import VLM  # the same captioning path the package uses
 
     if threads:
         torch.set_num_threads(threads)

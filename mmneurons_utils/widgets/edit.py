@@ -47,7 +47,7 @@ class EditPlayground(Panel):
         self.nouns.set_caption(self.caption)
 
     def _others(self, source: str) -> tuple[list, list]:
-        from ..nouns import says
+        from ..model.nouns import says
 
         captions = self.vlm.describe(self.others) if self.others else []
         free = [im for im, c in zip(self.others, captions) if not says(c.text, source)]
@@ -55,7 +55,7 @@ class EditPlayground(Panel):
 
     def _table_units(self, source: str):
         """The table's top units for the picked scene's ``source`` (``None``: choose them here)."""
-        from ..identify import units_of
+        from ..method.identify import units_of
 
         index = self.table_image()
         if self.table is None or index is None:
@@ -64,7 +64,7 @@ class EditPlayground(Panel):
 
     def run_edit(self):
         """Edit the picked image's ``source`` into ``target`` (undoing any previous edit)."""
-        from ..editing import edit_token
+        from ..interventions.editing import edit_token
 
         self.undo()
         source, target = self.nouns.value, self.target.value

@@ -16,7 +16,7 @@ are not a patch grid (InstructBLIP's queries) show the units and top tokens, no 
 Opt-in, the selected unit's **dataset strip** (its top images over a dataset, in its
 polarity, each with its map; :meth:`NeuronExplorer.dataset_strip`): ``examples=True``
 gathers the examples of every unit over the picker's scenes (one prefill pass, on the first
-strip), or pass a :class:`~mmneurons_utils.examples.UnitExamples` (e.g. an atlas run's
+strip), or pass a :class:`~mmneurons_utils.atlas.examples.UnitExamples` (e.g. an atlas run's
 ``parts["examples"]``) with ``example_images``, the images (or scenes) it indexes. Each
 unit's strip is drawn once (a prefill of its ``strip_n`` images and one figure) and kept.
 
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import ipywidgets as W
 from IPython.display import display
 
-from ..datasets import boxes_for
+from ..data.datasets import boxes_for
 from .pickers import ImagePicker, TokenPicker
 
 
@@ -65,9 +65,9 @@ class NeuronExplorer:
     def __init__(self, vlm, scenes=None, top_k: int = 10, seed: int = 0, n_images: int = 24,
                  index: int | None = None, heat_px: int = 200, examples=None,
                  example_images=None, strip_n: int = 6):
-        from .. import specificity
-        from ..examples import UnitExamples
-        from ..identify import check_top_k
+        from ..properties import specificity
+        from ..atlas.examples import UnitExamples
+        from ..method.identify import check_top_k
 
         self.vlm, self.top_k, self.heat_px = vlm, check_top_k(vlm, top_k), heat_px
         self.grid = specificity.patch_grid(vlm)
@@ -112,7 +112,7 @@ class NeuronExplorer:
     # -- state ------------------------------------------------------------------------
     def _analyse(self):
         """Caption the picked image once (activations at the image tokens too) and score it."""
-        from ..identify import find_neurons
+        from ..method.identify import find_neurons
 
         image = self.picker.image
         captions = self.vlm.describe([image], activation="down_proj_input",
@@ -159,7 +159,8 @@ class NeuronExplorer:
 
     def heatmap_figure(self, unit: dict | None = None):
         """The unit's activation map over the image (``None`` without a patch grid)."""
-        from .. import plots, specificity
+        from .. import plots
+        from ..properties import specificity
 
         unit = unit or self.selected()
         if unit is None or self.grid is None:
@@ -176,7 +177,7 @@ class NeuronExplorer:
 
     def _strip_source(self, n: int, examples: int):
         """``(UnitExamples, images, captions or None)`` the strips are drawn from."""
-        from ..examples import dataset_examples
+        from ..atlas.examples import dataset_examples
 
         given = self._given_examples
         if given is not None and given is not True:

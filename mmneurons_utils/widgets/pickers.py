@@ -18,7 +18,7 @@ import ipywidgets as W
 from IPython.display import display
 from PIL import Image
 
-from ..datasets import attribution_of, is_scene, label_of
+from ..data.datasets import attribution_of, is_scene, label_of
 
 
 def png_bytes(image: Image.Image, size: int | None = None) -> bytes:

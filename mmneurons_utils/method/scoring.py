@@ -30,9 +30,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .offload import weight
-from .teacher_forcing import append_captions
-from .trace import trace_down_proj
+from ..model.offload import weight
+from ..model.teacher_forcing import append_captions
+from ..model.trace import trace_down_proj
 
 
 @torch.no_grad()

@@ -11,12 +11,12 @@
   activations, the streaming dataset-example merge, identification, purity, modality)
   ÷ plain ``describe`` on the same images.
 * ``official_speedup`` — the official code's identification (reimplemented in
-  :mod:`mmneurons_utils.official`: batch size 1, no KV cache so every generated token
+  :mod:`mmneurons_utils.batch.official`: batch size 1, no KV cache so every generated token
   re-runs the whole model, vision tower included; the gate-only ``act_fn`` activation; the
   ``W_out·W_U`` projection of every layer precomputed for the whole vocabulary) ÷ ours
   (``find_neurons``: batch size 16, KV cache on, contribution, top-50) on the same images,
   after checking that both make the same captions and pick the same nouns at the same
-  steps (:class:`~mmneurons_utils.official.OfficialMismatch` otherwise). ``official_s`` and
+  steps (:class:`~mmneurons_utils.batch.official.OfficialMismatch` otherwise). ``official_s`` and
   ``official_ours_s`` are the two medians, ``official_images_per_s`` the official
   throughput, ``official_prepare_s`` its one-time projection (outside the ratio: the
   official code runs it as a separate script), ``official_forwards_per_image`` the full
@@ -72,8 +72,8 @@ def _interleaved(first, second, repeats: int, warm_up: bool = True) -> tuple[flo
 
 
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
-    from .identify import find_neurons, logit_weights, rank_units
-    from .scoring import unit_top_tokens
+    from ..method.identify import find_neurons, logit_weights, rank_units
+    from ..method.scoring import unit_top_tokens
 
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
@@ -114,7 +114,7 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
                   batch_sizes=THROUGHPUT_BATCH_SIZES) -> dict:
     """``official_speedup`` (official ÷ ours on ``images``) and ``images_per_s`` of ours at
     ``batch_sizes`` on ``throughput_images`` (default ``images``); medians of interleaved runs."""
-    from .identify import find_neurons
+    from ..method.identify import find_neurons
     from .official import check_same_nouns, official_find, prepare_official
 
     start = time.perf_counter()
@@ -149,7 +149,7 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
 
 def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8) -> dict:
     """``atlas_ratio``: ``build_atlas`` ÷ ``describe`` on ``images`` (medians of interleaved runs)."""
-    from .atlas import build_atlas
+    from ..atlas.build import build_atlas
 
     describe = lambda: vlm.describe(images, batch_size=16)
     atlas = lambda: build_atlas(vlm, images, top_k=top_k, examples=examples, batch_size=16)
@@ -164,7 +164,7 @@ def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 3200
 
     import torch
 
-    from .vocabulary import topk_columns
+    from ..method.vocabulary import topk_columns
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_u = torch.randn(vocab, d_model, generator=gen, device=device)
@@ -189,7 +189,7 @@ def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 3200
 
 
 def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
-    code = ("import json; from mmneurons_utils.bench import vocab_memory_probe; "
+    code = ("import json; from mmneurons_utils.batch.bench import vocab_memory_probe; "
             f"print(json.dumps(vocab_memory_probe(chunk={chunk}, device={device!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,8 +202,8 @@ def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
     local folders (``None`` when that is not a loadable name)."""
     import tempfile
 
-    from .identify import find_neurons
-    from .vlm import ModelLoadError, load_vlm
+    from ..method.identify import find_neurons
+    from ..model.vlm import ModelLoadError, load_vlm
 
     with tempfile.TemporaryDirectory(prefix="mmneurons-offload-") as folder:
         try:
@@ -223,7 +223,7 @@ def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: i
     (``images_per_s`` on the first ``max(n_images, 32)``); ``official=False`` skips
     ``official_speedup`` and ``images_per_s``, ``vocab_memory=False`` the memory probe;
     ``offload=True`` adds ``offload_slowdown`` (:func:`time_offload`)."""
-    from .tiny.scenes import make_scenes
+    from ..tiny.scenes import make_scenes
 
     scenes = make_scenes(max(n_images, max(THROUGHPUT_BATCH_SIZES)), seed=seed)  # scene i: (seed, i) only
     images = [s.image for s in scenes[:n_images]]

@@ -1,9 +1,9 @@
 """Metrics over identified neurons (each a plain function of tables or score maps).
 
 The property metrics live one concern a module and are re-exported here:
-:mod:`~mmneurons_utils.sensitivity` (semantic sensitivity),
-:mod:`~mmneurons_utils.specificity` (heatmaps, masks, mass in box, pointing, AUROC) and
-:mod:`~mmneurons_utils.invariance` (region and cross-image invariance). This module
+:mod:`~mmneurons_utils.properties.sensitivity` (semantic sensitivity),
+:mod:`~mmneurons_utils.properties.specificity` (heatmaps, masks, mass in box, pointing, AUROC) and
+:mod:`~mmneurons_utils.properties.invariance` (region and cross-image invariance). This module
 adds the summaries: means with bootstrap intervals and the paper-style table.
 """
 
@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .invariance import cross_image_invariance, region_invariance
-from .scoring import rank_correlation, top_overlap
+from ..method.scoring import rank_correlation, top_overlap
 from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
 from .specificity import specificity_scores
 
@@ -71,8 +71,8 @@ def polarity_report(vlm, images, top_k: int = 10, n_top_tokens: int = 10,
     official tensor), ``noun_hit_signed`` / ``noun_hit_unsigned`` (share of units whose
     top-``n_top_tokens`` tokens contain the noun, read with and without the polarity).
     """
-    from .identify import find_neurons
-    from .scoring import unit_logit_lens
+    from ..method.identify import find_neurons
+    from ..method.scoring import unit_logit_lens
 
     images = list(images)
     exact = find_neurons(vlm, images, top_k=top_k, n_top_tokens=n_top_tokens,
@@ -97,7 +97,7 @@ def noun_in_top_tokens(table: pd.DataFrame) -> float:
 
     Tokens are read in each unit's polarity (a ``find_neurons`` table's ``top_tokens``);
     the match uses ``noun_rank`` when the table has it, else the marker-stripped words
-    (``▁dog`` / ``Ġdog`` match ``dog``). See :func:`~mmneurons_utils.sensitivity.noun_hits`.
+    (``▁dog`` / ``Ġdog`` match ``dog``). See :func:`~mmneurons_utils.properties.sensitivity.noun_hits`.
     """
     from .sensitivity import unit_names_noun
 
@@ -116,7 +116,7 @@ def summarize_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
     metric missing from ``frame``, e.g. BLEURT when not computed, gets NaNs and ``n = 0``).
 
     When ``frame`` has a ``cluster`` column (default ``image``) the bootstrap resamples its
-    values, not rows (:func:`~mmneurons_utils.stats.cluster_bootstrap_ci`): the (image,
+    values, not rows (:func:`~mmneurons_utils.properties.stats.cluster_bootstrap_ci`): the (image,
     noun) rows of one image are not independent. ``cluster=None`` or no such column
     resamples rows, and ``n_clusters`` is ``n``."""
     from .stats import bootstrap_ci, cluster_bootstrap_ci

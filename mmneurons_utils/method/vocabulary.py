@@ -2,7 +2,7 @@
 
 Unit ``(l, i)`` writes ``W_out[l][:, i]`` into the residual stream; its top tokens
 are the arg-top-k of ``p · W_U · W_out[l][:, i]`` where ``p`` is its polarity (the sign
-of its coefficient; see :mod:`mmneurons_utils.scoring`). The table keeps both ends of
+of its coefficient; see :mod:`mmneurons_utils.method.scoring`). The table keeps both ends of
 every unit's lens (``p = +1``: the top; ``p = −1``: the bottom), so either polarity is a
 lookup. The full product ``W_U · W_out[l]``
 is ``V × F`` per layer (1.4 GB in float32 for a LLaVA-1.5-7B layer, ~45 GB for
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .offload import weight
-from .results import atomic_write
+from ..model.offload import weight
+from ..store.results import atomic_write
 
 
 @dataclass

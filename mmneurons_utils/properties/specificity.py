@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import datasets
-from .identify import top_k_groups
+from ..data import datasets
+from ..method.identify import top_k_groups
 from .stats import auroc
 
 
@@ -57,7 +57,7 @@ def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
     """``Float[ndarray, "N rows cols"]`` activation maps ``p · a`` of ``units``
     (``Int[ndarray, "N 2"]``).
 
-    ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
+    ``activations``: one image's :class:`~mmneurons_utils.model.capture.Activations` with
     ``image`` recorded (``Float[Tensor, "L I F"]``); ``polarity``: ``Int[ndarray, "N"]``
     of ±1 (default all ``+1``, the raw activation).
     """
@@ -168,9 +168,9 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     (all ``+1`` when the table has no such column).
 
     Which images contain the noun: the samples' known objects (``nouns``: the scenes', or an
-    annotation file's, matched by :func:`~mmneurons_utils.datasets.contains`), or — for images
+    annotation file's, matched by :func:`~mmneurons_utils.data.datasets.contains`), or — for images
     with no labels at all (a bare folder) — the model's own captions (:func:`presence_source`).
-    Boxes are matched to the noun by :func:`~mmneurons_utils.datasets.boxes_for`; images
+    Boxes are matched to the noun by :func:`~mmneurons_utils.data.datasets.boxes_for`; images
     without boxes get no box metrics.
 
     One row per (image, noun, method): ``in_scene`` (the noun is in the image),

@@ -231,7 +231,7 @@ def attribution_of(samples) -> str:
     """The image credit figures of ``samples`` print: the OpenMoji credit for scenes, none
     for other images."""
     if samples and all(is_scene(s) for s in samples):
-        from .tiny.scenes import ATTRIBUTION
+        from ..tiny.scenes import ATTRIBUTION
 
         return ATTRIBUTION
     return ""
@@ -284,7 +284,7 @@ def load_images(images: str | Path | None = None, annotations: str | Path | None
     if not images:
         if annotations:
             raise DatasetError("annotations were given without an image folder; pass images=<folder>")
-        from .tiny.scenes import NOUNS, make_scenes   # the embedded models' own data
+        from ..tiny.scenes import NOUNS, make_scenes   # the embedded models' own data
 
         count = 24 if n is None else n
         return ImageSet(make_scenes(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",
