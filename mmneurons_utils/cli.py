@@ -412,7 +412,7 @@ def cmd_atlas(args) -> dict:
     from .companion.atlas_html import render_atlas_html
     from .method.identify import check_top_k
     from .batch.parallel import launched_processes
-    from .method.vocabulary import weights_key
+    from .model.cache import weights_hash
 
     if launched_processes() > 1:
         raise CliError(f"atlas runs in one process, not under accelerate launch with "
@@ -449,7 +449,7 @@ def cmd_atlas(args) -> dict:
     check_top_k(vlm, args.top_k)
     # the settings name the model by path: a changed checkpoint at the same path is caught by
     # the hash of the weights the atlas reads (W_U and every W_out, full bytes)
-    weights = weights_key(vlm, 0)
+    weights = weights_hash(vlm)
     weights_changed = table is not None and meta.get("weights") != weights
     if weights_changed:
         print(f"mmneurons atlas: {parquet} was made with other weights of {args.model} "

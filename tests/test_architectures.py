@@ -266,14 +266,14 @@ def test_teacher_forcing_reproduces_generation(family_vlm):
 
 
 def test_gradient_scores_run(family_vlm):
-    from mmneurons_utils.method.scoring import gradient_scores
+    from mmneurons_utils.method.scoring import gradient_attributions
 
     _, vlm = family_vlm
     image, n = _images(1, seed=6)[0], 3
     with _forced_length(vlm, n):
         cap = vlm.describe([image], max_new_tokens=n, nouns=[])[0]
-    scores = gradient_scores(vlm, vlm.inputs([image]), cap.token_ids,
-                             [(step, cap.token_ids[step]) for step in range(n)])
+    scores = gradient_attributions(vlm, vlm.inputs([image]), cap.token_ids,
+                                   [(step, cap.token_ids[step]) for step in range(n)], ("noun",))["noun"]
     assert len(scores) == n
     for s in scores:
         assert s.shape == (vlm.n_layers, vlm.d_ff) and torch.isfinite(s).all() and s.abs().sum() > 0

@@ -17,7 +17,7 @@ many indices, whatever the number of images; only one batch's activations live a
 The result is cached on disk (``$MMNEURONS_CACHE/examples/``, like the neuron vocabulary)
 when the caller names the image set with a ``description`` (e.g. ``"scenes n=256 seed=0"``):
 the key hashes the weights (``W_U`` and every ``W_out``, as
-:func:`~mmneurons_utils.method.vocabulary.weights_key` does), the description and ``E``. Without a
+:func:`~mmneurons_utils.model.cache.weights_hash` does), the description and ``E``. Without a
 description nothing is cached (the images alone are not a stable key).
 """
 
@@ -32,7 +32,7 @@ import torch
 
 from ..store.results import atomic_write
 from ..properties.specificity import image_unit_scores
-from ..method.vocabulary import cache_dir, weights_key
+from ..model.cache import cache_dir, weights_hash
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _merge(values, images, new_values, new_images, largest: bool):
 
 def examples_key(vlm, description: str, examples: int) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{weights_key(vlm, examples)}|{description}|{examples}|image-extremes".encode())
+    digest.update(f"{weights_hash(vlm)}|{description}|{examples}|image-extremes".encode())
     return digest.hexdigest()
 
 

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..method.units import Unit
 from ..store.results import atomic_write
 from ..properties.specificity import patch_grid, unit_maps, upsample
 
@@ -40,12 +41,6 @@ h1{font-size:1.4em} h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:
 .tokens{font-family:monospace;color:#444;margin:.2em 0}
 .stats td{padding:0 .5em 0 0} .thumbs img{width:64px;height:64px;margin:1px;image-rendering:auto}
 """
-
-
-def unit_label(row) -> str:
-    """``"L3.741 (−)"``: layer.unit and the direction in which it writes the noun."""
-    sign = "−" if int(row["polarity"]) < 0 else "+"
-    return f"L{int(row['layer'])}.{int(row['unit'])} ({sign})"
 
 
 def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Path,
@@ -119,7 +114,7 @@ def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
         if captions is not None and int(index) < len(captions):
             tip += f": {captions[int(index)]}"
         images.append(f"<img class='mmn-thumb' src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
-    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(unit_label(row))}</div>"
+    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(str(Unit.of(row)))}</div>"
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
 

@@ -65,6 +65,7 @@ from .ablation import added_deltas, as_units, column_snapshot
 from ..model.offload import write_columns
 from ..model.nouns import NounToken, locate_nouns, says
 from ..model.teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
+from ..model.vlm import EMBEDDED_MARKER
 
 UNIT_CHOICES = METHODS   # how edit_token picks its units when none are given
 
@@ -229,7 +230,6 @@ class Edit:
         Written to a temporary folder beside ``path`` and renamed at the end, so a failure
         never leaves a half-written folder. ``load_vlm(path)`` loads it back.
         """
-        from ..model.vlm import EMBEDDED_MARKER
 
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene
+from .scenes import NOUNS, TRAIN_SEED_BASE, caption_scores, make_scene, make_scenes
 from .build import BUILDERS
+from ..model.vlm import VLM
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The committed weights were trained with exactly these stages; each later stage
@@ -86,7 +87,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
 
     ``stage`` offsets the training-scene seeds so a continuation sees new scenes.
     """
-    from ..model.vlm import VLM  # the same captioning path the package uses
 
     if threads:
         torch.set_num_threads(threads)
@@ -103,7 +103,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     batcher = CaptionBatcher(processor, vlm.prompt())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
-    from .scenes import make_scenes
 
     monitor = make_scenes(eval_n, seed=MONITOR_SEED)
     log: list[dict] = []
@@ -140,7 +139,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
 
 def caption_quality(vlm, scenes) -> dict:
     """Noun recall / precision and exact match of greedy captions against ground truth."""
-    from .scenes import caption_scores
 
     captions = vlm.describe([s.image for s in scenes])
     return caption_scores([c.text for c in captions], scenes)
