@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from .nouns import NounTaggerMissing
+from .model.nouns import NounTaggerMissing
 from .tiny.scenes import caption_scores, make_scenes
 
 
@@ -158,9 +158,9 @@ def _add_causal_commands(sub) -> None:
 
 
 def _data(args):
-    """The :class:`~mmneurons_utils.datasets.ImageSet` of ``--scenes``/``--seed`` or
+    """The :class:`~mmneurons_utils.data.datasets.ImageSet` of ``--scenes``/``--seed`` or
     ``--images`` (with ``--annotations``)."""
-    from .datasets import load_images
+    from .data.datasets import load_images
 
     if args.annotations and not args.images:
         raise CliError("--annotations needs --images DIR, the folder of the images it annotates")
@@ -178,8 +178,8 @@ def _images(args, data=None):
 def _load_model(args, data):
     """The model of ``--model``; with ``--annotations`` its candidate nouns are the
     annotation's categories (used only by a real model when no tagger is installed)."""
-    from .datasets import prepare_model
-    from .vlm import load_vlm
+    from .data.datasets import prepare_model
+    from .model.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     if args.annotations:
@@ -223,9 +223,9 @@ def cmd_describe(args) -> dict:
 
 
 def cmd_find(args) -> dict | None:
-    from .identify import check_top_k
-    from .parallel import checked_part_files, launched_state, process_device
-    from .results import ResultFile
+    from .method.identify import check_top_k
+    from .batch.parallel import checked_part_files, launched_state, process_device
+    from .store.results import ResultFile
 
     results = ResultFile(args.out)  # checks --out before any work
     parts = checked_part_files(results.path)   # left by an interrupted accelerate launch run
@@ -260,7 +260,7 @@ def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> N
     """Identify the images ``todo`` (indices into the run) batch by batch into ``results``."""
     from tqdm.auto import tqdm
 
-    from .identify import find_neurons
+    from .method.identify import find_neurons
 
     bar = tqdm(total=len(todo), desc=desc, disable=not progress)
     for start in range(0, len(todo), args.batch_size):
@@ -276,11 +276,11 @@ def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> N
 
 
 def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
-    """``find`` through part files (:mod:`mmneurons_utils.parallel`): under ``accelerate launch``
+    """``find`` through part files (:mod:`mmneurons_utils.batch.parallel`): under ``accelerate launch``
     each process identifies its share of the images, the main process merges; one process that
     finds part files of an interrupted parallel run finishes it the same way. Only the main
     process prints; the others return ``None``."""
-    from .parallel import PartRun
+    from .batch.parallel import PartRun
 
     if state is None:       # one process, part files beside --out
         from accelerate import PartialState
@@ -301,8 +301,8 @@ def _find_in_parts(args, state, results, vlm, names, images) -> dict | None:
 
 
 def cmd_bench(args) -> dict:
-    from .bench import run_bench
-    from .vlm import load_vlm
+    from .batch.bench import run_bench
+    from .model.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats,
@@ -319,8 +319,8 @@ def _finite(value):
 
 
 def cmd_perturb(args) -> dict:
-    from .causal import causal_curves, half_removal_k, summarize
-    from .identify import METHODS
+    from .interventions.causal import causal_curves, half_removal_k, summarize
+    from .method.identify import METHODS
 
     if args.sigma is not None and not args.sigma > 0:
         raise CliError(f"--sigma must be a positive number, got {args.sigma!r}")
@@ -359,9 +359,9 @@ def cmd_perturb(args) -> dict:
 def cmd_edit(args) -> dict:
     from pathlib import Path
 
-    from .edit_evaluation import ImagePool, run_edit
-    from .editing import UNIT_CHOICES, target_token
-    from .vlm import load_vlm
+    from .batch.edit_evaluation import ImagePool, run_edit
+    from .interventions.editing import UNIT_CHOICES, target_token
+    from .model.vlm import load_vlm
 
     if args.method not in UNIT_CHOICES:
         raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
@@ -408,11 +408,11 @@ def cmd_atlas(args) -> dict:
     import time
     from pathlib import Path
 
-    from .atlas import build_atlas, read_atlas, summary, write_atlas
+    from .atlas.build import build_atlas, read_atlas, summary, write_atlas
     from .companion.atlas_html import render_atlas_html
-    from .identify import check_top_k
-    from .parallel import launched_processes
-    from .vocabulary import weights_key
+    from .method.identify import check_top_k
+    from .batch.parallel import launched_processes
+    from .model.cache import weights_hash
 
     if launched_processes() > 1:
         raise CliError(f"atlas runs in one process, not under accelerate launch with "
@@ -449,7 +449,7 @@ def cmd_atlas(args) -> dict:
     check_top_k(vlm, args.top_k)
     # the settings name the model by path: a changed checkpoint at the same path is caught by
     # the hash of the weights the atlas reads (W_U and every W_out, full bytes)
-    weights = weights_key(vlm, 0)
+    weights = weights_hash(vlm)
     weights_changed = table is not None and meta.get("weights") != weights
     if weights_changed:
         print(f"mmneurons atlas: {parquet} was made with other weights of {args.model} "
@@ -486,7 +486,7 @@ def cmd_atlas(args) -> dict:
 
 
 def cmd_export_scenes(args) -> dict:
-    from .datasets import write_image_folder
+    from .data.datasets import write_image_folder
     from .tiny.scenes import NOUNS
 
     scenes = make_scenes(args.scenes, seed=args.seed)
@@ -525,7 +525,7 @@ def _which_process() -> str:
     """`` (process r of P)`` under a launcher with several processes, else empty."""
     import os
 
-    from .parallel import launched_processes
+    from .batch.parallel import launched_processes
 
     try:
         n = launched_processes()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmneurons_utils import make_scenes
-from mmneurons_utils.examples import ExampleStream, UnitExamples, dataset_examples, purity
+from mmneurons_utils.atlas.examples import ExampleStream, UnitExamples, dataset_examples, purity
 
 E = 4
 
@@ -96,7 +96,7 @@ def test_purity_counts_top_images_with_the_noun(tiny_llava, scenes12):
 
 @pytest.fixture(scope="module")
 def atlas48(tiny_llava):
-    from mmneurons_utils.atlas import build_atlas
+    from mmneurons_utils.atlas.build import build_atlas
 
     scenes = make_scenes(48, seed=0)
     table, parts = build_atlas(tiny_llava, [s.image for s in scenes], top_k=10, examples=8,
@@ -105,7 +105,7 @@ def atlas48(tiny_llava):
 
 
 def test_atlas_columns_and_ranges(atlas48):
-    from mmneurons_utils.atlas import ATLAS_COLUMNS
+    from mmneurons_utils.atlas.build import ATLAS_COLUMNS
 
     _, table, parts = atlas48
     assert list(table.columns) == ATLAS_COLUMNS and len(table)
@@ -125,7 +125,7 @@ def test_atlas_columns_and_ranges(atlas48):
 
 
 def test_top_unit_of_a_frequent_noun_recurs_and_is_purer_than_random(atlas48):
-    from mmneurons_utils.atlas import summary
+    from mmneurons_utils.atlas.build import summary
 
     _, table, _ = atlas48
     noun = table.sort_values(["n_images", "noun"], ascending=[False, True])["noun"].iloc[0]
@@ -139,8 +139,8 @@ def test_top_unit_of_a_frequent_noun_recurs_and_is_purer_than_random(atlas48):
 
 
 def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
-    from mmneurons_utils.atlas import build_atlas
-    from mmneurons_utils.identify import find_neurons_by_method
+    from mmneurons_utils.atlas.build import build_atlas
+    from mmneurons_utils.method.identify import find_neurons_by_method
 
     images = [s.image for s in make_scenes(8, seed=2)]
     _, parts = build_atlas(tiny_llava, images, top_k=5, examples=3, batch_size=3, return_parts=True)
@@ -156,7 +156,7 @@ def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
 
 
 def test_atlas_parquet_round_trip(atlas48, tmp_path):
-    from mmneurons_utils.atlas import read_atlas, write_atlas
+    from mmneurons_utils.atlas.build import read_atlas, write_atlas
 
     _, table, _ = atlas48
     path = write_atlas(table, tmp_path / "atlas.parquet", meta={"description": "scenes n=48 seed=0"})
@@ -220,7 +220,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
     import pandas as pd
     from PIL import Image
 
-    from mmneurons_utils.atlas import ATLAS_COLUMNS
+    from mmneurons_utils.atlas.build import ATLAS_COLUMNS
     from mmneurons_utils.companion.atlas_html import render_atlas_html
 
     scenes = make_scenes(3, seed=0)
@@ -243,7 +243,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
 def test_cli_atlas_writes_parquet_and_page_and_reuses_a_finished_run(tmp_path, cli):
     import json
 
-    from mmneurons_utils.atlas import read_atlas
+    from mmneurons_utils.atlas.build import read_atlas
 
     out = tmp_path / "atlas"
     argv = ["atlas", "--model", "tiny-llava", "--scenes", "24", "--seed", "0", "--top-k", "5",
@@ -281,8 +281,8 @@ def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from mmneurons_utils.atlas import read_atlas
-    from mmneurons_utils.vlm import EMBEDDED_DIR
+    from mmneurons_utils.atlas.build import read_atlas
+    from mmneurons_utils.model.vlm import EMBEDDED_DIR
 
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
@@ -378,7 +378,7 @@ def test_browser_dataset_strip(tiny_llava):
 def test_summary_top_unit_purity_takes_each_nouns_most_frequent_unit():
     import pandas as pd
 
-    from mmneurons_utils.atlas import summary
+    from mmneurons_utils.atlas.build import summary
 
     table = pd.DataFrame(dict(
         noun=["dog", "dog", "cat"], layer=[3, 2, 3], unit=[1, 2, 5], frequency=[1.0, 0.5, 0.8],

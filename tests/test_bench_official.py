@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmneurons_utils import architectures as A
+from mmneurons_utils.model import architectures as A
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.official import (OfficialMismatch, check_same_nouns, generate_no_cache,
+from mmneurons_utils.batch.official import (OfficialMismatch, check_same_nouns, generate_no_cache,
                                       official_find, official_noun_steps, official_scores,
                                       prepare_official)
-from mmneurons_utils.scoring import contribution_scores
-from mmneurons_utils.trace import Trace
+from mmneurons_utils.method.scoring import contribution_scores
+from mmneurons_utils.model.trace import Trace
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_official_scores_are_gate_only(tiny_llava, images):
 
 
 def test_run_bench_reports_the_official_speedup_and_throughput(tiny_llava):
-    from mmneurons_utils.bench import run_bench
+    from mmneurons_utils.batch.bench import run_bench
 
     result = run_bench(tiny_llava, n_images=4, seed=0, repeats=1, vocab_memory=False)
     assert result["official_speedup"] > 0 and result["official_images_per_s"] > 0

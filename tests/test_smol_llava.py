@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, load_vlm, make_scenes
-from mmneurons_utils import pretrained_lm as P
-from mmneurons_utils.nouns import locate_nouns
-from mmneurons_utils.vlm import ModelLoadError
+from mmneurons_utils.model import pretrained_lm as P
+from mmneurons_utils.model.cache import cache_dir
+from mmneurons_utils.model.nouns import locate_nouns
+from mmneurons_utils.model.vlm import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_the_cache_is_float32(smol):
     from safetensors import safe_open
 
     digest = P.sha256_of(P.gguf_path())
-    path = P.cache_root() / "smollm2" / digest[:16] / "model.safetensors"
+    path = cache_dir() / "smollm2" / digest[:16] / "model.safetensors"
     with safe_open(str(path), "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F32"}
         assert handle.metadata()["gguf_sha256"] == digest

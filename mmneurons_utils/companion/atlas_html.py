@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..results import atomic_write
-from ..specificity import patch_grid, unit_maps, upsample
+from ..method.units import Unit
+from ..store.results import atomic_write
+from ..properties.specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
@@ -42,12 +43,6 @@ h1{font-size:1.4em} h2{font-size:1.15em;border-bottom:1px solid #ccc;margin-top:
 """
 
 
-def unit_label(row) -> str:
-    """``"L3.741 (−)"``: layer.unit and the direction in which it writes the noun."""
-    sign = "−" if int(row["polarity"]) < 0 else "+"
-    return f"L{int(row['layer'])}.{int(row['unit'])} ({sign})"
-
-
 def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Path,
                       captions: Sequence[str] | None = None, title: str = "Neuron atlas",
                       meta: dict | None = None, cards_per_noun: int = 3,
@@ -55,7 +50,7 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                       progress: bool = False) -> Path:
     """Write the atlas page to ``path`` (atomically) and return it.
 
-    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows; ``images``: the images its
+    ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows; ``images``: the images its
     ``example_images`` index; ``captions``: their caption texts (thumbnail tooltips);
     ``meta``: key → value pairs shown under the title. Maps need the example images'
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
@@ -119,7 +114,7 @@ def _card(row, thumbs: dict, captions, examples_per_card: int) -> str:
         if captions is not None and int(index) < len(captions):
             tip += f": {captions[int(index)]}"
         images.append(f"<img class='mmn-thumb' src='{uri}' alt='image {int(index)}' title='{html.escape(tip, quote=True)}'>")
-    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(unit_label(row))}</div>"
+    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(str(Unit.of(row)))}</div>"
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
 

@@ -23,15 +23,22 @@ The prompt is ChatML with the paper's words; the caption ends with ``<|im_end|>`
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import (CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaProcessor)
 
-from .. import pretrained_lm as P
+from ..model import pretrained_lm as P
+from ..model.vlm import EMBEDDED_DIR, VLM
+from .batches import MONITOR_SEED, CaptionBatcher, caption_quality, lr_factor
+from .build import PATCH, _image_processor_kwargs
 from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene, make_scenes
 
 NAME = "smol-llava"
@@ -44,13 +51,6 @@ CHECKPOINT_EVERY = 20
 def build(seed: int = 0):
     """A fresh smol-llava for training: ``(model, processor)``, language model pretrained and
     frozen, tower from tiny-llava, projector new, LoRA adapters (peft) on attention."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from transformers import (CLIPImageProcessorPil, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    from .build import PATCH, _image_processor_kwargs
-    from ..vlm import EMBEDDED_DIR
-
     text_config_dict, lm_state, digest = P.cached_language_model()
     tokenizer = P.image_token_tokenizer(P.language_model_tokenizer())
     tiny_config = LlavaConfig.from_pretrained(EMBEDDED_DIR / "tiny-llava")
@@ -97,10 +97,6 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 
 def save(model, processor, out_dir: Path, log: dict) -> None:
     """The committed folder: config, processor + tokenizer, trained parts (fp16), marker, log."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -122,20 +118,10 @@ def save(model, processor, out_dir: Path, log: dict) -> None:
     tmp.rename(out_dir)
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(out_dir: Path, steps: int, batch: int, lr_projector: float, lr_tower: float,
           lr_lora: float, warmup: int, seed: int, eval_every: int = 100, eval_n: int = 48,
           threads: int | None = None, checkpoint: Path | None = None) -> dict:
     """Train (or resume from ``checkpoint``) and save to ``out_dir``; returns the last eval."""
-    from ..vlm import VLM
-    from .train import CaptionBatcher, MONITOR_SEED, caption_quality
-
     if threads:
         torch.set_num_threads(threads)
     recipe = dict(steps=steps, batch=batch, lr_projector=lr_projector, lr_tower=lr_tower,
@@ -150,7 +136,7 @@ def train(out_dir: Path, steps: int, batch: int, lr_projector: float, lr_tower: 
         {"params": [p for n, p in model.named_parameters() if "lora_" in n], "lr": lr_lora},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     start_step, curve, minutes_before = 0, [], 0.0
     if checkpoint.is_file():
         saved = torch.load(checkpoint, weights_only=False)

@@ -33,13 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import architectures as A
-from . import scoring
-from .teacher_forcing import teacher_forced_activations
-from .identify import check_top_k, logit_weights, unit_scores
-from .nouns import locate_nouns
+from ..model import architectures as A
+from ..method import scoring
+from ..model.teacher_forcing import teacher_forced_activations
+from ..method.identify import check_top_k, logit_weights, unit_scores
+from ..model.nouns import locate_nouns
 from .stats import jaccard
-from .trace import Trace
+from ..model.trace import Trace
 
 
 @contextmanager

@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import architectures as A
-from .identify import units_of
-from .nouns import locate_nouns
-from .scoring import contribution_scores, random_units, top_units
-from .trace import trace_down_proj
+from ..model import architectures as A
+from ..method.identify import units_of
+from ..model.nouns import locate_nouns
+from ..method.scoring import contribution_scores, random_units, top_units
+from ..model.trace import trace_down_proj
 
 
 def text_prompt(vlm, noun: str) -> str:

@@ -16,9 +16,9 @@ Two things are kept, nothing else:
   is still the one. So both modes record the same vectors.
 * ``image`` (optional): every image-token position of the prefill call.
 
-Hooks (a :class:`~mmneurons_utils.trace.TraceDict`) live only inside the ``with`` block and
+Hooks (a :class:`~mmneurons_utils.model.trace.TraceDict`) live only inside the ``with`` block and
 are removed also when generation raises. Teacher forcing (a given caption, one forward) is
-in :mod:`mmneurons_utils.teacher_forcing`.
+in :mod:`mmneurons_utils.model.teacher_forcing`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ our design, each choice explained.
 the units it is given — typically a ``find_neurons`` table's top units for ``source``
 (``units=units_of(table, source, k)``) — or, without them, the top-``k`` units for ``source``:
 the units with the largest contribution score
-(:func:`~mmneurons_utils.scoring.contribution_scores`) summed over the edit images at the
+(:func:`~mmneurons_utils.method.scoring.contribution_scores`) summed over the edit images at the
 step that produced ``source``. These units already fire when the source is said and write
 its unembedding direction, so moving their write vector towards ``target`` acts exactly
 where the source is produced and little elsewhere (their activation is small on other
@@ -40,7 +40,7 @@ cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
 the source and *not* the target (the others go to ``n_excluded_target``: losing the source
 there is no flip). A failed edit is not applied (unless ``keep_failed``): success 0 (its images
 keep saying the source), but locality, KL and generalisation NaN, as is generalisation with no
-held-out image. :func:`~mmneurons_utils.edit_evaluation.summarize_edits` takes success over every attempted pair, side effects
+held-out image. :func:`~mmneurons_utils.batch.edit_evaluation.summarize_edits` takes success over every attempted pair, side effects
 and ‖Δ‖ over the applied edits only.
 """
 
@@ -58,13 +58,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import scoring
+from ..method import scoring
 from .causal import margin_and_prob
-from .identify import METHODS, logit_weights, unit_scores
-from .interventions import added_deltas, as_units, column_snapshot
-from .offload import write_columns
-from .nouns import NounToken, locate_nouns, says
-from .teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
+from ..method.identify import METHODS, logit_weights, unit_scores
+from .ablation import added_deltas, as_units, column_snapshot
+from ..model.offload import write_columns
+from ..model.nouns import NounToken, locate_nouns, says
+from ..model.teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
+from ..model.vlm import EMBEDDED_MARKER
 
 UNIT_CHOICES = METHODS   # how edit_token picks its units when none are given
 
@@ -175,7 +176,7 @@ class Edit:
         """Side effects on images not used for learning the edit; adds to ``metrics``.
 
         Measures the edit *as if applied* (it is applied for the measurement and left as
-        it was found), so a failed edit can be studied too; :func:`~mmneurons_utils.edit_evaluation.run_edit` gives a failed,
+        it was found), so a failed edit can be studied too; :func:`~mmneurons_utils.batch.edit_evaluation.run_edit` gives a failed,
         unapplied edit NaN side effects instead (nothing was put in the weights).
 
         ``heldout_images``: ``generalization`` = share whose edited caption says the target
@@ -229,7 +230,6 @@ class Edit:
         Written to a temporary folder beside ``path`` and renamed at the end, so a failure
         never leaves a half-written folder. ``load_vlm(path)`` loads it back.
         """
-        from .vlm import EMBEDDED_MARKER
 
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -243,7 +243,7 @@ class Edit:
             self.vlm.processor.save_pretrained(tmp)
             if self.vlm.noun_vocabulary is not None:  # keep the noun vocabulary on reload
                 (tmp / EMBEDDED_MARKER).write_text(json.dumps(
-                    {"nouns": list(self.vlm.noun_vocabulary), "source": "mmneurons_utils.editing"}))
+                    {"nouns": list(self.vlm.noun_vocabulary), "source": "mmneurons_utils.interventions.editing"}))
             (tmp / "edit.json").write_text(json.dumps(self.summary(), indent=1))
             if path.exists():
                 path.rmdir()

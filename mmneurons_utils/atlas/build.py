@@ -4,7 +4,7 @@ each with its dataset examples.
 One captioning pass (``describe(activation="down_proj_input", image_activations=True)``, batch
 by batch) serves everything: each batch is identified (``find_neurons`` with the methods
 ``contribution`` and ``random``, on the batch's captions), merged into the streaming
-dataset examples (:mod:`mmneurons_utils.examples`) and reduced to per-noun activation sums;
+dataset examples (:mod:`mmneurons_utils.atlas.examples`) and reduced to per-noun activation sums;
 then its activations are dropped. Memory: one batch of activations, the ``L × F × E``
 example state, the identification table and ``2 × L × F`` sums per distinct noun.
 
@@ -43,8 +43,8 @@ import pandas as pd
 import torch
 
 from .examples import ExampleStream, UnitExamples, purity
-from .identify import check_top_k, find_neurons
-from .results import write_parquet
+from ..method.identify import check_top_k, find_neurons
+from ..store.results import write_parquet
 
 ATLAS_COLUMNS = ["noun", "layer", "unit", "polarity", "frequency", "n_images", "base_rate",
                  "mean_score", "top_tokens", "noun_rank", "purity", "purity_random", "modality",

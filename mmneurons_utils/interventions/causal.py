@@ -2,7 +2,7 @@
 
 For every (image, noun) of the model's own captions, the units ranked by the
 contribution score (the paper), by gradient × activation, or drawn at random
-(several seeded draws) are perturbed (:func:`~mmneurons_utils.interventions.perturb_units`)
+(several seeded draws) are perturbed (:func:`~mmneurons_utils.interventions.ablation.perturb_units`)
 in nested sets of size ``k`` (the top-``k`` of one ranking, so curves over ``k`` are
 comparable), and two things are measured:
 
@@ -31,10 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .identify import METHODS, logit_weights, rank_units, top_k_groups
-from .interventions import ablate_activations, perturb_units
-from .nouns import says
-from .teacher_forcing import teacher_forced_logits
+from ..method.identify import METHODS, logit_weights, rank_units, top_k_groups
+from .ablation import ablate_activations, perturb_units
+from ..model.nouns import says
+from ..model.teacher_forcing import teacher_forced_logits
 
 LEVELS = ("weights", "activation")
 

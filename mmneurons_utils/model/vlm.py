@@ -3,7 +3,7 @@
 ``load_vlm(name_or_path)`` accepts an embedded model name (``tiny-llava``,
 ``tiny-instructblip``), a local checkpoint folder, or a hub id (the only case
 that may reach the network). It returns a :class:`VLM`: the model, its
-processor, its :class:`~mmneurons_utils.architectures.Architecture`, prompt
+processor, its :class:`~mmneurons_utils.model.architectures.Architecture`, prompt
 building, image-token positions and batched greedy captioning.
 """
 
@@ -35,7 +35,7 @@ _PLACEHOLDER_ATTRS = ("image_token", "video_token", "fake_image_token", "global_
 
 INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
-EMBEDDED_DIR = Path(__file__).parent / "tiny" / "weights"
+EMBEDDED_DIR = Path(__file__).parents[1] / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
 EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
 
@@ -286,7 +286,7 @@ class VLM:
         """Greedy captions, one :class:`Caption` per image, ``batch_size`` images per forward.
 
         ``activation="down_proj_input"`` (or ``"act_fn"``) also records each caption's neuron
-        activations into ``Caption.activations`` (see :mod:`mmneurons_utils.capture`);
+        activations into ``Caption.activations`` (see :mod:`mmneurons_utils.model.capture`);
         ``image_activations=True`` adds those at the image-token positions.
         """
         from contextlib import nullcontext
@@ -344,7 +344,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     ``accelerate``), ``max_memory`` (device → size, e.g. ``{0: "20GiB", "cpu": "60GiB"}``) and
     ``offload_folder`` (where layers that fit nowhere go, on disk). Every part of the package
     works on such a model: weights are read and changed where the forward pass uses them
-    (:mod:`mmneurons_utils.offload`). ``device`` is then ignored.
+    (:mod:`mmneurons_utils.model.offload`). ``device`` is then ignored.
     """
     import transformers
 

@@ -1,9 +1,9 @@
 """Metrics over identified neurons (each a plain function of tables or score maps).
 
 The property metrics live one concern a module and are re-exported here:
-:mod:`~mmneurons_utils.sensitivity` (semantic sensitivity),
-:mod:`~mmneurons_utils.specificity` (heatmaps, masks, mass in box, pointing, AUROC) and
-:mod:`~mmneurons_utils.invariance` (region and cross-image invariance). This module
+:mod:`~mmneurons_utils.properties.sensitivity` (semantic sensitivity),
+:mod:`~mmneurons_utils.properties.specificity` (heatmaps, masks, mass in box, pointing, AUROC) and
+:mod:`~mmneurons_utils.properties.invariance` (region and cross-image invariance). This module
 adds the summaries: means with bootstrap intervals and the paper-style table.
 """
 
@@ -16,14 +16,16 @@ import pandas as pd
 import torch
 
 from .invariance import cross_image_invariance, region_invariance
-from .scoring import rank_correlation, top_overlap
+from ..method.scoring import rank_correlation, top_overlap, unit_logit_lens
 from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
 from .specificity import specificity_scores
+from ..method.identify import find_neurons
+from .stats import bootstrap_ci, cluster_bootstrap_ci
 
 __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
     "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
-    "layer_distribution", "method_agreement", "noun_in_top_tokens", "paper_table",
+    "layer_distribution", "method_agreement", "paper_table",
     "polarity_report", "summarize",
     "summarize_ci",
 ]
@@ -71,8 +73,6 @@ def polarity_report(vlm, images, top_k: int = 10, n_top_tokens: int = 10,
     official tensor), ``noun_hit_signed`` / ``noun_hit_unsigned`` (share of units whose
     top-``n_top_tokens`` tokens contain the noun, read with and without the polarity).
     """
-    from .identify import find_neurons
-    from .scoring import unit_logit_lens
 
     images = list(images)
     exact = find_neurons(vlm, images, top_k=top_k, n_top_tokens=n_top_tokens,
@@ -92,22 +92,6 @@ def summarize(frame: pd.DataFrame, by: str, columns: Sequence[str]) -> pd.DataFr
     return frame.groupby(by)[list(columns)].mean().round(3)
 
 
-def noun_in_top_tokens(table: pd.DataFrame) -> float:
-    """Share of (noun, neuron) rows whose top tokens name the noun (NaN if no rows).
-
-    Tokens are read in each unit's polarity (a ``find_neurons`` table's ``top_tokens``);
-    the match uses ``noun_rank`` when the table has it, else the marker-stripped words
-    (``▁dog`` / ``Ġdog`` match ``dog``). See :func:`~mmneurons_utils.sensitivity.noun_hits`.
-    """
-    from .sensitivity import unit_names_noun
-
-    if not len(table):
-        return float("nan")
-    ranks = table["noun_rank"] if "noun_rank" in table else [None] * len(table)
-    return float(np.mean([unit_names_noun(noun, tokens, rank)
-                          for noun, tokens, rank in zip(table.noun, table.top_tokens, ranks)]))
-
-
 def summarize_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
                  seed: int = 0, n_resamples: int = 2000,
                  cluster: str | None = "image") -> pd.DataFrame:
@@ -116,10 +100,9 @@ def summarize_ci(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str],
     metric missing from ``frame``, e.g. BLEURT when not computed, gets NaNs and ``n = 0``).
 
     When ``frame`` has a ``cluster`` column (default ``image``) the bootstrap resamples its
-    values, not rows (:func:`~mmneurons_utils.stats.cluster_bootstrap_ci`): the (image,
+    values, not rows (:func:`~mmneurons_utils.properties.stats.cluster_bootstrap_ci`): the (image,
     noun) rows of one image are not independent. ``cluster=None`` or no such column
     resamples rows, and ``n_clusters`` is ``n``."""
-    from .stats import bootstrap_ci, cluster_bootstrap_ci
 
     clustered = cluster is not None and cluster in frame
     rows = []

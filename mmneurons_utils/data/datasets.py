@@ -14,9 +14,10 @@ exclusive) and ``caption`` (a reference caption, or ``None``):
   ``[x, y, width, height]``; ``categories`` with ``id`` and ``name``) supplies each image's
   object names and boxes (scaled when the file's size differs from the annotated one).
 
-A caption's noun is matched to an annotation's category by :func:`match_category`, in
+A caption's noun is matched to an annotation's category by
+:func:`~mmneurons_utils.properties.objects.match_category`, in
 this order: the same word; the same singular (``dogs`` → ``dog``, ``buses`` → ``bus``,
-``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`SYNONYMS` (``man`` /
+``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`~mmneurons_utils.properties.objects.SYNONYMS` (``man`` /
 ``woman`` / ``people`` → ``person``, ``television`` → ``tv``, ``phone`` → ``cell phone``, …);
 the last word of a multi-word category (``glass`` → ``wine glass``, ``hydrant`` →
 ``fire hydrant``). :func:`unmatched_nouns` reports the nouns that matched nothing.
@@ -32,117 +33,13 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
+from ..properties.objects import candidate_words, match_category
+from ..tiny.scenes import ATTRIBUTION, NOUNS, make_scenes
 from .images import IMAGE_SUFFIXES, ImageReadError, read_image
-
-# category → other words a caption may use for it (COCO's names; extend as needed)
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": ("man", "woman", "boy", "girl", "child", "kid", "baby", "people", "lady", "guy",
-               "player", "men", "women", "children", "kids"),
-    "tv": ("television", "tvs"),
-    "airplane": ("plane", "aeroplane", "jet", "aircraft"),
-    "motorcycle": ("motorbike",),
-    "bicycle": ("bike",),
-    "couch": ("sofa",),
-    "cell phone": ("phone", "cellphone", "mobile"),
-    "dining table": ("table",),
-    "potted plant": ("plant",),
-    "sports ball": ("ball",),
-    "donut": ("doughnut",),
-    "hot dog": ("hotdog",),
-    "cup": ("mug",),
-    "car": ("automobile",),
-    "refrigerator": ("fridge",),
-    "hair drier": ("dryer", "hairdryer"),
-    "teddy bear": ("teddy",),
-    "tennis racket": ("racquet",),
-    "handbag": ("purse",),
-}
-# plural → singular where the rules of singular() get it wrong (identity: no singular form)
-_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person",
-              "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
-              "knives": "knife", "wives": "wife", "lives": "life", "wolves": "wolf",
-              "leaves": "leaf", "shelves": "shelf", "halves": "half", "calves": "calf",
-              "loaves": "loaf", "scarves": "scarf", "thieves": "thief",
-              "potatoes": "potato", "tomatoes": "tomato", "heroes": "hero", "mangoes": "mango",
-              "skis": "ski", "movies": "movie", "cookies": "cookie", "brownies": "brownie",
-              "sheep": "sheep", "fish": "fish", "deer": "deer", "species": "species",
-              "series": "series", "glasses": "glasses", "scissors": "scissors",
-              "pants": "pants", "jeans": "jeans", "shorts": "shorts", "news": "news"}
-_PLURAL = {v: k for k, v in _IRREGULAR.items() if k != v}
 
 
 class DatasetError(ValueError):
     """An image folder or annotation file cannot be used (the message says what is accepted)."""
-
-
-def singular(word: str) -> str:
-    """A plural noun's singular by a few English rules (``dogs`` → ``dog``, ``boxes`` →
-    ``box``, ``ponies`` → ``pony``, ``men`` → ``man``); other words unchanged."""
-    word = word.lower().strip()
-    if word in _IRREGULAR:
-        return _IRREGULAR[word]
-    if len(word) > 4 and word.endswith("ies"):          # ponies → pony (but pies → pie)
-        return word[:-3] + "y"
-    if word.endswith(("ouses", "auses")):               # houses → house, causes → cause
-        return word[:-1]
-    if word.endswith(("ches", "shes", "xes", "sses", "zzes", "tzes", "uses")):
-        return word[:-2]                                # boxes → box, buses → bus
-    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]                                # dogs → dog, sizes → size
-    return word
-
-
-def _plural(word: str) -> str:
-    """A singular noun's plural by the same rules (``bus`` → ``buses``, ``pony`` → ``ponies``)."""
-    if word in _PLURAL:
-        return _PLURAL[word]
-    if word in _IRREGULAR:                  # sheep, fish, … (no other form)
-        return word
-    if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":
-        return word[:-1] + "ies"
-    if word.endswith(("s", "x", "z", "ch", "sh")):
-        return word + "es"
-    return word + "s"
-
-
-def match_category(noun: str, categories: Iterable[str]) -> str | None:
-    """The category of ``categories`` that ``noun`` names, or ``None``.
-
-    Four passes, each over all categories before the next (case-insensitive): the same word;
-    the same singular (:func:`singular` on both sides, or ``noun`` is the category's plural);
-    a synonym of :data:`SYNONYMS` (or its singular); the last word of a multi-word category.
-    ``match_category("dogs", ["dog"]) == "dog"``; ``match_category("woman", ["person"]) ==
-    "person"``; ``match_category("glass", ["wine glass"]) == "wine glass"``.
-    """
-    word = noun.lower().strip()
-    one = singular(word)
-    categories = [(category, category.lower().strip()) for category in categories]
-    passes = (
-        lambda c: word == c,
-        lambda c: one == singular(c) or word == _plural(c),
-        lambda c: word in SYNONYMS.get(c, ()) or one in {singular(o) for o in SYNONYMS.get(c, ())},
-        lambda c: " " in c and one == singular(c.split()[-1]),
-    )
-    for matches in passes:
-        for category, c in categories:
-            if matches(c):
-                return category
-    return None
-
-
-def candidate_words(categories: Iterable[str]) -> list[str]:
-    """Single words a caption may use for ``categories``: each name (a multi-word name: its
-    last word), its singular and plural, and its one-word synonyms with theirs — the
-    candidate nouns when no tagger is installed (a caption is matched word by word). Every
-    word returned names one of ``categories`` by :func:`match_category`."""
-    categories = list(categories)
-    words = set()
-    for category in categories:
-        c = category.lower().strip()
-        for w in (c.split()[-1] if c else "", *SYNONYMS.get(c, ())):
-            if w and " " not in w:
-                words |= {w, singular(w), _plural(singular(w))}
-    return sorted(w for w in words if match_category(w, categories) is not None)
 
 
 @dataclass
@@ -231,7 +128,6 @@ def attribution_of(samples) -> str:
     """The image credit figures of ``samples`` print: the OpenMoji credit for scenes, none
     for other images."""
     if samples and all(is_scene(s) for s in samples):
-        from .tiny.scenes import ATTRIBUTION
 
         return ATTRIBUTION
     return ""
@@ -240,20 +136,6 @@ def attribution_of(samples) -> str:
 def label_of(sample, index: int) -> str:
     """A short name for a picker: ``"3: a dog on a red background"`` / ``"3: photo.jpg"``."""
     return f"{index}: {getattr(sample, 'caption', None) or getattr(sample, 'name', 'image')}"
-
-
-def boxes_for(sample, noun: str) -> list[tuple[int, int, int, int]]:
-    """The boxes of ``sample`` whose object ``noun`` names (exact name, else
-    :func:`match_category` against the sample's box names)."""
-    names = {name for name, _ in sample.boxes}
-    if noun not in names:
-        noun = match_category(noun, sorted(names)) or noun
-    return [box for name, box in sample.boxes if name == noun]
-
-
-def contains(sample, noun: str) -> bool:
-    """Whether ``noun`` names one of the objects known to be in ``sample``."""
-    return noun in sample.nouns or match_category(noun, sample.nouns) is not None
 
 
 def unmatched_nouns(captions, data: ImageSet) -> dict[str, int]:
@@ -284,7 +166,6 @@ def load_images(images: str | Path | None = None, annotations: str | Path | None
     if not images:
         if annotations:
             raise DatasetError("annotations were given without an image folder; pass images=<folder>")
-        from .tiny.scenes import NOUNS, make_scenes   # the embedded models' own data
 
         count = 24 if n is None else n
         return ImageSet(make_scenes(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",

@@ -1,5 +1,5 @@
 """Batch evaluation of edits: a pool of captioned images, source → target pairs, the
-edit table and its summary (the editing method itself is :mod:`mmneurons_utils.editing`).
+edit table and its summary (the editing method itself is :mod:`mmneurons_utils.interventions.editing`).
 
 :func:`run_edit` edits on one part of a :class:`ImagePool` that says the source and
 measures generalisation and locality on parts it never saw; :func:`edit_table` does that
@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .editing import Edit, EditInputError, edit_token
-from .nouns import says
+from ..interventions.editing import Edit, EditInputError, edit_token
+from ..model.nouns import says
 
 
 @dataclass
@@ -78,7 +78,7 @@ def run_edit(vlm, pool: ImagePool, source: str, target: str, k: int = 5,
              keep: bool = False, **kwargs) -> Edit:
     """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``.
 
-    ``units`` / ``method`` / ``k`` as in :func:`~mmneurons_utils.editing.edit_token`. Images
+    ``units`` / ``method`` / ``k`` as in :func:`~mmneurons_utils.interventions.editing.edit_token`. Images
     saying both the source and the target are left out (``n_excluded_target``). A failed,
     unapplied edit gets NaN generalisation / locality / KL: the unchanged model's "nothing
     drifted" would say nothing about the edit.
@@ -109,7 +109,7 @@ def edit_table(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     number of random units, and more or fewer neurons); the table names them in its
     ``units`` and ``n_neurons`` columns. Each edit is undone before the next one.
     ``applied``: the edit was put in the weights and measured; the side-effect columns of
-    the others are NaN (see :mod:`mmneurons_utils.editing`).
+    the others are NaN (see :mod:`mmneurons_utils.interventions.editing`).
     """
     from tqdm.auto import tqdm
 

@@ -30,7 +30,7 @@ import os
 import re
 from pathlib import Path
 
-from .results import ResultFile, done_images
+from ..store.results import ResultFile, done_images
 
 # how long the processes that finished first wait for the others at the merge (NCCL's
 # default, 10 minutes, is less than the imbalance a long run on many GPUs can have)

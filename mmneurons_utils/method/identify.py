@@ -2,7 +2,7 @@
 
 Data flow: image → ``VLM.describe(activation=...)`` (one generation, activations
 recorded with the KV cache on) → nouns and the step of each → per-noun unit
-scores (:mod:`mmneurons_utils.scoring`) → the top ``k`` units → a tidy table.
+scores (:mod:`mmneurons_utils.method.scoring`) → the top ``k`` units → a tidy table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import scoring
-from .nouns import locate_nouns
+from ..model.nouns import locate_nouns
 
 METHODS = ("contribution", "gradient", "gradient_image", "random")
 GRADIENT_METHODS = {"gradient": "noun", "gradient_image": "image"}   # method → where it attributes
@@ -48,7 +48,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
     (gradient × activation at the noun step), ``gradient_image`` (attribution at the
     image-token positions, Schwettmann et al.) or ``random`` (``seed``-ed uniform units;
     their ``score`` is their contribution score, for reference; each (image, noun) draws
-    its own set). See :mod:`mmneurons_utils.scoring`.
+    its own set). See :mod:`mmneurons_utils.method.scoring`.
     ``image_indices``: the numbers written to the ``image`` column and keying the random
     draws (default ``0 … n-1``); batch runs pass each image's position in the whole run.
     ``captions``: the images' captions from ``vlm.describe(images, activation=activation)``

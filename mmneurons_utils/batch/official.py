@@ -4,7 +4,7 @@ This is the pipeline of the paper's code (github.com/opanhw/MM_Neurons: ``src/pr
 ``src/trainer.py: trainer.find_mm_neurons``, and the ``forward`` / ``prepare_inputs_for_generation``
 of its patched ``open_source_model/LLaVA/llava_llama.py`` and
 ``open_source_model/InstructBlip/modeling_instructblip.py``), with its semantics, for timing and
-comparison only; the package's method is :func:`mmneurons_utils.identify.find_neurons`.
+comparison only; the package's method is :func:`mmneurons_utils.method.identify.find_neurons`.
 
 What it does, as the official code does it:
 
@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import architectures as A
-from .trace import TraceDict
+from ..model import architectures as A
+from ..model.trace import TraceDict
 
 OFFICIAL_DTYPE = torch.float16   # the official projection, activations and scores
 

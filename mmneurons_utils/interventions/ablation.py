@@ -11,12 +11,12 @@ A unit ``(l, i)`` writes ``a[l, i] · W_out[l][:, i]`` into the residual stream,
   are restored bit-for-bit on normal exit, on exceptions, and when a unit is listed twice.
 * :func:`ablate_activations` leaves the weights alone and zeroes/scales the unit's
   **coefficient** ``a[l, i]`` (the input of ``down_proj``) at chosen sequence positions
-  only, through :func:`~mmneurons_utils.trace.trace_down_proj`. Zeroing at every position
+  only, through :func:`~mmneurons_utils.model.trace.trace_down_proj`. Zeroing at every position
   is exactly zeroing the column; restricting the positions (e.g. only the noun's step) is
   the comparison.
 * :func:`added_deltas` adds ``a[..., units] @ Δ`` to ``down_proj``'s output: the same as
   moving the write vectors by ``Δ`` but without touching the weights, so gradients reach
-  ``Δ`` (what :func:`~mmneurons_utils.editing.edit_token` trains).
+  ``Δ`` (what :func:`~mmneurons_utils.interventions.editing.edit_token` trains).
 
 Units are given as ``Int[ndarray, "N 2"]`` of ``(layer, unit)`` rows, a list of pairs, or rows of
 a ``find_neurons`` table (its ``layer`` and ``unit`` columns, e.g. ``units_of(table, …)``).
@@ -31,8 +31,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .offload import weight, write_columns
-from .trace import trace_down_proj
+from ..model.offload import weight, write_columns
+from ..model.trace import trace_down_proj
 
 MODES = ("noise", "zero", "scale")
 

@@ -3,7 +3,7 @@
 In the spirit of baukit's ``nethook`` (``Trace``, ``TraceDict``): a block that reads or
 edits the input and output of named modules while it runs and removes every hook when it
 ends, also when the block raises. Every hook in the package goes through here, or through
-the interventions built on it (:mod:`mmneurons_utils.interventions`).
+the interventions built on it (:mod:`mmneurons_utils.interventions.ablation`).
 
 * ``retain_input`` / ``retain_output`` keep the **last** call's first positional input /
   output (``trace.input`` / ``trace.output``), detached unless ``detach=False`` (to take

@@ -11,12 +11,12 @@
   activations, the streaming dataset-example merge, identification, purity, modality)
   ÷ plain ``describe`` on the same images.
 * ``official_speedup`` — the official code's identification (reimplemented in
-  :mod:`mmneurons_utils.official`: batch size 1, no KV cache so every generated token
+  :mod:`mmneurons_utils.batch.official`: batch size 1, no KV cache so every generated token
   re-runs the whole model, vision tower included; the gate-only ``act_fn`` activation; the
   ``W_out·W_U`` projection of every layer precomputed for the whole vocabulary) ÷ ours
   (``find_neurons``: batch size 16, KV cache on, contribution, top-50) on the same images,
   after checking that both make the same captions and pick the same nouns at the same
-  steps (:class:`~mmneurons_utils.official.OfficialMismatch` otherwise). ``official_s`` and
+  steps (:class:`~mmneurons_utils.batch.official.OfficialMismatch` otherwise). ``official_s`` and
   ``official_ours_s`` are the two medians, ``official_images_per_s`` the official
   throughput, ``official_prepare_s`` its one-time projection (outside the ratio: the
   official code runs it as a separate script), ``official_forwards_per_image`` the full
@@ -44,6 +44,14 @@ import sys
 import time
 
 import numpy as np
+import torch
+
+from ..atlas.build import build_atlas
+from ..method.identify import find_neurons, logit_weights, rank_units
+from ..method.scoring import unit_top_tokens
+from ..model.vlm import ModelLoadError, load_vlm
+from ..tiny.scenes import make_scenes
+from .official import check_same_nouns, official_find, prepare_official
 
 
 THROUGHPUT_BATCH_SIZES = (1, 8, 32)
@@ -72,9 +80,6 @@ def _interleaved(first, second, repeats: int, warm_up: bool = True) -> tuple[flo
 
 
 def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
-    from .identify import find_neurons, logit_weights, rank_units
-    from .scoring import unit_top_tokens
-
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
     t_describe, t_identify = _interleaved(describe, identify, repeats)
@@ -114,8 +119,6 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
                   batch_sizes=THROUGHPUT_BATCH_SIZES) -> dict:
     """``official_speedup`` (official ÷ ours on ``images``) and ``images_per_s`` of ours at
     ``batch_sizes`` on ``throughput_images`` (default ``images``); medians of interleaved runs."""
-    from .identify import find_neurons
-    from .official import check_same_nouns, official_find, prepare_official
 
     start = time.perf_counter()
     tables = prepare_official(vlm)
@@ -149,7 +152,6 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
 
 def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8) -> dict:
     """``atlas_ratio``: ``build_atlas`` ÷ ``describe`` on ``images`` (medians of interleaved runs)."""
-    from .atlas import build_atlas
 
     describe = lambda: vlm.describe(images, batch_size=16)
     atlas = lambda: build_atlas(vlm, images, top_k=top_k, examples=examples, batch_size=16)
@@ -157,14 +159,49 @@ def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8
     return dict(atlas_ratio=round(t_atlas / t_describe, 2), atlas_s=round(t_atlas, 3))
 
 
+@torch.no_grad()
+def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 256,
+                 block: int = 1024):
+    """Top-``k`` rows of ``w_u @ w_out`` for every column, without forming the product.
+
+    ``w_u``: ``Float[Tensor, "V D"]``, ``w_out``: ``Float[Tensor, "D F"]`` →
+    ``(values, ids)``, ``Float[Tensor, "F K"]`` and ``Int[Tensor, "F K"]`` (``K`` = ``k``),
+    values descending. Columns are taken ``block`` at a time (they are independent); for
+    each block the vocabulary is walked ``chunk`` rows at a time into one reused
+    ``block × chunk`` buffer, and each chunk's own top-k is merged into the running top-k.
+    Extra memory: about ``block × (chunk + 4k)`` values, whatever ``F`` and ``V`` are.
+    """
+    n_vocab, d_ff = w_u.shape[0], w_out.shape[1]
+    if not 1 <= k <= n_vocab:
+        raise ValueError(f"k must be in 1 … {n_vocab} (the vocabulary size), got {k}")
+    results = [_topk_block(w_u, w_out[:, b:b + block], k, chunk) for b in range(0, d_ff, block)]
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
+def _topk_block(w_u, w_out, k, chunk):
+    n_vocab = w_u.shape[0]
+    # scores are laid out (block, chunk) so that top-k runs along the contiguous axis
+    buffer = torch.empty((w_out.shape[1], min(chunk, n_vocab)), device=w_out.device, dtype=w_out.dtype)
+    best_values = best_ids = None
+    for start in range(0, n_vocab, chunk):
+        rows = w_u[start:start + chunk]                                        # (≤chunk, D)
+        width = rows.shape[0]
+        scores = torch.matmul(w_out.T, rows.T, out=buffer[:, :width] if width == buffer.shape[1]
+                              else None)                                       # (block, ≤chunk)
+        values, ids = scores.topk(min(k, width), dim=1)                        # (block, ≤K)
+        values, ids = values.float(), ids + start
+        if best_values is not None:
+            merged = torch.cat([best_values, values], 1)                         # (block, ≤2K)
+            values, where = merged.topk(min(k, merged.shape[1]), dim=1)
+            ids = torch.cat([best_ids, ids], 1).gather(1, where)
+        best_values, best_ids = values, ids
+    return best_values, best_ids
+
+
 def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 32000, k: int = 10,
                        chunk: int = 256, device: str = "cpu") -> dict:
     """Run in a fresh process: peak extra memory of the chunked top-k for one layer."""
     import resource
-
-    import torch
-
-    from .vocabulary import topk_columns
 
     gen = torch.Generator(device=device).manual_seed(0)
     w_u = torch.randn(vocab, d_model, generator=gen, device=device)
@@ -189,7 +226,7 @@ def vocab_memory_probe(d_ff: int = 11008, d_model: int = 4096, vocab: int = 3200
 
 
 def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
-    code = ("import json; from mmneurons_utils.bench import vocab_memory_probe; "
+    code = ("import json; from mmneurons_utils.batch.bench import vocab_memory_probe; "
             f"print(json.dumps(vocab_memory_probe(chunk={chunk}, device={device!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -202,8 +239,6 @@ def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
     local folders (``None`` when that is not a loadable name)."""
     import tempfile
 
-    from .identify import find_neurons
-    from .vlm import ModelLoadError, load_vlm
 
     with tempfile.TemporaryDirectory(prefix="mmneurons-offload-") as folder:
         try:
@@ -223,7 +258,6 @@ def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: i
     (``images_per_s`` on the first ``max(n_images, 32)``); ``official=False`` skips
     ``official_speedup`` and ``images_per_s``, ``vocab_memory=False`` the memory probe;
     ``offload=True`` adds ``offload_slowdown`` (:func:`time_offload`)."""
-    from .tiny.scenes import make_scenes
 
     scenes = make_scenes(max(n_images, max(THROUGHPUT_BATCH_SIZES)), seed=seed)  # scene i: (seed, i) only
     images = [s.image for s in scenes[:n_images]]

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import datasets
-from .identify import top_k_groups
+from . import objects
+from ..method.identify import top_k_groups
 from .stats import auroc
 
 
@@ -57,7 +57,7 @@ def unit_maps(vlm, activations, units, polarity=None) -> np.ndarray:
     """``Float[ndarray, "N rows cols"]`` activation maps ``p · a`` of ``units``
     (``Int[ndarray, "N 2"]``).
 
-    ``activations``: one image's :class:`~mmneurons_utils.capture.Activations` with
+    ``activations``: one image's :class:`~mmneurons_utils.model.capture.Activations` with
     ``image`` recorded (``Float[Tensor, "L I F"]``); ``polarity``: ``Int[ndarray, "N"]``
     of ±1 (default all ``+1``, the raw activation).
     """
@@ -168,9 +168,9 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     (all ``+1`` when the table has no such column).
 
     Which images contain the noun: the samples' known objects (``nouns``: the scenes', or an
-    annotation file's, matched by :func:`~mmneurons_utils.datasets.contains`), or — for images
+    annotation file's, matched by :func:`~mmneurons_utils.properties.objects.contains`), or — for images
     with no labels at all (a bare folder) — the model's own captions (:func:`presence_source`).
-    Boxes are matched to the noun by :func:`~mmneurons_utils.datasets.boxes_for`; images
+    Boxes are matched to the noun by :func:`~mmneurons_utils.properties.objects.boxes_for`; images
     without boxes get no box metrics.
 
     One row per (image, noun, method): ``in_scene`` (the noun is in the image),
@@ -185,14 +185,14 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
     for (image, noun, method), group in groups:
         units = np.array(group[["layer", "unit"]], dtype=np.int64)
         polarity = unit_polarity(group)
-        contains = np.array([datasets.contains(s, noun) if labelled else noun in c.nouns
+        contains = np.array([objects.contains(s, noun) if labelled else noun in c.nouns
                              for s, c in zip(scenes, captions)])
         per_unit = signed_image_scores(extremes, units, polarity)    # (B, K)
         row = dict(image=image, noun=noun, method=method, in_scene=bool(contains[image]),
                    auroc=float(np.nanmean([auroc(u[contains], u[~contains]) for u in per_unit.T]))
                    if contains.any() and not contains.all() else float("nan"))
         scene = scenes[image]
-        boxes = datasets.boxes_for(scene, noun)
+        boxes = objects.boxes_for(scene, noun)
         if grid is not None and boxes:
             size = (scene.image.height, scene.image.width)
             mean = unit_maps(vlm, captions[image].activations, units, polarity).mean(0)
