@@ -387,3 +387,26 @@ def test_summary_top_unit_purity_takes_each_nouns_most_frequent_unit():
     got = summary(table)
     assert got["purity_top_unit"] == (0.75 + 0.5) / 2          # dog's L3.1, cat's L3.5
     assert got["purity_contribution"] == 0.5 and got["n_nouns"] == 2 and got["n_units"] == 3
+
+
+def test_units_kept_for_most_nouns_are_flagged_generic_and_left_out_of_specific_purity():
+    import pandas as pd
+
+    from mmneurons_utils.atlas.build import flag_generic, summary
+
+    rows = []
+    for i, noun in enumerate(["cat", "dog", "car", "tree"]):
+        # unit (3, 7) is kept for every noun with purity at the base rate; each noun has its own unit
+        rows.append(dict(noun=noun, layer=3, unit=7, polarity=1, purity=0.1, purity_random=0.1,
+                         frequency=1.0, mean_score=1.0, base_rate=0.1, modality=0.5))
+        rows.append(dict(noun=noun, layer=2, unit=i, polarity=-1, purity=0.9, purity_random=0.1,
+                         frequency=0.6, mean_score=0.5, base_rate=0.1, modality=0.5))
+    table = flag_generic(pd.DataFrame(rows))
+    assert table.loc[table.unit == 7, "generic"].all() and not table.loc[table.layer == 2, "generic"].any()
+    assert table.loc[table.unit == 7, "noun_share"].eq(1.0).all()
+    s = summary(table)
+    assert s["n_generic_units"] == 1
+    assert s["purity_specific"] == pytest.approx(0.9) and s["purity_contribution"] == pytest.approx(0.5)
+    # two nouns sharing a unit is not "generic": the rule needs three or more nouns
+    two = flag_generic(pd.DataFrame(rows[:4]))
+    assert not two["generic"].any()

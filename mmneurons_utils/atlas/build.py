@@ -29,7 +29,12 @@ One row per (noun, unit):
   over the noun's images: 1 = fires only on image tokens, 0 = only at the caption steps,
   0.5 = equally;
 * ``example_images``: the unit's top-``E`` image indices (in its polarity), best first,
-  and ``example_scores`` their ``max p · a``.
+  and ``example_scores`` their ``max p · a``;
+* ``noun_share``: the share of the atlas's nouns that keep this unit; ``generic``: the unit is
+  kept for at least half of the nouns (and for three or more). Such units write *every* noun
+  (frequency ≈ 1 for each, the same top tokens, purity ≈ base rate): they belong to the
+  caption format, not to one object, so :func:`summary` reports purity over the
+  noun-specific units beside purity over all.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from ..store.results import write_parquet
 
 ATLAS_COLUMNS = ["noun", "layer", "unit", "polarity", "frequency", "n_images", "base_rate",
                  "mean_score", "top_tokens", "noun_rank", "purity", "purity_random", "modality",
-                 "example_images", "example_scores"]
+                 "example_images", "example_scores", "noun_share", "generic"]
+GENERIC_SHARE, GENERIC_MIN_NOUNS = 0.5, 3   # the rule of the ``generic`` column
 _META_KEY = b"mmneurons_atlas"
 
 
@@ -100,7 +106,7 @@ def build_atlas(vlm, images: Sequence, top_k: int = 10, examples: int = 8, seed:
     bar.close()
     found = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     unit_examples = stream.result()
-    table = _atlas_rows(found, unit_examples, nouns_of, sums, units_per_noun, min_frequency)
+    table = flag_generic(_atlas_rows(found, unit_examples, nouns_of, sums, units_per_noun, min_frequency))
     table.attrs.update(n_images=len(images), top_k=top_k, examples=examples, seed=seed)
     if return_parts:
         return table, dict(examples=unit_examples, found=found, captions=texts, nouns=nouns_of)
@@ -153,6 +159,16 @@ def _atlas_rows(found, unit_examples: UnitExamples, nouns_of, sums, units_per_no
     return pd.DataFrame(rows, columns=ATLAS_COLUMNS)
 
 
+def flag_generic(table: pd.DataFrame) -> pd.DataFrame:
+    """Add ``noun_share`` and ``generic`` (see the module doc) to atlas rows."""
+    table = table.copy()
+    n_nouns = table["noun"].nunique()
+    nouns_per_unit = table.groupby(["layer", "unit"])["noun"].transform("nunique")
+    table["noun_share"] = nouns_per_unit / max(n_nouns, 1)
+    table["generic"] = (table["noun_share"] >= GENERIC_SHARE) & (nouns_per_unit >= GENERIC_MIN_NOUNS)
+    return table
+
+
 def write_atlas(table: pd.DataFrame, path: str | Path, meta: dict | None = None) -> Path:
     """Write the atlas to ``path`` (parquet) atomically (a temporary file, then a rename);
     ``meta`` (JSON-able, e.g. the run's description) goes in the schema metadata."""
@@ -176,13 +192,18 @@ def summary(table: pd.DataFrame) -> dict:
     """Headline numbers: nouns, units, and mean purity of the atlas units vs random units
     (each noun's random purity counted once per atlas row, so the two are paired);
     ``purity_top_unit``: the mean purity of each noun's most frequent unit (ties: the
-    higher mean score), one per noun."""
+    higher mean score), one per noun; ``purity_specific`` / ``purity_random_specific``: the
+    same means over the noun-specific (not ``generic``) rows, and ``n_generic_units``."""
     if not len(table):
         nan = float("nan")
         return dict(n_nouns=0, n_units=0, n_rows=0, purity_contribution=nan, purity_random=nan,
-                    purity_top_unit=nan, base_rate=nan, modality=nan)
+                    purity_top_unit=nan, base_rate=nan, modality=nan, n_generic_units=0,
+                    purity_specific=nan, purity_random_specific=nan)
     top = (table.sort_values(["noun", "frequency", "mean_score"], ascending=[True, False, False])
            .groupby("noun").head(1))
+    if "generic" not in table:    # an atlas written before the column existed
+        table = flag_generic(table)
+    generic, specific = table[table["generic"]], table[~table["generic"]]
     return dict(n_nouns=int(table["noun"].nunique()),
                 n_units=int(len(table[["layer", "unit"]].drop_duplicates())),
                 n_rows=int(len(table)),
@@ -190,4 +211,7 @@ def summary(table: pd.DataFrame) -> dict:
                 purity_random=float(table["purity_random"].mean()),
                 purity_top_unit=float(top["purity"].mean()),
                 base_rate=float(table["base_rate"].mean()),
-                modality=float(table["modality"].mean()))
+                modality=float(table["modality"].mean()),
+                n_generic_units=int(len(generic[["layer", "unit"]].drop_duplicates())),
+                purity_specific=float(specific["purity"].mean()),
+                purity_random_specific=float(specific["purity_random"].mean()))

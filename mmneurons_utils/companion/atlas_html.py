@@ -56,7 +56,9 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
     are run once more through the model, ``batch_size`` at a time (prefill only).
     """
-    shown = _shown_rows(table, cards_per_noun)
+    is_generic = table["generic"].eq(True) if "generic" in table else pd.Series(False, index=table.index)
+    generic = table[is_generic].drop_duplicates(["layer", "unit"])
+    shown = _shown_rows(table[~is_generic], cards_per_noun)
     thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -69,6 +71,8 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                  "whose caption says the noun, vs the same for random units; <b>modality</b> = 1 fires "
                  "only on image tokens, 0 only at the caption steps. Thumbnails: the unit's top images, "
                  "dimmed where <i>p·a</i> is low (bright = where it fires).</p>")
+    if len(generic):
+        parts.append(_generic_section(generic))
     nouns = list(dict.fromkeys(shown["noun"]))
     parts.append("<nav>" + "".join(f"<a href='#{_anchor(n)}'>{html.escape(n)}</a>" for n in nouns)
                  + "</nav>")
@@ -83,6 +87,17 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
     parts.append("</body></html>")
     page = "\n".join(parts)
     return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+
+def _generic_section(generic: pd.DataFrame) -> str:
+    """The units kept for most nouns, listed apart from the nouns' cards (rule: atlas.build)."""
+    items = "".join(
+        f"<li>{Unit.of(r)}: kept for "
+        f"{r.noun_share:.0%} of the nouns; top tokens {html.escape(' '.join(map(str, r.top_tokens[:6])))}</li>"
+        for r in generic.itertuples())
+    return ("<h2>Generic units</h2><p class='meta'>Kept for at least half of the nouns (and three or "
+            "more): they write every noun, so they are listed here and left out of the nouns' "
+            f"cards.</p><ul>{items}</ul>")
 
 
 def _shown_rows(table: pd.DataFrame, cards_per_noun: int) -> pd.DataFrame:
