@@ -121,3 +121,7 @@ def test_run_bench_reports_the_official_speedup_and_throughput(tiny_llava):
     assert set(result["images_per_s"]) == {"1", "8", "32"}
     assert all(v > 0 for v in result["images_per_s"].values())
     assert result["images_per_s_n_images"] == 32
+    # the projection's size is the L × F × V float16 product, not a constant
+    shape = tiny_llava.n_layers * tiny_llava.d_ff
+    assert result["official_projection_gb"] == round(shape * tiny_llava.lm_head.out_features * 2 / 1e9, 3)
+    assert result["ours_logit_weights_mb"] == round(shape * 4 / 1e6, 3)

@@ -20,7 +20,9 @@
   ``official_ours_s`` are the two medians, ``official_images_per_s`` the official
   throughput, ``official_prepare_s`` its one-time projection (outside the ratio: the
   official code runs it as a separate script), ``official_forwards_per_image`` the full
-  forwards it runs per image, ``official_n_nouns`` the nouns both picked.
+  forwards it runs per image, ``official_n_nouns`` the nouns both picked;
+  ``official_projection_gb`` the memory of that projection (``L × F × V`` float16) beside
+  ``ours_logit_weights_mb``, what ours holds per noun token (``W_U[t] · W_out``: ``L × F`` float32).
 * ``images_per_s`` — ours (``find_neurons``, contribution, top-50) in images per second at
   batch sizes 1, 8 and 32: a dict keyed by the batch size as a string,
   ``{"1": …, "8": …, "32": …}``, measured on the first ``max(n_images, 32)`` scenes of the
@@ -146,6 +148,10 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
         official_prepare_s=round(t_prepare, 4),
         official_forwards_per_image=round(sum(len(r.token_ids) for r in results) / len(results), 2),
         official_n_nouns=n_nouns,
+        # memory: the official full projection (every layer's F × V, float16) vs what ours keeps
+        # per noun token (one row of W_U projected on every layer's W_out: L × F float32)
+        official_projection_gb=round(sum(p.numel() * p.element_size() for p in tables.projection) / 1e9, 3),
+        ours_logit_weights_mb=round(vlm.n_layers * vlm.d_ff * 4 / 1e6, 3),
         images_per_s={str(b): round(len(many) / statistics.median(t), 2) for b, t in t_batch.items()},
         images_per_s_n_images=len(many))
 
