@@ -157,3 +157,20 @@ def test_identification_equals_an_independent_recomputation(smol, captioned):
             assert list(rows.polarity) == [int(torch.sign(a.flatten()[i])) for i in top.indices]
             checked += 1
     assert checked >= 2, "the captions of three held-out scenes should name at least two nouns"
+
+
+def test_a_later_training_stage_starts_from_the_saved_trained_parts(tmp_path):
+    from mmneurons_utils.tiny import smol
+
+    model, processor = smol.build(seed=3)
+    with torch.no_grad():   # as if trained: adapters, projector and tower all move
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    smol.save(model, processor, tmp_path / "smol", dict(stages=[]))
+    again, _ = smol.build(seed=4, init=tmp_path / "smol")
+    saved = dict(model.named_parameters())
+    moved = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in moved) and any("multi_modal_projector" in n for n in moved)
+    for name in moved:   # stored in fp16
+        assert torch.equal(dict(again.named_parameters())[name], saved[name].half().float()), name

@@ -2,6 +2,7 @@
 
     python -m mmneurons_utils.tiny.train --model tiny-llava
     python -m mmneurons_utils.tiny.train --model tiny-instructblip
+    python -m mmneurons_utils.tiny.train --model smol-llava          # tiny/smol.py: resumable, bf16
 
 Each step draws a new batch of training scenes (seeds ≥ ``TRAIN_SEED_BASE``; the
 evaluation range 0–9,999 is never seen), teacher-forces the paper's prompt
@@ -129,12 +130,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     common = dict(eval_every=args.eval_every, eval_n=args.eval_n, threads=args.threads)
     if args.model == "smol-llava":  # pretrained LM, frozen: its own resumable recipe (tiny/smol.py)
-        recipe = dict(smol.RECIPE, **{k: v for k in ("steps", "batch", "warmup", "seed")
-                                      if (v := getattr(args, k)) is not None})
-        print(json.dumps(smol.train(args.out or WEIGHTS_DIR / "smol-llava", **recipe,
-                                    eval_every=args.eval_every if args.eval_every != 250 else 100,
-                                    eval_n=args.eval_n if args.eval_n != 200 else 48,
-                                    threads=args.threads)))
+        out = args.out or WEIGHTS_DIR / "smol-llava"
+        stages = [args.stage] if args.stage else range(len(smol.STAGES))
+        for stage in stages:
+            recipe = dict(smol.STAGES[min(stage, len(smol.STAGES) - 1)],
+                          **{k: v for k in ("steps", "batch", "warmup", "seed") if (v := getattr(args, k)) is not None})
+            final = smol.train(out, **recipe, stage=stage, threads=args.threads,
+                               eval_every=args.eval_every if args.eval_every != 250 else 100,
+                               eval_n=args.eval_n if args.eval_n != 200 else 48)
+        print(json.dumps(final))
         return
     out = args.out or WEIGHTS_DIR / args.model
     custom = {k: v for k in RECIPES[args.model][0] if (v := getattr(args, k)) is not None}
