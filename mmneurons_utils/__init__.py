@@ -21,17 +21,24 @@ A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` t
 grid, ``E`` dataset examples per unit).
 """
 
-from .datasets import load_images
-from .identify import find_neurons
-from .vlm import VLM, Caption, load_vlm
+from .interventions import causal, editing
+from .method.identify import find_neurons, find_neurons_by_method
+from .model.vlm import VLM, Caption, load_vlm
+from .properties import metrics
 
 
 def __getattr__(name):
-    # The embedded models' scenes load on first use, so importing the method never imports them.
+    # The data layer (and with it the embedded models' scenes) loads on first use, so importing
+    # the method never imports the scenes.
     if name in ("Scene", "make_scenes"):
         from .tiny import scenes
 
         return getattr(scenes, name)
+    if name == "load_images":
+        from .data.datasets import load_images
+
+        return load_images
     raise AttributeError(f"module 'mmneurons_utils' has no attribute {name!r}")
 
-__all__ = ["Caption", "Scene", "VLM", "find_neurons", "load_images", "load_vlm", "make_scenes"]
+__all__ = ["Caption", "Scene", "VLM", "causal", "editing", "find_neurons", "find_neurons_by_method",
+           "load_images", "load_vlm", "make_scenes", "metrics"]

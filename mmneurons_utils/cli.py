@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .nouns import NounTaggerMissing
+from .model.nouns import NounTaggerMissing
 from .tiny.scenes import caption_scores, make_scenes
 
 
@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _check_method(method: str) -> str:
-    from .identify import METHODS
+    from .method.identify import METHODS
 
     if method not in METHODS:
         raise CliError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -62,7 +62,7 @@ def _check_method(method: str) -> str:
 
 def _check_model_options(args) -> None:
     """``--device`` and ``--dtype`` checked before anything is read or loaded."""
-    from .vlm import _device, _dtype
+    from .model.vlm import _device, _dtype
 
     _dtype(args.dtype)
     if args.device is not None:
@@ -72,7 +72,7 @@ def _check_model_options(args) -> None:
 def _check_new_folder(folder, option: str, parents: bool = True):
     """``folder`` (to be created, or empty) can be made here: its nearest existing ancestor
     (``parents=False``: its parent) is a writable folder."""
-    from .results import check_writable_folder
+    from .store.results import check_writable_folder
 
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -201,9 +201,9 @@ def _add_causal_commands(sub) -> None:
 
 
 def _data(args):
-    """The :class:`~mmneurons_utils.datasets.ImageSet` of ``--scenes``/``--seed`` or
+    """The :class:`~mmneurons_utils.data.datasets.ImageSet` of ``--scenes``/``--seed`` or
     ``--images`` (with ``--annotations``)."""
-    from .datasets import load_images
+    from .data.datasets import load_images
 
     if args.annotations and not args.images:
         raise CliError("--annotations needs --images DIR, the folder of the images it annotates")
@@ -224,8 +224,8 @@ def _images(args, data=None):
 def _load_model(args, data):
     """The model of ``--model``; with ``--annotations`` its candidate nouns are the
     annotation's categories (used only by a real model when no tagger is installed)."""
-    from .datasets import prepare_model
-    from .vlm import load_vlm
+    from .data.datasets import prepare_model
+    from .model.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     if args.annotations:
@@ -237,7 +237,7 @@ def _load_model(args, data):
 def _note_unmatched_categories(args, vlm, data) -> None:
     """One line naming the annotation categories that no word of the model's noun vocabulary
     names (their boxes can never be matched to a caption noun)."""
-    from .datasets import match_category
+    from .data.datasets import match_category
 
     if vlm.noun_vocabulary is None:
         return
@@ -285,8 +285,8 @@ def cmd_describe(args) -> dict:
 
 
 def cmd_find(args) -> dict | None:
-    from .parallel import launched_state
-    from .results import check_output_file, exclusive
+    from .batch.parallel import launched_state
+    from .store.results import check_output_file, exclusive
 
     _check_method(args.method)
     check_output_file(args.out)     # before the lock, the images and the model
@@ -304,9 +304,9 @@ def _find_settings(args, vlm=None) -> dict:
     settings = dict(model=args.model, dtype=_DTYPE_NAMES.get(dtype, dtype), method=args.method, top_k=args.top_k,
                     seed=args.seed if args.method == "random" else None)
     if vlm is not None:
-        from .vocabulary import weights_key
+        from .model.cache import weights_hash
 
-        settings.update(weights=weights_key(vlm, 0), nouns=_noun_identity(vlm))
+        settings.update(weights=weights_hash(vlm), nouns=_noun_identity(vlm))
     return settings
 
 
@@ -321,10 +321,10 @@ def _noun_identity(vlm) -> str:
 
 
 def _find_locked(args, state) -> dict | None:
-    from .identify import check_top_k
-    from .parallel import checked_part_files, process_device
-    from .provenance import image_hashes
-    from .results import ResultFile
+    from .method.identify import check_top_k
+    from .batch.parallel import checked_part_files, process_device
+    from .store.provenance import image_hashes
+    from .store.results import ResultFile
 
     results = ResultFile(args.out)  # refuses a file it did not write, before any work
     parts = checked_part_files(results.path)   # left by an interrupted accelerate launch run
@@ -366,7 +366,7 @@ def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> N
     """Identify the images ``todo`` (indices into the run) batch by batch into ``results``."""
     from tqdm.auto import tqdm
 
-    from .identify import find_neurons
+    from .method.identify import find_neurons
 
     bar = tqdm(total=len(todo), desc=desc, disable=not progress)
     for start in range(0, len(todo), args.batch_size):
@@ -383,11 +383,11 @@ def _identify(args, vlm, names, images, todo, results, desc, progress=True) -> N
 
 
 def _find_in_parts(args, state, results, vlm, names, images, run) -> dict | None:
-    """``find`` through part files (:mod:`mmneurons_utils.parallel`): under ``accelerate launch``
+    """``find`` through part files (:mod:`mmneurons_utils.batch.parallel`): under ``accelerate launch``
     each process identifies its share of the images, the main process merges; one process that
     finds part files of an interrupted parallel run finishes it the same way. Only the main
     process prints; the others return ``None``."""
-    from .parallel import PartRun
+    from .batch.parallel import PartRun
 
     if state is None:       # one process, part files beside --out
         from accelerate import PartialState
@@ -410,8 +410,8 @@ def _find_in_parts(args, state, results, vlm, names, images, run) -> dict | None
 
 
 def cmd_bench(args) -> dict:
-    from .bench import run_bench
-    from .vlm import load_vlm
+    from .batch.bench import run_bench
+    from .model.vlm import load_vlm
 
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats,
@@ -428,8 +428,8 @@ def _finite(value):
 
 
 def cmd_perturb(args) -> dict:
-    from .causal import causal_curves, half_removal_k, summarize
-    from .identify import METHODS
+    from .interventions.causal import causal_curves, half_removal_k, summarize
+    from .method.identify import METHODS
 
     if args.sigma is not None and not 0 < args.sigma < float("inf"):   # also nan, inf
         raise CliError(f"--sigma must be a finite positive number (× the column's RMS, or absolute "
@@ -469,9 +469,9 @@ def cmd_perturb(args) -> dict:
 def cmd_edit(args) -> dict:
     from pathlib import Path
 
-    from .edit_evaluation import ImagePool, run_edit
-    from .editing import UNIT_CHOICES, target_token
-    from .vlm import load_vlm
+    from .batch.edit_evaluation import ImagePool, run_edit
+    from .interventions.editing import UNIT_CHOICES, target_token
+    from .model.vlm import load_vlm
 
     if args.method not in UNIT_CHOICES:
         raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
@@ -527,7 +527,7 @@ def _check_edit_words(args) -> None:
     """``--source`` / ``--target`` are single nouns: not an article or a preposition, letters
     only, and, for a model with a noun vocabulary (the embedded ones), words of it — checked
     from the checkpoint folder before the model loads."""
-    from .vlm import EMBEDDED, EMBEDDED_DIR, ModelLoadError, read_noun_vocabulary
+    from .model.vlm import EMBEDDED, EMBEDDED_DIR, ModelLoadError, read_noun_vocabulary
 
     for option, word in (("--source", args.source), ("--target", args.target)):
         if not word.replace("-", "").isalpha() or word.lower() in _NOT_NOUNS:
@@ -544,8 +544,8 @@ def _check_edit_words(args) -> None:
 
 
 def cmd_atlas(args) -> dict:
-    from .parallel import launched_processes
-    from .results import exclusive
+    from .batch.parallel import launched_processes
+    from .store.results import exclusive
 
     if launched_processes() > 1:
         raise CliError(f"atlas runs in one process, not under accelerate launch with "
@@ -570,9 +570,9 @@ def _check_atlas_folder(out, description: dict):
     """``(table, meta)`` of a finished atlas in ``out`` with the same ``description``,
     ``(None, None)`` when it holds none; refuses a folder holding another run, or an
     ``atlas.parquet`` / ``index.html`` this command did not write (they are left as they are)."""
-    from .atlas import read_atlas
+    from .atlas.build import read_atlas
     from .companion.atlas_html import is_atlas_page
-    from .provenance import differences
+    from .store.provenance import differences
 
     parquet, page = out / "atlas.parquet", out / "index.html"
     if page.exists() and not is_atlas_page(page):
@@ -601,11 +601,11 @@ def _atlas_locked(args, out) -> dict:
     import time
     from pathlib import Path
 
-    from .atlas import build_atlas, summary, write_atlas
+    from .atlas.build import build_atlas, summary, write_atlas
     from .companion.atlas_html import render_atlas_html
-    from .identify import check_top_k
-    from .provenance import image_hashes, images_digest
-    from .vocabulary import weights_key
+    from .method.identify import check_top_k
+    from .store.provenance import image_hashes, images_digest
+    from .model.cache import weights_hash
 
     start = time.perf_counter()
     data = _data(args)
@@ -624,7 +624,7 @@ def _atlas_locked(args, out) -> dict:
     check_top_k(vlm, args.top_k)
     # the settings name the model by path: a changed checkpoint at the same path is caught by
     # the hash of the weights the atlas reads (W_U and every W_out, full bytes)
-    weights = weights_key(vlm, 0)
+    weights = weights_hash(vlm)
     weights_changed = table is not None and meta.get("weights") != weights
     if weights_changed:
         print(f"mmneurons atlas: {parquet} was made with other weights of {args.model} "
@@ -660,7 +660,7 @@ def _atlas_locked(args, out) -> dict:
 
 
 def cmd_export_scenes(args) -> dict:
-    from .datasets import write_image_folder
+    from .data.datasets import write_image_folder
     from .tiny.scenes import NOUNS
 
     scenes = make_scenes(args.scenes, seed=args.seed)
@@ -713,7 +713,7 @@ def _which_process() -> str:
     """`` (process r of P)`` under a launcher with several processes, else empty."""
     import os
 
-    from .parallel import launched_processes
+    from .batch.parallel import launched_processes
 
     try:
         n = launched_processes()

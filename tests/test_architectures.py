@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmneurons_utils import architectures as A
-from mmneurons_utils.vlm import ANSWER_PREFIX, Caption, ModelLoadError, load_vlm
+from mmneurons_utils.model import architectures as A
+from mmneurons_utils.model.vlm import ANSWER_PREFIX, Caption, ModelLoadError, load_vlm
 
 from tiny_configs import FAMILY_BUILDERS, IMAGE_SIZE, IMAGE_TOKENS
 
@@ -169,7 +169,7 @@ def test_down_proj_pre_hook_fires_during_describe(family_vlm):
 
 def test_image_projector_feeds_the_image_tokens(family_vlm):
     """Region invariance permutes this module's output rows: it must be what the LLM reads."""
-    from mmneurons_utils.specificity import patch_grid
+    from mmneurons_utils.properties.specificity import patch_grid
 
     family, vlm = family_vlm
     A.resolve(vlm.model, vlm.arch.image_projector)
@@ -246,7 +246,7 @@ def test_teacher_forcing_reproduces_generation(family_vlm):
     """``append_captions`` extends every per-position input (PaliGemma: drops ``labels``,
     marks the caption causal in ``token_type_ids``), so a teacher-forced forward reads the
     activations and logits that generation produced."""
-    from mmneurons_utils.teacher_forcing import teacher_forced_activations, teacher_forced_logits
+    from mmneurons_utils.model.teacher_forcing import teacher_forced_activations, teacher_forced_logits
 
     _, vlm = family_vlm
     images, n = _images(2, seed=5), 4
@@ -266,14 +266,14 @@ def test_teacher_forcing_reproduces_generation(family_vlm):
 
 
 def test_gradient_scores_run(family_vlm):
-    from mmneurons_utils.scoring import gradient_scores
+    from mmneurons_utils.method.scoring import gradient_attributions
 
     _, vlm = family_vlm
     image, n = _images(1, seed=6)[0], 3
     with _forced_length(vlm, n):
         cap = vlm.describe([image], max_new_tokens=n, nouns=[])[0]
-    scores = gradient_scores(vlm, vlm.inputs([image]), cap.token_ids,
-                             [(step, cap.token_ids[step]) for step in range(n)])
+    scores = gradient_attributions(vlm, vlm.inputs([image]), cap.token_ids,
+                                   [(step, cap.token_ids[step]) for step in range(n)], ("noun",))["noun"]
     assert len(scores) == n
     for s in scores:
         assert s.shape == (vlm.n_layers, vlm.d_ff) and torch.isfinite(s).all() and s.abs().sum() > 0

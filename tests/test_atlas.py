@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmneurons_utils import make_scenes
-from mmneurons_utils.examples import ExampleStream, UnitExamples, dataset_examples, purity
+from mmneurons_utils.atlas.examples import ExampleStream, UnitExamples, dataset_examples, purity
 
 E = 4
 
@@ -96,7 +96,7 @@ def test_purity_counts_top_images_with_the_noun(tiny_llava, scenes12):
 
 @pytest.fixture(scope="module")
 def atlas48(tiny_llava):
-    from mmneurons_utils.atlas import build_atlas
+    from mmneurons_utils.atlas.build import build_atlas
 
     scenes = make_scenes(48, seed=0)
     table, parts = build_atlas(tiny_llava, [s.image for s in scenes], top_k=10, examples=8,
@@ -105,7 +105,7 @@ def atlas48(tiny_llava):
 
 
 def test_atlas_columns_and_ranges(atlas48):
-    from mmneurons_utils.atlas import ATLAS_COLUMNS
+    from mmneurons_utils.atlas.build import ATLAS_COLUMNS
 
     _, table, parts = atlas48
     assert list(table.columns) == ATLAS_COLUMNS and len(table)
@@ -125,7 +125,7 @@ def test_atlas_columns_and_ranges(atlas48):
 
 
 def test_top_unit_of_a_frequent_noun_recurs_and_is_purer_than_random(atlas48):
-    from mmneurons_utils.atlas import summary
+    from mmneurons_utils.atlas.build import summary
 
     _, table, _ = atlas48
     noun = table.sort_values(["n_images", "noun"], ascending=[False, True])["noun"].iloc[0]
@@ -139,8 +139,8 @@ def test_top_unit_of_a_frequent_noun_recurs_and_is_purer_than_random(atlas48):
 
 
 def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
-    from mmneurons_utils.atlas import build_atlas
-    from mmneurons_utils.identify import find_neurons_by_method
+    from mmneurons_utils.atlas.build import build_atlas
+    from mmneurons_utils.method.identify import find_neurons_by_method
 
     images = [s.image for s in make_scenes(8, seed=2)]
     _, parts = build_atlas(tiny_llava, images, top_k=5, examples=3, batch_size=3, return_parts=True)
@@ -156,7 +156,7 @@ def test_one_pass_identification_equals_find_neurons_by_method(tiny_llava):
 
 
 def test_atlas_parquet_round_trip(atlas48, tmp_path):
-    from mmneurons_utils.atlas import read_atlas, write_atlas
+    from mmneurons_utils.atlas.build import read_atlas, write_atlas
 
     _, table, _ = atlas48
     path = write_atlas(table, tmp_path / "atlas.parquet", meta={"description": "scenes n=48 seed=0"})
@@ -220,7 +220,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
     import pandas as pd
     from PIL import Image
 
-    from mmneurons_utils.atlas import ATLAS_COLUMNS
+    from mmneurons_utils.atlas.build import ATLAS_COLUMNS
     from mmneurons_utils.companion.atlas_html import render_atlas_html
 
     scenes = make_scenes(3, seed=0)
@@ -243,7 +243,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
 def test_cli_atlas_writes_parquet_and_page_and_reuses_a_finished_run(tmp_path, cli):
     import json
 
-    from mmneurons_utils.atlas import read_atlas
+    from mmneurons_utils.atlas.build import read_atlas
 
     out = tmp_path / "atlas"
     argv = ["atlas", "--model", "tiny-llava", "--scenes", "24", "--seed", "0", "--top-k", "5",
@@ -281,8 +281,8 @@ def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_p
 
     from safetensors.torch import load_file, save_file
 
-    from mmneurons_utils.atlas import read_atlas
-    from mmneurons_utils.vlm import EMBEDDED_DIR
+    from mmneurons_utils.atlas.build import read_atlas
+    from mmneurons_utils.model.vlm import EMBEDDED_DIR
 
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
@@ -381,7 +381,7 @@ def test_browser_dataset_strip(tiny_llava):
 def test_summary_top_unit_purity_takes_each_nouns_most_frequent_unit():
     import pandas as pd
 
-    from mmneurons_utils.atlas import summary
+    from mmneurons_utils.atlas.build import summary
 
     table = pd.DataFrame(dict(
         noun=["dog", "dog", "cat"], layer=[3, 2, 3], unit=[1, 2, 5], frequency=[1.0, 0.5, 0.8],
@@ -390,3 +390,26 @@ def test_summary_top_unit_purity_takes_each_nouns_most_frequent_unit():
     got = summary(table)
     assert got["purity_top_unit"] == (0.75 + 0.5) / 2          # dog's L3.1, cat's L3.5
     assert got["purity_contribution"] == 0.5 and got["n_nouns"] == 2 and got["n_units"] == 3
+
+
+def test_units_kept_for_most_nouns_are_flagged_generic_and_left_out_of_specific_purity():
+    import pandas as pd
+
+    from mmneurons_utils.atlas.build import flag_generic, summary
+
+    rows = []
+    for i, noun in enumerate(["cat", "dog", "car", "tree"]):
+        # unit (3, 7) is kept for every noun with purity at the base rate; each noun has its own unit
+        rows.append(dict(noun=noun, layer=3, unit=7, polarity=1, purity=0.1, purity_random=0.1,
+                         frequency=1.0, mean_score=1.0, base_rate=0.1, modality=0.5))
+        rows.append(dict(noun=noun, layer=2, unit=i, polarity=-1, purity=0.9, purity_random=0.1,
+                         frequency=0.6, mean_score=0.5, base_rate=0.1, modality=0.5))
+    table = flag_generic(pd.DataFrame(rows))
+    assert table.loc[table.unit == 7, "generic"].all() and not table.loc[table.layer == 2, "generic"].any()
+    assert table.loc[table.unit == 7, "noun_share"].eq(1.0).all()
+    s = summary(table)
+    assert s["n_generic_units"] == 1
+    assert s["purity_specific"] == pytest.approx(0.9) and s["purity_contribution"] == pytest.approx(0.5)
+    # two nouns sharing a unit is not "generic": the rule needs three or more nouns
+    two = flag_generic(pd.DataFrame(rows[:4]))
+    assert not two["generic"].any()

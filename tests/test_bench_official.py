@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmneurons_utils import architectures as A
+from mmneurons_utils.model import architectures as A
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.official import (OfficialMismatch, check_same_nouns, generate_no_cache,
+from mmneurons_utils.batch.official import (OfficialMismatch, check_same_nouns, generate_no_cache,
                                       official_find, official_noun_steps, official_scores,
                                       prepare_official)
-from mmneurons_utils.scoring import contribution_scores
-from mmneurons_utils.trace import Trace
+from mmneurons_utils.method.scoring import contribution_scores
+from mmneurons_utils.model.trace import Trace
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_official_scores_are_gate_only(tiny_llava, images):
 
 
 def test_run_bench_reports_the_official_speedup_and_throughput(tiny_llava):
-    from mmneurons_utils.bench import run_bench
+    from mmneurons_utils.batch.bench import run_bench
 
     result = run_bench(tiny_llava, n_images=4, seed=0, repeats=1, vocab_memory=False)
     assert result["official_speedup"] > 0 and result["official_images_per_s"] > 0
@@ -121,3 +121,7 @@ def test_run_bench_reports_the_official_speedup_and_throughput(tiny_llava):
     assert set(result["images_per_s"]) == {"1", "8", "32"}
     assert all(v > 0 for v in result["images_per_s"].values())
     assert result["images_per_s_n_images"] == 32
+    # the projection's size is the L × F × V float16 product, not a constant
+    shape = tiny_llava.n_layers * tiny_llava.d_ff
+    assert result["official_projection_gb"] == round(shape * tiny_llava.lm_head.out_features * 2 / 1e9, 3)
+    assert result["ours_logit_weights_mb"] == round(shape * 4 / 1e6, 3)

@@ -257,7 +257,7 @@ def test_atlas_page_in_chromium(tmp_path, cli):
 
     from playwright.sync_api import sync_playwright
 
-    from mmneurons_utils.atlas import read_atlas
+    from mmneurons_utils.atlas.build import read_atlas
 
     out = tmp_path / "atlas"
     code, stdout, err = cli("atlas", "--model", "tiny-llava", "--scenes", "24", "--seed", "0",

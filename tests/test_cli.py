@@ -84,7 +84,7 @@ def _last_json(stdout):
 
 def test_export_scenes_writes_a_coco_folder_and_refuses_a_used_one(tmp_path, cli):
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.datasets import load_images
+    from mmneurons_utils.data.datasets import load_images
     from mmneurons_utils.tiny.scenes import NOUNS
 
     out = tmp_path / "folder"
@@ -133,8 +133,8 @@ def test_annotations_give_a_real_model_its_candidate_nouns(tmp_path, cli):
     candidate nouns, and the captions' nouns are the embedded vocabulary's."""
     import shutil
 
-    from mmneurons_utils.nouns import tagger_available
-    from mmneurons_utils.vlm import EMBEDDED_DIR, EMBEDDED_MARKER
+    from mmneurons_utils.model.nouns import tagger_available
+    from mmneurons_utils.model.vlm import EMBEDDED_DIR, EMBEDDED_MARKER
 
     if tagger_available():
         pytest.skip("spaCy's tagger is installed: it, not the candidates, finds the nouns")
@@ -171,7 +171,7 @@ def test_annotations_give_a_real_model_its_candidate_nouns(tmp_path, cli):
 ])
 def test_own_image_errors_exit_2_with_one_line(tmp_path, argv, needle, cli, monkeypatch):
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.datasets import write_image_folder
+    from mmneurons_utils.data.datasets import write_image_folder
 
     write_image_folder(make_scenes(2, seed=0), tmp_path / "folder")
     other = write_image_folder(make_scenes(1, seed=0), tmp_path / "other")
@@ -183,7 +183,7 @@ def test_own_image_errors_exit_2_with_one_line(tmp_path, argv, needle, cli, monk
 
 
 def test_atlas_on_the_exported_folder_is_the_scenes_atlas(tmp_path, cli):
-    from mmneurons_utils.atlas import read_atlas
+    from mmneurons_utils.atlas.build import read_atlas
 
     folder = tmp_path / "folder"
     assert cli("export-scenes", "--scenes", "8", "--seed", "1", "--out", str(folder))[0] == 0

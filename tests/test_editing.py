@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mmneurons_utils import load_vlm, make_scenes
-from mmneurons_utils.nouns import says
-from mmneurons_utils.edit_evaluation import ImagePool, edit_table, run_edit, summarize_edits
-from mmneurons_utils.editing import EditInputError, edit_token
+from mmneurons_utils.model.nouns import says
+from mmneurons_utils.batch.edit_evaluation import ImagePool, edit_table, run_edit, summarize_edits
+from mmneurons_utils.interventions.editing import EditInputError, edit_token
 
 
 def _state(vlm):
@@ -243,17 +243,17 @@ def test_cli_edit_json_says_applied_and_null_for_unmeasured(cli):
 @pytest.mark.parametrize("method, at", [("gradient", "noun"), ("gradient_image", "image")])
 def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, method, at):
     """``units="gradient"`` / ``"gradient_image"`` edit the top units of that score summed over the
-    edit images (checked against gradient_scores called directly), not the contribution units."""
-    from mmneurons_utils.editing import _source_steps, choose_units
-    from mmneurons_utils.scoring import gradient_scores, top_units
+    edit images (checked against gradient_attributions called directly), not the contribution units."""
+    from mmneurons_utils.interventions.editing import _source_steps, choose_units
+    from mmneurons_utils.method.scoring import top_units
 
     images = case["images"]
     captions = tiny_llava.describe(images, activation="down_proj_input")
     steps = _source_steps(tiny_llava, captions, case["source"])
     source_id = captions[0].token_ids[steps[0]]
     chosen = choose_units(tiny_llava, captions, steps, source_id, 5, method, images=images)
-    total = sum(gradient_scores(tiny_llava, tiny_llava.inputs([image]), c.token_ids,
-                                [(s, source_id)], at=at)[0]
+    total = sum(gradient_attributions(tiny_llava, tiny_llava.inputs([image]), c.token_ids,
+                                      [(s, source_id)], (at,))[at][0]
                 for image, c, s in zip(images, captions, steps))
     assert chosen.tolist() == top_units(total, 5)[0].tolist()
     ours = choose_units(tiny_llava, captions, steps, source_id, 5, "contribution")

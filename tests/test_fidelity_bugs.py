@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmneurons_utils import metrics
-from mmneurons_utils.stats import bootstrap_ci
+from mmneurons_utils.properties.stats import bootstrap_ci
 
 
 def _clustered(n_images: int = 30, rows_per_image: int = 5, seed: int = 0) -> pd.DataFrame:
@@ -31,7 +31,7 @@ def test_cluster_bootstrap_resamples_images_not_rows():
 
 
 def test_cluster_bootstrap_drops_nans_and_weights_rows():
-    from mmneurons_utils.stats import cluster_bootstrap_ci
+    from mmneurons_utils.properties.stats import cluster_bootstrap_ci
 
     values = [1.0, np.nan, 3.0, 5.0, np.nan]
     clusters = ["a", "a", "a", "b", "c"]     # c has no value left: it drops out
@@ -63,7 +63,7 @@ def test_caption_never_contains_the_image_token(builder):
     it breaks the image-feature count of every later forward."""
     from mmneurons_utils import make_scenes
     from mmneurons_utils.tiny import build
-    from mmneurons_utils.vlm import VLM
+    from mmneurons_utils.model.vlm import VLM
 
     model, processor = getattr(build, builder)(seed=2)
     vlm = VLM.from_parts(model, processor, family=builder.replace("build_", "").replace("_", "-"))

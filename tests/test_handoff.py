@@ -1,7 +1,6 @@
 """The package as one path: every hook goes through ``trace``, the method core never imports
 the scenes, and a ``find_neurons`` table is the handoff to ablation, editing and the widgets."""
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -12,39 +11,19 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.causal import causal_curves
-from mmneurons_utils.editing import edit_token
-from mmneurons_utils.identify import logit_weights, rank_units, units_of
-from mmneurons_utils.interventions import added_deltas, as_units, perturb_units
-from mmneurons_utils.scoring import contribution_scores, top_units
-from mmneurons_utils.trace import Trace, TraceDict, trace_down_proj
-from mmneurons_utils.vlm import ModelLoadError, read_noun_vocabulary
+from mmneurons_utils.interventions.causal import causal_curves
+from mmneurons_utils.interventions.editing import edit_token
+from mmneurons_utils.method.identify import logit_weights, rank_units, units_of
+from mmneurons_utils.interventions.ablation import added_deltas, as_units, perturb_units
+from mmneurons_utils.method.scoring import contribution_scores, top_units
+from mmneurons_utils.model.trace import Trace, TraceDict, trace_down_proj
+from mmneurons_utils.model.vlm import ModelLoadError, read_noun_vocabulary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmneurons_utils"
-# what may import the embedded models' scenes: the embedded models themselves, datasets.py (they
-# are its default source) and the tools that offer them (the companion, its widgets and plots,
-# the CLI and the benchmark)
-MAY_IMPORT_SCENES = ("tiny/", "companion/", "widgets/", "plots/", "cli.py", "bench.py", "datasets.py")
 
 
 def _modules():
     return sorted(p for p in PACKAGE.rglob("*.py") if "weights" not in p.parts)
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module name an ``import`` / ``from … import`` of ``path`` names (relative ones
-    resolved against the package), including imports inside functions."""
-    names = set()
-    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = list(package[:len(package) - node.level + 1]) if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names.add(module)
-            names |= {f"{module}.{a.name}" for a in node.names}
-    return names
 
 
 def test_every_hook_is_registered_in_trace():
@@ -57,20 +36,12 @@ def test_every_hook_is_registered_in_trace():
 
 
 def test_the_method_core_does_not_import_the_scenes():
-    offenders = []
-    for path in _modules():
-        rel = path.relative_to(PACKAGE).as_posix()
-        if rel == "__init__.py" or rel.startswith(MAY_IMPORT_SCENES):
-            continue
-        bad = {n for n in _imports(path) if "scenes" in n.split(".") or "tiny" in n.split(".")}
-        if bad:
-            offenders.append((rel, sorted(bad)))
-    assert offenders == []
-    # and importing the whole method (with the package's own __init__) loads no scene code
+    """The layers contract (tests/test_layers.py) keeps ``tiny`` above the method; and importing
+    the whole method (with the package's own ``__init__``) loads no scene code."""
     code = ("import sys, mmneurons_utils\n"
-            "import mmneurons_utils.identify, mmneurons_utils.causal, mmneurons_utils.editing, "
-            "mmneurons_utils.edit_evaluation, mmneurons_utils.invariance, mmneurons_utils.specificity, "
-            "mmneurons_utils.sensitivity, mmneurons_utils.metrics, mmneurons_utils.atlas\n"
+            "import mmneurons_utils.method.identify, mmneurons_utils.interventions.causal, mmneurons_utils.interventions.editing, "
+            "mmneurons_utils.batch.edit_evaluation, mmneurons_utils.properties.invariance, mmneurons_utils.properties.specificity, "
+            "mmneurons_utils.properties.sensitivity, mmneurons_utils.properties.metrics, mmneurons_utils.atlas.build\n"
             "print(sorted(m for m in sys.modules if m.startswith('mmneurons_utils.tiny')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

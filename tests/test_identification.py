@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils.identify import NounNotInCaption
-from mmneurons_utils.scoring import contribution_scores, gradient_scores, unit_logit_weights
+from mmneurons_utils.method.identify import NounNotInCaption
+from mmneurons_utils.method.scoring import contribution_scores, gradient_attributions, unit_logit_weights
 from mmneurons_utils.tiny.build import build_tiny_instructblip, build_tiny_llava
-from mmneurons_utils.vlm import VLM
+from mmneurons_utils.model.vlm import VLM
 
 
 @pytest.fixture(scope="module", params=["tiny-llava", "tiny-instructblip"])
@@ -128,7 +128,7 @@ def test_gradient_times_activation_matches_finite_differences(name, images):
     cap = vlm.describe(images[:1], max_new_tokens=3, activation="down_proj_input")[0]
     step, token = 1, cap.token_ids[1]
     enc = vlm.inputs(images[:1])
-    (grad_x_act,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)])
+    (grad_x_act,) = gradient_attributions(vlm, enc, cap.token_ids, [(step, token)], ("noun",))["noun"]
     acts = cap.activations.steps[step]
     pos = enc["input_ids"].shape[1] - 1 + step
     full = _prompt_and_caption(enc, cap.token_ids)
@@ -263,7 +263,7 @@ def test_gradient_at_image_positions_matches_finite_differences(name, images):
     cap = vlm.describe(images[:1], max_new_tokens=3, activation="down_proj_input")[0]
     step, token = 1, cap.token_ids[1]
     enc = vlm.inputs(images[:1])
-    (attribution,) = gradient_scores(vlm, enc, cap.token_ids, [(step, token)], at="image")
+    (attribution,) = gradient_attributions(vlm, enc, cap.token_ids, [(step, token)], ("image",))["image"]
     image = vlm.image_token_mask(enc["input_ids"])[0]
     pos = enc["input_ids"].shape[1] - 1 + step
     full = _prompt_and_caption(enc, cap.token_ids)

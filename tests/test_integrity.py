@@ -33,7 +33,7 @@ def _last_json(stdout):
 
 def _scene_folder(path, n=3, seed=0):
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.datasets import write_image_folder
+    from mmneurons_utils.data.datasets import write_image_folder
 
     return write_image_folder(make_scenes(n, seed=seed), path)
 
@@ -88,12 +88,12 @@ def test_a_parquet_find_did_not_write_is_left_byte_identical(tmp_path, cli, kind
         pd.DataFrame({"image_id": ["x", "y"], "count": [1, 2]}).to_parquet(out)
         needle = "mmneurons find did not write"
     elif kind == "atlas table":
-        from mmneurons_utils.atlas import write_atlas
+        from mmneurons_utils.atlas.build import write_atlas
 
         write_atlas(pd.DataFrame({"noun": ["dog"], "layer": [1]}), out, meta={"description": {}})
         needle = "atlas table"
     else:                       # the done list of an earlier version, no settings recorded
-        from mmneurons_utils.results import write_parquet
+        from mmneurons_utils.store.results import write_parquet
 
         write_parquet(pd.DataFrame({"image_id": ["scene-0-0"], "rank": [0]}), out,
                       {b"mmneurons_done_images": b'["scene-0-0"]'})
@@ -107,7 +107,7 @@ def test_a_parquet_find_did_not_write_is_left_byte_identical(tmp_path, cli, kind
 _WRITER = textwrap.dedent("""
     import sys, time
     import pandas as pd
-    from mmneurons_utils.results import ResultFile, exclusive
+    from mmneurons_utils.store.results import ResultFile, exclusive
 
     out, names = sys.argv[1], sys.argv[2].split(",")
     with exclusive(out):
@@ -136,14 +136,14 @@ def test_two_concurrent_writers_lose_no_rows(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, errors
     table = pd.read_parquet(out)
     assert sorted(table["image_id"]) == sorted([n for n in "abcdef" for _ in range(2)])
-    from mmneurons_utils.results import ResultFile
+    from mmneurons_utils.store.results import ResultFile
 
     assert sorted(ResultFile(out).done) == list("abcdef")
     assert "being written by another run" in "".join(errors)           # the one that waited said so
 
 
 def test_stale_temporary_files_of_a_killed_run_are_removed(tmp_path):
-    from mmneurons_utils.results import ResultFile
+    from mmneurons_utils.store.results import ResultFile
 
     out = tmp_path / "r.parquet"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -195,7 +195,7 @@ def _caption(vlm, image):
 
 def test_an_exif_rotated_jpeg_captions_like_its_upright_copy(tmp_path, tiny_llava):
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.images import read_image
+    from mmneurons_utils.data.images import read_image
 
     scene = next(s for s in make_scenes(12, seed=6) if len(s.nouns) >= 2)   # left/right order matters
     upright = scene.image
@@ -213,7 +213,7 @@ def test_an_exif_rotated_jpeg_captions_like_its_upright_copy(tmp_path, tiny_llav
 
 def test_a_16_bit_png_captions_like_its_8_bit_copy(tmp_path, tiny_llava):
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.images import read_image
+    from mmneurons_utils.data.images import read_image
 
     gray = make_scenes(1, seed=3)[0].image.convert("L")
     gray.save(tmp_path / "eight.png")
@@ -258,7 +258,7 @@ def test_a_decompression_bomb_is_refused_in_one_line_naming_file_and_limit(tmp_p
      "not a folder"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(tmp_path, cli, argv, needle, monkeypatch):
-    import mmneurons_utils.vlm as vlm_module
+    import mmneurons_utils.model.vlm as vlm_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
@@ -289,7 +289,7 @@ def test_the_edit_source_must_be_a_noun_the_captions_say(cli):
     ("truncated", "model.safetensors"), ("tokenizer", "tokenizer"),
 ])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, cli, damage, needle):
-    from mmneurons_utils.vlm import EMBEDDED_DIR
+    from mmneurons_utils.model.vlm import EMBEDDED_DIR
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(EMBEDDED_DIR / "tiny-llava", ckpt)
@@ -332,7 +332,7 @@ def _image_entry(i, name, size=64):
      ["bbox of annotations[0]", "finite"]),
 ])
 def test_annotation_errors_name_the_entry(tmp_path, coco, needles):
-    from mmneurons_utils.datasets import DatasetError, load_images
+    from mmneurons_utils.data.datasets import DatasetError, load_images
 
     folder = _scene_folder(tmp_path / "photos", n=2)
     (folder / "bad.json").write_text(json.dumps(coco))
@@ -354,7 +354,7 @@ def test_annotation_problems_that_leave_it_usable_are_one_line_notes(tmp_path, c
                  [{"id": 1, "name": "dog"}, {"id": 2, "name": "zeppelin"}])
     # with a UTF-8 byte-order mark, as some editors save JSON
     (folder / "ann.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(coco).encode())
-    from mmneurons_utils.datasets import load_images
+    from mmneurons_utils.data.datasets import load_images
 
     data = load_images(folder, folder / "ann.json")
     assert data[0].boxes == [] and data[1].boxes == [("dog", (60, 60, 64, 64)), ("dog", (1, 1, 9, 9))]
@@ -373,7 +373,7 @@ def test_annotation_problems_that_leave_it_usable_are_one_line_notes(tmp_path, c
 def test_saved_folders_follow_the_umask(tmp_path):
     import tempfile
 
-    from mmneurons_utils.results import respect_umask
+    from mmneurons_utils.store.results import respect_umask
 
     old = os.umask(0o022)
     try:

@@ -8,11 +8,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmneurons_utils import make_scenes
-from mmneurons_utils.causal import causal_curves, half_removal_k, summarize
-from mmneurons_utils.teacher_forcing import teacher_forced_logits
-from mmneurons_utils.interventions import ablate_activations, perturb_units
+from mmneurons_utils.interventions.causal import causal_curves, half_removal_k, summarize
+from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
+from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
 from mmneurons_utils.tiny.build import build_tiny_llava
-from mmneurons_utils.vlm import VLM
+from mmneurons_utils.model.vlm import VLM
 
 
 @pytest.fixture(scope="module")

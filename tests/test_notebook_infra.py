@@ -148,7 +148,7 @@ def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
     import matplotlib.pyplot as plt
 
     from mmneurons_utils import make_scenes
-    from mmneurons_utils.examples import dataset_examples
+    from mmneurons_utils.atlas.examples import dataset_examples
     from mmneurons_utils.widgets import NeuronExplorer
 
     scenes = make_scenes(8, seed=0)

@@ -1,4 +1,4 @@
-from mmneurons_utils.nouns import locate_nouns, vocabulary_nouns
+from mmneurons_utils.model.nouns import locate_nouns, vocabulary_nouns
 from mmneurons_utils.tiny.scenes import NOUNS, caption_scores
 from mmneurons_utils.tiny.scenes import make_scenes
 from mmneurons_utils.tiny.build import make_tokenizer
@@ -43,7 +43,7 @@ def test_without_spacy_the_error_says_how_to_get_nouns(monkeypatch):
 
     import pytest
 
-    from mmneurons_utils.nouns import NounTaggerMissing, tagged_nouns
+    from mmneurons_utils.model.nouns import NounTaggerMissing, tagged_nouns
 
     monkeypatch.setitem(sys.modules, "spacy", None)  # makes `import spacy` fail
     with pytest.raises(NounTaggerMissing, match=r"pip install spacy.*nouns=\[\.\.\.\]"):
@@ -55,7 +55,7 @@ def test_real_models_without_a_tagger_warn_once_and_accept_nouns(monkeypatch):
     import warnings
 
     from mmneurons_utils.tiny.build import build_tiny_llava
-    from mmneurons_utils.vlm import VLM
+    from mmneurons_utils.model.vlm import VLM
 
     monkeypatch.setitem(sys.modules, "spacy", None)
     model, processor = build_tiny_llava(seed=0)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, load_vlm, make_scenes
-from mmneurons_utils.editing import edit_token
-from mmneurons_utils.identify import units_of
-from mmneurons_utils.interventions import ablate_activations, perturb_units
-from mmneurons_utils.offload import offloaded, weight
-from mmneurons_utils.teacher_forcing import teacher_forced_logits
-from mmneurons_utils.vlm import ModelLoadError
+from mmneurons_utils.interventions.editing import edit_token
+from mmneurons_utils.method.identify import units_of
+from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
+from mmneurons_utils.model.offload import offloaded, weight
+from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
+from mmneurons_utils.model.vlm import ModelLoadError
 
 pytest.importorskip("accelerate")
 
@@ -95,13 +95,15 @@ def test_an_edit_of_offloaded_layers_matches_and_undoes_exactly(llava_pair, imag
     assert mapped.describe(images[:1])[0].text == caption.text
 
 
-def test_the_vocabulary_reads_the_offloaded_weights(llava_pair):
-    from mmneurons_utils.vocabulary import neuron_vocabulary, weights_key
+def test_the_lens_and_the_weights_hash_read_the_offloaded_weights(llava_pair):
+    from mmneurons_utils.method.scoring import unit_logit_lens
+    from mmneurons_utils.model.cache import weights_hash
 
     full, mapped = llava_pair
-    assert weights_key(full, 5) == weights_key(mapped, 5)
-    a, b = neuron_vocabulary(full, k=5, use_cache=False), neuron_vocabulary(mapped, k=5, use_cache=False)
-    assert torch.equal(a.ids, b.ids) and torch.equal(a.bottom_ids, b.bottom_ids)
+    assert weights_hash(full) == weights_hash(mapped)
+    units = np.array([[l, u] for l in range(full.n_layers) for u in (0, 17, 700)])
+    signs = np.resize([1, -1], len(units))
+    assert unit_logit_lens(full, units, 5, signs)[0] == unit_logit_lens(mapped, units, 5, signs)[0]
 
 
 def test_bad_device_maps_are_clear_errors():
@@ -112,7 +114,7 @@ def test_bad_device_maps_are_clear_errors():
 
 
 def test_bench_times_the_offloaded_model(llava_pair, images):
-    from mmneurons_utils.bench import time_offload
+    from mmneurons_utils.batch.bench import time_offload
 
     full, _ = llava_pair
     out = time_offload(full, images[:2], repeats=1)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from mmneurons_utils import load_images, make_scenes, metrics
-from mmneurons_utils.datasets import boxes_for, prepare_model, write_image_folder
-from mmneurons_utils.identify import find_neurons_by_method
-from mmneurons_utils.specificity import presence_source
+from mmneurons_utils.data.datasets import prepare_model, write_image_folder
+from mmneurons_utils.properties.objects import boxes_for
+from mmneurons_utils.method.identify import find_neurons_by_method
+from mmneurons_utils.properties.specificity import presence_source
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -62,7 +63,7 @@ def test_boxes_are_matched_through_plurals_and_synonyms():
 def real_vlm():
     """A random-weight LLaVA that is not an embedded model (no noun vocabulary)."""
     from mmneurons_utils.tiny.build import build_tiny_llava
-    from mmneurons_utils.vlm import VLM
+    from mmneurons_utils.model.vlm import VLM
 
     model, processor = build_tiny_llava(seed=1)
     return VLM.from_parts(model, processor, family="llava")
@@ -82,7 +83,7 @@ def test_annotation_categories_are_the_candidate_nouns_without_a_tagger(real_vlm
 
 
 def test_the_tagger_keeps_nn_and_nns_and_proper_nouns_on_request(monkeypatch):
-    from mmneurons_utils import nouns
+    from mmneurons_utils.model import nouns
 
     tags = {"a": "DT", "dog": "NN", "cats": "NNS", "Paris": "NNP", "runs": "VBZ"}
 

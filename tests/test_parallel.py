@@ -1,5 +1,5 @@
 """Data-parallel ``find`` (``accelerate launch``): the same rows as one process, part files,
-resuming, the merge (see :mod:`mmneurons_utils.parallel`)."""
+resuming, the merge (see :mod:`mmneurons_utils.batch.parallel`)."""
 
 import json
 import os
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mmneurons_utils.parallel import merge_parts, part_files, part_path
-from mmneurons_utils.results import ResultFile, done_images, read_run
+from mmneurons_utils.batch.parallel import merge_parts, part_files, part_path
+from mmneurons_utils.store.results import ResultFile, done_images, read_run
 
 FIND = ["find", "--model", "tiny-llava", "--scenes", "6", "--seed", "3", "--top-k", "10"]
 
@@ -165,7 +165,7 @@ def test_a_part_the_main_process_cannot_see_is_an_error(tmp_path, monkeypatch):
     process's part file; it says so and leaves ``--out`` alone."""
     import accelerate.utils
 
-    from mmneurons_utils.parallel import PartRun
+    from mmneurons_utils.batch.parallel import PartRun
 
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda reports: reports + [(1, 2)])

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from mmneurons_utils import find_neurons, make_scenes
-from mmneurons_utils import invariance, metrics, sensitivity, specificity
-from mmneurons_utils.teacher_forcing import teacher_forced_activations
-from mmneurons_utils.identify import find_neurons_by_method
-from mmneurons_utils.stats import auroc, bootstrap_ci, jaccard
+from mmneurons_utils import metrics
+from mmneurons_utils.properties import invariance
+from mmneurons_utils.properties import sensitivity
+from mmneurons_utils.properties import specificity
+from mmneurons_utils.model.teacher_forcing import teacher_forced_activations
+from mmneurons_utils.method.identify import find_neurons_by_method
+from mmneurons_utils.properties.stats import auroc, bootstrap_ci, jaccard
 
 
 # --- statistics ---------------------------------------------------------------

@@ -5,7 +5,7 @@ from PIL import Image
 from mmneurons_utils import load_vlm, make_scenes
 from mmneurons_utils.tiny.scenes import caption_scores
 from mmneurons_utils.tiny.scenes import NOUNS
-from mmneurons_utils.vlm import ModelLoadError
+from mmneurons_utils.model.vlm import ModelLoadError
 
 
 def test_unknown_name_names_the_embedded_choices():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from mmneurons_utils.bench import vocab_memory_probe
-from mmneurons_utils.scoring import unit_top_tokens
-from mmneurons_utils.vocabulary import neuron_vocabulary, topk_columns
+from mmneurons_utils.batch.bench import topk_columns, vocab_memory_probe
+from mmneurons_utils.method.scoring import unit_logit_lens, unit_top_tokens
+from mmneurons_utils.model.cache import weights_hash
 
 
 @pytest.mark.parametrize("chunk, block", [(1, 50), (7, 13), (64, 1), (1000, 1000)])
@@ -21,31 +21,31 @@ def test_bad_k():
         topk_columns(torch.randn(3, 4), torch.randn(4, 2), k=4)
 
 
-def test_table_is_cached_by_weights_and_edits_change_the_key(tiny_llava, tmp_path, monkeypatch):
-    monkeypatch.setenv("MMNEURONS_CACHE", str(tmp_path))
-    table = neuron_vocabulary(tiny_llava, k=5)
-    assert table.ids.shape == (4, 768, 5)
-    assert len(list(tmp_path.rglob("*.pt"))) == 1
-    again = neuron_vocabulary(tiny_llava, k=5)
-    assert torch.equal(again.ids, table.ids)
-    # the table agrees with the direct per-unit logit lens used in find_neurons
+def test_the_lens_reads_each_unit_in_its_polarity(tiny_llava):
     units = torch.tensor([[0, 3], [3, 700], [2, 17]]).numpy()
-    assert unit_top_tokens(tiny_llava, units, k=5) == [table.ids[l, u].tolist() for l, u in units]
-    # both ends are kept: a unit of polarity −1 reads the bottom of its lens
-    negative = unit_top_tokens(tiny_llava, units, k=5, polarity=[-1, -1, -1])
-    assert negative == [table.top_ids(l, u, -1) for l, u in units]
-    for l, u in units:
-        lens = tiny_llava.lm_head.weight @ tiny_llava.down_proj(int(l)).weight[:, int(u)]
-        assert table.top_ids(l, u, -1) == lens.topk(5, largest=False).indices.tolist()
-        torch.testing.assert_close(table.bottom_logits[l, u], -lens.topk(5, largest=False).values.detach())
+    w_u = tiny_llava.lm_head.weight
+    for sign, largest in ((1, True), (-1, False)):
+        lenses = [w_u @ tiny_llava.down_proj(int(l)).weight[:, int(u)] for l, u in units]
+        expected = [lens.topk(5, largest=largest).indices.tolist() for lens in lenses]
+        assert unit_top_tokens(tiny_llava, units, k=5, polarity=[sign] * 3) == expected
+    # the noun's rank: how many tokens the unit writes more strongly than it
+    lens = w_u @ tiny_llava.down_proj(3).weight[:, 700]
+    token = int(lens.argsort(descending=True)[4])
+    _, ranks = unit_logit_lens(tiny_llava, units[1:2], 5, token_ids=[token])
+    assert ranks.tolist() == [4]
+
+
+def test_the_weights_hash_changes_with_an_edit(tiny_llava):
+    key = weights_hash(tiny_llava)
+    assert weights_hash(tiny_llava) == key
     weight = tiny_llava.down_proj(1).weight
     saved = weight.data.clone()
     try:
         weight.data[:, 0] += 1.0
-        neuron_vocabulary(tiny_llava, k=5)
-        assert len(list(tmp_path.rglob("*.pt"))) == 2
+        assert weights_hash(tiny_llava) != key
     finally:
         weight.data.copy_(saved)
+    assert weights_hash(tiny_llava) == key
 
 
 def test_memory_probe_reports_a_small_fraction():
@@ -55,7 +55,7 @@ def test_memory_probe_reports_a_small_fraction():
 
 
 def test_bench_reports_the_three_ratios(tiny_llava):
-    from mmneurons_utils.bench import run_bench
+    from mmneurons_utils.batch.bench import run_bench
 
     result = run_bench(tiny_llava, n_images=3, seed=0, repeats=1, vocab_memory=False)
     assert result["overhead_ratio"] > 0.5          # identification includes a full describe

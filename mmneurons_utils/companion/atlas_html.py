@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..results import atomic_write
-from ..specificity import patch_grid, unit_maps, upsample
+from ..method.units import Unit
+from ..store.results import atomic_write
+from ..properties.specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
@@ -57,12 +58,6 @@ def is_atlas_page(path: str | Path) -> bool:
         encoding="utf-8", errors="replace"))
 
 
-def unit_label(row) -> str:
-    """``"L3.741 (−)"``: layer.unit and the direction in which it writes the noun."""
-    sign = "−" if int(row["polarity"]) < 0 else "+"
-    return f"L{int(row['layer'])}.{int(row['unit'])} ({sign})"
-
-
 def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Path,
                       captions: Sequence[str] | None = None, title: str = "Neuron atlas",
                       meta: dict | None = None, cards_per_noun: int = 3,
@@ -70,14 +65,16 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                       progress: bool = False, names: Sequence[str] | None = None) -> Path:
     """Write the atlas page to ``path`` (atomically) and return it.
 
-    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows; ``images``: the images its
+    ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows; ``images``: the images its
     ``example_images`` index; ``captions``: their caption texts (thumbnail tooltips);
     ``meta``: key → value pairs shown under the title; ``names``: the images' file names
     (thumbnails are named by them, else by their index). Maps need the example images'
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
     are run once more through the model, ``batch_size`` at a time (prefill only).
     """
-    shown = _shown_rows(table, cards_per_noun)
+    is_generic = table["generic"].eq(True) if "generic" in table else pd.Series(False, index=table.index)
+    generic = table[is_generic].drop_duplicates(["layer", "unit"])
+    shown = _shown_rows(table[~is_generic], cards_per_noun)
     thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"{GENERATOR}<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -90,6 +87,8 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                  "whose caption says the noun, vs the same for random units; <b>modality</b> = 1 fires "
                  "only on image tokens, 0 only at the caption steps. Thumbnails: the unit's top images, "
                  "dimmed where <i>p·a</i> is low (bright = where it fires).</p>")
+    if len(generic):
+        parts.append(_generic_section(generic))
     nouns = list(dict.fromkeys(shown["noun"]))
     parts.append("<nav>" + "".join(f"<a href='#{_anchor(n)}'>{html.escape(n)}</a>" for n in nouns)
                  + "</nav>")
@@ -104,6 +103,17 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
     parts.append("</body></html>")
     page = "\n".join(parts)
     return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+
+def _generic_section(generic: pd.DataFrame) -> str:
+    """The units kept for most nouns, listed apart from the nouns' cards (rule: atlas.build)."""
+    items = "".join(
+        f"<li>{Unit.of(r)}: kept for "
+        f"{r.noun_share:.0%} of the nouns; top tokens {html.escape(' '.join(map(str, r.top_tokens[:6])))}</li>"
+        for r in generic.itertuples())
+    return ("<h2>Generic units</h2><p class='meta'>Kept for at least half of the nouns (and three or "
+            "more): they write every noun, so they are listed here and left out of the nouns' "
+            f"cards.</p><ul>{items}</ul>")
 
 
 def _shown_rows(table: pd.DataFrame, cards_per_noun: int) -> pd.DataFrame:
@@ -136,7 +146,7 @@ def _card(row, thumbs: dict, captions, examples_per_card: int, names=None) -> st
         if captions is not None and int(index) < len(captions):
             tip += f": {captions[int(index)]}"
         images.append(f"<img class='mmn-thumb' src='{uri}' alt='{html.escape(label, quote=True)}' title='{html.escape(tip, quote=True)}'>")
-    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(unit_label(row))}</div>"
+    return (f"<div class='card mmn-card'><div class='name mmn-name {sign}'>{html.escape(str(Unit.of(row)))}</div>"
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
 

@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from ..results import atomic_write
+from ..store.results import atomic_write
 
 __all__ = ["CLAIMS", "Claim", "Evidence", "HOLDS", "PARTLY", "FAILS", "NOT_MEASURED",
            "scorecard", "write_scorecard", "to_markdown", "wilson_interval"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from ..plots import save
+from .tables import save_table
 
 INLINE_DPI = 72
 INLINE_COLORS = 64
@@ -44,7 +46,6 @@ def show_figure(fig, output_dir: str | Path, name: str, display_inline: bool = T
     """
     import matplotlib.pyplot as plt
 
-    from ..plots import save
 
     path = save(fig, Path(output_dir) / "figures", name)
     if display_inline:
@@ -69,7 +70,6 @@ class Outputs:
 
     def table(self, df, name: str):
         """Save ``df`` as ``tables/<name>.csv`` and return it unchanged (so a cell can end with it)."""
-        from .tables import save_table
 
         save_table(df, self.root, name)
         return df

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from .claims import write_scorecard
 
 
 def _value(text: str):
@@ -173,7 +174,6 @@ def main(argv=None) -> None:
     print(f"all notebooks: {timings['total']} s; {len(figures)} figures in {args.out / 'figures'}, "
           f"{len(tables)} tables in {args.out / 'tables'}; times in {args.out / 'timings.json'}")
     try:                                   # the paper-claims scorecard, from the tables just written
-        from .claims import write_scorecard
 
         csv_path, md_path = write_scorecard(args.out)
         print(f"claims scorecard: {md_path} and {csv_path}")

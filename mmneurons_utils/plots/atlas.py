@@ -8,6 +8,8 @@ import textwrap
 import matplotlib.pyplot as plt
 
 from ..tiny.scenes import ATTRIBUTION
+from ..properties.specificity import patch_grid, percentile_mask, unit_maps, upsample
+from .properties import METHOD_COLOURS, heatmap_overlay
 
 
 def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.7,
@@ -20,9 +22,6 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     optionally ``example_scores`` and ``noun``; ``images``: the images those indices name;
     ``captions``: their caption texts (shown under each image). Returns the figure.
     """
-    from ..companion.atlas_html import unit_label
-    from ..specificity import patch_grid, percentile_mask, unit_maps, upsample
-    from .properties import heatmap_overlay
 
     get = row.get if isinstance(row, dict) else row.__getitem__
     indices = [int(i) for i in list(get("example_images"))[:n]]
@@ -51,7 +50,7 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     for ax in list(axes.flat)[len(indices):]:
         ax.axis("off")
     noun = f" — '{get('noun')}'" if _has(row, "noun") else ""
-    fig.suptitle(f"{unit_label(dict(layer=layer, unit=unit, polarity=sign))}{noun}: top dataset images",
+    fig.suptitle(f"{Unit(layer, unit, sign)}{noun}: top dataset images",
                  fontsize=9)
     if attribution:   # the image credit (the scenes' OpenMoji credit; "" for none)
         fig.text(0.01, 0.0, attribution, fontsize=5, color="gray")
@@ -67,12 +66,11 @@ def purity_scatter(table, width: float = 3.4):
     """Per noun: the mean purity of its atlas units (contribution) against the purity of the
     random units drawn for its images, with the diagonal (no better than random) dashed.
 
-    ``table``: :func:`~mmneurons_utils.atlas.build_atlas` rows (``noun, purity,
+    ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows (``noun, purity,
     purity_random, base_rate``). A point's size grows with the noun's number of images.
     """
     import numpy as np
 
-    from .properties import METHOD_COLOURS
 
     nouns = (table.groupby("noun", sort=True)
              .agg(purity=("purity", "mean"), purity_random=("purity_random", "first"),

@@ -15,7 +15,7 @@ def ablation_curves(summary, x: str = "k", perturbation: str | None = None,
                   metrics=("margin_drop", "noun_removed", "caption_changed"), width: float = 3.2):
     """Curves of ``metrics`` over ``x`` (``k`` or ``sigma``), one line per method.
 
-    ``summary``: :func:`mmneurons_utils.causal.summarize` output (for ``x="sigma"`` add a
+    ``summary``: :func:`mmneurons_utils.interventions.causal.summarize` output (for ``x="sigma"`` add a
     ``sigma`` column). ``perturbation``: keep only that perturbation's rows.
     """
     data = summary if perturbation is None else summary[summary.perturbation == perturbation]
@@ -42,7 +42,7 @@ def ablation_curves(summary, x: str = "k", perturbation: str | None = None,
 def edit_bars(summary, metrics=("success", "generalization", "locality"), width: float = 6.5):
     """Grouped bars: one group per ``(units, n_neurons)`` setting, one bar per metric.
 
-    ``summary``: :func:`~mmneurons_utils.edit_evaluation.summarize_edits` output. Each label
+    ``summary``: :func:`~mmneurons_utils.batch.edit_evaluation.summarize_edits` output. Each label
     says how many of the pairs' edits were applied (side effects average over those only); a
     metric with no applied edit to measure it is marked "n/a" instead of a bar.
     """

@@ -74,7 +74,7 @@ def neuron_bars(table, noun: str, width: float = 6.0):
     rows = table[table.noun == noun]
     fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 0.8))
     signs = list(rows.polarity) if "polarity" in rows else [1] * len(rows)
-    labels = [f"L{r.layer}.{r.unit} ({'−' if s < 0 else '+'})  [{', '.join(r.top_tokens[:4])}]"
+    labels = [f"{Unit(r.layer, r.unit, s)}  [{', '.join(r.top_tokens[:4])}]"
               for r, s in zip(rows.itertuples(), signs)]
     ax.barh(range(len(rows)), rows.score, color=["#4C72B0" if s < 0 else "#DD8452" for s in signs])
     ax.set_yticks(range(len(rows)), labels, fontsize=7)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..nouns import vocabulary_nouns
+from ..model.nouns import vocabulary_nouns
 
 #: Noun → OpenMoji code point. Every noun is a single lower-case word, chosen to
 #: render distinctly at ~20 px (no two red, round look-alikes).

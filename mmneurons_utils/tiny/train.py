@@ -2,6 +2,7 @@
 
     python -m mmneurons_utils.tiny.train --model tiny-llava
     python -m mmneurons_utils.tiny.train --model tiny-instructblip
+    python -m mmneurons_utils.tiny.train --model smol-llava          # tiny/smol.py: resumable, bf16
 
 Each step draws a new batch of training scenes (seeds ≥ ``TRAIN_SEED_BASE``; the
 evaluation range 0–9,999 is never seen), teacher-forces the paper's prompt
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,8 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene
+from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene, make_scenes
+from .batches import MONITOR_SEED, CaptionBatcher, caption_quality, lr_factor
 from .build import BUILDERS
+from . import smol
+from ..model.vlm import VLM
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The committed weights were trained with exactly these stages; each later stage
@@ -37,48 +40,6 @@ RECIPES = {
     "tiny-instructblip": [dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0),
                           dict(steps=6000, batch=32, lr=1e-3, warmup=100, seed=0)],
 }
-MONITOR_SEED = 9_999  # held-out seed used for the training curve (final numbers use other seeds)
-
-
-class CaptionBatcher:
-    """Turns scenes into teacher-forced training batches for one model's processor."""
-
-    def __init__(self, processor, prompt: str):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        probe = processor(images=[make_scene(0, 0).image], text=[prompt], return_tensors="pt")
-        self.prompt_inputs = {k: v[0] for k, v in probe.items() if k not in ("pixel_values",)}
-        self.prompt_ids = self.prompt_inputs.pop("input_ids")
-        self.prompt_inputs.pop("attention_mask")
-
-    def __call__(self, scenes) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        seqs, labels = [], []
-        for scene in scenes:
-            caption_ids = tok(" " + scene.caption, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            seqs.append(self.prompt_ids.tolist() + caption_ids)
-            labels.append([-100] * len(self.prompt_ids) + caption_ids)
-        width = max(map(len, seqs))
-        pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])
-        batch = {
-            "input_ids": pad(seqs, tok.pad_token_id),
-            "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-            "labels": pad(labels, -100),
-            "pixel_values": self.processor.image_processor(
-                [s.image for s in scenes], return_tensors="pt")["pixel_values"],
-        }
-        for key, value in self.prompt_inputs.items():  # e.g. the Q-Former's copy of the prompt
-            batch[key] = value.unsqueeze(0).expand(len(scenes), -1)
-        return batch
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
           eval_every: int = 250, eval_n: int = 200, out_dir: Path | None = None,
           threads: int | None = None, init: Path | None = None, stage: int = 0) -> dict:
@@ -86,7 +47,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
 
     ``stage`` offsets the training-scene seeds so a continuation sees new scenes.
     """
-    from ..vlm import VLM  # the same captioning path the package uses
 
     if threads:
         torch.set_num_threads(threads)
@@ -102,8 +62,7 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     vlm = VLM.from_parts(model, processor, family=name)
     batcher = CaptionBatcher(processor, vlm.prompt())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
-    from .scenes import make_scenes
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
 
     monitor = make_scenes(eval_n, seed=MONITOR_SEED)
     log: list[dict] = []
@@ -138,14 +97,6 @@ def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
     return log[-1]
 
 
-def caption_quality(vlm, scenes) -> dict:
-    """Noun recall / precision and exact match of greedy captions against ground truth."""
-    from .scenes import caption_scores
-
-    captions = vlm.describe([s.image for s in scenes])
-    return caption_scores([c.text for c in captions], scenes)
-
-
 def save_embedded(model, processor, out_dir: Path) -> None:
     """fp16 safetensors + processor, written to a temp folder and renamed (no partial folder)."""
     import shutil
@@ -164,7 +115,7 @@ def save_embedded(model, processor, out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--model", required=True, choices=sorted(RECIPES) + ["smol-llava"])
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch", type=int)
     parser.add_argument("--lr", type=float)
@@ -178,6 +129,17 @@ def main(argv=None) -> None:
     parser.add_argument("--stage", type=int, default=0, help="continuation number (new scene seeds)")
     args = parser.parse_args(argv)
     common = dict(eval_every=args.eval_every, eval_n=args.eval_n, threads=args.threads)
+    if args.model == "smol-llava":  # pretrained LM, frozen: its own resumable recipe (tiny/smol.py)
+        out = args.out or WEIGHTS_DIR / "smol-llava"
+        stages = [args.stage] if args.stage else range(len(smol.STAGES))
+        for stage in stages:
+            recipe = dict(smol.STAGES[min(stage, len(smol.STAGES) - 1)],
+                          **{k: v for k in ("steps", "batch", "warmup", "seed") if (v := getattr(args, k)) is not None})
+            final = smol.train(out, **recipe, stage=stage, threads=args.threads,
+                               eval_every=args.eval_every if args.eval_every != 250 else 100,
+                               eval_n=args.eval_n if args.eval_n != 200 else 48)
+        print(json.dumps(final))
+        return
     out = args.out or WEIGHTS_DIR / args.model
     custom = {k: v for k in RECIPES[args.model][0] if (v := getattr(args, k)) is not None}
     if custom or args.init is not None or args.stage:  # one run, the first stage's settings as defaults

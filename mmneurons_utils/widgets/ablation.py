@@ -12,6 +12,10 @@ import ipywidgets as W
 import pandas as pd
 
 from .panel import Panel
+from ..interventions.causal import margin_and_prob, perturbation_context, rankings
+from ..method.identify import units_of
+from ..model.nouns import says
+from ..model.teacher_forcing import teacher_forced_logits
 
 
 class AblationPanel(Panel):
@@ -38,8 +42,6 @@ class AblationPanel(Panel):
         self._image_changed()
 
     def _image_changed(self):
-        from ..causal import rankings
-
         image = self.picker.image
         self.caption = self.vlm.describe([image], activation="down_proj_input")[0]
         ranks = rankings(self.vlm, [image], [self.caption], ("contribution", "random"),
@@ -47,7 +49,6 @@ class AblationPanel(Panel):
         self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
         index = self.table_image()
         if self.table is not None and index is not None:  # the table's units replace the ranking
-            from ..identify import units_of
 
             for noun, (target, ranked) in self._ranks.items():
                 ranked["contribution"] = [units_of(self.table, noun, self.k.max, image=index)]
@@ -55,9 +56,6 @@ class AblationPanel(Panel):
 
     def view(self) -> list:
         """``[summary line, table]``: per unit set, the caption and the noun's margin/probability."""
-        from ..causal import margin_and_prob, perturbation_context
-        from ..nouns import says
-        from ..teacher_forcing import teacher_forced_logits
 
         noun = self.nouns.value
         if noun is None:

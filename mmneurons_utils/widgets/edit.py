@@ -15,6 +15,9 @@ import ipywidgets as W
 import pandas as pd
 
 from .panel import Panel
+from ..model.nouns import says
+from ..method.identify import units_of
+from ..interventions.editing import edit_token
 
 
 class EditPlayground(Panel):
@@ -47,15 +50,12 @@ class EditPlayground(Panel):
         self.nouns.set_caption(self.caption)
 
     def _others(self, source: str) -> tuple[list, list]:
-        from ..nouns import says
-
         captions = self.vlm.describe(self.others) if self.others else []
         free = [im for im, c in zip(self.others, captions) if not says(c.text, source)]
         return free[:self.n_unrelated], free[self.n_unrelated:]
 
     def _table_units(self, source: str):
         """The table's top units for the picked scene's ``source`` (``None``: choose them here)."""
-        from ..identify import units_of
 
         index = self.table_image()
         if self.table is None or index is None:
@@ -64,7 +64,6 @@ class EditPlayground(Panel):
 
     def run_edit(self):
         """Edit the picked image's ``source`` into ``target`` (undoing any previous edit)."""
-        from ..editing import edit_token
 
         self.undo()
         source, target = self.nouns.value, self.target.value

@@ -16,7 +16,7 @@ are not a patch grid (InstructBLIP's queries) show the units and top tokens, no 
 Opt-in, the selected unit's **dataset strip** (its top images over a dataset, in its
 polarity, each with its map; :meth:`NeuronExplorer.dataset_strip`): ``examples=True``
 gathers the examples of every unit over the picker's scenes (one prefill pass, on the first
-strip), or pass a :class:`~mmneurons_utils.examples.UnitExamples` (e.g. an atlas run's
+strip), or pass a :class:`~mmneurons_utils.atlas.examples.UnitExamples` (e.g. an atlas run's
 ``parts["examples"]``) with ``example_images``, the images (or scenes) it indexes. Each
 unit's strip is drawn once (a prefill of its ``strip_n`` images and one figure) and kept.
 
@@ -34,8 +34,13 @@ from typing import NamedTuple
 import ipywidgets as W
 from IPython.display import display
 
-from ..datasets import boxes_for
+from ..properties.objects import boxes_for
 from .pickers import ImagePicker, TokenPicker
+from ..properties import specificity
+from ..atlas.examples import UnitExamples, dataset_examples
+from ..method.identify import check_top_k, find_neurons
+from .. import plots
+from ..plots.atlas import example_strip
 
 
 class BrowserView(NamedTuple):
@@ -65,9 +70,6 @@ class NeuronExplorer:
     def __init__(self, vlm, scenes=None, top_k: int = 10, seed: int = 0, n_images: int = 24,
                  index: int | None = None, heat_px: int = 200, examples=None,
                  example_images=None, strip_n: int = 6):
-        from .. import specificity
-        from ..examples import UnitExamples
-        from ..identify import check_top_k
 
         self.vlm, self.top_k, self.heat_px = vlm, check_top_k(vlm, top_k), heat_px
         self.grid = specificity.patch_grid(vlm)
@@ -112,7 +114,6 @@ class NeuronExplorer:
     # -- state ------------------------------------------------------------------------
     def _analyse(self):
         """Caption the picked image once (activations at the image tokens too) and score it."""
-        from ..identify import find_neurons
 
         image = self.picker.image
         captions = self.vlm.describe([image], activation="down_proj_input",
@@ -159,7 +160,6 @@ class NeuronExplorer:
 
     def heatmap_figure(self, unit: dict | None = None):
         """The unit's activation map over the image (``None`` without a patch grid)."""
-        from .. import plots, specificity
 
         unit = unit or self.selected()
         if unit is None or self.grid is None:
@@ -171,12 +171,11 @@ class NeuronExplorer:
         scene = self.picker.scene
         boxes = boxes_for(scene, unit["noun"]) if scene else None
         return plots.heatmap_overlay(image, heat, specificity.percentile_mask(heat, 95),
-                                     title=f"{unit_label(unit)} on '{unit['noun']}'",
+                                     title=f"{str(Unit.of(unit))} on '{unit['noun']}'",
                                      boxes=boxes)
 
     def _strip_source(self, n: int, examples: int):
         """``(UnitExamples, images, captions or None)`` the strips are drawn from."""
-        from ..examples import dataset_examples
 
         given = self._given_examples
         if given is not None and given is not True:
@@ -200,7 +199,6 @@ class NeuronExplorer:
         ``example_images`` of the constructor's ``UnitExamples``, else the picker's scenes,
         whose examples (``examples`` per unit) are gathered once per scene list (one prefill
         pass over the scenes)."""
-        from ..plots.atlas import example_strip
 
         unit = unit or self.selected()
         if unit is None:
@@ -234,7 +232,6 @@ class NeuronExplorer:
     def view(self) -> BrowserView:
         """The current choice as static output: caption, units table, bars, heatmap, unit
         and, with ``examples``, the unit's dataset strip."""
-        from .. import plots
 
         rows = self.rows()
         unit = self.selected()
@@ -265,7 +262,7 @@ class NeuronExplorer:
 
     def _fill_units(self):
         rows = self.rows()
-        options = [(f"{int(r['rank']):>2}  {unit_label(r):<11} {r.score:+8.3f}  "
+        options = [(f"{int(r['rank']):>2}  {str(Unit.of(r)):<11} {r.score:+8.3f}  "
                     f"{', '.join(list(r.top_tokens)[:3])}", int(r['rank'])) for _, r in rows.iterrows()]
         self._filling = True
         try:
@@ -323,15 +320,8 @@ def _unit_html(unit: dict | None) -> str:
         return "<i>no unit</i>"
     tokens = ", ".join(f"<b>{html.escape(t)}</b>" if t == unit["noun"] else html.escape(t)
                        for t in unit["top_tokens"])
-    return (f"<b>{html.escape(unit_label(unit))}</b> (rank {unit['rank']}, contribution "
+    return (f"<b>{html.escape(str(Unit.of(unit)))}</b> (rank {unit['rank']}, contribution "
             f"{unit['score']:+.3f} to '{html.escape(unit['noun'])}')<br>top tokens: {tokens}")
-
-
-def unit_label(unit) -> str:
-    """``"L3.741 (−)"``: layer.unit and the direction in which it writes (a dict or a row)."""
-    get = unit.get if isinstance(unit, dict) else lambda key, default=None: getattr(unit, key, default)
-    sign = "−" if int(get("polarity", 1)) < 0 else "+"
-    return f"L{int(get('layer'))}.{int(get('unit'))} ({sign})"
 
 
 def _placeholder(px: int, text: str) -> bytes:

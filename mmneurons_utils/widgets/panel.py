@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 from .pickers import ImagePicker, TokenPicker
+from ..companion.outputs import compact_png
 
 
 class Panel:
@@ -46,7 +47,6 @@ class Panel:
             return
         from IPython.display import Image
 
-        from ..companion.outputs import compact_png
 
         self.out.outputs = ()
         for item in self.view():

@@ -18,7 +18,8 @@ import ipywidgets as W
 from IPython.display import display
 from PIL import Image
 
-from ..datasets import attribution_of, is_scene, label_of
+from ..data.datasets import attribution_of, is_scene, label_of
+from ..tiny.scenes import make_scenes
 
 
 def png_bytes(image: Image.Image, size: int | None = None) -> bytes:
@@ -68,7 +69,6 @@ class ImagePicker(_Observable):
     def __init__(self, scenes: Sequence | None = None, seed: int = 0, n: int = 24, index: int = 0,
                  thumbnail: int = 128):
         super().__init__()
-        from ..tiny.scenes import make_scenes
 
         self._make = make_scenes
         self.scenes = list(scenes) if scenes is not None else make_scenes(n, seed)

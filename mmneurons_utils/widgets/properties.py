@@ -18,16 +18,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..datasets import boxes_for
+from ..properties.objects import boxes_for
 from .panel import Panel
+from ..method.identify import METHODS, find_neurons_by_method
+from .. import plots
+from ..properties import specificity
+from ..properties.sensitivity import candidate_text
+from ..properties.invariance import permuted_image_tokens, region_invariance
 
 
 class SpecificityPanel(Panel):
     """Pick an image, a noun of its caption, a method and ``k``; see where the units fire."""
 
     def __init__(self, vlm, scenes, k: int = 10, similarity=None):
-        from ..identify import METHODS
-
         super().__init__(vlm, scenes)
         self.similarity = similarity
         self.method = W.Dropdown(options=list(METHODS), value="contribution", description="method",
@@ -41,8 +44,6 @@ class SpecificityPanel(Panel):
         self._image_changed()
 
     def _image_changed(self):
-        from ..identify import find_neurons_by_method
-
         key = (self.picker.label, id(self.picker.image))
         if key not in self._cache:
             self._cache = {key: find_neurons_by_method(self.vlm, [self.picker.image], top_k=50,
@@ -53,8 +54,6 @@ class SpecificityPanel(Panel):
 
     def view(self) -> list:
         """``[summary line, top-units table, heatmap figure or a note]`` for the current choice."""
-        from .. import plots, specificity
-        from ..sensitivity import candidate_text
 
         noun, k = self.nouns.value, self.k.value
         if noun is None:
@@ -110,7 +109,6 @@ class InvariancePanel(Panel):
 
     def view(self) -> list:
         """``[captions before/after, table of retained shares per noun and method]``."""
-        from ..invariance import permuted_image_tokens, region_invariance
 
         image = self.picker.image
         before = self.vlm.describe([image])[0]

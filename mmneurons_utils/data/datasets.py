@@ -1,0 +1,433 @@
+"""Images to study: the embedded scenes, or a folder of your own, optionally with COCO boxes.
+
+One abstraction for the notebooks, the widgets and the CLI. :func:`load_images` returns an
+:class:`ImageSet` — a list of samples that each carry ``image``, ``name``, ``nouns`` (the
+objects known to be in it), ``boxes`` (``(name, (x0, y0, x1, y1))`` in pixels, x1/y1
+exclusive) and ``caption`` (a reference caption, or ``None``):
+
+* ``images=None`` (or ``""``): ``n`` embedded scenes of ``seed`` — :class:`~mmneurons_utils.tiny.scenes.Scene`
+  objects, with their true captions, nouns and boxes;
+* ``images="photos/"``: every image directly in the folder (sorted by file name; the first
+  ``n`` when ``n`` is given), with no nouns, boxes or captions;
+* plus ``annotations="photos/annotations.json"``: a COCO instances file (``images`` with
+  ``id`` and ``file_name``; ``annotations`` with ``image_id``, ``category_id`` and ``bbox`` =
+  ``[x, y, width, height]``; ``categories`` with ``id`` and ``name``) supplies each image's
+  object names and boxes (scaled when the file's size differs from the annotated one).
+
+A caption's noun is matched to an annotation's category by
+:func:`~mmneurons_utils.properties.objects.match_category`, in
+this order: the same word; the same singular (``dogs`` → ``dog``, ``buses`` → ``bus``,
+``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`~mmneurons_utils.properties.objects.SYNONYMS` (``man`` /
+``woman`` / ``people`` → ``person``, ``television`` → ``tv``, ``phone`` → ``cell phone``, …);
+the last word of a multi-word category (``glass`` → ``wine glass``, ``hydrant`` →
+``fire hydrant``). :func:`unmatched_nouns` reports the nouns that matched nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import Image
+
+from ..properties.objects import candidate_words, match_category
+from ..tiny.scenes import ATTRIBUTION, NOUNS, make_scenes
+from .images import IMAGE_SUFFIXES, ImageReadError, read_image
+
+
+class DatasetError(ValueError):
+    """An image folder or annotation file cannot be used (the message says what is accepted)."""
+
+
+@dataclass
+class Sample:
+    """One image of a folder: ``name`` (file name), ``nouns`` (its annotated object names,
+    ``[]`` when there are no annotations), ``boxes`` (``(name, (x0, y0, x1, y1))``) and
+    ``caption`` (``None``: folders carry no reference captions)."""
+
+    image: Image.Image
+    name: str
+    nouns: list[str] = field(default_factory=list)
+    boxes: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)
+    caption: str | None = None
+
+
+class ImageSet(list):
+    """A list of samples (``Scene`` or :class:`Sample`) plus where they came from.
+
+    ``kind``: ``"scenes"`` or ``"folder"``; ``source``: one line for the notebooks; ``key``: a
+    short, stable name of exactly these images (caches and titles: ``"scenes n=128 seed=0"``);
+    ``categories``: the annotation's category names (scenes: their noun vocabulary; a bare
+    folder: none); ``has_boxes`` / ``has_nouns``: whether object boxes / the objects present
+    are known; ``has_captions``: whether reference captions are (scenes only).
+    """
+
+    def __init__(self, samples: Iterable, kind: str, source: str, key: str,
+                 categories: Sequence[str] = (), has_boxes: bool = False, has_nouns: bool = False,
+                 notes: Sequence[str] = ()):
+        super().__init__(samples)
+        self.kind, self.source, self.key = kind, source, key
+        self.categories = list(categories)
+        self.has_boxes, self.has_nouns = has_boxes, has_nouns
+        self.has_captions = kind == "scenes"
+        self.notes = list(notes)
+        self.attribution = attribution_of(self)
+
+    def __getitem__(self, index):
+        """An item, or for a slice an :class:`ImageSet` with the same labels (``data[:8]``)."""
+        if isinstance(index, slice):
+            part = ImageSet(super().__getitem__(index), self.kind, self.source,
+                            f"{self.key} [{_slice_text(index)}]",
+                            categories=self.categories, has_boxes=self.has_boxes,
+                            has_nouns=self.has_nouns, notes=self.notes)
+            return part
+        return super().__getitem__(index)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s.image for s in self]
+
+    @property
+    def names(self) -> list[str]:
+        """One name per image: the file name, or ``scene-<seed>-<index>`` for a scene."""
+        return [getattr(s, "name", None) or f"scene-{s.seed}-{s.index}" for s in self]
+
+    def candidate_nouns(self) -> list[str]:
+        """The annotation categories as candidate caption nouns (:func:`candidate_words`)."""
+        return candidate_words(self.categories)
+
+    def summary(self) -> str:
+        """One line: the source, how many images, and which metrics its labels allow."""
+        boxes = ("object boxes: yes" if self.has_boxes else
+                 "no object boxes (mass in box and pointing are skipped)")
+        line = f"{self.source}: {len(self)} images; {boxes}"
+        return "; ".join([line] + self.notes)
+
+
+def _slice_text(index: slice) -> str:
+    return ":".join("" if v is None else str(v) for v in (index.start, index.stop, index.step))
+
+
+def prepare_model(vlm, data: ImageSet) -> str:
+    """Give ``vlm`` the annotation categories as candidate nouns (used only by a real model
+    without a tagger) and say where its caption nouns come from, in one line."""
+    if data.categories and vlm.noun_vocabulary is None:
+        vlm.candidate_nouns = data.candidate_nouns()
+    return f"{vlm.name}: caption nouns from {vlm.noun_source}"
+
+
+def is_scene(sample) -> bool:
+    """Whether ``sample`` is one of the embedded scenes (it has a seed and a background)."""
+    return hasattr(sample, "background") and hasattr(sample, "seed")
+
+
+def attribution_of(samples) -> str:
+    """The image credit figures of ``samples`` print: the OpenMoji credit for scenes, none
+    for other images."""
+    if samples and all(is_scene(s) for s in samples):
+
+        return ATTRIBUTION
+    return ""
+
+
+def label_of(sample, index: int) -> str:
+    """A short name for a picker: ``"3: a dog on a red background"`` / ``"3: photo.jpg"``."""
+    return f"{index}: {getattr(sample, 'caption', None) or getattr(sample, 'name', 'image')}"
+
+
+def unmatched_nouns(captions, data: ImageSet) -> dict[str, int]:
+    """Caption nouns that name no category of ``data`` → how many captions said them
+    (empty when ``data`` has no categories to match against)."""
+    if not data.categories:
+        return {}
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for noun in caption.nouns:
+            if match_category(noun, data.categories) is None:
+                counts[noun] = counts.get(noun, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def load_images(images: str | Path | None = None, annotations: str | Path | None = None,
+                n: int | None = None, seed: int = 0) -> ImageSet:
+    """The images to study (see the module docstring): the embedded scenes when ``images``
+    is empty, else the folder ``images``, with ``annotations`` (COCO instances JSON) when given.
+
+    ``n``: how many (scenes: default 24; folder: the first ``n`` by file name, default all;
+    only those are read). Hidden files (``.…``, e.g. macOS ``._IMG.jpg``) are left out.
+    Raises :class:`DatasetError` for a missing or empty folder, an image that cannot be read,
+    an annotation file that is not COCO instances JSON, or one that lists none of the images.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DatasetError(f"n must be a positive integer or None, got {n!r}")
+    if not images:
+        if annotations:
+            raise DatasetError("annotations were given without an image folder; pass images=<folder>")
+
+        count = 24 if n is None else n
+        return ImageSet(make_scenes(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",
+                        f"scenes n={count} seed={seed}", categories=list(NOUNS), has_boxes=True,
+                        has_nouns=True)
+    all_paths = image_files(images)
+    paths = all_paths[:n] if n is not None else all_paths     # read only the images used
+    try:
+        files = [(p.name, read_image(p)) for p in paths]
+    except ImageReadError as exc:
+        raise DatasetError(str(exc)) from exc
+    if not annotations:
+        return ImageSet([Sample(image, name) for name, image in files], "folder", f"folder {images}",
+                        f"folder {images} n={len(files)}")
+    labels, categories, notes = _read_coco(Path(annotations).expanduser())
+    by_base: dict[str, list[str]] = {}    # a file_name with a folder ("val2017/x.jpg") matches x.jpg
+    for key in labels:
+        by_base.setdefault(Path(key).name, []).append(key)
+    samples, missing, outside, clipped, used = [], 0, [], [], set()
+    for name, image in files:
+        keys = [name] if name in labels else by_base.get(name, [])
+        if len(keys) != 1:
+            missing += 1
+            samples.append(Sample(image, name))
+            continue
+        used.add(keys[0])
+        size, objects = labels[keys[0]]
+        boxes = _image_boxes(objects, size, image, outside, clipped)
+        nouns = list(dict.fromkeys(category for category, _ in boxes))
+        samples.append(Sample(image, name, nouns, boxes))
+    annotation_name = Path(annotations).name
+    if missing == len(files):
+        raise DatasetError(f"none of the {len(files)} images of {images} has an entry in {annotations} "
+                           f"(its first file_name is {next(iter(labels), None)!r}, the folder's first "
+                           f"image {files[0][0]!r}); is it this folder's annotation file?")
+    notes += _annotation_notes(annotation_name, missing, outside, clipped,
+                               _absent_files(labels, all_paths))
+    return ImageSet(samples, "folder", f"folder {images} with {annotation_name}",
+                    f"folder {images} n={len(files)} annotations {annotation_name}",
+                    categories=categories, has_boxes=True, has_nouns=True, notes=notes)
+
+
+def _absent_files(labels: dict, paths: Sequence[Path]) -> list[str]:
+    """The annotated file names that no image file of the folder matches."""
+    present = {p.name for p in paths}
+    return [key for key in labels if key not in present and Path(key).name not in present]
+
+
+def _annotation_notes(name: str, missing: int, outside: list, clipped: list, absent: list) -> list[str]:
+    """One line per kind of problem the annotations have that still lets them be used."""
+    def first(items):
+        return f"{items[0]}{', …' if len(items) > 1 else ''}"
+
+    notes = []
+    if missing:
+        notes.append(f"{missing} image(s) have no entry in {name} (no boxes for them)")
+    if absent:
+        notes.append(f"{len(absent)} entries of {name} name files that are not in the folder "
+                     f"({first(absent)})")
+    if outside:
+        notes.append(f"{len(outside)} box(es) of {name} lie outside their image and were dropped "
+                     f"({first(outside)})")
+    if clipped:
+        notes.append(f"{len(clipped)} box(es) of {name} reach past their image's edge and were "
+                     f"clipped ({first(clipped)})")
+    return notes
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (by suffix; hidden files left out), sorted by
+    name; :class:`DatasetError` when it is not a folder or holds none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder" + ("" if folder.exists() else " (it does not exist)"))
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith(".") and p.is_file())
+    if not files:
+        raise DatasetError(f"{folder} holds no images (accepted: {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_coco(path: str | Path, notes: list[str] | None = None) -> tuple[dict, list[str]]:
+    """``({file_name: ((width, height) or None, [(category, [x, y, w, h]), …])}, category
+    names)`` from a COCO instances file; :class:`DatasetError` naming what is wrong.
+
+    An image entry's ``width`` / ``height`` may be left out (``None``: its boxes are in the
+    image file's own pixels); every other field named in the module docstring is required.
+    Errors, naming the entry: a field missing or of the wrong type (an id must be a number or
+    a string, not a list), two entries with the same id, a bbox that is not four finite
+    numbers with width, height ≥ 0. Notes (one line each, appended to ``notes``), where the
+    file can still be used: zero-size boxes (dropped), two entries with one ``file_name``.
+    """
+    labels, categories, found = _read_coco(Path(path).expanduser())
+    if notes is not None:
+        notes.extend(found)
+    return ({name: (size, [(c, box) for c, box, _ in objects]) for name, (size, objects) in labels.items()},
+            categories)
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))   # a UTF-8 BOM is fine
+    except FileNotFoundError as exc:
+        raise DatasetError(f"annotation file {path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not JSON ({exc}); expected a COCO instances file") from exc
+    except OSError as exc:
+        raise DatasetError(f"annotation file {path} cannot be read ({exc})") from exc
+
+
+_FIELDS = ("images: id, file_name, width, height; annotations: image_id, category_id, bbox "
+           "[x, y, w, h]; categories: id, name")
+
+
+def _read_coco(path: Path) -> tuple[dict, list[str], list[str]]:
+    """:func:`read_coco` with each box's entry (``annotations[i]``) kept, and its notes."""
+    data = _load_json(path)
+    expected = "a COCO instances file with 'images', 'annotations' and 'categories' lists"
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), list)]
+    if missing:
+        raise DatasetError(f"{path} is not {expected} (missing or not a list: {', '.join(missing)})")
+
+    def get(entry, key: str, where: str):
+        if not isinstance(entry, dict) or key not in entry:
+            raise DatasetError(f"{path}: {where} has no '{key}' field ({_FIELDS})")
+        return entry[key]
+
+    def get_id(entry, key: str, where: str):
+        value = get(entry, key, where)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) and not (
+                isinstance(value, float) and value.is_integer()):
+            raise DatasetError(f"{path}: {key} of {where} is {str(value)[:40]!r}, expected a number "
+                               "or a string")
+        return value
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    categories, first_of = {}, {}
+    for i, c in enumerate(data["categories"]):
+        where, cid = f"categories[{i}]", get_id(c, "id", f"categories[{i}]")
+        name = get(c, "name", where)
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{path}: name of {where} is {str(name)[:40]!r}, expected a word")
+        if cid in categories:
+            raise DatasetError(f"{path}: {where} and {first_of[cid]} have the same id {cid!r}; "
+                               "category ids must be unique")
+        categories[cid], first_of[cid] = name, where
+    files, labels, entry_of, notes = {}, {}, {}, []
+    shared: list[str] = []
+    for i, im in enumerate(data["images"]):
+        where = f"images[{i}]"
+        image_id = get_id(im, "id", where)
+        name = get(im, "file_name", where)
+        if not isinstance(name, str) or not name.strip():
+            raise DatasetError(f"{path}: file_name of {where} is {str(name)[:40]!r}, expected a file name")
+        if image_id in files:
+            raise DatasetError(f"{path}: {where} ({name}) and {entry_of[image_id]} ({files[image_id]}) "
+                               f"have the same id {image_id!r}; image ids must be unique, else boxes "
+                               "cannot be told apart")
+        size = None
+        if "width" in im or "height" in im:
+            size = (get(im, "width", where), get(im, "height", where))
+            if not all(is_number(v) and v > 0 for v in size):
+                raise DatasetError(f"{path}: width/height of {where} ({name}) are {list(size)}, "
+                                   "expected positive numbers")
+        if name in labels:
+            shared.append(f"{where} ({name})")
+        files[image_id], entry_of[image_id] = name, where
+        labels.setdefault(name, (size, []))
+    if shared:
+        notes.append(f"{path.name}: {len(shared)} image entries repeat a file_name ({shared[0]}"
+                     f"{', …' if len(shared) > 1 else ''}); their boxes are pooled")
+    degenerate = []
+    for i, a in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        image_id, category_id = get_id(a, "image_id", where), get_id(a, "category_id", where)
+        bbox = get(a, "bbox", where)
+        if image_id not in files:
+            raise DatasetError(f"{path}: image_id {image_id!r} of {where} is not the id of an entry "
+                               "of 'images'")
+        if category_id not in categories:
+            raise DatasetError(f"{path}: category_id {category_id!r} of {where} is not the id of an "
+                               "entry of 'categories'")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
+                and bbox[2] >= 0 and bbox[3] >= 0 and math.isfinite(bbox[0] + bbox[2])
+                and math.isfinite(bbox[1] + bbox[3])):
+            raise DatasetError(f"{path}: bbox of {where} is {str(bbox)[:60]}, expected [x, y, width, "
+                               "height] (four finite numbers, width and height ≥ 0)")
+        if bbox[2] == 0 or bbox[3] == 0:
+            degenerate.append(f"{where} of {files[image_id]}")
+            continue
+        labels[files[image_id]][1].append((categories[category_id], [float(v) for v in bbox], where))
+    if degenerate:
+        notes.append(f"{path.name}: {len(degenerate)} zero-size box(es) dropped ({degenerate[0]}"
+                     f"{', …' if len(degenerate) > 1 else ''})")
+    return labels, sorted(set(categories.values())), notes
+
+
+def _image_boxes(objects, size, image, outside: list, clipped: list):
+    """``[(category, (x0, y0, x1, y1))]`` of one image's objects in its file's pixels: a box
+    outside the annotated image is dropped (its entry added to ``outside``), one reaching
+    past its edge is clipped (added to ``clipped``)."""
+    width, height = size or image.size
+    sx, sy = image.width / width, image.height / height
+    boxes = []
+    for category, (x, y, w, h), where in objects:
+        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+            outside.append(where)
+            continue
+        if x < 0 or y < 0 or x + w > width or y + h > height:
+            clipped.append(where)
+        x0, y0 = max(0.0, x), max(0.0, y)
+        box = [x0, y0, min(width, x + w) - x0, min(height, y + h) - y0]
+        boxes.append((category, _pixel_box(box, sx, sy, image.size)))
+    return boxes
+
+
+def _pixel_box(box, sx: float, sy: float, size) -> tuple[int, int, int, int]:
+    """COCO ``[x, y, w, h]`` (annotated size) → ``(x0, y0, x1, y1)`` pixels of the image, x1/y1
+    exclusive, clipped to it and at least one pixel wide and high."""
+    x, y, w, h = box
+    width, height = size
+    x0 = min(width - 1, max(0, math.floor(x * sx)))
+    y0 = min(height - 1, max(0, math.floor(y * sy)))
+    x1, y1 = min(width, math.ceil((x + w) * sx)), min(height, math.ceil((y + h) * sy))
+    return (x0, y0, max(x0 + 1, x1), max(y0 + 1, y1))
+
+
+def write_image_folder(samples: Sequence, folder: str | Path, annotations: bool = True,
+                       categories: Sequence[str] | None = None) -> Path:
+    """Write ``samples`` (e.g. scenes) as ``image_0000.png`` … into the new or empty folder
+    ``folder``, with a COCO ``annotations.json`` of their boxes when ``annotations``.
+
+    ``categories``: the category names to list (default: the names in the samples' boxes;
+    e.g. the scenes' whole noun vocabulary keeps it as the folder's categories). PNG is
+    lossless, so the folder's images are the samples' pixels: the folder path gives the
+    same numbers as the samples themselves. Returns ``folder``.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"{folder} exists and is not a folder; choose a new folder")
+    if folder.exists() and any(folder.iterdir()):
+        raise DatasetError(f"{folder} exists and is not empty; choose a new folder")
+    in_boxes = {name for s in samples for name, _ in s.boxes}
+    names = list(dict.fromkeys(categories)) if categories is not None else sorted(in_boxes)
+    if in_boxes - set(names):
+        raise DatasetError(f"the boxes name {sorted(in_boxes - set(names))}, which categories lacks")
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = {name: i + 1 for i, name in enumerate(names)}
+    coco = dict(images=[], annotations=[], categories=[dict(id=i, name=n) for n, i in ids.items()])
+    digits = max(4, len(str(len(samples) - 1)))        # file names sort in sample order
+    for index, sample in enumerate(samples):
+        file_name = f"image_{index:0{digits}d}.png"
+        sample.image.save(folder / file_name)
+        coco["images"].append(dict(id=index, file_name=file_name, width=sample.image.width,
+                                   height=sample.image.height))
+        for name, (x0, y0, x1, y1) in sample.boxes:
+            coco["annotations"].append(dict(id=len(coco["annotations"]) + 1, image_id=index,
+                                            category_id=ids[name], bbox=[x0, y0, x1 - x0, y1 - y0],
+                                            area=(x1 - x0) * (y1 - y0), iscrowd=0))
+    if annotations:
+        (folder / "annotations.json").write_text(json.dumps(coco))
+    return folder

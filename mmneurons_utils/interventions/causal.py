@@ -1,0 +1,210 @@
+"""Causal effect of the identified units: perturb them and watch the noun.
+
+For every (image, noun) of the model's own captions, the units ranked by the
+contribution score (the paper), by gradient × activation, or drawn at random
+(several seeded draws) are perturbed (:func:`~mmneurons_utils.interventions.ablation.perturb_units`)
+in nested sets of size ``k`` (the top-``k`` of one ranking, so curves over ``k`` are
+comparable), and two things are measured:
+
+* **logit margin and probability** of the noun at its step: the noun token's logit minus
+  the largest other logit, read by **teacher-forcing the original caption prefix** (one
+  forward pass over prompt + original caption). This is well-defined even when the
+  perturbation changes earlier tokens (a free-running caption may never reach a
+  comparable step), it isolates the effect on *this* prediction, and it costs one
+  forward pass per condition. A margin below 0 means the noun is no longer the greedy
+  choice given the original prefix.
+* **the greedy caption** generated under the perturbation: ``removed`` when it no longer
+  contains the noun (as a whole word), ``changed`` when it differs from the clean caption
+  at all.
+
+Results are tidy long-form DataFrames (one row per image × noun × method × draw × k ×
+perturbation); :func:`summarize` and :func:`half_removal_k` turn them into curves and
+the k at which half of the nouns disappear.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..method.identify import METHODS, logit_weights, rank_units, top_k_groups
+from .ablation import ablate_activations, perturb_units
+from ..model.nouns import says
+from ..model.teacher_forcing import teacher_forced_logits
+
+LEVELS = ("weights", "activation")
+
+
+def margin_and_prob(logits: torch.Tensor, token_id: int) -> tuple[float, float]:
+    """``(logit[t] − max other logit, softmax[t])`` of one ``Float[Tensor, "V"]`` row."""
+    others = logits.clone()
+    others[token_id] = -torch.inf
+    return float(logits[token_id] - others.max()), float(torch.softmax(logits, -1)[token_id])
+
+
+def perturbation_name(sigma: float | None) -> str:
+    return "zero" if sigma is None else f"noise σ={sigma:g}"
+
+
+def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random: int,
+             seed: int) -> list[dict]:
+    """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "K 2"], …]``, ``K`` =
+    ``max_k`` (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the
+    other methods)."""
+    out = []
+    weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
+    scored = [m for m in methods if m != "random"]
+    for index, (image, caption) in enumerate(zip(images, captions)):
+        targets = caption.noun_tokens
+        ranked = rank_units(vlm, image, caption, targets, scored, max_k, weights=weights)
+        draws = [rank_units(vlm, image, caption, targets, ("random",), max_k, [seed, index],
+                            draw=d, weights=weights)["random"] for d in range(n_random)] \
+            if "random" in methods else []
+        for n, target in enumerate(targets):
+            ranks = {method: [ranked[method][n].units] for method in scored}
+            if draws:
+                ranks["random"] = [d[n].units for d in draws]
+            out.append(dict(image=index, target=target, ranks=ranks))
+    return out
+
+
+def table_rankings(vlm, table, captions, methods: Sequence[str], max_k: int) -> list[dict]:
+    """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
+    column indexes them): the units a user found are the ones perturbed. Each (image, noun,
+    method) must hold at least ``max_k`` ranks; a method's single table ranking is its one draw."""
+    groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], max_k)}
+    out = []
+    for index, caption in enumerate(captions):
+        for target in caption.noun_tokens:
+            ranks = {m: [groups[(index, target.noun, m)][["layer", "unit"]].to_numpy()]
+                     for m in methods if (index, target.noun, m) in groups}
+            if ranks:
+                out.append(dict(image=index, target=target, ranks=ranks))
+    missing = [m for m in methods if not any(m in t["ranks"] for t in out)]
+    if missing:
+        raise ValueError(f"the table has no rows of method(s) {', '.join(missing)} for these "
+                         f"images' nouns; its methods: {', '.join(sorted(table['method'].unique()))}")
+    return out
+
+
+def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
+                  methods: Sequence[str] | None = None,
+                  sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
+                  relative: bool = True, level: str = "weights", max_new_tokens: int = 20,
+                  progress: bool = False, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Noun margin / probability / removal under perturbation of the top-``k`` units.
+
+    ``images``: PIL images; every noun of each clean caption is a target.
+    ``ks``: set sizes (nested: the top-``k`` of one ranking). ``methods``: any of
+    ``contribution``, ``gradient``, ``gradient_image``, ``random`` (``n_random`` seeded
+    draws per noun).
+    ``table``: a ``find_neurons`` table of these ``images`` (``image`` = position in the
+    list, ``top_k`` ≥ the largest ``k``): its units are the ones perturbed, per (image,
+    noun, method), instead of ranking them here; ``methods`` then defaults to the table's
+    (a ``random`` row set is one draw). Without a table, ``methods`` defaults to
+    ``("contribution", "random")`` and the ranking is the same as ``find_neurons``'s.
+    ``sigmas``: ``None`` = zero the columns, a float = Gaussian noise of that σ
+    (relative to each column's RMS when ``relative``). ``level="activation"`` instead
+    zeroes the units' coefficients only at the position that produces the noun (its
+    direct effect; ``sigmas`` must be ``(None,)``).
+
+    Returns one row per image × noun × method × draw × k × perturbation with columns
+    ``image, noun, token_id, step, method, draw, k, perturbation, sigma, level,
+    margin_clean, prob_clean, margin, prob, margin_drop, prob_drop, removed, changed,
+    caption_clean, caption``.
+    """
+    from tqdm.auto import tqdm
+
+    if methods is None:
+        methods = (tuple(dict.fromkeys(table["method"])) if table is not None
+                   else ("contribution", "random"))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)!r}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level == "activation" and any(s is not None for s in sigmas):
+        raise ValueError("level='activation' zeroes coefficients; use sigmas=(None,)")
+    total = vlm.n_layers * vlm.d_ff
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1 or ks[-1] > total:
+        raise ValueError(f"every k must be in 1 … {total} (the model's units), got {ks!r}")
+    if n_random < 1:
+        raise ValueError(f"n_random must be ≥ 1, got {n_random!r}")
+    images = list(images)
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
+    clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
+    # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
+    prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
+                   if level == "activation" else None)
+    if table is not None:
+        targets = table_rankings(vlm, table, captions, methods, ks[-1])
+    else:
+        targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
+    jobs = [(t, m, d, k, s) for t in targets for m in methods if m in t["ranks"]
+            for d in range(len(t["ranks"][m])) for k in ks for s in sigmas]
+    rows = []
+    for t, method, draw, k, sigma in tqdm(jobs, desc="causal", disable=not progress):
+        index, target = t["image"], t["target"]
+        image, caption = images[index], captions[index]
+        units = t["ranks"][method][draw][:k]
+        if level == "activation":
+            context = ablate_activations(vlm, units,
+                                         positions=[prompt_lens[index] - 1 + target.step])
+        else:
+            noise_seed = int(np.random.SeedSequence([seed, index, target.step, draw, k])
+                             .generate_state(1)[0])
+            context = perturbation_context(vlm, units, sigma, seed=noise_seed, relative=relative)
+        with context:
+            logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]
+            text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
+        m0, p0 = margin_and_prob(clean_logits[index][target.step], target.token_id)
+        m1, p1 = margin_and_prob(logits[target.step], target.token_id)
+        rows.append(dict(image=index, noun=target.noun, token_id=target.token_id, step=target.step,
+                         method=method, draw=draw, k=k, perturbation=perturbation_name(sigma),
+                         sigma=np.nan if sigma is None else float(sigma), level=level,
+                         margin_clean=m0, prob_clean=p0, margin=m1, prob=p1,
+                         margin_drop=m0 - m1, prob_drop=p0 - p1,
+                         removed=not says(text, target.noun), changed=text != caption.text,
+                         caption_clean=caption.text, caption=text))
+    columns = ["image", "noun", "token_id", "step", "method", "draw", "k", "perturbation", "sigma",
+               "level", "margin_clean", "prob_clean", "margin", "prob", "margin_drop", "prob_drop",
+               "removed", "changed", "caption_clean", "caption"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summarize(curves: pd.DataFrame) -> pd.DataFrame:
+    """Means per ``perturbation, method, k``: margin, margin drop, probability drop, share of
+    captions that lose the noun and that change at all, and ``n`` (rows averaged)."""
+    grouped = curves.groupby(["perturbation", "method", "k"], sort=True)
+    out = grouped.agg(margin=("margin", "mean"), margin_drop=("margin_drop", "mean"),
+                      prob_drop=("prob_drop", "mean"), noun_removed=("removed", "mean"),
+                      caption_changed=("changed", "mean"), n=("margin", "size"))
+    return out.reset_index()
+
+
+def half_removal_k(curves: pd.DataFrame, share: float = 0.5) -> pd.DataFrame:
+    """Per ``perturbation, method``: the smallest measured ``k`` at which at least ``share``
+    of the captions lose the noun, or ``NaN`` (with ``reached=False``) if no measured ``k``
+    does — random units typically never reach it."""
+    summary = summarize(curves)
+    rows = []
+    for (perturbation, method), group in summary.groupby(["perturbation", "method"], sort=True):
+        hit = group[group.noun_removed >= share]
+        rows.append(dict(perturbation=perturbation, method=method,
+                         k_half=float(hit.k.min()) if len(hit) else np.nan, reached=bool(len(hit)),
+                         max_k=int(group.k.max()), removed_at_max_k=float(group.noun_removed.iloc[-1])))
+    return pd.DataFrame(rows)
+
+
+def perturbation_context(vlm, units, sigma: float | None, seed: int = 0, relative: bool = True):
+    """The weight perturbation used by the curves: zero (``sigma=None``) or noise; a no-op for no units."""
+    if len(units) == 0:
+        return nullcontext()
+    if sigma is None:
+        return perturb_units(vlm, units, mode="zero")
+    return perturb_units(vlm, units, mode="noise", sigma=sigma, relative=relative, seed=seed)

@@ -1,0 +1,69 @@
+"""The package's layers, as stated by the import-linter contract in ``pyproject.toml``:
+each folder imports only from the folders below it, nothing hides an import in a
+function, and the README names every layer."""
+
+import ast
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "mmneurons_utils"
+CONTRACT = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+LINT = ("import sys; from importlinter.cli import lint_imports; "
+        "sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True))")
+# imports a function may make: the console script loads a command's modules when the command
+# runs (so --help and bad input answer at once); the package's __init__ loads the data layer
+# (and the embedded scenes) on first use of load_images / make_scenes
+LAZY = {"cli.py", "__init__.py"}
+
+
+def _lint(root: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", LINT, str(config)], cwd=root, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(root), "PATH": ""})
+
+
+def test_the_layers_contract_is_kept():
+    out = _lint(ROOT, ROOT / "pyproject.toml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 kept, 0 broken" in out.stdout
+
+
+def test_the_contract_catches_an_upward_import(tmp_path):
+    """A copy of the package with one upward import (the model layer importing a widget)."""
+    shutil.copytree(PACKAGE, tmp_path / "mmneurons_utils", ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    trace = tmp_path / "mmneurons_utils" / "model" / "trace.py"
+    trace.write_text(trace.read_text() + "\nfrom ..widgets import panel\n")
+    out = _lint(tmp_path, tmp_path / "pyproject.toml")
+    assert out.returncode == 1
+    assert "mmneurons_utils.model is not allowed to import mmneurons_utils.widgets" in out.stdout
+
+
+def test_every_folder_and_top_module_is_a_layer():
+    children = {p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    children |= {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert {name.removeprefix("mmneurons_utils.") for name in CONTRACT["layers"]} == children
+
+
+def test_the_readme_names_every_layer():
+    readme = (ROOT / "README.md").read_text()
+    for layer in CONTRACT["layers"]:
+        name = layer.removeprefix("mmneurons_utils.")
+        assert f"  {name}/" in readme or f"  {name}.py" in readme, name
+
+
+def test_no_import_is_hidden_in_a_function():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if "weights" in path.parts or rel in LAZY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.level or "mmneurons_utils" in (inner.module or "")):
+                        offenders.append(f"{rel}:{inner.lineno}")
+    assert offenders == []

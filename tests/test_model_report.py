@@ -1,0 +1,24 @@
+"""The model report (``python -m mmneurons_utils.batch.model_report``): the numbers must carry
+the science (ours above chance, chance where it should be), not only exist."""
+
+import json
+
+from mmneurons_utils.batch.model_report import main, report
+
+
+def test_report_puts_the_contribution_units_above_random(tiny_llava):
+    r = report(tiny_llava, n_scenes=12, n_region=3, n_ablate=3)
+    assert r["vocabulary"] == 75 and r["units"] == 4 * 768
+    assert r["noun_hit"]["contribution"] > 2 * r["noun_hit"]["random"]
+    assert r["noun_rank"]["contribution"] < r["noun_rank"]["random"]
+    assert r["auroc"]["contribution"] > 0.6 and abs(r["auroc"]["random"] - 0.5) < 0.15
+    assert r["jaccard_same"]["contribution"] > 5 * r["jaccard_different"]["contribution"]
+    assert r["text_twin_retained"] > r["text_twin_random"]
+    assert 0 < r["negative_share"] < 1 and 0 <= r["upper_half_share"] <= 1
+    assert abs(sum(r["layer_shares"].values()) - 1) < 1e-3
+
+
+def test_report_command_prints_json(capsys):
+    main(["--model", "tiny-llava", "--scenes", "4", "--region", "1", "--ablate", "1", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["model"] == "tiny-llava" and out["n_scenes"] == 4
