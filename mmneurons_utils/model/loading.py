@@ -1,9 +1,13 @@
 """Turning a model name, device and dtype into a loaded model: device and dtype parsing,
-device maps (CPU / disk offload through accelerate), the hub lookup, and the one error type
-for all of it (:class:`ModelLoadError`). :func:`~mmneurons_utils.model.vlm.load_vlm` uses them.
+device maps (CPU / disk offload through accelerate), the hub lookup, the marker file of models this
+project trained (their nouns and prompt), and the one error type for all of it
+(:class:`ModelLoadError`). :func:`~mmneurons_utils.model.vlm.load_vlm` uses them.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -14,6 +18,7 @@ class ModelLoadError(ValueError):
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: nouns, prompt
 
 
 def load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder):
@@ -70,3 +75,23 @@ def parse_dtype(dtype) -> torch.dtype:
     if str(dtype) in _DTYPES:
         return _DTYPES[str(dtype)]
     raise ModelLoadError(f"bad dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+
+
+def read_prompt_template(folder: Path) -> str | None:
+    """The ``prompt_template`` of the marker file in ``folder`` (``{image}``, ``{instruction}``),
+    or ``None``: the architecture's template."""
+    marker = Path(folder) / EMBEDDED_MARKER
+    return json.loads(marker.read_text()).get("prompt_template") if marker.is_file() else None
+
+
+def read_noun_vocabulary(folder: Path) -> list[str] | None:
+    """The ``nouns`` list of the marker file in ``folder`` (a model this project trained), or
+    ``None`` when there is none; ``ModelLoadError`` when the marker holds something else."""
+    marker = Path(folder) / EMBEDDED_MARKER
+    if not marker.is_file():
+        return None
+    nouns = json.loads(marker.read_text()).get("nouns")
+    if not (isinstance(nouns, list) and nouns and all(isinstance(n, str) for n in nouns)):
+        raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
+                             f"{str(nouns)[:60]!r}; re-save the model with this version")
+    return nouns

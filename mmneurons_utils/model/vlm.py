@@ -23,7 +23,8 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
-from .loading import DEVICE_MAPS, ModelLoadError, hub_model_type, load_mapped, parse_device, parse_dtype
+from .loading import (DEVICE_MAPS, EMBEDDED_MARKER, ModelLoadError, hub_model_type, load_mapped, parse_device,
+                      parse_dtype, read_noun_vocabulary, read_prompt_template)
 from .offload import execution_device
 from .trace import Trace
 from .nouns import (NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, tagger_available,
@@ -38,7 +39,6 @@ INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parents[1] / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
-EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
 
 
 @dataclass
@@ -397,23 +397,3 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     return VLM(model, processor, arch, name, embedded=embedded,
                noun_vocabulary=read_noun_vocabulary(path) if embedded else None,
                prompt_template=read_prompt_template(path) if embedded else None)
-
-
-def read_prompt_template(folder: Path) -> str | None:
-    """The ``prompt_template`` of the marker file in ``folder`` (``{image}``, ``{instruction}``),
-    or ``None``: the architecture's template."""
-    marker = Path(folder) / EMBEDDED_MARKER
-    return json.loads(marker.read_text()).get("prompt_template") if marker.is_file() else None
-
-
-def read_noun_vocabulary(folder: Path) -> list[str] | None:
-    """The ``nouns`` list of the marker file in ``folder`` (a model this project trained), or
-    ``None`` when there is none; ``ModelLoadError`` when the marker holds something else."""
-    marker = Path(folder) / EMBEDDED_MARKER
-    if not marker.is_file():
-        return None
-    nouns = json.loads(marker.read_text()).get("nouns")
-    if not (isinstance(nouns, list) and nouns and all(isinstance(n, str) for n in nouns)):
-        raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
-                             f"{str(nouns)[:60]!r}; re-save the model with this version")
-    return nouns
