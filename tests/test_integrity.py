@@ -258,12 +258,14 @@ def test_a_decompression_bomb_is_refused_in_one_line_naming_file_and_limit(tmp_p
      "not a folder"),
 ])
 def test_bad_input_is_refused_before_the_model_loads(tmp_path, cli, argv, needle, monkeypatch):
-    import mmneurons_utils.model.vlm as vlm_module
+    import importlib
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(vlm_module, "load_vlm", no_loading)
+    # every module that binds load_vlm by name: the commands call it from there
+    for name in ("model.vlm", "commands.common", "commands.find", "commands.interventions"):
+        monkeypatch.setattr(importlib.import_module(f"mmneurons_utils.{name}"), "load_vlm", no_loading)
     (tmp_path / "file.txt").write_text("x")
     code, _, err = cli(*[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2 and needle in _error_line(err, argv[0])

