@@ -21,12 +21,12 @@ this order: the same word; the same singular (``dogs`` → ``dog``, ``buses`` �
 ``woman`` / ``people`` → ``person``, ``television`` → ``tv``, ``phone`` → ``cell phone``, …);
 the last word of a multi-word category (``glass`` → ``wine glass``, ``hydrant`` →
 ``fire hydrant``). :func:`unmatched_nouns` reports the nouns that matched nothing.
+The annotation file is read and checked by :mod:`~mmneurons_utils.data.coco`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -35,11 +35,8 @@ from PIL import Image
 
 from ..properties.objects import candidate_words, match_category
 from ..tiny.scenes import ATTRIBUTION, NOUNS, make_scenes
+from .coco import DatasetError, image_boxes, read_coco, read_coco_entries  # noqa: F401  (read_coco: here too)
 from .images import IMAGE_SUFFIXES, ImageReadError, read_image
-
-
-class DatasetError(ValueError):
-    """An image folder or annotation file cannot be used (the message says what is accepted)."""
 
 
 @dataclass
@@ -180,7 +177,7 @@ def load_images(images: str | Path | None = None, annotations: str | Path | None
     if not annotations:
         return ImageSet([Sample(image, name) for name, image in files], "folder", f"folder {images}",
                         f"folder {images} n={len(files)}")
-    labels, categories, notes = _read_coco(Path(annotations).expanduser())
+    labels, categories, notes = read_coco_entries(Path(annotations).expanduser())
     by_base: dict[str, list[str]] = {}    # a file_name with a folder ("val2017/x.jpg") matches x.jpg
     for key in labels:
         by_base.setdefault(Path(key).name, []).append(key)
@@ -193,7 +190,7 @@ def load_images(images: str | Path | None = None, annotations: str | Path | None
             continue
         used.add(keys[0])
         size, objects = labels[keys[0]]
-        boxes = _image_boxes(objects, size, image, outside, clipped)
+        boxes = image_boxes(objects, size, image, outside, clipped)
         nouns = list(dict.fromkeys(category for category, _ in boxes))
         samples.append(Sample(image, name, nouns, boxes))
     annotation_name = Path(annotations).name
@@ -245,155 +242,6 @@ def image_files(folder: str | Path) -> list[Path]:
     if not files:
         raise DatasetError(f"{folder} holds no images (accepted: {', '.join(IMAGE_SUFFIXES)})")
     return files
-
-
-def read_coco(path: str | Path, notes: list[str] | None = None) -> tuple[dict, list[str]]:
-    """``({file_name: ((width, height) or None, [(category, [x, y, w, h]), …])}, category
-    names)`` from a COCO instances file; :class:`DatasetError` naming what is wrong.
-
-    An image entry's ``width`` / ``height`` may be left out (``None``: its boxes are in the
-    image file's own pixels); every other field named in the module docstring is required.
-    Errors, naming the entry: a field missing or of the wrong type (an id must be a number or
-    a string, not a list), two entries with the same id, a bbox that is not four finite
-    numbers with width, height ≥ 0. Notes (one line each, appended to ``notes``), where the
-    file can still be used: zero-size boxes (dropped), two entries with one ``file_name``.
-    """
-    labels, categories, found = _read_coco(Path(path).expanduser())
-    if notes is not None:
-        notes.extend(found)
-    return ({name: (size, [(c, box) for c, box, _ in objects]) for name, (size, objects) in labels.items()},
-            categories)
-
-
-def _load_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))   # a UTF-8 BOM is fine
-    except FileNotFoundError as exc:
-        raise DatasetError(f"annotation file {path} does not exist") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is not JSON ({exc}); expected a COCO instances file") from exc
-    except OSError as exc:
-        raise DatasetError(f"annotation file {path} cannot be read ({exc})") from exc
-
-
-_FIELDS = ("images: id, file_name, width, height; annotations: image_id, category_id, bbox "
-           "[x, y, w, h]; categories: id, name")
-
-
-def _read_coco(path: Path) -> tuple[dict, list[str], list[str]]:
-    """:func:`read_coco` with each box's entry (``annotations[i]``) kept, and its notes."""
-    data = _load_json(path)
-    expected = "a COCO instances file with 'images', 'annotations' and 'categories' lists"
-    keys = ("images", "annotations", "categories")
-    missing = [k for k in keys if not isinstance(data, dict) or not isinstance(data.get(k), list)]
-    if missing:
-        raise DatasetError(f"{path} is not {expected} (missing or not a list: {', '.join(missing)})")
-
-    def get(entry, key: str, where: str):
-        if not isinstance(entry, dict) or key not in entry:
-            raise DatasetError(f"{path}: {where} has no '{key}' field ({_FIELDS})")
-        return entry[key]
-
-    def get_id(entry, key: str, where: str):
-        value = get(entry, key, where)
-        if isinstance(value, bool) or not isinstance(value, (int, str)) and not (
-                isinstance(value, float) and value.is_integer()):
-            raise DatasetError(f"{path}: {key} of {where} is {str(value)[:40]!r}, expected a number "
-                               "or a string")
-        return value
-
-    def is_number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    categories, first_of = {}, {}
-    for i, c in enumerate(data["categories"]):
-        where, cid = f"categories[{i}]", get_id(c, "id", f"categories[{i}]")
-        name = get(c, "name", where)
-        if not isinstance(name, str) or not name.strip():
-            raise DatasetError(f"{path}: name of {where} is {str(name)[:40]!r}, expected a word")
-        if cid in categories:
-            raise DatasetError(f"{path}: {where} and {first_of[cid]} have the same id {cid!r}; "
-                               "category ids must be unique")
-        categories[cid], first_of[cid] = name, where
-    files, labels, entry_of, notes = {}, {}, {}, []
-    shared: list[str] = []
-    for i, im in enumerate(data["images"]):
-        where = f"images[{i}]"
-        image_id = get_id(im, "id", where)
-        name = get(im, "file_name", where)
-        if not isinstance(name, str) or not name.strip():
-            raise DatasetError(f"{path}: file_name of {where} is {str(name)[:40]!r}, expected a file name")
-        if image_id in files:
-            raise DatasetError(f"{path}: {where} ({name}) and {entry_of[image_id]} ({files[image_id]}) "
-                               f"have the same id {image_id!r}; image ids must be unique, else boxes "
-                               "cannot be told apart")
-        size = None
-        if "width" in im or "height" in im:
-            size = (get(im, "width", where), get(im, "height", where))
-            if not all(is_number(v) and v > 0 for v in size):
-                raise DatasetError(f"{path}: width/height of {where} ({name}) are {list(size)}, "
-                                   "expected positive numbers")
-        if name in labels:
-            shared.append(f"{where} ({name})")
-        files[image_id], entry_of[image_id] = name, where
-        labels.setdefault(name, (size, []))
-    if shared:
-        notes.append(f"{path.name}: {len(shared)} image entries repeat a file_name ({shared[0]}"
-                     f"{', …' if len(shared) > 1 else ''}); their boxes are pooled")
-    degenerate = []
-    for i, a in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        image_id, category_id = get_id(a, "image_id", where), get_id(a, "category_id", where)
-        bbox = get(a, "bbox", where)
-        if image_id not in files:
-            raise DatasetError(f"{path}: image_id {image_id!r} of {where} is not the id of an entry "
-                               "of 'images'")
-        if category_id not in categories:
-            raise DatasetError(f"{path}: category_id {category_id!r} of {where} is not the id of an "
-                               "entry of 'categories'")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
-                and bbox[2] >= 0 and bbox[3] >= 0 and math.isfinite(bbox[0] + bbox[2])
-                and math.isfinite(bbox[1] + bbox[3])):
-            raise DatasetError(f"{path}: bbox of {where} is {str(bbox)[:60]}, expected [x, y, width, "
-                               "height] (four finite numbers, width and height ≥ 0)")
-        if bbox[2] == 0 or bbox[3] == 0:
-            degenerate.append(f"{where} of {files[image_id]}")
-            continue
-        labels[files[image_id]][1].append((categories[category_id], [float(v) for v in bbox], where))
-    if degenerate:
-        notes.append(f"{path.name}: {len(degenerate)} zero-size box(es) dropped ({degenerate[0]}"
-                     f"{', …' if len(degenerate) > 1 else ''})")
-    return labels, sorted(set(categories.values())), notes
-
-
-def _image_boxes(objects, size, image, outside: list, clipped: list):
-    """``[(category, (x0, y0, x1, y1))]`` of one image's objects in its file's pixels: a box
-    outside the annotated image is dropped (its entry added to ``outside``), one reaching
-    past its edge is clipped (added to ``clipped``)."""
-    width, height = size or image.size
-    sx, sy = image.width / width, image.height / height
-    boxes = []
-    for category, (x, y, w, h), where in objects:
-        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-            outside.append(where)
-            continue
-        if x < 0 or y < 0 or x + w > width or y + h > height:
-            clipped.append(where)
-        x0, y0 = max(0.0, x), max(0.0, y)
-        box = [x0, y0, min(width, x + w) - x0, min(height, y + h) - y0]
-        boxes.append((category, _pixel_box(box, sx, sy, image.size)))
-    return boxes
-
-
-def _pixel_box(box, sx: float, sy: float, size) -> tuple[int, int, int, int]:
-    """COCO ``[x, y, w, h]`` (annotated size) → ``(x0, y0, x1, y1)`` pixels of the image, x1/y1
-    exclusive, clipped to it and at least one pixel wide and high."""
-    x, y, w, h = box
-    width, height = size
-    x0 = min(width - 1, max(0, math.floor(x * sx)))
-    y0 = min(height - 1, max(0, math.floor(y * sy)))
-    x1, y1 = min(width, math.ceil((x + w) * sx)), min(height, math.ceil((y + h) * sy))
-    return (x0, y0, max(x0 + 1, x1), max(y0 + 1, y1))
 
 
 def write_image_folder(samples: Sequence, folder: str | Path, annotations: bool = True,
