@@ -1,7 +1,49 @@
+"""Shared fixtures and the test tiers.
+
+Tiers (markers registered in ``pyproject.toml``): ``browser`` (tests/test_browser.py marks itself),
+``notebooks`` (the notebooks under nbval, and tests that execute notebooks) and ``slow``
+(the modules in :data:`SLOW_MODULES`: they train edits, run many scenes or whole CLI
+pipelines). The fast tier is ``pytest -m "not slow and not notebooks and not browser"``;
+``python3 tasks.py test`` runs everything.
+"""
+
 import pytest
 import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# modules whose tests take seconds to minutes each (measured at one thread)
+SLOW_MODULES = {"test_editing", "test_fidelity", "test_fidelity_bugs", "test_atlas", "test_cli",
+                "test_cli_causal", "test_parallel", "test_bench_official", "test_own_images",
+                "test_offload", "test_claims"}
+NOTEBOOK_MODULES = {"test_notebook_infra"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        if item.path.suffix == ".ipynb" or module in NOTEBOOK_MODULES:
+            item.add_marker(pytest.mark.notebooks)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_generate_tests(metafunc):
+    """``random_vlm`` is tiny-llava, or each family a module lists in ``RANDOM_VLM_FAMILIES``."""
+    if "random_vlm" in metafunc.fixturenames:
+        families = getattr(metafunc.module, "RANDOM_VLM_FAMILIES", ("tiny-llava",))
+        metafunc.parametrize("random_vlm", families, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def random_vlm(request):
+    """An embedded architecture with random weights (seed 1), built in code: no training."""
+    from mmneurons_utils.model.vlm import VLM
+    from mmneurons_utils.tiny.build import build_tiny_instructblip, build_tiny_llava
+
+    build = build_tiny_llava if request.param == "tiny-llava" else build_tiny_instructblip
+    model, processor = build(seed=1)
+    return VLM.from_parts(model, processor, family=request.param)
 
 
 @pytest.fixture(scope="session")

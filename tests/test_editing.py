@@ -6,6 +6,7 @@ images whose caption already said the target."""
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -244,12 +245,12 @@ def test_cli_edit_json_says_applied_and_null_for_unmeasured(cli):
 def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, method, at):
     """``units="gradient"`` / ``"gradient_image"`` edit the top units of that score summed over the
     edit images (checked against gradient_attributions called directly), not the contribution units."""
-    from mmneurons_utils.interventions.editing import _source_steps, choose_units
+    from mmneurons_utils.interventions.edit_inputs import choose_units, source_steps
     from mmneurons_utils.method.scoring import top_units
 
     images = case["images"]
     captions = tiny_llava.describe(images, activation="down_proj_input")
-    steps = _source_steps(tiny_llava, captions, case["source"])
+    steps = source_steps(tiny_llava, captions, case["source"])
     source_id = captions[0].token_ids[steps[0]]
     chosen = choose_units(tiny_llava, captions, steps, source_id, 5, method, images=images)
     total = sum(gradient_attributions(tiny_llava, tiny_llava.inputs([image]), c.token_ids,
@@ -260,3 +261,48 @@ def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, metho
     assert set(map(tuple, chosen.tolist())) != set(map(tuple, ours.tolist()))
     with pytest.raises(EditInputError, match="needs the edit images"):
         choose_units(tiny_llava, captions, steps, source_id, 5, method)
+
+
+def test_learning_the_deltas_leaves_the_model_exactly_as_found(tiny_llava, case):
+    from mmneurons_utils.interventions.edit_inputs import source_steps, target_token
+    from mmneurons_utils.interventions.edit_learning import EditConfig, learn_deltas
+
+    captions = tiny_llava.describe(case["images"])
+    steps = source_steps(tiny_llava, captions, case["source"])
+    state = {k: v.clone() for k, v in tiny_llava.model.state_dict().items()}
+    flags = [p.requires_grad for p in tiny_llava.model.parameters()]
+    units = np.array([[3, 5], [2, 700]])
+    learned = learn_deltas(tiny_llava, case["images"], captions, steps,
+                           target_token(tiny_llava, case["target"]), units,
+                           config=EditConfig(steps=4))
+    assert learned.deltas.shape == (2, tiny_llava.down_proj(0).weight.shape[0])
+    assert learned.deltas.abs().sum() > 0 and learned.steps == 4 and not learned.converged
+    assert all(torch.equal(v, state[k]) for k, v in tiny_llava.model.state_dict().items())
+    assert [p.requires_grad for p in tiny_llava.model.parameters()] == flags
+    assert all(not tiny_llava.down_proj(l)._forward_hooks for l in range(tiny_llava.n_layers))
+
+
+def test_the_failed_edit_rule_lives_in_the_report():
+    from mmneurons_utils.interventions.editing import EditReport
+
+    report = EditReport(converged=False, final_margin=-1.0, steps=3, n_neurons=2, unit_choice="given",
+                        weight_norm=0.1, relative_norm=0.01, success=0.0)
+    assert "generalization" not in report.as_dict()                   # not measured yet
+    report.not_applied(n_heldout=4, n_locality=6)
+    m = report.as_dict()
+    assert _isnan(m["generalization"]) and _isnan(m["locality"]) and _isnan(m["locality_kl"])
+    assert m["n_heldout"] == 4 and m["n_locality"] == 6 and m["applied"] is False
+    assert list(m)[:7] == ["converged", "final_margin", "steps", "n_neurons", "unit_choice",
+                           "weight_norm", "relative_norm"]
+    with pytest.raises(KeyError, match="no field"):
+        report.update(sucess=1.0)
+
+
+def test_edit_settings_are_one_config():
+    from mmneurons_utils.interventions.edit_learning import EditConfig
+
+    assert EditConfig.of(None, k=3).k == 3 and EditConfig.of(EditConfig(steps=9), lr=0.1).steps == 9
+    with pytest.raises(EditInputError, match="unknown edit setting"):
+        EditConfig.of(None, n_steps=3)
+    with pytest.raises(EditInputError, match="k must be an integer"):
+        EditConfig(k=0)

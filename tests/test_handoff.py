@@ -13,7 +13,8 @@ import torch
 from mmneurons_utils import find_neurons, make_scenes
 from mmneurons_utils.interventions.causal import causal_curves
 from mmneurons_utils.interventions.editing import edit_token
-from mmneurons_utils.method.identify import logit_weights, rank_units, units_of
+from mmneurons_utils.method.identification import units_of
+from mmneurons_utils.method.identify import logit_weights, rank_units
 from mmneurons_utils.interventions.ablation import added_deltas, as_units, perturb_units
 from mmneurons_utils.method.scoring import contribution_scores, top_units
 from mmneurons_utils.model.trace import Trace, TraceDict, trace_down_proj
@@ -197,3 +198,56 @@ def test_the_widgets_take_the_tables_units(tiny_llava):
     assert np.array_equal(play._table_units(play.nouns.value), units_of(shifted, play.nouns.value, 3, image=0))
     play.picker.seed.value = 99                                            # other scenes: not in the table
     assert play._table_units(play.nouns.value) is None
+
+
+# --- one result object from identification to the interventions ---------------------------
+class _CountGenerate:
+    """Counts ``vlm.model.generate`` calls (every caption goes through it)."""
+
+    def __init__(self, vlm, monkeypatch):
+        self.calls = 0
+        original = vlm.model.generate
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(vlm.model, "generate", counted)
+
+
+def test_the_identification_is_handed_on_without_captioning_again(tiny_llava, monkeypatch):
+    from mmneurons_utils import find_neurons_by_method
+    from mmneurons_utils.method.identification import Identification
+
+    images = [s.image for s in make_scenes(2, seed=7)]
+    found = find_neurons_by_method(tiny_llava, images, methods=("contribution",), top_k=10,
+                                   max_new_tokens=12, image_keys=["a.png", "b.png"])
+    assert isinstance(found, Identification) and found.image_keys == ["a.png", "b.png"]
+    assert found.settings["top_k"] == 10 and found.settings["methods"] == ["contribution"]
+    table, captions = found                                         # it unpacks as before
+    assert table is found.table and captions is found.captions
+    plain = causal_curves(tiny_llava, images, ks=[1, 10], table=found.table, max_new_tokens=12)
+    count = _CountGenerate(tiny_llava, monkeypatch)
+    handed = causal_curves(tiny_llava, images, ks=[1, 10], table=found, max_new_tokens=12)
+    # one caption per perturbed condition (noun × k), none for the clean captions
+    assert count.calls == len(handed) == len(plain)
+    pd.testing.assert_frame_equal(handed, plain)
+    with pytest.raises(ValueError, match="max_new_tokens=12"):
+        causal_curves(tiny_llava, images, ks=[1], table=found)
+    # an edit on the identification's units and captions: only the edited caption is generated
+    source = found.table[found.table.image == 0].noun.iloc[0]
+    count.calls = 0
+    edit = edit_token(tiny_llava, images[:1], source, "cat" if source != "cat" else "dog",
+                      units=found.units_of(source, 3, image=0), captions=found.captions[:1],
+                      steps=2, keep_failed=True, max_new_tokens=12)
+    edit.undo()
+    assert count.calls == 1 and edit.captions_before == [found.captions[0].text]
+
+
+def test_a_unit_prints_its_label_in_one_place():
+    from mmneurons_utils.method.units import Unit
+
+    assert str(Unit(3, 741, -1)) == "L3.741 (−)" and str(Unit(0, 2)) == "L0.2 (+)"
+    row = pd.Series(dict(layer=np.int64(3), unit=np.int64(741), polarity=np.int64(-1), noun="dog"))
+    assert Unit.of(row) == Unit(3, 741, -1) == Unit.of(dict(layer=3, unit=741, polarity=-2))
+    assert Unit.of(next(pd.DataFrame([dict(layer=1, unit=5)]).itertuples())) == Unit(1, 5, 1)

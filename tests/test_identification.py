@@ -15,11 +15,7 @@ from mmneurons_utils.tiny.build import build_tiny_instructblip, build_tiny_llava
 from mmneurons_utils.model.vlm import VLM
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-instructblip"])
-def random_vlm(request):
-    build = build_tiny_llava if request.param == "tiny-llava" else build_tiny_instructblip
-    model, processor = build(seed=1)
-    return VLM.from_parts(model, processor, family=request.param)
+RANDOM_VLM_FAMILIES = ("tiny-llava", "tiny-instructblip")   # the random_vlm fixture (conftest)
 
 
 @pytest.fixture(scope="module")

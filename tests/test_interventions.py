@@ -11,14 +11,8 @@ from mmneurons_utils import make_scenes
 from mmneurons_utils.interventions.causal import causal_curves, half_removal_k, summarize
 from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
 from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
-from mmneurons_utils.tiny.build import build_tiny_llava
-from mmneurons_utils.model.vlm import VLM
 
 
-@pytest.fixture(scope="module")
-def random_vlm():
-    model, processor = build_tiny_llava(seed=1)
-    return VLM.from_parts(model, processor, family="tiny-llava")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from mmneurons_utils import find_neurons, load_vlm, make_scenes
 from mmneurons_utils.interventions.editing import edit_token
-from mmneurons_utils.method.identify import units_of
+from mmneurons_utils.method.identification import units_of
 from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
 from mmneurons_utils.model.offload import offloaded, weight
 from mmneurons_utils.model.teacher_forcing import teacher_forced_logits

@@ -80,21 +80,15 @@ def run_edit(vlm, pool: ImagePool, source: str, target: str, k: int = 5,
 
     ``units`` / ``method`` / ``k`` as in :func:`~mmneurons_utils.interventions.editing.edit_token`. Images
     saying both the source and the target are left out (``n_excluded_target``). A failed,
-    unapplied edit gets NaN generalisation / locality / KL: the unchanged model's "nothing
-    drifted" would say nothing about the edit.
+    unapplied edit gets NaN side effects (:meth:`~mmneurons_utils.interventions.editing.EditReport.not_applied`).
     """
     parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
     pick = lambda key: [pool.images[i] for i in parts[key]]
     edit = edit_token(vlm, pick("edit"), source, target, units=units, method=method, k=k,
                       unrelated=pick("unrelated"), seed=seed, **kwargs)
-    if edit.applied:
-        edit.evaluate(pick("heldout"), pick("locality"))
-    else:  # nothing was put in the weights: no side effect was measured
-        nan = float("nan")
-        edit.metrics.update(generalization=nan, n_heldout=len(parts["heldout"]), n_heldout_excluded=0,
-                            locality=nan, locality_kl=nan, n_locality=len(parts["locality"]))
-    edit.metrics.update(n_edit=len(parts["edit"]),
-                        n_excluded_target=edit.metrics["n_excluded_target"] + len(parts["excluded_target"]))
+    edit.measure_side_effects(pick("heldout"), pick("locality"))
+    edit.report.update(n_edit=len(parts["edit"]),
+                       n_excluded_target=edit.report.n_excluded_target + len(parts["excluded_target"]))
     if not keep:
         edit.undo()
     return edit

@@ -30,8 +30,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from ..method.identify import METHODS, logit_weights, rank_units, top_k_groups
+from ..method.identification import Identification, top_k_groups
+from ..method.identify import METHODS, logit_weights, rank_units
 from .ablation import ablate_activations, perturb_units
 from ..model.nouns import says
 from ..model.teacher_forcing import teacher_forced_logits
@@ -95,7 +97,8 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
                   methods: Sequence[str] | None = None,
                   sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
                   relative: bool = True, level: str = "weights", max_new_tokens: int = 20,
-                  progress: bool = False, table: pd.DataFrame | None = None) -> pd.DataFrame:
+                  progress: bool = False, table: pd.DataFrame | Identification | None = None
+                  ) -> pd.DataFrame:
     """Noun margin / probability / removal under perturbation of the top-``k`` units.
 
     ``images``: PIL images; every noun of each clean caption is a target.
@@ -103,9 +106,10 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     ``contribution``, ``gradient``, ``gradient_image``, ``random`` (``n_random`` seeded
     draws per noun).
     ``table``: a ``find_neurons`` table of these ``images`` (``image`` = position in the
-    list, ``top_k`` ≥ the largest ``k``): its units are the ones perturbed, per (image,
-    noun, method), instead of ranking them here; ``methods`` then defaults to the table's
-    (a ``random`` row set is one draw). Without a table, ``methods`` defaults to
+    list, ``top_k`` ≥ the largest ``k``), or the :class:`Identification` of
+    ``find_neurons_by_method`` on them (its captions are used: nothing is captioned again):
+    its units are the ones perturbed, per (image, noun, method), instead of ranking them here;
+    ``methods`` then defaults to the table's (a ``random`` row set is one draw). Without a table, ``methods`` defaults to
     ``("contribution", "random")`` and the ranking is the same as ``find_neurons``'s.
     ``sigmas``: ``None`` = zero the columns, a float = Gaussian noise of that σ
     (relative to each column's RMS when ``relative``). ``level="activation"`` instead
@@ -117,8 +121,91 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
     margin_clean, prob_clean, margin, prob, margin_drop, prob_drop, removed, changed,
     caption_clean, caption``.
     """
-    from tqdm.auto import tqdm
+    images = list(images)
+    table, captions = _identified(table, len(images), max_new_tokens)
+    methods, ks = _checked(vlm, table, methods, ks, sigmas, level, n_random)
+    if captions is None:
+        captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
+    clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
+    # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
+    prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
+                   if level == "activation" else None)
+    if table is not None:
+        targets = table_rankings(vlm, table, captions, methods, ks[-1])
+    else:
+        targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
+    jobs = [(t, m, d, k, s) for t in targets for m in methods if m in t["ranks"]
+            for d in range(len(t["ranks"][m])) for k in ks for s in sigmas]
+    rows = []
+    for t, method, draw, k, sigma in tqdm(jobs, desc="causal", disable=not progress):
+        index, target = t["image"], t["target"]
+        units = t["ranks"][method][draw][:k]
+        if level == "activation":
+            context = ablate_activations(vlm, units,
+                                         positions=[prompt_lens[index] - 1 + target.step])
+        else:
+            context = perturbation_context(vlm, units, sigma, seed=_noise_seed(seed, index, target, draw, k),
+                                           relative=relative)
+        m0, p0 = margin_and_prob(clean_logits[index][target.step], target.token_id)
+        after = measure_condition(vlm, images[index], captions[index], target, context, max_new_tokens)
+        rows.append(dict(image=index, noun=target.noun, token_id=target.token_id, step=target.step,
+                         method=method, draw=draw, k=k, perturbation=perturbation_name(sigma),
+                         sigma=np.nan if sigma is None else float(sigma), level=level,
+                         **_compared(m0, p0, captions[index].text, after)))
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
+
+def _compared(margin_clean: float, prob_clean: float, caption_clean: str, after: dict) -> dict:
+    """A curve row's measurements: clean vs perturbed (``after``: :func:`measure_condition`)."""
+    return dict(margin_clean=margin_clean, prob_clean=prob_clean, margin=after["margin"],
+                prob=after["prob"], margin_drop=margin_clean - after["margin"],
+                prob_drop=prob_clean - after["prob"], removed=after["removed"],
+                changed=after["changed"], caption_clean=caption_clean, caption=after["caption"])
+
+
+def _noise_seed(seed: int, index: int, target, draw: int, k: int) -> int:
+    """The noise of one condition: seeded by the run, the image, the noun's step, the draw and k."""
+    return int(np.random.SeedSequence([seed, index, target.step, draw, k]).generate_state(1)[0])
+
+
+CURVE_COLUMNS = ["image", "noun", "token_id", "step", "method", "draw", "k", "perturbation", "sigma",
+                 "level", "margin_clean", "prob_clean", "margin", "prob", "margin_drop", "prob_drop",
+                 "removed", "changed", "caption_clean", "caption"]
+
+
+def measure_condition(vlm, image, caption, target, context, max_new_tokens: int = 20) -> dict:
+    """One ablation condition: inside ``context`` (a perturbation, or ``nullcontext()`` for the
+    clean model), teacher-force ``caption`` and caption ``image`` again.
+
+    ``target``: the noun's ``NounToken`` in ``caption``. Returns ``margin, prob`` (the noun's
+    logit margin and probability at its step, :func:`margin_and_prob`), ``caption`` (the new
+    text), ``removed`` (it no longer says the noun) and ``changed`` (it differs at all).
+    """
+    with context:
+        logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]        # (S, V)
+        text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
+    margin, prob = margin_and_prob(logits[target.step], target.token_id)
+    return dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun),
+                changed=text != caption.text)
+
+
+def _identified(table, n_images: int, max_new_tokens: int) -> tuple[pd.DataFrame | None, list | None]:
+    """``(table, captions)`` of an :class:`Identification` of the ``n_images`` images (``None``
+    captions for a plain table or none)."""
+    if not isinstance(table, Identification):
+        return table, None
+    if len(table.captions) != n_images:
+        raise ValueError(f"the identification holds {len(table.captions)} captions for {n_images} images")
+    made = table.settings.get("max_new_tokens", max_new_tokens)
+    if made != max_new_tokens:
+        raise ValueError(f"the identification's captions were made with max_new_tokens={made}, "
+                         f"not {max_new_tokens}; pass max_new_tokens={made}")
+    return table.table, table.captions
+
+
+def _checked(vlm, table, methods, ks, sigmas, level, n_random) -> tuple[tuple[str, ...], list[int]]:
+    """The methods (default: the table's, else contribution and random) and the sorted set
+    sizes of :func:`causal_curves`, or a ``ValueError`` naming the bad setting."""
     if methods is None:
         methods = (tuple(dict.fromkeys(table["method"])) if table is not None
                    else ("contribution", "random"))
@@ -135,46 +222,7 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
         raise ValueError(f"every k must be in 1 … {total} (the model's units), got {ks!r}")
     if n_random < 1:
         raise ValueError(f"n_random must be ≥ 1, got {n_random!r}")
-    images = list(images)
-    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
-    clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
-    # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
-    prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
-                   if level == "activation" else None)
-    if table is not None:
-        targets = table_rankings(vlm, table, captions, methods, ks[-1])
-    else:
-        targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
-    jobs = [(t, m, d, k, s) for t in targets for m in methods if m in t["ranks"]
-            for d in range(len(t["ranks"][m])) for k in ks for s in sigmas]
-    rows = []
-    for t, method, draw, k, sigma in tqdm(jobs, desc="causal", disable=not progress):
-        index, target = t["image"], t["target"]
-        image, caption = images[index], captions[index]
-        units = t["ranks"][method][draw][:k]
-        if level == "activation":
-            context = ablate_activations(vlm, units,
-                                         positions=[prompt_lens[index] - 1 + target.step])
-        else:
-            noise_seed = int(np.random.SeedSequence([seed, index, target.step, draw, k])
-                             .generate_state(1)[0])
-            context = perturbation_context(vlm, units, sigma, seed=noise_seed, relative=relative)
-        with context:
-            logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]
-            text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
-        m0, p0 = margin_and_prob(clean_logits[index][target.step], target.token_id)
-        m1, p1 = margin_and_prob(logits[target.step], target.token_id)
-        rows.append(dict(image=index, noun=target.noun, token_id=target.token_id, step=target.step,
-                         method=method, draw=draw, k=k, perturbation=perturbation_name(sigma),
-                         sigma=np.nan if sigma is None else float(sigma), level=level,
-                         margin_clean=m0, prob_clean=p0, margin=m1, prob=p1,
-                         margin_drop=m0 - m1, prob_drop=p0 - p1,
-                         removed=not says(text, target.noun), changed=text != caption.text,
-                         caption_clean=caption.text, caption=text))
-    columns = ["image", "noun", "token_id", "step", "method", "draw", "k", "perturbation", "sigma",
-               "level", "margin_clean", "prob_clean", "margin", "prob", "margin_drop", "prob_drop",
-               "removed", "changed", "caption_clean", "caption"]
-    return pd.DataFrame(rows, columns=columns)
+    return tuple(methods), ks
 
 
 def summarize(curves: pd.DataFrame) -> pd.DataFrame:

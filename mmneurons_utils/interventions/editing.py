@@ -47,79 +47,88 @@ and ‖Δ‖ over the applied edits only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from ..method import scoring
-from .causal import margin_and_prob
-from ..method.identify import METHODS, logit_weights, unit_scores
-from .ablation import added_deltas, as_units, column_snapshot
+from ..model.nouns import says
 from ..model.offload import write_columns
-from ..model.nouns import NounToken, locate_nouns, says
-from ..model.teacher_forcing import caption_logits, teacher_forced_inputs, teacher_forced_logits
+from ..model.teacher_forcing import teacher_forced_logits
 from ..model.vlm import EMBEDDED_MARKER
+from .edit_inputs import check_edit, choose_units, given_units, source_steps, target_token
+from .edit_learning import UNIT_CHOICES, EditConfig, EditInputError, LearnedDeltas, learn_deltas
 
-UNIT_CHOICES = METHODS   # how edit_token picks its units when none are given
-
-
-class EditInputError(ValueError):
-    """A bad source, target, image set or edit setting (the message lists the choices)."""
-
-
-def target_token(vlm, word: str) -> int:
-    """The single token id of ``word``; ``EditInputError`` listing the choices otherwise."""
-    vocabulary = vlm.noun_vocabulary
-    if vocabulary is not None and word not in vocabulary:
-        raise EditInputError(f"target {word!r} is not in the model's noun vocabulary; choose one "
-                             f"of: {', '.join(sorted(vocabulary))}")
-    ids = vlm.tokenizer.encode(word, add_special_tokens=False)
-    ids = [i for i in ids if vlm.tokenizer.convert_ids_to_tokens(i) not in ("▁", "Ġ")]
-    unk = vlm.tokenizer.unk_token_id
-    if len(ids) != 1 or (unk is not None and ids[0] == unk):
-        pieces = vlm.tokenizer.convert_ids_to_tokens(ids)
-        raise EditInputError(f"target {word!r} is not one token of the vocabulary (it becomes "
-                             f"{pieces}); choose a word the tokenizer keeps whole")
-    return int(ids[0])
+__all__ = ["Edit", "EditConfig", "EditInputError", "EditReport", "UNIT_CHOICES", "choose_units",
+           "edit_token", "flip_share", "target_token"]
 
 
-def _source_steps(vlm, captions, source: str) -> list[int]:
-    """The step of ``source``'s first sub-token in each caption; error listing what was said."""
-    steps, missing = [], []
-    for i, caption in enumerate(captions):
-        found = locate_nouns(vlm.tokenizer, caption.token_ids, [source])
-        if not found:
-            missing.append(i)
-        else:
-            steps.append(found[0].step)
-    if missing:
-        said = sorted({n for c in captions for n in c.nouns})
-        raise EditInputError(
-            f"source {source!r} is not in the caption of image(s) {missing} "
-            f"({captions[missing[0]].text!r}); nouns said: {', '.join(said) or '(none)'}")
-    return steps
+@dataclass
+class EditReport:
+    """An edit's numbers, and the rule for an edit that was not applied.
+
+    Always: ``converged``, ``final_margin``, ``steps``, ``n_neurons``, ``unit_choice``
+    (``"given"`` or the method that chose the units), ``weight_norm`` (‖Δ‖_F),
+    ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), ``applied`` (put in the weights and
+    measured: converged, or ``keep_failed``), ``success`` (share of the edit images whose new
+    caption says the target and not the source, over those whose clean caption did not already
+    say the target; NaN if none) and ``n_excluded_target`` (the images left out of it). Once
+    measured (``None`` before): ``generalization``, ``n_heldout``, ``n_heldout_excluded``,
+    ``locality``, ``locality_kl``, ``n_locality`` (:meth:`Edit.evaluate`) and ``n_edit``.
+    """
+
+    converged: bool
+    final_margin: float
+    steps: int
+    n_neurons: int
+    unit_choice: str
+    weight_norm: float
+    relative_norm: float
+    applied: bool = False
+    success: float = math.nan
+    n_excluded_target: int = 0
+    generalization: float | None = None
+    n_heldout: int | None = None
+    n_heldout_excluded: int | None = None
+    locality: float | None = None
+    locality_kl: float | None = None
+    n_locality: int | None = None
+    n_edit: int | None = None
+
+    def not_applied(self, n_heldout: int, n_locality: int) -> None:
+        """The rule for a failed, unapplied edit: nothing was put in the weights, so no side
+        effect was measured — generalisation, locality and KL are NaN (not the unchanged
+        model's "nothing drifted"); its success was scored on the clean captions (0: nothing
+        flips)."""
+        nan = math.nan
+        self.update(generalization=nan, n_heldout=n_heldout, n_heldout_excluded=0,
+                    locality=nan, locality_kl=nan, n_locality=n_locality)
+
+    def update(self, **values) -> None:
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise KeyError(f"EditReport has no field(s) {', '.join(unknown)}")
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def as_dict(self) -> dict:
+        """The measured numbers, in field order (those still ``None`` left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
 class Edit:
     """A learned edit: additive deltas ``Float[Tensor, "N D"]`` on the write vectors of ``units``.
 
-    ``applied`` says whether the deltas are in the weights now. ``metrics`` holds
-    ``success`` (share of the edit images whose new caption says the target and not the
-    source, over those whose clean caption did not already say the target; NaN if none),
-    ``n_excluded_target`` (the edit images left out of it), ``applied`` (the edit was put in
-    the weights and measured: converged, or ``keep_failed``), ``converged``, ``final_margin``
-    (min over edit images of the target's
-    teacher-forced margin at the source step), ``steps``, ``n_neurons``, ``weight_norm``
-    (‖Δ‖_F) and ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), plus what
-    :meth:`evaluate` adds.
+    ``applied`` says whether the deltas are in the weights now; ``report`` holds the numbers
+    (:class:`EditReport`), ``metrics`` the same as a dict.
     """
 
     vlm: object = field(repr=False)
@@ -132,11 +141,28 @@ class Edit:
     final_margin: float
     steps: int
     captions_before: list[str]
+    report: EditReport
     captions_after: list[str] = field(default_factory=list)
-    metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list, repr=False)
     applied: bool = False
     _originals: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def learned(cls, vlm, source: str, target: str, target_id: int, learned: LearnedDeltas,
+                captions_before: list[str], unit_choice: str) -> "Edit":
+        """An unapplied edit of what :func:`~.edit_learning.learn_deltas` learned."""
+        report = EditReport(converged=learned.converged, final_margin=learned.final_margin,
+                            steps=learned.steps, n_neurons=len(learned.units), unit_choice=unit_choice,
+                            weight_norm=learned.weight_norm, relative_norm=learned.relative_norm)
+        return cls(vlm=vlm, source=source, target=target, target_id=target_id, units=learned.units,
+                   deltas=learned.deltas, converged=learned.converged,
+                   final_margin=learned.final_margin, steps=learned.steps,
+                   captions_before=captions_before, report=report, history=learned.history,
+                   _originals=learned.originals)
+
+    @property
+    def metrics(self) -> dict:
+        return self.report.as_dict()
 
     # --- weights ---------------------------------------------------------------
     @torch.no_grad()
@@ -216,8 +242,29 @@ class Edit:
         finally:
             if not was_applied:
                 self.undo()
-        self.metrics.update(out)
+        self.report.update(**out)
         return out
+
+    def measure_side_effects(self, heldout_images: Sequence = (), locality_images: Sequence = (),
+                             max_new_tokens: int = 20) -> None:
+        """:meth:`evaluate` an applied edit; for an unapplied one, :meth:`EditReport.not_applied`."""
+        if self.applied:
+            self.evaluate(heldout_images, locality_images, max_new_tokens)
+        else:
+            self.report.not_applied(len(heldout_images), len(locality_images))
+
+    def settle(self, images: Sequence, keep_failed: bool, max_new_tokens: int = 20) -> "Edit":
+        """Apply the edit if it converged (or ``keep_failed``) and score its success on
+        ``images``: an unapplied edit leaves the model unchanged, so its captions are the
+        clean ones (success 0 on the scorable images)."""
+        if self.converged or keep_failed:
+            self.apply()
+            self.captions_after = [c.text for c in self.vlm.describe(images, max_new_tokens=max_new_tokens)]
+        else:
+            self.captions_after = list(self.captions_before)
+        success, excluded = flip_share(self.captions_before, self.captions_after, self.source, self.target)
+        self.report.update(applied=self.applied, success=success, n_excluded_target=excluded)
+        return self
 
     def _scorable(self, clean_text: str) -> bool:
         """Whether an image with this clean caption can show a flip: it says the source, not the target."""
@@ -279,28 +326,9 @@ def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor
     return (p.exp() * (p - q)).sum(-1)
 
 
-def choose_units(vlm, captions, steps: Sequence[int], source_id: int, k: int,
-                 method: str = "contribution", seed: int = 0, images: Sequence = ()) -> np.ndarray:
-    """``Int[ndarray, "K 2"]``: the top-``k`` units by ``method``'s score for ``source`` summed
-    over the edit images (``captions`` carry activations; the gradient methods also need the
-    ``images``), or ``k`` seeded random units."""
-    if method == "random":
-        return scoring.random_units(vlm.n_layers, vlm.d_ff, k, [seed, source_id])
-    if method != "contribution" and len(images) != len(captions):
-        raise EditInputError(f"units={method!r} needs the edit images to score them")
-    targets = [NounToken(noun=str(source_id), step=s, token_id=source_id) for s in steps]
-    weights = logit_weights(vlm, targets[:1])
-    images = list(images) or [None] * len(captions)
-    total = sum(unit_scores(vlm, image, caption, [target], (method,), weights)[method][0]
-                for image, caption, target in zip(images, captions, targets))
-    return scoring.top_units(total, k)[0]
-
-
-def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
-               method: str = "contribution", k: int = 5, unrelated: Sequence = (),
-               steps: int = 150, lr: float = 5e-3, kl_weight: float = 1.0, norm_weight: float = 0.1,
-               stop_margin: float = 1.0, keep_failed: bool = False, seed: int = 0,
-               max_new_tokens: int = 20, progress: bool = False) -> Edit:
+def edit_token(vlm, images: Sequence, source: str, target: str, units=None, unrelated: Sequence = (),
+               config: EditConfig | None = None, captions: Sequence | None = None,
+               progress: bool = False, **settings) -> Edit:
     """Learn deltas on the write vectors of ``units`` so that ``images`` say ``target``
     where they said ``source`` (see the module docstring for the design).
 
@@ -311,116 +339,32 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None,
     over ``images``: ``"contribution"`` (the paper's neurons), ``"gradient"`` /
     ``"gradient_image"`` (either gradient baseline) or ``"random"`` (``seed``-ed). ``unrelated``:
     images whose captions the edit must leave alone (their KL enters the loss).
+    ``config`` / ``settings``: an :class:`EditConfig` and any of its fields by name
+    (``k=5, steps=150, …``). ``captions``: the images' captions if already made (with
+    activations when the units are to be chosen here); otherwise they are made here.
 
     Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
     comes back with ``applied=False``, ``converged=False`` and its ``final_margin``.
     ``success`` skips the images whose clean caption already says ``target``
     (``n_excluded_target``); a failed, unapplied edit scores 0 on the others (nothing flips).
     """
-    from tqdm.auto import tqdm
-
+    config = EditConfig.of(config, **settings)
     images, unrelated = list(images), list(unrelated)
-    if not images:
-        raise EditInputError("no images to edit: pass at least one image whose caption says the source")
-    if source == target:
-        raise EditInputError(f"source and target are the same word ({source!r}); pick a different target")
-    for name, value, lo in (("k", k, 1), ("steps", steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise EditInputError(f"{name} must be an integer ≥ {lo}, got {value!r}")
-    if units is None and method not in UNIT_CHOICES:
-        raise EditInputError(f"method must be one of {', '.join(UNIT_CHOICES)} (or pass units=), "
-                             f"got {method!r}")
-    if isinstance(units, str):
-        raise EditInputError(f"units must be (layer, unit) pairs or table rows, got {units!r}; "
-                             f"to choose them by a scoring method pass method={units!r}")
+    check_edit(vlm, images, source, target, units, config)
     target_id = target_token(vlm, target)
-    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
-    src_steps = _source_steps(vlm, captions, source)
+    if captions is None:      # activations only when the units are chosen from them
+        captions = vlm.describe(images, max_new_tokens=config.max_new_tokens,
+                                activation="down_proj_input" if units is None else None)
+    src_steps = source_steps(vlm, captions, source)
     source_id = captions[0].token_ids[src_steps[0]]
     if units is None:
-        if k > vlm.n_layers * vlm.d_ff:
-            raise EditInputError(f"k must be ≤ {vlm.n_layers * vlm.d_ff}, got {k}")
-        chosen = choose_units(vlm, captions, src_steps, source_id, k, method, seed, images)
+        chosen = choose_units(vlm, captions, src_steps, source_id, config.k, config.method,
+                              config.seed, images)
     else:
-        try:
-            given = as_units(vlm, units)
-            chosen = given[np.sort(np.unique(given, axis=0, return_index=True)[1])]  # once each, in order
-        except ValueError as exc:
-            raise EditInputError(str(exc)) from exc
-        if len(chosen) == 0:
-            raise EditInputError("units is empty: pass at least one (layer, unit) pair")
-    chosen = np.asarray(chosen, dtype=np.int64)
-
-    # one teacher-forced batch: edit images first, then the unrelated ones
-    others = vlm.describe(unrelated, max_new_tokens=max_new_tokens) if unrelated else []
-    seqs = [c.token_ids for c in captions] + [c.token_ids for c in others]
-    full, prompt_len, longest = teacher_forced_inputs(vlm, images + unrelated, seqs)
-    rows = torch.arange(len(images))
-    pos_src = torch.as_tensor(src_steps) + prompt_len - 1
-    keep = torch.zeros(len(seqs), longest, dtype=torch.bool)           # KL positions: (B, S)
-    for r, s in enumerate(seqs):
-        keep[r, :len(s)] = True
-    keep[rows, torch.as_tensor(src_steps)] = False
-    keep = keep.to(vlm.device)
-
-    originals = column_snapshot(vlm, chosen)
-    w_norm2 = sum(float(o.float().pow(2).sum()) for o in originals)
-    deltas = torch.zeros(len(chosen), originals[0].shape[0], device=vlm.device, requires_grad=True)
-
-    def forward():                                                      # (B, S, V)
-        return caption_logits(vlm, full, prompt_len, longest)
-
-    flags = [p.requires_grad for p in vlm.model.parameters()]
-    history: list[dict] = []
-    converged, margin = False, float("-inf")
-    try:
-        for p in vlm.model.parameters():
-            p.requires_grad_(False)
-        with torch.no_grad():
-            clean = torch.log_softmax(forward(), -1)
-        optimizer = torch.optim.Adam([deltas], lr=lr)
-        with added_deltas(vlm, chosen, deltas):
-            for step in tqdm(range(steps + 1), desc=f"edit {source}→{target}", disable=not progress):
-                with torch.enable_grad():
-                    logits = forward()
-                    src_logits = logits[rows, pos_src - (prompt_len - 1)]       # (B_edit, V)
-                    with torch.no_grad():
-                        margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0])
-                                               for r in src_logits])
-                    margin = float(margins.min())
-                    logp = torch.log_softmax(logits, -1)
-                    nll = -logp[rows, pos_src - (prompt_len - 1), target_id].mean()
-                    kl = ((clean.exp() * (clean - logp)).sum(-1)[keep].mean() if keep.any()
-                          else logp.new_zeros(()))
-                    norm = deltas.pow(2).sum() / w_norm2
-                    loss = nll + kl_weight * kl + norm_weight * norm
-                    history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
-                                        kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
-                    if margin > stop_margin:
-                        converged = True
-                        break
-                    if step == steps:
-                        break
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-    finally:
-        for p, flag in zip(vlm.model.parameters(), flags):
-            p.requires_grad_(flag)
-
-    edit = Edit(vlm=vlm, source=source, target=target, target_id=target_id, units=chosen,
-                deltas=deltas.detach().cpu(), converged=converged, final_margin=margin,
-                steps=len(history) - 1, captions_before=[c.text for c in captions], history=history,
-                _originals=originals)
-    delta_norm = float(edit.deltas.norm())
-    edit.metrics.update(converged=converged, final_margin=margin, steps=edit.steps,
-                        n_neurons=len(chosen), unit_choice=method if units is None else "given",
-                        weight_norm=delta_norm, relative_norm=delta_norm / max(w_norm2, 1e-30) ** 0.5)
-    if converged or keep_failed:
-        edit.apply()
-        edit.captions_after = [c.text for c in vlm.describe(images, max_new_tokens=max_new_tokens)]
-    else:  # the model is unchanged: its captions are the clean ones (success 0 on scorable images)
-        edit.captions_after = list(edit.captions_before)
-    success, excluded = flip_share(edit.captions_before, edit.captions_after, source, target)
-    edit.metrics.update(applied=edit.applied, success=success, n_excluded_target=excluded)
-    return edit
+        chosen = given_units(vlm, units)
+    others = vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else []
+    learned = learn_deltas(vlm, images, captions, src_steps, target_id, chosen, unrelated, others,
+                           config, progress, label=f"edit {source}→{target}")
+    edit = Edit.learned(vlm, source, target, target_id, learned, [c.text for c in captions],
+                        unit_choice=config.method if units is None else "given")
+    return edit.settle(images, config.keep_failed, config.max_new_tokens)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from . import scoring
+from .identification import Identification
 from ..model.nouns import locate_nouns
 
 METHODS = ("contribution", "gradient", "gradient_image", "random")
@@ -83,6 +84,15 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
         ranked = rank_units(vlm, img, caption, image_targets, (method,), top_k, [seed, index],
                             weights=weights)[method]
         picks += [(index, target, *r) for target, r in zip(image_targets, ranked)]
+    rows = _rows(vlm, method, picks, n_top_tokens)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    table.attrs["captions"] = [c.text for c in captions]
+    return table
+
+
+def _rows(vlm, method: str, picks: list, n_top_tokens: int) -> list[tuple]:
+    """The table's rows of ``picks`` (``(image, target, units (K, 2), scores (K,), polarity
+    (K,))`` each), with every unit's top tokens and noun rank from one pass of the lens."""
     empty = np.zeros((0, 2), dtype=np.int64)
     all_units = np.concatenate([p[2] for p in picks]) if picks else empty
     signs = np.concatenate([p[4] for p in picks]) if picks else np.zeros(0, dtype=np.int64)
@@ -97,9 +107,7 @@ def find_neurons(vlm, image: Image.Image | Sequence[Image.Image], method: str = 
                          int(layer), int(unit), float(score), int(sign),
                          vlm.token_strings(top_ids[r]), int(noun_ranks[r])))
             r += 1
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    table.attrs["captions"] = [c.text for c in captions]
-    return table
+    return rows
 
 
 def logit_weights(vlm, targets) -> dict[int, torch.Tensor]:
@@ -177,68 +185,29 @@ def rank_units(vlm, image: Image.Image, caption, targets, methods: Sequence[str]
     return out
 
 
-def units_of(table: pd.DataFrame, noun: str, k: int, image: int | None = None,
-             method: str = "contribution") -> np.ndarray:
-    """``Int[ndarray, "K 2"]``: the ``(layer, unit)`` of a ``find_neurons`` table's top-``k``
-    rows for ``noun`` — the handoff from identification to ablation and editing.
-
-    ``image``: one image's ranking (its ``image`` column value); ``None`` pools every image
-    that says the noun, ranking the units by their summed score over those images (a unit
-    outside an image's top ``top_k`` adds nothing there). Raises ``ValueError`` naming what
-    the table holds when the noun / image / method is missing or holds fewer than ``k`` units.
-    """
-    rows = table[(table["noun"] == noun) & (table["method"] == method)]
-    if image is not None:
-        rows = rows[rows["image"] == image]
-    if rows.empty:
-        where = "" if image is None else f" of image {image}"
-        said = sorted(table.loc[table["method"] == method, "noun"].unique()) if image is None else \
-            sorted(table.loc[(table["method"] == method) & (table["image"] == image), "noun"].unique())
-        raise ValueError(f"the table has no {method!r} rows for {noun!r}{where}; its nouns there: "
-                         f"{', '.join(said) or '(none)'}")
-    if image is not None:
-        ranked = rows.sort_values("rank")[["layer", "unit"]].to_numpy()
-    else:
-        summed = rows.groupby(["layer", "unit"], sort=True)["score"].sum()
-        order = np.lexsort((summed.index.get_level_values(1), summed.index.get_level_values(0),
-                            -summed.to_numpy()))                 # by score, ties by (layer, unit)
-        ranked = np.asarray(summed.index.tolist(), dtype=np.int64)[order]
-    if len(ranked) < k:
-        raise ValueError(f"k={k} but the table holds {len(ranked)} {method!r} units for {noun!r}; "
-                         "identify with a larger top_k")
-    return np.asarray(ranked[:k], dtype=np.int64).reshape(-1, 2)
-
-
 def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence[str] = METHODS,
                            top_k: int = 50, seed: int = 0, max_new_tokens: int = 20,
                            batch_size: int = 16, image_activations: bool = False,
-                           progress: bool = False) -> tuple[pd.DataFrame, list]:
-    """``find_neurons`` for several methods on one generation: ``(table, captions)``.
+                           progress: bool = False,
+                           image_keys: Sequence[str] | None = None) -> Identification:
+    """``find_neurons`` for several methods on one generation: an :class:`Identification`
+    (it unpacks as ``table, captions``).
 
-    ``table`` stacks each method's rows; ``captions`` keep their activations (with the
-    image positions when ``image_activations``), e.g. for heatmaps.
+    The table stacks each method's rows; the captions keep their activations (with the image
+    positions when ``image_activations``), e.g. for heatmaps. ``image_keys``: one stable name
+    per image (e.g. ``ImageSet.names``); default ``image-0``, ``image-1``, ….
     """
-    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, batch_size=batch_size,
+    images = list(images)
+    keys = [f"image-{i}" for i in range(len(images))] if image_keys is None else list(image_keys)
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             activation="down_proj_input", image_activations=image_activations,
                             progress=progress)
     tables = [find_neurons(vlm, images, method=m, top_k=top_k, seed=seed, captions=captions,
                            progress=progress) for m in methods]
     table = pd.concat(tables, ignore_index=True)
-    table.attrs["captions"] = [c.text for c in captions]
-    return table, captions
-
-
-def top_k_groups(table: pd.DataFrame, k: int) -> list[tuple[tuple, pd.DataFrame]]:
-    """``[((image, noun, method), rows), …]``: each group's top-``k`` rows of a
-    ``find_neurons`` table, in rank order (groups in table order).
-
-    Raises ``ValueError`` when the table holds fewer than ``k`` units per noun.
-    """
-    if len(table) and int(table["rank"].max()) + 1 < k:
-        raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
-                         "units per noun; identify with a larger top_k")
-    groups = table[table["rank"] < k].groupby(["image", "noun", "method"], sort=False)
-    return [(key, group.sort_values("rank")) for key, group in groups]
+    settings = dict(model=vlm.name, methods=list(methods), top_k=top_k, seed=seed,
+                    max_new_tokens=max_new_tokens, image_activations=image_activations)
+    return Identification(table, captions, keys, settings)
 
 
 def _targets(vlm, caption, nouns):

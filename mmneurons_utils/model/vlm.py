@@ -23,6 +23,7 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
+from .loading import DEVICE_MAPS, ModelLoadError, hub_model_type, load_mapped, parse_device, parse_dtype
 from .offload import execution_device
 from .trace import Trace
 from .nouns import (NounTaggerMissing, NounToken, locate_nouns, tagged_nouns, tagger_available,
@@ -38,10 +39,6 @@ ANSWER_PREFIX = "An image of"
 EMBEDDED_DIR = Path(__file__).parents[1] / "tiny" / "weights"
 EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
 EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: their noun vocabulary
-
-
-class ModelLoadError(ValueError):
-    """The model name, path or device cannot be used (the message says what is accepted)."""
 
 
 @dataclass
@@ -348,7 +345,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     """
     import transformers
 
-    dtype = _dtype(dtype)
+    dtype = parse_dtype(dtype)
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ModelLoadError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
     if device_map is not None:
@@ -360,7 +357,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
             raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
                                  f"module name → device, got {device_map!r}")
     else:
-        device = _device(device)
+        device = parse_device(device)
     name = str(name_or_path)
     path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
     if name in EMBEDDED and not (path / "config.json").exists():
@@ -374,7 +371,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
         source, local = str(path), True
     elif "/" in name and not name.startswith((".", "/", "~")):
         source, local = name, False  # a hub id: the one case that may reach the network
-        model_type = _hub_model_type(name)
+        model_type = hub_model_type(name)
     else:
         raise ModelLoadError(
             f"unknown model {name!r}: use an embedded model ({', '.join(EMBEDDED)}), "
@@ -396,32 +393,10 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     if device_map is None:
         model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
     else:
-        model = _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
+        model = load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
     return VLM(model, processor, arch, name, embedded=embedded,
                noun_vocabulary=read_noun_vocabulary(path) if embedded else None,
                prompt_template=read_prompt_template(path) if embedded else None)
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder):
-    """``from_pretrained`` with a device map; its errors said in this package's terms."""
-    try:
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local,
-                                            device_map=device_map, max_memory=max_memory,
-                                            offload_folder=offload_folder)
-    except ValueError as exc:
-        text = str(exc)
-        if "offload_folder" in text or "offload" in text and "disk" in text:
-            raise ModelLoadError("the device map puts some layers on disk; pass offload_folder="
-                                 "<a folder with room for them>") from exc
-        raise ModelLoadError(f"device_map={device_map!r} / max_memory={max_memory!r} cannot be "
-                             f"used: {text.splitlines()[0]}") from exc
-    except (RuntimeError, AssertionError, KeyError) as exc:
-        raise ModelLoadError(f"device_map={device_map!r} cannot be used here: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    return model.eval()
 
 
 def read_prompt_template(folder: Path) -> str | None:
@@ -442,39 +417,3 @@ def read_noun_vocabulary(folder: Path) -> list[str] | None:
         raise ModelLoadError(f"{marker}: 'nouns' must be the model's list of noun words, got "
                              f"{str(nouns)[:60]!r}; re-save the model with this version")
     return nouns
-
-
-def _hub_model_type(hub_id: str) -> str:
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(hub_id).model_type
-    except OSError as exc:
-        raise ModelLoadError(f"cannot fetch {hub_id!r} from the hub (offline, or no such repo); "
-                             "download it first and pass the local folder") from exc
-
-
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device or "cpu")
-    except (RuntimeError, TypeError) as exc:
-        raise ModelLoadError(f"bad device {device!r}; use cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available; use cpu")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available; use cpu")
-    return dev
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def _dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype) in _DTYPES:
-        return _DTYPES[str(dtype)]
-    raise ModelLoadError(f"bad dtype {dtype!r}; use one of {', '.join(_DTYPES)}")

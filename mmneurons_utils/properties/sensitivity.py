@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..method.identify import top_k_groups
+from ..method.identification import top_k_groups
 
 METRICS = ("bertscore", "moverscore", "bleurt")
 _WORD = re.compile(r"[A-Za-z]{2,}")

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from . import objects
-from ..method.identify import top_k_groups
+from ..method.identification import top_k_groups
 from .stats import auroc
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import ipywidgets as W
 import pandas as pd
 
-from .panel import Panel
-from ..interventions.causal import margin_and_prob, perturbation_context, rankings
-from ..method.identify import units_of
-from ..model.nouns import says
+from ..interventions.causal import margin_and_prob, measure_condition, perturbation_context, rankings
+from ..method.identification import units_of
 from ..model.teacher_forcing import teacher_forced_logits
+from .panel import Panel
 
 
 class AblationPanel(Panel):
@@ -49,32 +48,27 @@ class AblationPanel(Panel):
         self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
         index = self.table_image()
         if self.table is not None and index is not None:  # the table's units replace the ranking
-
             for noun, (target, ranked) in self._ranks.items():
                 ranked["contribution"] = [units_of(self.table, noun, self.k.max, image=index)]
         self.nouns.set_caption(self.caption)  # fires the noun observer → render
 
     def view(self) -> list:
         """``[summary line, table]``: per unit set, the caption and the noun's margin/probability."""
-
         noun = self.nouns.value
         if noun is None:
             return [f"caption: {self.caption.text!r} names no noun; pick another image"]
         target, ranks = self._ranks[noun]
         k, sigma = self.k.value, (self.sigma.value or None)
-        image, ids = self.picker.image, self.caption.token_ids
-        rows = []
-        clean = teacher_forced_logits(self.vlm, [image], [ids])[0][target.step]
+        image = self.picker.image
+        clean = teacher_forced_logits(self.vlm, [image], [self.caption.token_ids])[0][target.step]
         margin, prob = margin_and_prob(clean, target.token_id)
-        rows.append(dict(units="none (clean)", caption=self.caption.text, margin=margin, prob=prob,
-                         noun_said=True))
-        for method in ("contribution", "random"):
-            with perturbation_context(self.vlm, ranks[method][0][:k], sigma, seed=self.seed):
-                logits = teacher_forced_logits(self.vlm, [image], [ids])[0][target.step]
-                text = self.vlm.describe([image])[0].text
-            margin, prob = margin_and_prob(logits, target.token_id)
-            rows.append(dict(units=f"top-{k} {method}" if method == "contribution" else f"{k} random",
-                             caption=text, margin=margin, prob=prob, noun_said=says(text, noun)))
+        rows = [dict(units="none (clean)", caption=self.caption.text, margin=margin, prob=prob,
+                     noun_said=True)]
+        for name, method in ((f"top-{k} contribution", "contribution"), (f"{k} random", "random")):
+            context = perturbation_context(self.vlm, ranks[method][0][:k], sigma, seed=self.seed)
+            after = measure_condition(self.vlm, image, self.caption, target, context)
+            rows.append(dict(units=name, caption=after["caption"], margin=after["margin"],
+                             prob=after["prob"], noun_said=not after["removed"]))
         how = "zeroed" if sigma is None else f"noise σ={sigma:g}"
         line = f"noun: {noun} (step {target.step}) | {k} units {how}"
         return [line, pd.DataFrame(rows).round(3)]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .panel import Panel
 from ..model.nouns import says
-from ..method.identify import units_of
+from ..method.identification import units_of
 from ..interventions.editing import edit_token
 
 

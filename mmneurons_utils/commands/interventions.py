@@ -1,0 +1,91 @@
+"""``perturb`` (the causal effect of each noun's top units against random ones) and ``edit``
+(targeted editing of a source noun's units, evaluated on held-out scenes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..batch.edit_evaluation import ImagePool, run_edit
+from ..interventions.causal import causal_curves, half_removal_k, summarize
+from ..interventions.editing import UNIT_CHOICES, target_token
+from ..method.identify import METHODS
+from ..model.vlm import load_vlm
+from ..tiny.scenes import make_scenes
+from .common import CliError, data_of, finite, load_model
+
+
+def cmd_perturb(args) -> dict:
+
+    if args.sigma is not None and not args.sigma > 0:
+        raise CliError(f"--sigma must be a positive number, got {args.sigma!r}")
+    data = data_of(args)
+    images = data.images
+    vlm = load_model(args, data)
+    total = vlm.n_layers * vlm.d_ff
+    if args.k > total:
+        raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
+    methods = METHODS if args.gradient else ("contribution", "random")   # METHODS: every ranking
+    curves = causal_curves(vlm, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
+                           n_random=args.n_random, seed=args.seed, relative=not args.absolute,
+                           progress=True)
+    if curves.empty:
+        raise CliError("no caption names a noun; nothing to perturb (try more --scenes)")
+    s = summarize(curves).set_index("method")
+    names = {"contribution": "top", "random": "random", "gradient": "gradient",
+             "gradient_image": "gradient_image"}
+    result = dict(model=args.model, k=args.k, perturbation=curves.perturbation.iloc[0],
+                  n_images=len(images), n_nouns=int(s.loc["contribution", "n"]),
+                  margin_clean=float(curves.margin_clean[curves.method == "contribution"].mean()))
+    for method, name in names.items():
+        if method in s.index:
+            result[f"margin_drop_{name}"] = float(s.loc[method, "margin_drop"])
+            result[f"prob_drop_{name}"] = float(s.loc[method, "prob_drop"])
+            result[f"noun_removed_{name}"] = float(s.loc[method, "noun_removed"])
+            result[f"caption_changed_{name}"] = float(s.loc[method, "caption_changed"])
+    if not args.json:
+        for method in s.index:
+            print(f"{method:>12}: margin drop {s.loc[method, 'margin_drop']:.3f}, noun removed "
+                  f"{s.loc[method, 'noun_removed']:.3f}, caption changed {s.loc[method, 'caption_changed']:.3f}")
+        print(half_removal_k(curves).to_string(index=False))
+    return {k: finite(v) for k, v in result.items()}
+
+
+def cmd_edit(args) -> dict:
+    if args.method not in UNIT_CHOICES:
+        raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
+    if args.source == args.target:
+        raise CliError(f"--source and --target are the same word ({args.source!r})")
+    save = Path(args.save).expanduser() if args.save else None
+    if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise CliError(f"--save {save} already exists and is not an empty folder; choose a new one")
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    target_token(vlm, args.target)  # bad target: fail before captioning anything
+    pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)], progress=True)
+    edit = run_edit(vlm, pool, args.source, args.target, k=args.k, method=args.method,
+                    seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
+    m = edit.metrics
+    result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["applied"]),
+                  success=m["success"], generalization=m.get("generalization"),
+                  locality=m.get("locality"), locality_kl=m.get("locality_kl"),
+                  n_neurons=m["n_neurons"], units=[[int(l), int(u)] for l, u in edit.units],
+                  converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
+                  weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
+                  n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
+                  n_excluded_target=m["n_excluded_target"], saved=None)
+    if save is not None:
+        if edit.converged:
+            result["saved"] = str(edit.save_pretrained(save))
+        edit.undo()
+    if not args.json:
+        state = "converged" if edit.converged else f"FAILED (final margin {edit.final_margin:.3f})"
+        print(f"edit {args.source} → {args.target} on {m['n_edit']} images, {m['n_neurons']} neurons: {state}")
+        for before, after in zip(edit.captions_before, edit.captions_after):
+            print(f"  {before}  →  {after}")
+        side = (f"generalization {finite(result['generalization'])}  locality {finite(result['locality'])}  "
+                f"weight change ‖Δ‖ {result['weight_norm']:.3f}" if result["applied"]
+                else "not applied: no side effects to measure")
+        print(f"success {result['success']:.3f}  {side}  ({result['n_excluded_target']} images "
+              f"already saying {args.target} not scored)")
+        if save is not None:
+            print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
+    return {k: finite(v) for k, v in result.items()}

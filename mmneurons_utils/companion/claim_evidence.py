@@ -1,0 +1,341 @@
+"""The measurements behind the paper-claims scorecard (:mod:`.claims` holds the rules).
+
+Each ``_measure_*`` reads the notebooks' CSV tables (``tables``: name → DataFrame, from
+:func:`read_tables`) for one claim and returns, per model, the :class:`Evidence` its rule
+judges — ours (contribution) with its interval, the baselines, ``n`` and a detail line — or
+raises :class:`Unusable` with the reason the claim cannot be measured. Which model a
+single-model table (notebooks 04 and 05) is about comes from :func:`notebook_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+BASELINES = ("gradient", "gradient_image", "random")
+CAUSAL_K = 200                                 # the k at which the causal claim is read
+EDIT_NEURONS = 5                               # the edits' number of units
+OVERHEAD_MAX, SPEEDUP_MIN = 1.15, 20.0         # the README's performance goals
+
+class Value(NamedTuple):
+    """A mean with its 95 % interval (NaN where the table has none)."""
+    mean: float
+    low: float = math.nan
+    high: float = math.nan
+
+    def above(self, other: "Value") -> bool:
+        """Intervals separate: this one's low bound above ``other``'s high bound."""
+        return bool(self.low > other.high)                 # False when either is NaN
+
+
+NAN = Value(math.nan)
+
+
+@dataclass
+class Evidence:
+    """What one claim's table says about one model: ``ours`` (contribution) and the baselines
+    on ``metric``, plus ``extra`` values the rule reads and a ``detail`` line for readers."""
+    metric: str
+    ours: Value
+    baselines: dict
+    n: float = math.nan
+    n_clusters: float = math.nan
+    extra: dict | None = None
+    detail: str = ""
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    x = float(x)
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3f}"
+
+
+def _fmt_value(v: Value) -> str:
+    if v is None or math.isnan(v.mean):
+        return "—"
+    if math.isnan(v.low) or math.isnan(v.high):
+        return _fmt(v.mean)
+    return f"{_fmt(v.mean)} [{_fmt(v.low)}, {_fmt(v.high)}]"
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion ``successes / n`` (NaNs when ``n`` is 0)."""
+    if not n or n <= 0 or math.isnan(n):
+        return math.nan, math.nan
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _summary(frame: pd.DataFrame, notebook_model: str | None) -> pd.DataFrame:
+    """A ``summarize_ci`` long table with a ``model`` column (the notebook's model if absent)."""
+    need = {"method", "metric", "mean"}
+    if not need <= set(frame.columns):
+        raise Unusable(f"lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    if "model" not in frame:
+        frame = frame.assign(model=notebook_model or "(notebook's model)")
+    for column in ("low", "high", "n", "n_clusters"):
+        if column not in frame:
+            frame = frame.assign(**{column: math.nan})
+    frame = frame.copy()
+    frame["model"] = frame["model"].astype(str)
+    return frame
+
+
+class Unusable(ValueError):
+    """A table that is present but cannot answer (missing columns or rows): the reason."""
+
+
+def _pick(frame: pd.DataFrame, model: str, method: str, metric: str) -> tuple[Value, float, float]:
+    rows = frame[(frame["model"] == model) & (frame["method"] == method) & (frame["metric"] == metric)]
+    if rows.empty:
+        return NAN, math.nan, math.nan
+    row = rows.iloc[0]
+    return (Value(float(row["mean"]), float(row["low"]), float(row["high"])),
+            float(row["n"]), float(row["n_clusters"]))
+
+
+def _summary_evidence(frame, notebook_model, metric, label, extra_metrics=(), detail=None):
+    """Per model: contribution and baselines on ``metric`` (+ ``extra_metrics`` per method);
+    ``detail(extra)`` writes the reader's line from those values."""
+    frame = _summary(frame, notebook_model)
+    out = {}
+    for model in dict.fromkeys(frame["model"]):
+        ours, n, n_clusters = _pick(frame, model, "contribution", metric)
+        if math.isnan(ours.mean):
+            out[model] = f"no contribution value of {metric!r} for {model}"
+            continue
+        extra = {(method, m): _pick(frame, model, method, m)[0]
+                 for method in ("contribution", *BASELINES) for m in (metric, *extra_metrics)}
+        out[model] = Evidence(label, ours, {b: _pick(frame, model, b, metric)[0] for b in BASELINES},
+                              n, n_clusters, extra, detail(extra) if detail else "")
+    return out
+
+
+def _needs(tables: dict, *names: str):
+    for name in names:
+        if tables.get(name) is None:
+            raise Unusable(f"tables/{name}.csv not found (run notebook {name[:2]})")
+
+
+# ---------------------------------------------------------------------------- the claims
+
+def _measure_layers(tables, notebook_model):
+    _needs(tables, "01_layer_distribution")
+    frame = tables["01_layer_distribution"]
+    if "layer" in frame:
+        frame = frame.set_index("layer")
+    frame = frame.drop(columns=[c for c in frame if str(c).startswith("Unnamed")])
+    n_layers = len(frame)
+    if n_layers < 2:
+        raise Unusable("01_layer_distribution.csv has fewer than 2 layers")
+    layers = np.asarray(frame.index if frame.index.name == "layer" else range(n_layers), dtype=float)
+    upper = layers >= n_layers / 2
+    chance = float(upper.mean())
+    out = {}
+    for model in frame.columns:
+        shares = pd.to_numeric(frame[model], errors="coerce").to_numpy(dtype=float)
+        if not np.isfinite(shares).all() or shares.sum() <= 0:
+            out[str(model)] = f"01_layer_distribution.csv: no shares for {model}"
+            continue
+        share = float(shares[upper].sum() / shares.sum())
+        top = int(np.argmax(shares))
+        out[str(model)] = Evidence(
+            "share of top-k contribution units in the upper half of layers", Value(share), {},
+            extra={"chance": chance},
+            detail=(f"layers {int(layers[upper][0])}–{int(layers[-1])} of {n_layers}; uniform units "
+                    f"would give {_fmt(chance)}; most units in layer {int(layers[top])} "
+                    f"({_fmt(shares[top] / shares.sum())})"))
+    return out
+
+
+def _measure_sensitivity(tables, notebook_model):
+    _needs(tables, "02_noun_hits_summary")
+    return _summary_evidence(
+        tables["02_noun_hits_summary"], notebook_model,
+        "noun_hit", "noun hit (top-10 units' top-10 tokens contain the noun)", ("noun_rank",),
+        lambda x: (f"noun rank (median in the units' lenses): ours "
+                   f"{_fmt(x['contribution', 'noun_rank'].mean)}, random {_fmt(x['random', 'noun_rank'].mean)}"))
+
+
+def _measure_specificity(tables, notebook_model):
+    _needs(tables, "02_specificity_summary")
+    out = _summary_evidence(tables["02_specificity_summary"], notebook_model, "mass_in_box",
+                            "mass in box", ("box_share", "auroc"))
+    frame = _summary(tables["02_specificity_summary"], notebook_model)
+    for model in dict.fromkeys(frame["model"]):
+        e = out.get(model)
+        auroc, n, n_clusters = _pick(frame, model, "contribution", "auroc")
+        if isinstance(e, Evidence):
+            box = e.extra["contribution", "box_share"]
+            e.metric = "mass in box (share of the unit map's positive mass in the noun's box)"
+            e.detail = (f"box share (chance) {_fmt(box.mean)}; selectivity AUROC ours "
+                        f"{_fmt_value(auroc)}, random {_fmt_value(e.extra['random', 'auroc'])}")
+        elif not math.isnan(auroc.mean):      # no patch grid (InstructBLIP): AUROC alone
+            extra = {(m, "auroc"): _pick(frame, model, m, "auroc")[0] for m in ("contribution", *BASELINES)}
+            out[model] = Evidence(
+                "selectivity AUROC (mass in box undefined: no patch grid)", auroc,
+                {b: extra[b, "auroc"] for b in BASELINES}, n, n_clusters, extra,
+                "mass in box is not defined for this model (its image tokens are not patches)")
+    return out
+
+
+def _measure_region(tables, notebook_model):
+    _needs(tables, "03_region_summary")
+    return _summary_evidence(
+        tables["03_region_summary"], notebook_model, "retained",
+        "retained: share of the top-10 still top-10 after shuffling the image tokens (single-noun scenes)",
+        ("noun_kept", "caption_same"),
+        lambda x: (f"noun still said after the shuffle {_fmt(x['contribution', 'noun_kept'].mean)}; "
+                   f"caption unchanged {_fmt(x['contribution', 'caption_same'].mean)}"))
+
+
+def _measure_cross(tables, notebook_model):
+    _needs(tables, "03_cross_image_summary")
+    return _summary_evidence(
+        tables["03_cross_image_summary"], notebook_model, "jaccard_same",
+        "Jaccard of one noun's top-10 sets across its images", ("jaccard_different", "top_unit_share"),
+        lambda x: (f"vs other nouns' sets {_fmt_value(x['contribution', 'jaccard_different'])}; "
+                   f"scenes holding the noun's most frequent unit {_fmt(x['contribution', 'top_unit_share'].mean)}"))
+
+
+def _measure_causal(tables, notebook_model):
+    _needs(tables, "04_curves_over_k")
+    frame = tables["04_curves_over_k"]
+    need = {"method", "k", "margin_drop", "noun_removed"}
+    if not need <= set(frame.columns):
+        raise Unusable(f"04_curves_over_k.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    mode = "all"
+    if "perturbation" in frame:
+        modes = list(dict.fromkeys(frame["perturbation"]))
+        mode = "zero" if "zero" in modes else modes[0]
+        frame = frame[frame["perturbation"] == mode]
+    ours = frame[frame["method"] == "contribution"]
+    if ours.empty:
+        raise Unusable("04_curves_over_k.csv has no contribution rows")
+    ks = sorted(ours["k"].astype(int).unique())
+    k = max([x for x in ks if x <= CAUSAL_K], default=ks[0])
+    at = frame[frame["k"].astype(int) == k].groupby("method")[["margin_drop", "noun_removed"]].mean()
+    n = float(ours.loc[ours["k"].astype(int) == k, "n"].iloc[0]) if "n" in ours else math.nan
+    get = lambda method, col: Value(float(at.loc[method, col])) if method in at.index else NAN
+    removed = {m: get(m, "noun_removed") for m in ("contribution", *BASELINES)}
+    e = Evidence(f"margin drop of the noun (logits) at k = {k}, {mode}", get("contribution", "margin_drop"),
+                 {b: get(b, "margin_drop") for b in BASELINES}, n,
+                 extra={"removed": removed, "k": k},
+                 detail=("noun removed from the caption: " + ", ".join(
+                     f"{m} {_fmt(v.mean)}" for m, v in removed.items() if not math.isnan(v.mean))
+                     + f"; {int(n) if not math.isnan(n) else '?'} nouns, no interval in the table"))
+    return {notebook_model: e}
+
+
+def _measure_editing(tables, notebook_model):
+    _needs(tables, "05_edit_summary")
+    frame = tables["05_edit_summary"]
+    need = {"units", "n_neurons", "success", "locality", "n_pairs"}
+    if not need <= set(frame.columns):
+        raise Unusable(f"05_edit_summary.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    rows = {}
+    for units in ("contribution", *BASELINES):
+        match = frame[(frame["units"] == units) & (frame["n_neurons"].astype(int) == EDIT_NEURONS)]
+        rows[units] = None if match.empty else match.iloc[0]
+    if rows["contribution"] is None:
+        raise Unusable(f"05_edit_summary.csv has no contribution row with n_neurons = {EDIT_NEURONS}")
+
+    def success(row) -> Value:
+        if row is None:
+            return NAN
+        low, high = wilson_interval(float(row["success"]) * float(row["n_pairs"]), float(row["n_pairs"]))
+        return Value(float(row["success"]), low, high)
+
+    ours = rows["contribution"]
+    locality = {u: (math.nan if r is None else float(r["locality"])) for u, r in rows.items()}
+    applied = "" if "n_applied" not in frame else f"{int(ours['n_applied'])} / {int(ours['n_pairs'])} applied; "
+    e = Evidence(f"edit success over source → target pairs ({EDIT_NEURONS} units; Wilson 95 % interval)",
+                 success(ours), {b: success(rows[b]) for b in BASELINES}, float(ours["n_pairs"]),
+                 extra={"locality": locality},
+                 detail=(applied + "locality (captions unchanged on unrelated images, applied edits): "
+                         + ", ".join(f"{u} {_fmt(v)}" for u, v in locality.items() if rows[u] is not None)))
+    return {notebook_model: e}
+
+
+def _measure_speed(tables, notebook_model):
+    _needs(tables, "01_speed")
+    frame = tables["01_speed"]
+    frame = frame.set_index(frame.columns[0])
+    need = {"overhead_ratio", "gradient_speedup"}
+    if not need <= set(frame.index):
+        raise Unusable(f"01_speed.csv lacks row(s) {', '.join(sorted(need - set(frame.index)))}")
+    get = lambda model, name: float(frame.loc[name, model]) if name in frame.index else math.nan
+    out = {}
+    for model in frame.columns:
+        ratio, speedup = get(model, "overhead_ratio"), get(model, "gradient_speedup")
+        image = get(model, "gradient_image_speedup")
+        out[str(model)] = Evidence(
+            "ms per noun to score after the shared generation (verdict: overhead_ratio, gradient_speedup)",
+            Value(get(model, "contribution_ms_per_noun")),
+            {"gradient": Value(get(model, "gradient_ms_per_noun")),
+             "gradient_image": Value(get(model, "gradient_image_ms_per_noun")), "random": NAN},
+            get(model, "n_nouns"), extra={"overhead_ratio": ratio, "gradient_speedup": speedup},
+            detail=(f"overhead_ratio {_fmt(ratio)} (find ÷ caption; goal ≤ {OVERHEAD_MAX}); "
+                    f"gradient_speedup {_fmt(speedup)} (goal ≥ {SPEEDUP_MIN:g})"
+                    + ("" if math.isnan(image) else f"; gradient_image_speedup {_fmt(image)}")))
+    return out
+
+
+TABLES = ("00_model_summary", "01_layer_distribution", "01_speed", "02_noun_hits_summary",
+           "02_specificity_summary", "03_region_summary", "03_cross_image_summary",
+           "04_curves_over_k", "05_edit_summary")
+
+
+# ---------------------------------------------------------------------------- the card
+
+def read_tables(tables_dir: Path) -> dict:
+    tables = {}
+    for name in TABLES:
+        path = tables_dir / f"{name}.csv"
+        try:
+            tables[name] = pd.read_csv(path) if path.is_file() else None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            tables[name] = None
+    return tables
+
+
+def _executed_model(tables_dir: Path, prefix: str) -> str | None:
+    """``model`` in papermill's parameters of the executed ``<out>/notebooks/<prefix>_*.ipynb``."""
+    for path in sorted((tables_dir.parent / "notebooks").glob(f"{prefix}_*.ipynb")):
+        try:
+            meta = json.loads(path.read_text()).get("metadata", {})
+        except (OSError, ValueError):
+            continue
+        model = meta.get("papermill", {}).get("parameters", {}).get("model")
+        if model:
+            return str(model)
+    return None
+
+
+def notebook_model(tables_dir: Path, tables: dict, prefix: str, fallback: str | None) -> str | None:
+    model = _executed_model(tables_dir, prefix)
+    if model:
+        return model
+    for name in ("00_model_summary", "01_speed"):
+        frame = tables.get(name)
+        if frame is not None and len(frame.columns) >= 2:
+            return str(frame.columns[1])
+    return fallback
+
+
