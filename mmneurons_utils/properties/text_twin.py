@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from ..model import architectures as A
-from ..method.identify import units_of
+from ..method.identification import units_of
 from ..model.nouns import locate_nouns
 from ..method.scoring import contribution_scores, random_units, top_units
 from ..model.trace import trace_down_proj
