@@ -13,7 +13,7 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # modules whose tests take seconds to minutes each (measured at one thread)
-SLOW_MODULES = {"test_editing", "test_fidelity", "test_fidelity_bugs", "test_atlas", "test_cli",
+SLOW_MODULES = {"test_editing", "test_editors", "test_fidelity", "test_fidelity_bugs", "test_atlas", "test_cli",
                 "test_cli_causal", "test_parallel", "test_bench_official", "test_own_images",
                 "test_offload", "test_claims"}
 NOTEBOOK_MODULES = {"test_notebook_infra"}

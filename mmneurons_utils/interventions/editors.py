@@ -147,7 +147,11 @@ def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "co
                         unit_choice=method)
     edit = EditorEdit.of(edit, method=method, layer=layer, params_trained=trained,
                          seconds=time.perf_counter() - start)
-    return edit.settle(images, config.keep_failed, config.max_new_tokens)
+    try:
+        return edit.settle(images, config.keep_failed, config.max_new_tokens)
+    except BaseException:     # applied but never handed back: take it out again
+        edit.undo()
+        raise
 
 
 # --- the shared loss and stopping rule, for any parametrisation of the change -------------------

@@ -1,0 +1,52 @@
+"""The editor comparison in one figure: success against locality per editor, and success
+against the number of weights each editor changes (log axis)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .properties import METHOD_COLOURS
+
+EDITOR_COLOURS = {"ft": "#8c564b", "lora": "#e377c2", "rome": "#17becf"}
+
+
+def _label(row) -> str:
+    return f"{row.method} k={row.k}" if row.method not in EDITOR_COLOURS else row.method
+
+
+def _bars(summary, metric):
+    """``Float[ndarray, "2 M"]``: lower / upper error-bar lengths of ``metric``'s interval."""
+    mean = summary[metric].to_numpy(float)
+    return np.abs(np.stack([mean - summary[f"{metric}_low"].to_numpy(float),
+                            summary[f"{metric}_high"].to_numpy(float) - mean]))
+
+
+def editor_comparison(summary, success: str = "success", locality: str = "m_locality",
+                      params: str = "params_changed", title: str | None = None):
+    """Two panels from :func:`~mmneurons_utils.batch.editor_comparison.summarize_editors`:
+    ``success`` (y) against ``locality`` (x), and against ``params`` on a log x axis; one point
+    per editor with its 95 % bootstrap intervals as bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    for row in summary.itertuples():
+        colour = EDITOR_COLOURS.get(row.method, METHOD_COLOURS.get(row.method))
+        one = summary[(summary.method == row.method) & (summary.k == row.k)]
+        label = _label(row)
+        axes[0].errorbar(one[locality], one[success], xerr=_bars(one, locality), yerr=_bars(one, success),
+                         fmt="o", ms=5, capsize=2, color=colour, label=label)
+        axes[1].errorbar(one[params], one[success], yerr=_bars(one, success), fmt="o", ms=5,
+                         capsize=2, color=colour)
+        axes[1].annotate(label, (float(one[params].iloc[0]), float(one[success].iloc[0])),
+                         fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_xlabel(f"{locality} (unrelated images)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel(f"{params.replace('_', ' ')} (log)")
+    for ax in axes:
+        ax.set_ylabel(success)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=6, loc="lower left")
+    n = int(summary.n_pairs.max()) if len(summary) else 0
+    fig.suptitle(title or f"editors on the same {n} source → target pairs (95 % bootstrap intervals)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
