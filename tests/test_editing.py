@@ -246,7 +246,7 @@ def test_the_gradient_baselines_pick_their_own_top_units(tiny_llava, case, metho
     """``units="gradient"`` / ``"gradient_image"`` edit the top units of that score summed over the
     edit images (checked against gradient_attributions called directly), not the contribution units."""
     from mmneurons_utils.interventions.edit_inputs import choose_units, source_steps
-    from mmneurons_utils.method.scoring import top_units
+    from mmneurons_utils.method.scoring import gradient_attributions, top_units
 
     images = case["images"]
     captions = tiny_llava.describe(images, activation="down_proj_input")

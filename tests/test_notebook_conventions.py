@@ -24,7 +24,8 @@ def test_notebook_conventions(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), \
         "stored copy not executed: nbval compares stored outputs (python3 tasks.py refresh --only NN)"
-    assert "Outputs(output_dir)" in "\n".join(c.source for c in code), \
-        "figures and tables go through mmneurons_utils.companion.outputs.Outputs(output_dir)"
+    assert "session = start(output_dir" in "\n".join(c.source for c in code), \
+        "set up with mmneurons_utils.companion.session.start(output_dir, …): figures and tables " \
+        "then go through its Outputs(output_dir)"
     size_kb = path.stat().st_size / 1024
     assert size_kb <= BUDGET_KB, f"{size_kb:.0f} KB stored: show figures with Outputs.figure"

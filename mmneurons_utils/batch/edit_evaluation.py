@@ -158,7 +158,7 @@ def summarize_edits(table: pd.DataFrame) -> pd.DataFrame:
     images), locality, KL and ‖Δ‖ averaged over the applied edits only, NaN when none was
     applied; ``n_excluded_target`` summed (images already saying the target, not scored).
 
-    A table without ``applied`` (written before it existed) uses ``converged``.
+    A table without an ``applied`` column counts its converged edits as applied.
     """
     keys = ["units", "n_neurons"]
     table = table.assign(applied=(table["applied"] if "applied" in table else table["converged"]).astype(bool))

@@ -1,6 +1,6 @@
 """What a notebook writes: full figures and CSV tables on disk, compact copies inline.
 
-Every notebook starts with ``outputs = Outputs(output_dir)`` and then
+Every notebook gets one from its set-up (``session.outputs``, :mod:`.session`) and then
 
     outputs.figure(fig, "01_layer_distribution")   # <output_dir>/figures/…png, shown inline
     outputs.table(df, "01_layer_distribution")     # <output_dir>/tables/…csv, returns df

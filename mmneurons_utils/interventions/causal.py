@@ -52,18 +52,18 @@ def perturbation_name(sigma: float | None) -> str:
     return "zero" if sigma is None else f"noise σ={sigma:g}"
 
 
-def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random: int,
+def rankings(vlm, images, captions, methods: Sequence[str], k: int, n_random: int,
              seed: int) -> list[dict]:
     """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "K 2"], …]``, ``K`` =
-    ``max_k`` (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the
+    ``k`` (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the
     other methods)."""
     out = []
     weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
     scored = [m for m in methods if m != "random"]
     for index, (image, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens
-        ranked = rank_units(vlm, image, caption, targets, scored, max_k, weights=weights)
-        draws = [rank_units(vlm, image, caption, targets, ("random",), max_k, [seed, index],
+        ranked = rank_units(vlm, image, caption, targets, scored, k, weights=weights)
+        draws = [rank_units(vlm, image, caption, targets, ("random",), k, [seed, index],
                             draw=d, weights=weights)["random"] for d in range(n_random)] \
             if "random" in methods else []
         for n, target in enumerate(targets):
@@ -74,11 +74,11 @@ def rankings(vlm, images, captions, methods: Sequence[str], max_k: int, n_random
     return out
 
 
-def table_rankings(vlm, table, captions, methods: Sequence[str], max_k: int) -> list[dict]:
+def table_rankings(vlm, table, captions, methods: Sequence[str], k: int) -> list[dict]:
     """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
     column indexes them): the units a user found are the ones perturbed. Each (image, noun,
-    method) must hold at least ``max_k`` ranks; a method's single table ranking is its one draw."""
-    groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], max_k)}
+    method) must hold at least ``k`` ranks; a method's single table ranking is its one draw."""
+    groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], k)}
     out = []
     for index, caption in enumerate(captions):
         for target in caption.noun_tokens:

@@ -7,6 +7,7 @@ import textwrap
 
 import matplotlib.pyplot as plt
 
+from ..method.units import Unit
 from ..tiny.scenes import ATTRIBUTION
 from ..properties.specificity import patch_grid, percentile_mask, unit_maps, upsample
 from .properties import METHOD_COLOURS, heatmap_overlay

@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
+from ..method.units import Unit
 from ..tiny.scenes import ATTRIBUTION
 
 

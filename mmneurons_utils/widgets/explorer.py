@@ -34,6 +34,7 @@ from typing import NamedTuple
 import ipywidgets as W
 from IPython.display import display
 
+from ..method.units import Unit
 from ..properties.objects import boxes_for
 from .pickers import ImagePicker, TokenPicker
 from ..properties import specificity
