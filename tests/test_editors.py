@@ -111,7 +111,7 @@ def _text_units(vlm, k: int) -> np.ndarray:
             _text_decoder(vlm)(input_ids=x)
         total += torch.stack([traces[l].input[0].abs().mean(0) for l in range(vlm.n_layers)])
     flat = total.flatten().topk(k).indices
-    return np.stack([flat // vlm.d_ff, flat % vlm.d_ff], 1).numpy()
+    return torch.stack([flat // vlm.d_ff, flat % vlm.d_ff], 1).numpy()
 
 
 def test_locality_is_one_for_the_identity_and_t_locality_drops_when_text_units_are_scaled(tiny_llava, case):
