@@ -26,8 +26,10 @@ import pandas as pd
 from ..interventions.editors import EDITORS, edit_with
 from ..interventions.edit_inputs import target_token
 from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
+from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
-from .edit_evaluation import ImagePool
+from ..tiny.scenes import make_scenes
+from .edit_evaluation import ImagePool, default_pairs
 
 DEFAULT_CONFIGS = (("contribution", 5), ("contribution", 1), ("contribution", 20), ("gradient", 5),
                    ("gradient_image", 5), ("random", 5), ("ft", 5), ("lora", 5), ("rome", 5))
@@ -132,10 +134,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     --pairs 20 --out table.csv [--max-minutes M] [--methods ft,lora,...]``: the comparison
     table (resumable), then its summary."""
     import argparse
-
-    from ..model.vlm import load_vlm
-    from ..tiny.scenes import make_scenes
-    from .edit_evaluation import default_pairs
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny-llava")
