@@ -22,28 +22,38 @@ def _bars(summary, metric):
                             summary[f"{metric}_high"].to_numpy(float) - mean]))
 
 
+MARKERS = {1: "v", 5: "o", 20: "^"}
+
+
 def editor_comparison(summary, success: str = "success", locality: str = "m_locality",
-                      params: str = "params_changed", title: str | None = None):
+                      params: str = "params_changed", trained: str = "params_trained",
+                      title: str | None = None):
     """Two panels from :func:`~mmneurons_utils.batch.editor_comparison.summarize_editors`:
-    ``success`` (y) against ``locality`` (x), and against ``params`` on a log x axis; one point
-    per editor with its 95 % bootstrap intervals as bars."""
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    ``success`` (y) against ``locality`` (x), and against ``params`` (weights changed, filled) on
+    a log x axis, with ``trained`` (the editor's degrees of freedom, hollow, joined by a line)
+    where it differs; one point per editor with its 95 % bootstrap intervals as bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
     for row in summary.itertuples():
         colour = EDITOR_COLOURS.get(row.method, METHOD_COLOURS.get(row.method))
+        marker = "s" if row.method in EDITOR_COLOURS else MARKERS.get(row.k, "o")
         one = summary[(summary.method == row.method) & (summary.k == row.k)]
         label = _label(row)
         axes[0].errorbar(one[locality], one[success], xerr=_bars(one, locality), yerr=_bars(one, success),
-                         fmt="o", ms=5, capsize=2, color=colour, label=label)
-        axes[1].errorbar(one[params], one[success], yerr=_bars(one, success), fmt="o", ms=5,
-                         capsize=2, color=colour)
-        axes[1].annotate(label, (float(one[params].iloc[0]), float(one[success].iloc[0])),
-                         fontsize=7, xytext=(3, 3), textcoords="offset points")
+                         fmt=marker, ms=5, capsize=2, color=colour, label=label, alpha=0.85)
+        x, y = float(one[params].iloc[0]), float(one[success].iloc[0])
+        axes[1].errorbar(one[params], one[success], yerr=_bars(one, success), fmt=marker, ms=5,
+                         capsize=2, color=colour, alpha=0.85)
+        if trained in one and float(one[trained].iloc[0]) != x:
+            axes[1].plot([float(one[trained].iloc[0]), x], [y, y], color=colour, lw=0.6, ls=":")
+            axes[1].plot(float(one[trained].iloc[0]), y, marker, ms=5, mfc="none", color=colour)
+        axes[1].annotate(label, (x, y), fontsize=6, xytext=(3, -9 if row.method == "lora" else 3),
+                         textcoords="offset points")
     axes[0].set_xlabel(f"{locality} (unrelated images)")
     axes[1].set_xscale("log")
-    axes[1].set_xlabel(f"{params.replace('_', ' ')} (log)")
+    axes[1].set_xlabel("weights changed (filled) / trained (hollow), log")
     for ax in axes:
         ax.set_ylabel(success)
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.08)
     axes[0].legend(fontsize=6, loc="lower left")
     n = int(summary.n_pairs.max()) if len(summary) else 0
     fig.suptitle(title or f"editors on the same {n} source → target pairs (95 % bootstrap intervals)",
