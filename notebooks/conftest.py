@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(items):
     if IPyNbCell is None:
         return
     for item in items:
+        if isinstance(item, IPyNbCell):
+            item.add_marker("notebooks")      # the test tier (markers registered in pyproject.toml)
         if isinstance(item, IPyNbCell) and not getattr(item, "_mmneurons_wrapped", False):
             compare = item.compare_outputs
 

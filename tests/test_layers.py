@@ -66,3 +66,17 @@ def test_no_import_is_hidden_in_a_function():
                     if isinstance(inner, ast.ImportFrom) and (inner.level or "mmneurons_utils" in (inner.module or "")):
                         offenders.append(f"{rel}:{inner.lineno}")
     assert offenders == []
+
+
+def test_the_public_surface_is_at_the_top_level():
+    code = ("from mmneurons_utils import load_vlm, make_scenes, find_neurons, find_neurons_by_method, "
+            "metrics, causal, editing, load_images\n"
+            "import inspect\n"
+            "assert inspect.signature(metrics.specificity_scores).parameters.keys() >= "
+            "{'vlm', 'scenes', 'captions', 'table', 'k'}\n"
+            "assert callable(causal.causal_curves) and callable(editing.edit_token)\n"
+            "from mmneurons_utils.cli import main\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "ok", out.stderr
