@@ -169,7 +169,10 @@ def _add_causal_commands(sub) -> None:
     e.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
     e.add_argument("--k", dest="k", type=_positive_int, default=5, help="how many units to edit (default 5)")
     e.add_argument("--method", dest="method", default="contribution",
-                   help="how the units are chosen: contribution (default), gradient, gradient_image or random")
+                   help="the editor: contribution (default; our neurons), gradient, gradient_image, random "
+                        "(k units chosen by that score), ft (the whole down_proj of the layer holding "
+                        "most of the top-k contribution units), lora (rank-4 adapter on it), rome "
+                        "(ROME's rank-one update of it)")
     # hidden aliases of --k and --method
     e.add_argument("--n-neurons", dest="k", type=_positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.add_argument("--units", dest="method", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

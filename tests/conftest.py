@@ -13,7 +13,7 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # tests that take seconds to minutes each (measured at one thread): a module, or module::test-name prefix
-SLOW = ("test_parallel", "test_fidelity", "test_editing", "test_bench_official", "test_atlas", "test_offload",
+SLOW = ("test_parallel", "test_fidelity", "test_editing", "test_editors", "test_bench_official", "test_atlas", "test_offload",
         "test_vocabulary::test_bench_reports", "test_vlm::test_committed_weights",
         "test_properties::test_semantic_sensitivity", "test_properties::test_region_invariance",
         "test_properties::test_a_permutation", "test_properties::test_an_identity_permutation",

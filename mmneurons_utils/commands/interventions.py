@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..batch.edit_evaluation import ImagePool, run_edit
+from ..batch.edit_evaluation import ImagePool
+from ..batch.editor_comparison import JSON_KEYS, evaluate_editor
 from ..interventions.causal import causal_curves, half_removal_k, summarize
-from ..interventions.editing import UNIT_CHOICES, target_token
+from ..interventions.editing import target_token
+from ..interventions.editors import EDITORS, WEIGHT_EDITORS
 from ..method.identify import METHODS
 from ..model.loading import ModelLoadError, read_noun_vocabulary
 from ..model.vlm import EMBEDDED, EMBEDDED_DIR, load_vlm
+from ..properties.edit_metrics import METRIC_KEYS
 from ..tiny.scenes import make_scenes
 from .common import CliError, check_new_folder, data_of, finite, load_model
 
@@ -52,8 +55,8 @@ def cmd_perturb(args) -> dict:
 
 
 def cmd_edit(args) -> dict:
-    if args.method not in UNIT_CHOICES:
-        raise CliError(f"--method must be one of {', '.join(UNIT_CHOICES)}, got {args.method!r}")
+    if args.method not in EDITORS:
+        raise CliError(f"--method must be one of {', '.join(EDITORS)}, got {args.method!r}")
     if args.source == args.target:
         raise CliError(f"--source and --target are the same word ({args.source!r})")
     save = check_new_folder(args.save, "--save") if args.save else None
@@ -67,24 +70,32 @@ def cmd_edit(args) -> dict:
     if said and args.source not in said:   # a word of the captions that is no noun ("a", "of")
         raise CliError(f"--source {args.source!r} is not a noun the {len(pool.captions)} captions "
                        f"say; nouns said: {', '.join(said)}")
-    edit = run_edit(vlm, pool, args.source, args.target, k=args.k, method=args.method,
-                    seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
+    # the run_edit split (half of the source's images edited, 8 unrelated in the loss, the rest
+    # held out / for locality), every editor on it, EasyEdit's metrics beside the package's
+    edit, row = evaluate_editor(vlm, pool, args.source, args.target, args.method, k=args.k,
+                                n_edit=None, n_unrelated=8, n_locality=None, n_heldout=None,
+                                seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
     m = edit.metrics
+    unit_editor = args.method not in WEIGHT_EDITORS
     result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["applied"]),
                   success=m["success"], generalization=m.get("generalization"),
                   locality=m.get("locality"), locality_kl=m.get("locality_kl"),
-                  n_neurons=m["n_neurons"], units=[[int(l), int(u)] for l, u in edit.units],
+                  n_neurons=m["n_neurons"],
+                  units=[[int(l), int(u)] for l, u in edit.units] if unit_editor else [],
                   converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
                   weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
                   n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
-                  n_excluded_target=m["n_excluded_target"], saved=None)
+                  n_excluded_target=m["n_excluded_target"], saved=None,
+                  layer=edit.layer, params_trained=edit.params_trained,
+                  **{key: row[key] for key in JSON_KEYS if key != "applied"})
     if save is not None:
         if edit.converged:
             result["saved"] = str(edit.save_pretrained(save))
         edit.undo()
     if not args.json:
+        what = f"{m['n_neurons']} neurons" if unit_editor else f"{args.method} on down_proj of layer {edit.layer}"
         state = "converged" if edit.converged else f"FAILED (final margin {edit.final_margin:.3f})"
-        print(f"edit {args.source} → {args.target} on {m['n_edit']} images, {m['n_neurons']} neurons: {state}")
+        print(f"edit {args.source} → {args.target} on {m['n_edit']} images, {what}: {state}")
         for before, after in zip(edit.captions_before, edit.captions_after):
             print(f"  {before}  →  {after}")
         side = (f"generalization {finite(result['generalization'])}  locality {finite(result['locality'])}  "
@@ -92,6 +103,11 @@ def cmd_edit(args) -> dict:
                 else "not applied: no side effects to measure")
         print(f"success {result['success']:.3f}  {side}  ({result['n_excluded_target']} images "
               f"already saying {args.target} not scored)")
+        print(f"parameters changed {result['params_changed']} (trained {result['params_trained']}), "
+              f"{result['seconds']:.1f} s")
+        if result["applied"]:
+            print("  ".join(f"{key} {result[key]:.3f}" for key in METRIC_KEYS
+                            if result[key] == result[key]))
         if save is not None:
             print(f"saved to {save}" if result["saved"] else "not saved: the edit did not converge")
     return {k: finite(v) for k, v in result.items()}

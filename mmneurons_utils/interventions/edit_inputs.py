@@ -16,13 +16,15 @@ from .edit_learning import UNIT_CHOICES, EditConfig, EditInputError
 
 
 def target_token(vlm, word: str) -> int:
-    """The single token id of ``word``; ``EditInputError`` listing the choices otherwise."""
+    """The single token id of ``word`` as a caption says it (after a space: ``Ġcat`` for a
+    byte-level BPE, not ``cat``); ``EditInputError`` listing the choices otherwise."""
     vocabulary = vlm.noun_vocabulary
     if vocabulary is not None and word not in vocabulary:
         raise EditInputError(f"target {word!r} is not in the model's noun vocabulary; choose one "
                              f"of: {', '.join(sorted(vocabulary))}")
-    ids = vlm.tokenizer.encode(word, add_special_tokens=False)
-    ids = [i for i in ids if vlm.tokenizer.convert_ids_to_tokens(i) not in ("▁", "Ġ")]
+    ids = vlm.tokenizer.encode(f"a {word}", add_special_tokens=False)
+    found = locate_nouns(vlm.tokenizer, ids, [word])
+    ids = ids[found[0].step:] if found else ids
     unk = vlm.tokenizer.unk_token_id
     if len(ids) != 1 or (unk is not None and ids[0] == unk):
         pieces = vlm.tokenizer.convert_ids_to_tokens(ids)

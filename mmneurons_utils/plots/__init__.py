@@ -8,11 +8,13 @@ units' purity vs random units, their modality).
 
 from .atlas import example_strip, modality_histogram, purity_scatter
 from .causal import ablation_curves, edit_bars
+from .editors import editor_comparison
 from .identification import layer_distribution, neuron_bars, save, scene_grid
 from .properties import heatmap_overlay, heatmap_panels, jaccard_bars, metric_bars
 
 __all__ = [
     "ablation_curves", "edit_bars",                                        # causal effect, editing
+    "editor_comparison",                                                   # editors compared
     "example_strip", "modality_histogram", "purity_scatter",               # atlas
     "heatmap_overlay", "heatmap_panels", "jaccard_bars", "metric_bars",    # properties
     "layer_distribution", "neuron_bars", "save", "scene_grid",             # identification

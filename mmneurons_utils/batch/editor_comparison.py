@@ -1,0 +1,161 @@
+"""Every editor on the same requests, scored with the field's metrics: the table people quote.
+
+:func:`evaluate_editor` runs one editor (:func:`~mmneurons_utils.interventions.editors.edit_with`)
+on one pool split, with the package's own keys (``success``, ``generalization``, ``locality``,
+``locality_kl``; :meth:`~mmneurons_utils.interventions.editing.Edit.measure_side_effects`) and
+EasyEdit's (:mod:`mmneurons_utils.properties.edit_metrics`). :func:`compare_editors` does that for
+pairs × editors (resumable: rows already in ``out`` are skipped) and :func:`summarize_editors`
+gives each editor's means with percentile-bootstrap 95 % intervals over pairs.
+
+Scoring rule (the package's): a failed edit (not converged, not applied) scores 0 on
+``success`` / ``reliability`` (its images keep saying the source) but NaN on everything it would
+have to be applied to measure (generality, locality, decoupling); success-type means run over
+every attempted pair, side effects over the applied edits only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..interventions.editors import EDITORS, edit_with
+from ..interventions.edit_inputs import target_token
+from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
+from ..model.vlm import load_vlm
+from ..properties.stats import bootstrap_ci
+from ..tiny.scenes import make_scenes
+from .edit_evaluation import ImagePool, default_pairs
+
+DEFAULT_CONFIGS = (("contribution", 5), ("contribution", 1), ("contribution", 20), ("gradient", 5),
+                   ("gradient_image", 5), ("random", 5), ("ft", 5), ("lora", 5), ("rome", 5))
+EVERY_PAIR = ("success", "reliability", "reliability_free", "converged", "applied", "steps",
+              "seconds", "params_changed", "params_trained")
+JSON_KEYS = ("method", "k", "params_changed", "applied", "seconds") + METRIC_KEYS
+
+
+def evaluate_editor(vlm, pool: ImagePool, source: str, target: str, method: str = "contribution",
+                    k: int = 5, n_edit: int = 2, n_unrelated: int = 4, n_locality: int = 6,
+                    n_heldout: int | None = 4, n_covariance: int = 64, seed: int = 0,
+                    keep: bool = False, progress: bool = False, **settings):
+    """``(edit, row)``: ``method`` edits ``source`` → ``target`` on a split of ``pool`` (see
+    :meth:`ImagePool.split`; at most ``n_heldout`` held-out images) and is scored on the rest.
+    ``rome``'s key covariance comes from the pool's first ``n_covariance`` images. The edit is
+    undone unless ``keep``."""
+    target_id = target_token(vlm, target)
+    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
+    pick = lambda key: [pool.images[i] for i in parts[key]]
+    heldout = pick("heldout")[:n_heldout] if n_heldout is not None else pick("heldout")
+    ref = clean_reference(vlm, source, target, target_id, pick("edit"), heldout, pick("locality"))
+    start = time.perf_counter()
+    edit = edit_with(vlm, pick("edit"), source, target, method, unrelated=pick("unrelated"),
+                     covariance_images=pool.images[:n_covariance], progress=progress, k=k,
+                     seed=seed, **settings)
+    seconds = time.perf_counter() - start
+    try:
+        edit.measure_side_effects(heldout, pick("locality"))
+        edit.report.update(n_edit=len(parts["edit"]),
+                           n_excluded_target=edit.report.n_excluded_target + len(parts["excluded_target"]))
+        if edit.applied:
+            metrics = edit_metrics(vlm, ref)
+        else:   # nothing in the weights: success-type 0 (nothing flipped), side effects unknown
+            metrics = {key: math.nan for key in METRIC_KEYS}
+            metrics.update(reliability=0.0, reliability_free=0.0, text_transfer=0.0)
+    finally:
+        if not keep:
+            edit.undo()
+    m = edit.metrics
+    row = dict(source=source, target=target, method=method, k=k, layer=edit.layer,
+               applied=bool(m["applied"]), converged=bool(m["converged"]), steps=m["steps"],
+               final_margin=m["final_margin"], params_changed=edit.params_changed,
+               params_trained=edit.params_trained, seconds=seconds,
+               success=m["success"], generalization=m.get("generalization", math.nan),
+               locality=m.get("locality", math.nan), locality_kl=m.get("locality_kl", math.nan),
+               **{key: metrics[key] for key in METRIC_KEYS},
+               n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
+               n_excluded_target=m["n_excluded_target"])
+    return edit, row
+
+
+def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
+                    configs: Sequence[tuple[str, int]] = DEFAULT_CONFIGS, out: str | Path | None = None,
+                    max_minutes: float | None = None, progress: bool = False, **kwargs) -> pd.DataFrame:
+    """One row per (pair, editor): :func:`evaluate_editor`'s row. Pairs run one after another,
+    every editor on a pair before the next pair (so a time-limited run, ``max_minutes``, still
+    has every editor on the same pairs). With ``out`` (CSV) each row is appended as it is made
+    and rows already there are skipped: the run resumes."""
+    from tqdm.auto import tqdm
+
+    bad = [m for m, _ in configs if m not in EDITORS]
+    if bad:
+        raise ValueError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+    path = Path(out) if out is not None else None
+    done = pd.read_csv(path) if path is not None and path.is_file() else pd.DataFrame()
+    seen = set(zip(done.source, done.target, done.method, done.k)) if len(done) else set()
+    rows = done.to_dict("records")
+    start = time.perf_counter()
+    for source, target in tqdm(list(pairs), desc="pairs", disable=not progress):
+        if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+            break
+        for method, k in configs:
+            if (source, target, method, k) in seen:
+                continue
+            _, row = evaluate_editor(vlm, pool, source, target, method, k, **kwargs)
+            rows.append(row)
+            if path is not None:
+                pd.DataFrame([row]).to_csv(path, mode="a", header=not path.is_file(), index=False)
+    return pd.DataFrame(rows)
+
+
+def summarize_editors(table: pd.DataFrame, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per ``method, k``: ``n_pairs``, ``n_applied`` and, per metric, the mean with its
+    95 % percentile-bootstrap interval over pairs (``<metric>_low`` / ``_high``). Success-type
+    columns run over every attempted pair; the others over the applied edits (NaN dropped)."""
+    metrics = ["success", "generalization", "locality", "locality_kl", *METRIC_KEYS,
+               "params_changed", "params_trained", "seconds", "steps"]
+    rows = []
+    for (method, k), group in table.groupby(["method", "k"], sort=False):
+        row = dict(method=method, k=int(k), n_pairs=len(group), n_applied=int(group.applied.sum()))
+        applied = group[group.applied.astype(bool)]
+        for metric in metrics:
+            values = (group if metric in EVERY_PAIR else applied)[metric].astype(float)
+            mean, low, high = bootstrap_ci(values.to_numpy(), n_resamples=n_resamples, seed=seed)
+            row.update({metric: mean, f"{metric}_low": low, f"{metric}_high": high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
+    --pairs 20 --out table.csv [--max-minutes M] [--methods ft,lora,...]``: the comparison
+    table (resumable), then its summary."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="tiny-llava")
+    p.add_argument("--scenes", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=20)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS))
+    p.add_argument("--min-images", type=int, default=4)
+    p.add_argument("--steps", type=int, default=150, help="most optimiser steps of every editor")
+    args = p.parse_args(argv)
+    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    vlm = load_vlm(args.model)
+    pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
+    pairs = default_pairs(pool, args.pairs, min_images=args.min_images, seed=args.seed)
+    print("pairs:", pairs, flush=True)
+    table = compare_editors(vlm, pool, pairs, configs, out=args.out, max_minutes=args.max_minutes,
+                            progress=True, steps=args.steps)
+    with pd.option_context("display.width", 250, "display.max_columns", 80):
+        print(summarize_editors(table).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
