@@ -22,3 +22,9 @@ def test_report_command_prints_json(capsys):
     main(["--model", "tiny-llava", "--scenes", "4", "--region", "1", "--ablate", "1", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["model"] == "tiny-llava" and out["n_scenes"] == 4
+
+
+def test_report_of_a_model_without_patch_grid_has_no_box_numbers(tiny_instructblip):
+    r = report(tiny_instructblip, n_scenes=6, n_region=1, n_ablate=1)
+    assert r["mass_in_box"] == {"contribution": None, "random": None}
+    assert r["auroc"]["contribution"] is not None

@@ -39,9 +39,13 @@ from ..tiny.scenes import make_scenes
 METHODS = ("contribution", "random")
 
 
-def _by_method(frame: pd.DataFrame, column: str) -> dict[str, float]:
+def _by_method(frame: pd.DataFrame, column: str) -> dict[str, float | None]:
+    """Per method, the mean of ``column`` (``None`` where it is not measured, e.g. mass in box
+    for a model without a patch grid)."""
+    if column not in frame:
+        return {m: None for m in METHODS}
     means = frame.groupby("method")[column].mean()
-    return {m: round(float(means.get(m, np.nan)), 4) for m in METHODS}
+    return {m: (None if np.isnan(v := float(means.get(m, np.nan))) else round(v, 4)) for m in METHODS}
 
 
 def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int) -> dict:
