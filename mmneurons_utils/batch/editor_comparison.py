@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..interventions.editors import EDITORS, edit_with
 from ..interventions.edit_inputs import target_token
+from ..interventions.edit_learning import EditInputError
 from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
 from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
@@ -129,6 +130,15 @@ def summarize_editors(table: pd.DataFrame, n_resamples: int = 2000, seed: int = 
     return pd.DataFrame(rows)
 
 
+def _one_token(vlm, word: str) -> bool:
+    """Whether ``word`` can be a target (one token as a caption says it; BPE models split some)."""
+    try:
+        target_token(vlm, word)
+        return True
+    except EditInputError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
     --pairs 20 --out table.csv [--max-minutes M] [--methods ft,lora,...]``: the comparison
@@ -145,14 +155,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS))
     p.add_argument("--min-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=150, help="most optimiser steps of every editor")
+    for name, default in (("n-edit", 2), ("n-unrelated", 4), ("n-locality", 6), ("n-heldout", 4),
+                          ("n-covariance", 64)):
+        p.add_argument(f"--{name}", type=int, default=default)
     args = p.parse_args(argv)
     configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
     vlm = load_vlm(args.model)
     pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
-    pairs = default_pairs(pool, args.pairs, min_images=args.min_images, seed=args.seed)
+    eligible = [n for n in pool.nouns() if len(pool.with_noun(n)) >= args.min_images]
+    for n in range(len(eligible), 0, -1):   # as many as there are (a prefix of default_pairs' order)
+        try:
+            candidates = default_pairs(pool, n, min_images=args.min_images, seed=args.seed)
+            break
+        except EditInputError:
+            continue
+    else:
+        raise EditInputError(f"no noun is said in ≥ {args.min_images} captions of the pool")
+    pairs = [(s, t) for s, t in candidates if _one_token(vlm, t)][:args.pairs]
     print("pairs:", pairs, flush=True)
     table = compare_editors(vlm, pool, pairs, configs, out=args.out, max_minutes=args.max_minutes,
-                            progress=True, steps=args.steps)
+                            progress=True, steps=args.steps, n_edit=args.n_edit,
+                            n_unrelated=args.n_unrelated, n_locality=args.n_locality,
+                            n_heldout=args.n_heldout, n_covariance=args.n_covariance)
     with pd.option_context("display.width", 250, "display.max_columns", 80):
         print(summarize_editors(table).round(3).to_string(index=False))
 
