@@ -7,6 +7,7 @@ project trained (their nouns and prompt), and the one error type for all of it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -24,6 +25,19 @@ class ModelLoadError(ValueError):
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 EMBEDDED_MARKER = "mmneurons.json"  # beside the weights of models this project trained: nouns, prompt
+
+
+def check_device_map(device_map, max_memory, offload_folder) -> None:
+    """One-line errors for device-map options that cannot work (before anything loads)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ModelLoadError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+        return
+    if importlib.util.find_spec("accelerate") is None:   # transformers needs it for a device map
+        raise ModelLoadError("device_map needs the accelerate package: pip install accelerate")
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
+                             f"module name → device, got {device_map!r}")
 
 
 def load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder):

@@ -22,7 +22,7 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
-from .loading import (DEVICE_MAPS, EMBEDDED_MARKER, ModelLoadError, hub_model_type, load_mapped, local_architecture,
+from .loading import (EMBEDDED_MARKER, check_device_map, ModelLoadError, hub_model_type, load_mapped, local_architecture,
                       parse_device, parse_dtype, read_noun_vocabulary, read_prompt_template)
 from .offload import execution_device
 from .pixels import as_viewed   # EXIF orientation, 16-bit scaled to 8 (not clipped)
@@ -346,17 +346,8 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     import transformers
 
     dtype = parse_dtype(dtype)
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise ModelLoadError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
-    if device_map is not None:
-        try:
-            import accelerate  # noqa: F401  (transformers needs it for a device map)
-        except ImportError as exc:
-            raise ModelLoadError("device_map needs the accelerate package: pip install accelerate") from exc
-        if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
-            raise ModelLoadError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a dict of "
-                                 f"module name → device, got {device_map!r}")
-    else:
+    check_device_map(device_map, max_memory, offload_folder)
+    if device_map is None:
         device = parse_device(device)
     name = str(name_or_path)
     path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
