@@ -66,7 +66,7 @@ def _check_model_options(args) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-llava",
-                   help="tiny-llava, tiny-instructblip, a local checkpoint folder or a hub id")
+                   help="tiny-llava, tiny-instructblip, smol-llava, a local checkpoint folder or a hub id")
     p.add_argument("--device", default=None,
                    help="cpu (default), cuda, cuda:N, mps; under accelerate launch the default is "
                         "each process's own device and cuda means cuda:<local rank>")
