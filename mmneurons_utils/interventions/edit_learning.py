@@ -100,7 +100,7 @@ def learn_deltas(vlm, images: Sequence, captions: Sequence, source_steps: Sequen
     exit) and every parameter's ``requires_grad`` is restored, also on an exception.
     """
     units = np.asarray(units, dtype=np.int64)
-    batch = _EditBatch.build(vlm, list(images), list(captions), source_steps,
+    batch = EditBatch.build(vlm, list(images), list(captions), source_steps,
                              list(unrelated), list(unrelated_captions))
     originals = column_snapshot(vlm, units)
     w_norm2 = sum(float(o.float().pow(2).sum()) for o in originals)
@@ -121,7 +121,7 @@ def learn_deltas(vlm, images: Sequence, captions: Sequence, source_steps: Sequen
 
 
 @dataclass
-class _EditBatch:
+class EditBatch:
     """One teacher-forced batch: the edit images first, then the unrelated ones.
     ``keep``: ``Bool[Tensor, "B S"]``, the caption steps that enter the KL term."""
 
@@ -133,7 +133,7 @@ class _EditBatch:
     keep: torch.Tensor
 
     @classmethod
-    def build(cls, vlm, images, captions, source_steps, unrelated, unrelated_captions) -> "_EditBatch":
+    def build(cls, vlm, images, captions, source_steps, unrelated, unrelated_captions) -> "EditBatch":
         seqs = [c.token_ids for c in captions] + [c.token_ids for c in unrelated_captions]
         full, prompt_len, longest = teacher_forced_inputs(vlm, images + unrelated, seqs)
         rows = torch.arange(len(images))
@@ -147,38 +147,54 @@ class _EditBatch:
         return caption_logits(vlm, self.full, self.prompt_len, self.longest)
 
 
-def _train(vlm, batch: _EditBatch, units, deltas, target_id, w_norm2, config: EditConfig,
+def _train(vlm, batch: "EditBatch", units, deltas, target_id, w_norm2, config: EditConfig,
            progress: bool, label: str) -> tuple[list[dict], bool]:
-    """Adam on ``deltas`` until the margin passes ``stop_margin`` or ``steps`` run out:
+    """Adam on ``deltas`` (added to the units' write vectors) with :func:`fit_edit`:
     ``(history, converged)``."""
     with torch.no_grad():
         clean = torch.log_softmax(batch.logits(vlm), -1)
-    optimizer = torch.optim.Adam([deltas], lr=config.lr)
-    history: list[dict] = []
     with added_deltas(vlm, units, deltas):
-        for step in tqdm(range(config.steps + 1), desc=label, disable=not progress):
-            with torch.enable_grad():
-                logits = batch.logits(vlm)
-                src_logits = logits[batch.rows, batch.source_steps]             # (B_edit, V)
-                with torch.no_grad():
-                    margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0])
-                                           for r in src_logits])
-                margin = float(margins.min())
-                logp = torch.log_softmax(logits, -1)
-                nll = -logp[batch.rows, batch.source_steps, target_id].mean()
-                kl = ((clean.exp() * (clean - logp)).sum(-1)[batch.keep].mean() if batch.keep.any()
-                      else logp.new_zeros(()))
-                norm = deltas.pow(2).sum() / w_norm2
-                loss = nll + config.kl_weight * kl + config.norm_weight * norm
-                history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
-                                    kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
-                if margin > config.stop_margin:
-                    return history, True
-                if step == config.steps:
-                    return history, False
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        return fit_edit(vlm, batch, [deltas], lambda: deltas.pow(2).sum() / w_norm2, target_id,
+                        config, progress, label, clean)
+
+
+def fit_edit(vlm, batch: "EditBatch", params: list[torch.Tensor], penalty, target_id: int,
+             config: EditConfig, progress: bool, label: str, clean: torch.Tensor,
+             project=None) -> tuple[list[dict], bool]:
+    """The edit's loss and stopping rule, for any parametrisation of the change (the deltas on
+    units' write vectors, a whole ``down_proj``, an adapter, ROME's value): Adam on ``params``
+    (lr ``config.lr``) on ``−log p(target)`` at the source steps + ``kl_weight`` · KL(clean ‖
+    edited) at the other kept positions + ``norm_weight · penalty()``, until the target's margin
+    passes ``stop_margin`` at every edit image or ``steps`` run out: ``(history, converged)``.
+    ``clean``: ``Float[Tensor, "B S V"]`` log-probabilities of the unedited model; ``project``:
+    called after each step (e.g. ROME's norm clamp)."""
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    history: list[dict] = []
+    for step in tqdm(range(config.steps + 1), desc=label, disable=not progress):
+        with torch.enable_grad():
+            logits = batch.logits(vlm)
+            src_logits = logits[batch.rows, batch.source_steps]             # (B_edit, V)
+            with torch.no_grad():
+                margins = torch.stack([torch.tensor(margin_and_prob(r, target_id)[0])
+                                       for r in src_logits])
+            margin = float(margins.min())
+            logp = torch.log_softmax(logits, -1)
+            nll = -logp[batch.rows, batch.source_steps, target_id].mean()
+            kl = ((clean.exp() * (clean - logp)).sum(-1)[batch.keep].mean() if batch.keep.any()
+                  else logp.new_zeros(()))
+            norm = penalty()
+            loss = nll + config.kl_weight * kl + config.norm_weight * norm
+            history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
+                                kl=float(kl.detach()), norm=float(norm.detach()), margin=margin))
+            if margin > config.stop_margin:
+                return history, True
+            if step == config.steps:
+                return history, False
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if project is not None:
+                project()
     return history, False
 
 

@@ -41,7 +41,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..model import architectures as A
 from ..model.cache import cache_dir, weights_hash
@@ -50,9 +49,8 @@ from ..model.teacher_forcing import append_captions
 from ..model.trace import trace_down_proj
 from ..store.results import atomic_write
 from .ablation import column_snapshot
-from .causal import margin_and_prob
 from .edit_inputs import check_edit, choose_units, source_steps, target_token
-from .edit_learning import UNIT_CHOICES, EditConfig, EditInputError, LearnedDeltas, _EditBatch
+from .edit_learning import UNIT_CHOICES, EditBatch, EditConfig, EditInputError, LearnedDeltas, fit_edit
 from .editing import Edit, edit_token
 
 WEIGHT_EDITORS = ("ft", "lora", "rome")
@@ -129,7 +127,7 @@ def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "co
         return EditorEdit.of(edit, method=method, layer=layer, params_trained=d_model * d_ff,
                              seconds=time.perf_counter() - start)
     others = vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else []
-    batch = _EditBatch.build(vlm, images, captions, steps, unrelated, others)
+    batch = EditBatch.build(vlm, images, captions, steps, unrelated, others)
     if method == "lora":
         delta, history, converged = lora_delta(vlm, batch, layer, target_id, config, progress, label)
         trained = LORA_RANK * (d_model + d_ff)
@@ -154,43 +152,6 @@ def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "co
         raise
 
 
-# --- the shared loss and stopping rule, for any parametrisation of the change -------------------
-def _fit(vlm, batch: _EditBatch, params: list[torch.Tensor], penalty, target_id: int,
-         config: EditConfig, progress: bool, label: str, clean: torch.Tensor,
-         project=None) -> tuple[list[dict], bool]:
-    """Adam on ``params`` (lr ``config.lr``) with the edit's loss — ``−log p(target)`` at the
-    source steps + ``kl_weight`` · KL(clean ‖ edited) elsewhere + ``norm_weight · penalty()`` —
-    until the target's margin passes ``stop_margin`` at every edit image or ``steps`` run out.
-    ``clean``: ``Float[Tensor, "B S V"]`` log-probabilities of the unedited model;
-    ``project``: called after each step (e.g. ROME's norm clamp)."""
-    optimizer = torch.optim.Adam(params, lr=config.lr)
-    history: list[dict] = []
-    for step in tqdm(range(config.steps + 1), desc=label, disable=not progress):
-        with torch.enable_grad():
-            logits = batch.logits(vlm)
-            src = logits[batch.rows, batch.source_steps]                          # (B_edit, V)
-            with torch.no_grad():
-                margin = min(margin_and_prob(r, target_id)[0] for r in src)
-            logp = torch.log_softmax(logits, -1)
-            nll = -logp[batch.rows, batch.source_steps, target_id].mean()
-            kl = ((clean.exp() * (clean - logp)).sum(-1)[batch.keep].mean() if batch.keep.any()
-                  else logp.new_zeros(()))
-            norm = penalty()
-            loss = nll + config.kl_weight * kl + config.norm_weight * norm
-            history.append(dict(step=step, loss=float(loss.detach()), nll=float(nll.detach()),
-                                kl=float(kl.detach()), norm=float(norm.detach()), margin=float(margin)))
-            if margin > config.stop_margin:
-                return history, True
-            if step == config.steps:
-                return history, False
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if project is not None:
-                project()
-    return history, False
-
-
 @contextmanager
 def _frozen(vlm):
     """Every model parameter without gradient inside the block; flags restored however it ends."""
@@ -208,7 +169,7 @@ def _module_name(vlm, module) -> str:
     return next(name for name, m in vlm.model.named_modules() if m is module)
 
 
-def lora_delta(vlm, batch: _EditBatch, layer: int, target_id: int, config: EditConfig,
+def lora_delta(vlm, batch: EditBatch, layer: int, target_id: int, config: EditConfig,
                progress: bool = False, label: str = "lora") -> tuple[torch.Tensor, list[dict], bool]:
     """``(ΔW, history, converged)``: train a rank-:data:`LORA_RANK` peft adapter on ``down_proj`` of
     ``layer``; ``ΔW`` (``Float[Tensor, "D F"]``) is its merged delta. The adapter module is put in
@@ -233,8 +194,8 @@ def lora_delta(vlm, batch: _EditBatch, layer: int, target_id: int, config: EditC
             for p in params:
                 p.requires_grad_(True)
             delta_sq = lambda: adapter.get_delta_weight("default").float().pow(2).sum() / w_norm2
-            history, converged = _fit(vlm, batch, params, delta_sq, target_id, config, progress,
-                                      label, clean)
+            history, converged = fit_edit(vlm, batch, params, delta_sq, target_id, config, progress,
+                                          label, clean)
             with torch.no_grad():
                 delta = adapter.get_delta_weight("default").detach().float().clone()
         finally:
@@ -244,7 +205,7 @@ def lora_delta(vlm, batch: _EditBatch, layer: int, target_id: int, config: EditC
     return delta, history, converged
 
 
-def rome_delta(vlm, batch: _EditBatch, layer: int, target_id: int, cov: torch.Tensor,
+def rome_delta(vlm, batch: EditBatch, layer: int, target_id: int, cov: torch.Tensor,
                config: EditConfig, progress: bool = False, label: str = "rome"
                ) -> tuple[torch.Tensor, list[dict], bool]:
     """``(ΔW, history, converged)``: ROME's rank-one update ``δ uᵀ / (uᵀ k*)`` (``u = C⁻¹ k*``,
@@ -272,8 +233,9 @@ def rome_delta(vlm, batch: _EditBatch, layer: int, target_id: int, cov: torch.Te
 
     config = EditConfig.of(config, lr=ROME_LR)
     with _frozen(vlm), trace_down_proj(vlm, [layer], edit_output=add):
-        history, converged = _fit(vlm, batch, [delta], lambda: delta.pow(2).sum() / max(v0_norm, 1e-12) ** 2,
-                                  target_id, config, progress, label, clean, project=clamp)
+        penalty = lambda: delta.pow(2).sum() / max(v0_norm, 1e-12) ** 2   # noqa: E731
+        history, converged = fit_edit(vlm, batch, [delta], penalty, target_id, config, progress,
+                                      label, clean, project=clamp)
     u = torch.linalg.solve(cov.to(w.device).double(), key.double())              # C⁻¹ k*
     update = torch.outer(delta.detach().double().to(w.device), u) / torch.dot(u, key.double())
     return update.float(), history, converged
