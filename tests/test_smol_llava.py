@@ -190,3 +190,12 @@ def test_a_later_training_stage_starts_from_the_saved_trained_parts(tmp_path):
     assert any("lora_A" in n for n in moved) and any("multi_modal_projector" in n for n in moved)
     for name in moved:   # stored in fp16
         assert torch.equal(dict(again.named_parameters())[name], saved[name].half().float()), name
+
+
+def test_the_official_noun_matching_finds_bpe_nouns(smol):
+    from mmneurons_utils.batch.official import official_noun_steps
+
+    ids = smol.tokenizer(" a dog and a carrot on a black background", add_special_tokens=False).input_ids
+    steps = official_noun_steps(smol, "a dog and a carrot on a black background", ids)
+    tokens = smol.tokenizer.convert_ids_to_tokens(ids)
+    assert [(noun, tokens[step]) for noun, step, _ in steps] == [("dog", "Ġdog"), ("carrot", "Ġcarrot")]

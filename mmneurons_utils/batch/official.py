@@ -142,14 +142,21 @@ def generate_no_cache(vlm, image: Image.Image, max_new_tokens: int = 20
 
 def official_noun_steps(vlm, text: str, token_ids: Sequence[int]) -> list[tuple[str, int, int]]:
     """``(noun, step, token_id)`` the official way: sorted nouns, each noun's first sub-token
-    (tokenized alone) and that id's first index among the generated ids."""
+    (tokenized alone) and that id's first index among the generated ids.
+
+    On a byte-level BPE vocabulary (GPT-2 style, e.g. smol-llava's SmolLM2) a word tokenized
+    alone has no ``Ġ`` while the caption's word has one, so the official matching finds no noun
+    at all; there the noun is tokenized with its leading space (what sentencepiece's prefix
+    space gives LLaMA's tokenizer), so that the bench times the same work on both sides."""
     nouns = sorted(set(vlm.nouns_of(text)))
     ids = list(token_ids)
     found = []
     for noun in nouns:
-        token = vlm.tokenizer(noun, add_special_tokens=False)["input_ids"][0]
-        if token in ids:
-            found.append((noun, ids.index(token), token))
+        for word in (noun, " " + noun):
+            token = vlm.tokenizer(word, add_special_tokens=False)["input_ids"][0]
+            if token in ids:
+                found.append((noun, ids.index(token), token))
+                break
     return found
 
 
