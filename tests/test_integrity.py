@@ -9,7 +9,9 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -106,11 +108,20 @@ def test_a_parquet_find_did_not_write_is_left_byte_identical(tmp_path, cli, kind
 
 _WRITER = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     import pandas as pd
     from mmneurons_utils.store.results import ResultFile, exclusive
 
-    out, names = sys.argv[1], sys.argv[2].split(",")
+    out, names, role = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    if role == "second":                 # it is about to ask for the lock the first one holds
+        Path(out + ".second").touch()
     with exclusive(out):
+        if role == "first":              # hold the lock until the second one is waiting for it
+            Path(out + ".holding").touch()
+            deadline = time.time() + 60
+            while not Path(out + ".second").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)
         results = ResultFile(out)
         results.expect({"method": "contribution"}, {n: "h-" + n for n in names})
         for name in names:
@@ -128,9 +139,12 @@ def test_two_concurrent_writers_lose_no_rows(tmp_path):
     script.write_text(_WRITER)
     out = tmp_path / "r.parquet"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    first = subprocess.Popen([sys.executable, str(script), str(out), "a,b,c,d"], env=env,
+    first = subprocess.Popen([sys.executable, str(script), str(out), "a,b,c,d", "first"], env=env,
                              stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen([sys.executable, str(script), str(out), "c,d,e,f"], env=env,
+    deadline = time.time() + 120          # the second starts once the first holds the lock
+    while not Path(str(out) + ".holding").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.Popen([sys.executable, str(script), str(out), "c,d,e,f", "second"], env=env,
                               stderr=subprocess.PIPE, text=True)
     errors = [p.communicate(timeout=120)[1] for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, errors
