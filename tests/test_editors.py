@@ -155,3 +155,35 @@ def test_cli_edit_json_has_the_keys_for_every_method(cli, method):
 def test_cli_edit_rejects_an_unknown_method(cli):
     code, out, err = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "4", "--method", "memit")
     assert code == 2 and "--method must be one of" in err + out and "rome" in err + out
+
+
+def test_comparison_csv_resumes_only_under_its_own_settings(tmp_path):
+    """The comparison table records what made it: same settings resume (devices accumulate),
+    other settings or a CSV with no record are refused, naming what differs."""
+    from mmneurons_utils.batch.editor_comparison import check_settings, settings_path
+
+    out = tmp_path / "table.csv"
+    settings = dict(model="tiny-llava", weights="abc", scenes=120, steps=150)
+    check_settings(out, settings, device="cpu")           # a new table: the record is written
+    out.write_text("source,target\nbird,cat\n")
+    check_settings(out, dict(settings), device="cuda:0")  # same settings: resumes
+    assert json.loads(settings_path(out).read_text())["devices"] == ["cpu", "cuda:0"]
+    with pytest.raises(EditInputError, match=r"steps 150 → 50"):
+        check_settings(out, dict(settings, steps=50))
+    settings_path(out).unlink()
+    with pytest.raises(EditInputError, match="no settings record"):
+        check_settings(out, settings)
+    assert out.read_text() == "source,target\nbird,cat\n"   # refused: the rows are untouched
+
+
+def test_comparison_cli_bad_flags_are_one_line_errors(tmp_path, capsys):
+    from mmneurons_utils.batch.editor_comparison import main
+
+    for flags, words in ((["--configs", "ft"], "method:k"), (["--configs", "sgd:5"], "unknown editor"),
+                         (["--shard", "2/2"], "K/N")):
+        with pytest.raises(SystemExit) as stop:
+            main(flags + ["--out", str(tmp_path / "t.csv")])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())   # nothing written

@@ -15,7 +15,9 @@ every attempted pair, side effects over the applied edits only.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +29,11 @@ from ..interventions.editors import EDITORS, edit_with
 from ..interventions.edit_inputs import target_token
 from ..interventions.edit_learning import EditInputError
 from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
+from ..model.cache import weights_hash
 from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
+from ..store.provenance import differences
+from ..store.results import atomic_write
 from ..tiny.scenes import make_scenes
 from .edit_evaluation import ImagePool, default_pairs
 
@@ -82,19 +87,48 @@ def evaluate_editor(vlm, pool: ImagePool, source: str, target: str, method: str 
     return edit, row
 
 
+def settings_path(out: str | Path) -> Path:
+    """The settings record beside a comparison CSV: ``table.csv`` → ``table.csv.settings.json``."""
+    return Path(f"{out}.settings.json")
+
+
+def check_settings(out: str | Path, settings: dict, device: str | None = None) -> None:
+    """Refuse to add rows to ``out`` made under other ``settings`` (one line naming what
+    differs), or to a CSV that has no record of its settings; else (re)write the record, adding
+    ``device`` to the devices its rows were made on (not a setting: it changes numbers only at
+    rounding level)."""
+    path, record = Path(out), settings_path(out)
+    recorded = json.loads(record.read_text()) if record.is_file() else None
+    if path.is_file() and recorded is None:
+        raise EditInputError(f"{path} has no settings record ({record.name}): it cannot be resumed "
+                             f"safely; give a new --out or delete it")
+    if recorded is not None:
+        diff = differences(recorded.get("settings", {}), settings)
+        if diff and path.is_file():
+            raise EditInputError(f"{path} was made with other settings ({'; '.join(diff)}); "
+                                 f"give a new --out or delete it (and {record.name})")
+    devices = sorted(set((recorded or {}).get("devices", [])) | ({device} if device else set()))
+    text = json.dumps(dict(settings=settings, devices=devices), indent=1, sort_keys=True)
+    atomic_write(record, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
 def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
                     configs: Sequence[tuple[str, int]] = DEFAULT_CONFIGS, out: str | Path | None = None,
-                    max_minutes: float | None = None, progress: bool = False, **kwargs) -> pd.DataFrame:
+                    max_minutes: float | None = None, progress: bool = False,
+                    settings: dict | None = None, **kwargs) -> pd.DataFrame:
     """One row per (pair, editor): :func:`evaluate_editor`'s row. Pairs run one after another,
     every editor on a pair before the next pair (so a time-limited run, ``max_minutes``, still
     has every editor on the same pairs). With ``out`` (CSV) each row is appended as it is made
-    and rows already there are skipped: the run resumes."""
+    and rows already there are skipped: the run resumes, if ``settings`` (what decides the
+    numbers) equal those recorded beside it (:func:`check_settings`)."""
     from tqdm.auto import tqdm
 
     bad = [m for m, _ in configs if m not in EDITORS]
     if bad:
         raise ValueError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
     path = Path(out) if out is not None else None
+    if path is not None and settings is not None:
+        check_settings(path, settings, device=str(vlm.device))
     done = pd.read_csv(path) if path is not None and path.is_file() else pd.DataFrame()
     seen = set(zip(done.source, done.target, done.method, done.k)) if len(done) else set()
     rows = done.to_dict("records")
@@ -139,29 +173,54 @@ def _one_token(vlm, word: str) -> bool:
         return False
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
-    --pairs 20 --out table.csv [--max-minutes M] [--methods ft,lora,...]``: the comparison
-    table (resumable), then its summary."""
+def _parse_configs(text: str) -> list[tuple[str, int]]:
+    """``"ft:5,rome:5"`` → ``[("ft", 5), ("rome", 5)]``, every method a known editor."""
+    try:
+        configs = [(c.split(":")[0], int(c.split(":")[1])) for c in text.split(",")]
+    except (IndexError, ValueError):
+        raise EditInputError(f"--configs takes method:k,... (e.g. ft:5,rome:5), not {text!r}") from None
+    bad = [m for m, _ in configs if m not in EDITORS]
+    if bad:
+        raise EditInputError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+    return configs
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` with ``0 ≤ K < N``; anything else is a one-line error."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        k = n = -1
+    if not 0 <= k < n:
+        raise EditInputError(f"--shard takes K/N with 0 ≤ K < N (e.g. 0/4), not {text!r}")
+    return k, n
+
+
+def _parser():
     import argparse
 
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m mmneurons_utils.batch.editor_comparison")
     p.add_argument("--model", default="tiny-llava")
     p.add_argument("--scenes", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", type=int, default=20)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the CSV (resumed when its settings match)")
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS))
     p.add_argument("--min-images", type=int, default=4)
     p.add_argument("--steps", type=int, default=150, help="most optimiser steps of every editor")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    p.add_argument("--shard", default="0/1", help="K/N: run pairs K, K+N, K+2N, ... (N processes "
+                   "side by side, each with its own --out; concatenate the CSVs after)")
     for name, default in (("n-edit", 2), ("n-unrelated", 4), ("n-locality", 6), ("n-heldout", 4),
                           ("n-covariance", 64)):
         p.add_argument(f"--{name}", type=int, default=default)
-    args = p.parse_args(argv)
-    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
-    vlm = load_vlm(args.model)
-    pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
+    return p
+
+
+def _pairs(vlm, pool: ImagePool, args) -> list[tuple[str, str]]:
+    """The run's share (``--shard``) of the first ``--pairs`` of :func:`default_pairs`' order
+    whose target is one token."""
     eligible = [n for n in pool.nouns() if len(pool.with_noun(n)) >= args.min_images]
     for n in range(len(eligible), 0, -1):   # as many as there are (a prefix of default_pairs' order)
         try:
@@ -172,11 +231,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         raise EditInputError(f"no noun is said in ≥ {args.min_images} captions of the pool")
     pairs = [(s, t) for s, t in candidates if _one_token(vlm, t)][:args.pairs]
-    print("pairs:", pairs, flush=True)
-    table = compare_editors(vlm, pool, pairs, configs, out=args.out, max_minutes=args.max_minutes,
-                            progress=True, steps=args.steps, n_edit=args.n_edit,
-                            n_unrelated=args.n_unrelated, n_locality=args.n_locality,
-                            n_heldout=args.n_heldout, n_covariance=args.n_covariance)
+    shard, n_shards = _parse_shard(args.shard)
+    return pairs[shard::n_shards]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
+    --pairs 20 --out table.csv [--max-minutes M] [--configs ft:5,lora:5,...] [--device cuda]
+    [--shard K/N]``: the comparison table (resumable), then its summary. Bad input (a CSV made
+    under other settings, an unknown editor, a model that cannot load) exits 2 with one line."""
+    args = _parser().parse_args(argv)
+    try:
+        configs = _parse_configs(args.configs)
+        _parse_shard(args.shard)
+        vlm = load_vlm(args.model, device=args.device)
+        settings = dict(model=args.model, weights=weights_hash(vlm), scenes=args.scenes,
+                        seed=args.seed, min_images=args.min_images, steps=args.steps,
+                        n_edit=args.n_edit, n_unrelated=args.n_unrelated,
+                        n_locality=args.n_locality, n_heldout=args.n_heldout,
+                        n_covariance=args.n_covariance)
+        check_settings(args.out, settings, device=str(vlm.device))   # before the slow pool
+        pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
+        pairs = _pairs(vlm, pool, args)
+        print("pairs:", pairs, flush=True)
+        table = compare_editors(vlm, pool, pairs, configs, out=args.out,
+                                max_minutes=args.max_minutes, progress=True, settings=settings,
+                                steps=args.steps, n_edit=args.n_edit, n_unrelated=args.n_unrelated,
+                                n_locality=args.n_locality, n_heldout=args.n_heldout,
+                                n_covariance=args.n_covariance)
+    except ValueError as error:   # EditInputError and ModelLoadError are ValueErrors
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     with pd.option_context("display.width", 250, "display.max_columns", 80):
         print(summarize_editors(table).round(3).to_string(index=False))
 
