@@ -7,6 +7,7 @@ keys for every editor."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from mmneurons_utils.interventions.ablation import perturb_units
 from mmneurons_utils.interventions.edit_learning import EditInputError
 from mmneurons_utils.interventions.editors import EDITORS, edit_with, key_covariance
 from mmneurons_utils.model.trace import trace_down_proj
-from mmneurons_utils.properties.edit_metrics import (TEXT_PROMPTS, _prompt_ids, _text_decoder,
+from mmneurons_utils.properties.edit_metrics import (METRIC_KEYS, TEXT_PROMPTS, _prompt_ids, _text_decoder,
                                                      clean_reference, edit_metrics, forced_argmax)
 
 
@@ -187,3 +188,47 @@ def test_comparison_cli_bad_flags_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())   # nothing written
+
+
+def _rows(pairs, methods=(("contribution", 5), ("ft", 5), ("rome", 5))):
+    """A comparison table of made-up rows: success 1 for ours and ft, ROME local but not general."""
+    rows = []
+    for i, (source, target) in enumerate(pairs):
+        for method, k in methods:
+            defaults = {key: 0.5 for key in ("generalization", "locality", "locality_kl", *METRIC_KEYS,
+                                             "params_changed", "params_trained", "seconds", "steps")}
+            rows.append(dict(defaults, source=source, target=target, method=method, k=k, applied=True,
+                             success=1.0, m_generality=0.1 if method == "rome" else 0.8 + 0.01 * i,
+                             m_locality=1.0 if method == "rome" else 0.7 + 0.01 * i))
+    return pd.DataFrame(rows)
+
+
+def test_summaries_use_complete_pairs_and_head_to_head_reads_intervals():
+    from mmneurons_utils.batch import editor_comparison as ec
+
+    pairs = [(f"s{i}", f"t{i}") for i in range(8)]
+    table = pd.concat([_rows(pairs), _rows([("cut", "short")], (("contribution", 5),))])
+    assert len(ec.complete_pairs(table)) == 24             # the pair with one editor is dropped
+    summary = ec.summarize_by_model({"m": table}, n_resamples=200)
+    assert set(summary.n_pairs) == {8} and list(summary.columns[:3]) == ["model", "method", "k"]
+    duel = ec.head_to_head(summary, metrics=("success", "m_generality", "m_locality"))
+    outcome = {(r.editor, r.metric): r.outcome for r in duel.itertuples()}
+    assert outcome["rome", "m_generality"] == "ahead" and outcome["rome", "m_locality"] == "behind"
+    assert outcome["ft", "m_generality"] == "level" and outcome["ft", "success"] == "level"
+
+
+def test_load_comparison_refuses_tables_of_unknown_or_mixed_origin(tmp_path):
+    from mmneurons_utils.batch.editor_comparison import check_settings, load_comparison
+
+    out = tmp_path / "m.csv"
+    _rows([("a", "b")]).to_csv(out, index=False)
+    with pytest.raises(EditInputError, match="no settings record"):
+        load_comparison(out)
+    out.unlink()
+    check_settings(out, dict(model="m"), device="cpu")
+    pd.concat([_rows([("a", "b")])] * 2).to_csv(out, index=False)
+    with pytest.raises(EditInputError, match="more than once"):
+        load_comparison(out)
+    _rows([("a", "b")]).to_csv(out, index=False)
+    table, record = load_comparison(out)
+    assert len(table) == 3 and record == dict(settings=dict(model="m"), devices=["cpu"])

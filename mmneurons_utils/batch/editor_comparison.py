@@ -164,6 +164,78 @@ def summarize_editors(table: pd.DataFrame, n_resamples: int = 2000, seed: int = 
     return pd.DataFrame(rows)
 
 
+def load_comparison(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """``(table, record)``: a comparison CSV that :func:`compare_editors` wrote and its settings
+    record (``{"settings": …, "devices": […]}``). A CSV without its record, or with a
+    (pair, method, k) twice, is refused: its rows' origin is unknown or mixed."""
+    path = Path(path)
+    record = settings_path(path)
+    if not path.is_file():
+        raise EditInputError(f"no comparison table at {path}")
+    if not record.is_file():
+        raise EditInputError(f"{path} has no settings record ({record.name}): its rows' origin is unknown")
+    table = pd.read_csv(path)
+    twice = table.duplicated(["source", "target", "method", "k"])
+    if twice.any():
+        first = table[twice].iloc[0]
+        raise EditInputError(f"{path} holds {first.source} → {first.target} {first.method} "
+                             f"k={first.k} more than once (rows of two runs mixed)")
+    return table, json.loads(record.read_text())
+
+
+def complete_pairs(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the pairs that every (method, k) of ``table`` ran on: a run cut short leaves its
+    last pair with some editors only, and means over different pairs would not compare."""
+    configs = table.groupby(["method", "k"]).ngroups
+    per_pair = table.groupby(["source", "target"])[["method", "k"]].apply(
+        lambda g: len(g.drop_duplicates()))
+    keep = per_pair[per_pair == configs].index
+    return table[table.set_index(["source", "target"]).index.isin(keep)].reset_index(drop=True)
+
+
+def summarize_by_model(tables: dict[str, pd.DataFrame], **kwargs) -> pd.DataFrame:
+    """:func:`summarize_editors` of each model's table (its :func:`complete_pairs`), stacked with
+    a ``model`` column first."""
+    parts = [summarize_editors(complete_pairs(table), **kwargs).assign(model=model)
+             for model, table in tables.items()]
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[["model"] + [c for c in frame.columns if c != "model"]]
+
+
+HEAD_TO_HEAD = ("success", "reliability_free", "m_generality", "t_generality", "m_locality",
+                "m_locality_free", "t_locality", "no_image_locality", "text_transfer")
+FIELD = ("ft", "lora", "rome")
+
+
+def head_to_head(summary: pd.DataFrame, ours: tuple[str, int] = ("contribution", 5),
+                 others: Sequence[str] = FIELD, metrics: Sequence[str] = HEAD_TO_HEAD) -> pd.DataFrame:
+    """Ours against each of ``others`` per model and metric (``summary``:
+    :func:`summarize_by_model`): both means and ``outcome`` — ``behind`` / ``ahead`` when the
+    95 % intervals separate, ``level`` when they overlap, ``—`` when either is NaN. Higher is
+    better on every metric here (``text_transfer``: the edit carries over to text)."""
+    rows = []
+    for model, group in summary.groupby("model", sort=False):
+        mine = group[(group.method == ours[0]) & (group.k == ours[1])]
+        if mine.empty:
+            continue
+        mine = mine.iloc[0]
+        for other in group[group.method.isin(others)].itertuples(index=False):
+            other = other._asdict()
+            for metric in metrics:
+                a, b = float(mine[metric]), float(other[metric])
+                if math.isnan(a) or math.isnan(b):
+                    outcome = "—"
+                elif float(mine[f"{metric}_high"]) < float(other[f"{metric}_low"]):
+                    outcome = "behind"
+                elif float(mine[f"{metric}_low"]) > float(other[f"{metric}_high"]):
+                    outcome = "ahead"
+                else:
+                    outcome = "level"
+                rows.append(dict(model=model, metric=metric, ours=a, editor=other["method"],
+                                 editor_value=b, outcome=outcome))
+    return pd.DataFrame(rows, columns=["model", "metric", "ours", "editor", "editor_value", "outcome"])
+
+
 def _one_token(vlm, word: str) -> bool:
     """Whether ``word`` can be a target (one token as a caption says it; BPE models split some)."""
     try:

@@ -299,7 +299,7 @@ def _measure_speed(tables, notebook_model):
 
 TABLES = ("00_model_summary", "01_layer_distribution", "01_speed", "02_noun_hits_summary",
            "02_specificity_summary", "03_region_summary", "03_cross_image_summary",
-           "04_curves_over_k", "05_edit_summary")
+           "04_curves_over_k", "05_edit_summary", "05_editors_summary")
 
 
 # ---------------------------------------------------------------------------- the card

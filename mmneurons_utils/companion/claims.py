@@ -36,6 +36,7 @@ from typing import Callable
 import pandas as pd
 
 from ..store.results import atomic_write
+from .claim_editors import FIELD_EDITORS, judge_editing_vs_field, measure_editing_vs_field
 from .claim_evidence import (BASELINES, CAUSAL_K, EDIT_NEURONS, NAN, OVERHEAD_MAX, SPEEDUP_MIN, Evidence,
                              Unusable, Value, _fmt, _fmt_value, _measure_causal, _measure_cross,
                              _measure_editing, _measure_layers, _measure_region, _measure_sensitivity,
@@ -212,6 +213,14 @@ CLAIMS: tuple[Claim, ...] = (
           f"locality ≥ {EDIT_LOCALITY}; partly if success > random's but a condition fails (or no edit "
           "applied to measure locality); does not hold otherwise",
           "05_edit_summary.csv", _measure_editing, _judge_editing),
+    Claim("editing_vs_editors", "editing them holds up against the field's editors", "§3–4 (not in the paper)",
+          f"edit success, m_generality and m_locality, {EDIT_NEURONS} contribution units vs the strongest "
+          f"of {', '.join(FIELD_EDITORS)} (highest mean of the three) on the same pairs",
+          "holds if ours' 95 % interval lies below the strongest editor's on none of the three; partly if "
+          "it does on some but ours' point estimate is at least the strongest's on another; does not "
+          "hold otherwise",
+          "05_editors_summary.csv", measure_editing_vs_field,
+          lambda e: judge_editing_vs_field(e, HOLDS, PARTLY, FAILS, NOT_MEASURED)),
     Claim("efficiency", "finding them needs no gradients and costs little over captioning", "§3",
           "overhead_ratio (find_neurons ÷ describe) and gradient_speedup (gradient ÷ contribution, per noun)",
           f"holds if overhead_ratio ≤ {OVERHEAD_MAX} and gradient_speedup ≥ {SPEEDUP_MIN:g} (the README's "
@@ -257,7 +266,7 @@ def scorecard(tables_dir: str | Path, model: str | None = None) -> pd.DataFrame:
             elif m not in result:
                 others = ", ".join(str(x) for x in result) or "no model"
                 row["detail"] = f"{claim.source} has no rows for {m} (it holds {others})"
-                if claim.source[:2] in ("04", "05"):
+                if claim.source.startswith(("04_", "05_edit_summary")):   # one model per run
                     row["detail"] += (f"; notebook {claim.source[:2]} runs one model: "
                                       f"run it with -p model {m}")
             elif isinstance(result[m], str):

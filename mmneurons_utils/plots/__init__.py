@@ -9,7 +9,7 @@ units' purity vs random units, their modality).
 from .atlas import example_strip, modality_histogram, purity_scatter
 from .causal import ablation_curves, edit_bars
 from .editors import editor_comparison
-from .identification import layer_distribution, neuron_bars, save, scene_grid
+from .identification import layer_depth, layer_distribution, neuron_bars, save, scene_grid
 from .properties import heatmap_overlay, heatmap_panels, jaccard_bars, metric_bars
 
 __all__ = [
@@ -17,5 +17,5 @@ __all__ = [
     "editor_comparison",                                                   # editors compared
     "example_strip", "modality_histogram", "purity_scatter",               # atlas
     "heatmap_overlay", "heatmap_panels", "jaccard_bars", "metric_bars",    # properties
-    "layer_distribution", "neuron_bars", "save", "scene_grid",             # identification
+    "layer_depth", "layer_distribution", "neuron_bars", "save", "scene_grid",             # identification
 ]

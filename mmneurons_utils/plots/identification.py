@@ -68,6 +68,27 @@ def layer_distribution(shares: dict, top_k: int, width: float = 3.6):
     return fig
 
 
+def layer_depth(shares: dict, top_k: int):
+    """Models of any depth on one axis: the cumulative share of top-k units against relative depth
+    (layer ``l`` of ``L`` drawn at ``(l + 1) / L``), so a 4-layer and a 30-layer model compare; the
+    dotted line is what units spread evenly over the layers would give. ``shares``: as
+    :func:`layer_distribution` takes."""
+    fig, ax = plt.subplots(figsize=(4.4, 3.0))
+    for name, share in shares.items():
+        n = len(share)
+        depth = [0.0] + [(l + 1) / n for l in range(n)]
+        upper = float(share.iloc[n // 2:].sum())
+        ax.step(depth, [0.0] + list(share.cumsum()), where="post",
+                label=f"{name}: {n} layers, upper half {upper:.2f}")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
+    ax.axvline(0.5, color="grey", lw=0.5)
+    ax.set_xlabel("relative depth (layer / number of layers)")
+    ax.set_ylabel(f"cumulative share of top-{top_k} units")
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def neuron_bars(table, noun: str, width: float = 6.0):
     """Contribution scores of one noun's top units, labelled ``L3.741 (−) [top tokens]``:
     the unit's polarity (the sign of its coefficient; ``−`` units write the noun through

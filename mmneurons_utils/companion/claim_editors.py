@@ -1,0 +1,78 @@
+"""Claim 7 against the editors the field uses: ours (``contribution``, k = 5) beside the strongest
+of fine-tuning, LoRA and ROME on the same source → target pairs.
+
+It reads ``05_editors_summary.csv`` (notebook 05's last section:
+:func:`~mmneurons_utils.batch.editor_comparison.summarize_editors` per model, with a ``model``
+column), on the three axes EasyEdit reports for a VLM edit: ``success`` (reliability, all pairs),
+``m_generality`` (held-out images of the source) and ``m_locality`` (unrelated images' tokens
+unchanged); every mean with its 95 % bootstrap interval over pairs.
+
+*Strongest* is the field editor with the highest mean of the three axes. On each axis ours is
+*behind* it when ours' interval lies wholly below its interval, *ahead* when wholly above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .claim_evidence import EDIT_NEURONS, NAN, Evidence, Unusable, Value, _fmt, _needs
+
+FIELD_EDITORS = ("ft", "lora", "rome")
+AXES = ("success", "m_generality", "m_locality")
+TABLE = "05_editors_summary"
+
+
+def _value(row, axis: str) -> Value:
+    return Value(float(row[axis]), float(row[f"{axis}_low"]), float(row[f"{axis}_high"]))
+
+
+def _score(row) -> float:
+    """The mean of the three axes (NaN counts as 0: an editor that never applied has no locality)."""
+    return sum(0.0 if math.isnan(float(row[a])) else float(row[a]) for a in AXES) / len(AXES)
+
+
+def _model_evidence(group: pd.DataFrame) -> Evidence | str:
+    ours = group[(group["method"] == "contribution") & (group["k"].astype(int) == EDIT_NEURONS)]
+    field = group[group["method"].isin(FIELD_EDITORS)]
+    if ours.empty:
+        return f"{TABLE}.csv has no contribution row with k = {EDIT_NEURONS}"
+    if field.empty:
+        return f"{TABLE}.csv has none of the field's editors ({', '.join(FIELD_EDITORS)})"
+    ours = ours.iloc[0]
+    best = field.loc[field.apply(_score, axis=1).idxmax()]
+    random = group[group["method"] == "random"]
+    axes = {a: (_value(ours, a), _value(best, a)) for a in AXES}
+    detail = "; ".join(
+        f"{a}: ours {_fmt(o.mean)} vs {best['method']} {_fmt(b.mean)}"
+        + (" (behind)" if b.above(o) else " (ahead)" if o.above(b) else "") for a, (o, b) in axes.items())
+    others = ", ".join(f"{r['method']} {_fmt(_score(r))}" for _, r in field.iterrows())
+    return Evidence(
+        f"edit success, m_generality, m_locality ({EDIT_NEURONS} contribution units) vs the strongest "
+        "field editor", axes["success"][0],
+        {"gradient": NAN, "gradient_image": NAN,
+         "random": NAN if random.empty else _value(random.iloc[0], "success")},
+        float(ours["n_pairs"]), extra={"axes": axes, "strongest": str(best["method"])},
+        detail=f"strongest: {best['method']} (mean of the three axes: {others}, ours "
+               f"{_fmt(_score(ours))}); {detail}; 95 % bootstrap intervals over pairs")
+
+
+def measure_editing_vs_field(tables, notebook_model):
+    _needs(tables, TABLE)
+    frame = tables[TABLE]
+    need = {"model", "method", "k", "n_pairs", *AXES, *(f"{a}_{s}" for a in AXES for s in ("low", "high"))}
+    if not need <= set(frame.columns):
+        raise Unusable(f"{TABLE}.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    return {str(model): _model_evidence(group) for model, group in frame.groupby("model", sort=False)}
+
+
+def judge_editing_vs_field(e: Evidence, holds: str, partly: str, fails: str, not_measured: str) -> str:
+    """holds: behind the strongest editor on no axis; partly: ahead of or level with it (point
+    estimate) on at least one axis; does not hold: below it on every axis."""
+    axes = e.extra["axes"]
+    if any(math.isnan(o.mean) or math.isnan(b.mean) for o, b in axes.values()):
+        return not_measured
+    if not any(b.above(o) for o, b in axes.values()):
+        return holds
+    return partly if any(o.mean >= b.mean for o, b in axes.values()) else fails
