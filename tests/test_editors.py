@@ -16,7 +16,8 @@ from mmneurons_utils.batch.edit_evaluation import ImagePool
 from mmneurons_utils.batch.editor_comparison import JSON_KEYS, evaluate_editor, summarize_editors
 from mmneurons_utils.interventions.ablation import perturb_units
 from mmneurons_utils.interventions.edit_learning import EditInputError
-from mmneurons_utils.interventions.editors import EDITORS, edit_with, key_covariance
+from mmneurons_utils.interventions.editors import EDITORS, edit_with
+from mmneurons_utils.interventions.layer_editors import key_covariance
 from mmneurons_utils.model.trace import trace_down_proj
 from mmneurons_utils.properties.edit_metrics import (METRIC_KEYS, TEXT_PROMPTS, _prompt_ids, _text_decoder,
                                                      clean_reference, edit_metrics, forced_argmax)

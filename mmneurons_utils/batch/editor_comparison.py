@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from ..interventions.editors import EDITORS, edit_with

