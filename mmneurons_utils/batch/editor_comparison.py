@@ -24,7 +24,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from ..interventions.editors import EDITORS, edit_with
+from ..interventions.editors import EDITORS, WEIGHT_EDITORS, edit_with
 from ..interventions.edit_inputs import target_token
 from ..interventions.edit_learning import EditInputError
 from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
@@ -111,6 +111,13 @@ def check_settings(out: str | Path, settings: dict, device: str | None = None) -
     atomic_write(record, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
+def check_editors(methods) -> None:
+    """:class:`EditInputError` naming every method that is not one of :data:`EDITORS`."""
+    bad = [m for m in methods if m not in EDITORS]
+    if bad:
+        raise EditInputError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+
+
 def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
                     configs: Sequence[tuple[str, int]] = DEFAULT_CONFIGS, out: str | Path | None = None,
                     max_minutes: float | None = None, progress: bool = False,
@@ -122,9 +129,7 @@ def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     numbers) equal those recorded beside it (:func:`check_settings`)."""
     from tqdm.auto import tqdm
 
-    bad = [m for m, _ in configs if m not in EDITORS]
-    if bad:
-        raise ValueError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+    check_editors(m for m, _ in configs)
     path = Path(out) if out is not None else None
     if path is not None and settings is not None:
         check_settings(path, settings, device=str(vlm.device))
@@ -203,11 +208,9 @@ def summarize_by_model(tables: dict[str, pd.DataFrame], **kwargs) -> pd.DataFram
 
 HEAD_TO_HEAD = ("success", "reliability_free", "m_generality", "t_generality", "m_locality",
                 "m_locality_free", "t_locality", "no_image_locality", "text_transfer")
-FIELD = ("ft", "lora", "rome")
-
 
 def head_to_head(summary: pd.DataFrame, ours: tuple[str, int] = ("contribution", 5),
-                 others: Sequence[str] = FIELD, metrics: Sequence[str] = HEAD_TO_HEAD) -> pd.DataFrame:
+                 others: Sequence[str] = WEIGHT_EDITORS, metrics: Sequence[str] = HEAD_TO_HEAD) -> pd.DataFrame:
     """Ours against each of ``others`` per model and metric (``summary``:
     :func:`summarize_by_model`): both means and ``outcome`` — ``behind`` / ``ahead`` when the
     95 % intervals separate, ``level`` when they overlap, ``—`` when either is NaN. Higher is
@@ -250,9 +253,7 @@ def _parse_configs(text: str) -> list[tuple[str, int]]:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in text.split(",")]
     except (IndexError, ValueError):
         raise EditInputError(f"--configs takes method:k,... (e.g. ft:5,rome:5), not {text!r}") from None
-    bad = [m for m, _ in configs if m not in EDITORS]
-    if bad:
-        raise EditInputError(f"unknown editor(s) {', '.join(bad)}; choose from {', '.join(EDITORS)}")
+    check_editors(m for m, _ in configs)
     return configs
 
 
@@ -325,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
         pairs = _pairs(vlm, pool, args)
         print("pairs:", pairs, flush=True)
-        table = compare_editors(vlm, pool, pairs, configs, out=args.out,
-                                max_minutes=args.max_minutes, progress=True, settings=settings,
+        table = compare_editors(vlm, pool, pairs, configs, out=args.out,   # settings checked above
+                                max_minutes=args.max_minutes, progress=True,
                                 steps=args.steps, n_edit=args.n_edit, n_unrelated=args.n_unrelated,
                                 n_locality=args.n_locality, n_heldout=args.n_heldout,
                                 n_covariance=args.n_covariance)

@@ -9,6 +9,7 @@ unchanged); every mean with its 95 % bootstrap interval over pairs.
 
 *Strongest* is the field editor with the highest mean of the three axes. On each axis ours is
 *behind* it when ours' interval lies wholly below its interval, *ahead* when wholly above.
+The rule that judges it is with the others, in :mod:`.claims`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import math
 
 import pandas as pd
 
+from ..interventions.editors import WEIGHT_EDITORS
 from .claim_evidence import EDIT_NEURONS, NAN, Evidence, Unusable, Value, _fmt, _needs
 
-FIELD_EDITORS = ("ft", "lora", "rome")
 AXES = ("success", "m_generality", "m_locality")
 TABLE = "05_editors_summary"
 
@@ -35,11 +36,11 @@ def _score(row) -> float:
 
 def _model_evidence(group: pd.DataFrame) -> Evidence | str:
     ours = group[(group["method"] == "contribution") & (group["k"].astype(int) == EDIT_NEURONS)]
-    field = group[group["method"].isin(FIELD_EDITORS)]
+    field = group[group["method"].isin(WEIGHT_EDITORS)]
     if ours.empty:
         return f"{TABLE}.csv has no contribution row with k = {EDIT_NEURONS}"
     if field.empty:
-        return f"{TABLE}.csv has none of the field's editors ({', '.join(FIELD_EDITORS)})"
+        return f"{TABLE}.csv has none of the field's editors ({', '.join(WEIGHT_EDITORS)})"
     ours = ours.iloc[0]
     best = field.loc[field.apply(_score, axis=1).idxmax()]
     random = group[group["method"] == "random"]
@@ -65,14 +66,3 @@ def measure_editing_vs_field(tables, notebook_model):
     if not need <= set(frame.columns):
         raise Unusable(f"{TABLE}.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
     return {str(model): _model_evidence(group) for model, group in frame.groupby("model", sort=False)}
-
-
-def judge_editing_vs_field(e: Evidence, holds: str, partly: str, fails: str, not_measured: str) -> str:
-    """holds: behind the strongest editor on no axis; partly: ahead of or level with it (point
-    estimate) on at least one axis; does not hold: below it on every axis."""
-    axes = e.extra["axes"]
-    if any(math.isnan(o.mean) or math.isnan(b.mean) for o, b in axes.values()):
-        return not_measured
-    if not any(b.above(o) for o, b in axes.values()):
-        return holds
-    return partly if any(o.mean >= b.mean for o, b in axes.values()) else fails

@@ -36,7 +36,8 @@ from typing import Callable
 import pandas as pd
 
 from ..store.results import atomic_write
-from .claim_editors import FIELD_EDITORS, judge_editing_vs_field, measure_editing_vs_field
+from ..interventions.editors import WEIGHT_EDITORS
+from .claim_editors import measure_editing_vs_field
 from .claim_evidence import (BASELINES, CAUSAL_K, EDIT_NEURONS, NAN, OVERHEAD_MAX, SPEEDUP_MIN, Evidence,
                              Unusable, Value, _fmt, _fmt_value, _measure_causal, _measure_cross,
                              _measure_editing, _measure_layers, _measure_region, _measure_sensitivity,
@@ -160,6 +161,17 @@ def _judge_editing(e: Evidence) -> str:
     return HOLDS if ok else PARTLY                      # a NaN locality fails the size check
 
 
+def _judge_editing_vs_field(e: Evidence) -> str:
+    """holds: behind the strongest field editor on no axis; partly: ahead of or level with it
+    (point estimate) on at least one axis; does not hold: below it on every axis."""
+    axes = e.extra["axes"]                       # axis → (ours, strongest) Values
+    if any(math.isnan(o.mean) or math.isnan(b.mean) for o, b in axes.values()):
+        return NOT_MEASURED
+    if not any(b.above(o) for o, b in axes.values()):
+        return HOLDS
+    return PARTLY if any(o.mean >= b.mean for o, b in axes.values()) else FAILS
+
+
 def _judge_speed(e: Evidence) -> str:
     ratio, speedup = e.extra["overhead_ratio"], e.extra["gradient_speedup"]
     if math.isnan(ratio) or math.isnan(speedup):
@@ -215,12 +227,11 @@ CLAIMS: tuple[Claim, ...] = (
           "05_edit_summary.csv", _measure_editing, _judge_editing),
     Claim("editing_vs_editors", "editing them holds up against the field's editors", "§3–4 (not in the paper)",
           f"edit success, m_generality and m_locality, {EDIT_NEURONS} contribution units vs the strongest "
-          f"of {', '.join(FIELD_EDITORS)} (highest mean of the three) on the same pairs",
+          f"of {', '.join(WEIGHT_EDITORS)} (highest mean of the three) on the same pairs",
           "holds if ours' 95 % interval lies below the strongest editor's on none of the three; partly if "
           "it does on some but ours' point estimate is at least the strongest's on another; does not "
           "hold otherwise",
-          "05_editors_summary.csv", measure_editing_vs_field,
-          lambda e: judge_editing_vs_field(e, HOLDS, PARTLY, FAILS, NOT_MEASURED)),
+          "05_editors_summary.csv", measure_editing_vs_field, _judge_editing_vs_field),
     Claim("efficiency", "finding them needs no gradients and costs little over captioning", "§3",
           "overhead_ratio (find_neurons ÷ describe) and gradient_speedup (gradient ÷ contribution, per noun)",
           f"holds if overhead_ratio ≤ {OVERHEAD_MAX} and gradient_speedup ≥ {SPEEDUP_MIN:g} (the README's "

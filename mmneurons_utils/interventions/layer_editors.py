@@ -19,6 +19,7 @@ from ..model.cache import cache_dir, weights_hash
 from ..model.offload import weight
 from ..model.teacher_forcing import append_captions
 from ..model.trace import trace_down_proj
+from ..store.provenance import image_hashes, images_digest
 from ..store.results import atomic_write
 from .edit_learning import EditBatch, EditConfig, fit_edit
 
@@ -118,14 +119,6 @@ def rome_delta(vlm, batch: EditBatch, layer: int, target_id: int, cov: torch.Ten
 
 
 # --- ROME's key covariance --------------------------------------------------------------------
-def _images_digest(images: Sequence) -> str:
-    digest = hashlib.blake2b(digest_size=12)
-    for image in images:
-        digest.update(f"{image.size}{image.mode}".encode())
-        digest.update(image.tobytes())
-    return digest.hexdigest()
-
-
 @torch.no_grad()
 def key_covariance(vlm, layer: int, images: Sequence, max_new_tokens: int = 20, batch_size: int = 16,
                    use_cache: bool = True) -> torch.Tensor:
@@ -136,7 +129,8 @@ def key_covariance(vlm, layer: int, images: Sequence, max_new_tokens: int = 20, 
     images = list(images)
     path = None
     if use_cache:
-        key = hashlib.blake2b(f"{weights_hash(vlm)}|{layer}|{_images_digest(images)}|{max_new_tokens}"
+        pixels = images_digest(image_hashes(map(str, range(len(images))), images))
+        key = hashlib.blake2b(f"{weights_hash(vlm)}|{layer}|{pixels}|{max_new_tokens}"
                               f"|rome-cov".encode(), digest_size=16).hexdigest()
         path = cache_dir() / "rome" / f"{key}.pt"
         if path.is_file():
