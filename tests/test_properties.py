@@ -277,3 +277,16 @@ def test_cross_image_invariance_on_the_trained_model(tiny_llava):
     result = metrics.cross_image_invariance(table, k=10)
     ok = result[result.status == "ok"]
     assert len(ok) and ok.jaccard_same.between(0, 1).all()
+
+
+def test_depth_summary_compares_models_of_any_depth():
+    import pandas as pd
+
+    from mmneurons_utils.properties.metrics import depth_summary
+
+    last = depth_summary(pd.Series([0.0] * 29 + [1.0]))
+    assert last == dict(layers=30, upper_half=1.0, mean_depth=1.0)
+    even = depth_summary(pd.Series([0.25] * 4))
+    assert even["upper_half"] == 0.5 and even["mean_depth"] == (1 + 2 + 3 + 4) / 16
+    odd = depth_summary(pd.Series([0.2] * 5))       # layers 3 and 4 of 5 (l ≥ L / 2), as the scorecard
+    assert abs(odd["upper_half"] - 0.4) < 1e-12

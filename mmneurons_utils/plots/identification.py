@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 
 from ..method.units import Unit
+from ..properties.metrics import depth_summary
 from ..tiny.scenes import ATTRIBUTION
 
 
@@ -77,7 +78,7 @@ def layer_depth(shares: dict, top_k: int):
     for name, share in shares.items():
         n = len(share)
         depth = [0.0] + [(l + 1) / n for l in range(n)]
-        upper = float(share.iloc[n // 2:].sum())
+        upper = depth_summary(share)["upper_half"]
         ax.step(depth, [0.0] + list(share.cumsum()), where="post",
                 label=f"{name}: {n} layers, upper half {upper:.2f}")
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)

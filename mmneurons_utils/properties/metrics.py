@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -24,7 +25,7 @@ from .stats import bootstrap_ci, cluster_bootstrap_ci
 __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
     "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
-    "layer_distribution", "method_agreement", "paper_table",
+    "depth_summary", "layer_distribution", "method_agreement", "paper_table",
     "polarity_report", "summarize",
     "summarize_ci",
 ]
@@ -34,6 +35,16 @@ def layer_distribution(table: pd.DataFrame, n_layers: int) -> pd.Series:
     """Share of all top-k units (over images and nouns) that sit in each layer."""
     counts = table["layer"].value_counts().reindex(range(n_layers), fill_value=0)
     return counts / counts.sum()
+
+
+def depth_summary(share: pd.Series) -> dict:
+    """Where a :func:`layer_distribution` sits, comparable across depths: ``layers`` (``L``),
+    ``upper_half`` (share in layers ``l ≥ L / 2``, the scorecard's rule) and ``mean_depth``
+    (mean of ``(l + 1) / L``: 1 = all in the last layer)."""
+    n = len(share)
+    layers = np.arange(n)
+    return dict(layers=n, upper_half=float(share[layers >= n / 2].sum()),
+                mean_depth=float((share.to_numpy() * (layers + 1)).sum() / n))
 
 
 def method_agreement(maps: list[dict], ks: Sequence[int] = (10, 50), seed: int = 0) -> pd.DataFrame:
