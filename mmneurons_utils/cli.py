@@ -10,7 +10,11 @@
     accelerate launch --num_processes 8 -m mmneurons_utils.cli find --device cuda --images photos/ --out big.parquet
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
-With ``--json`` the last line of standard output is one JSON object.
+With ``--json`` the last line of standard output is one JSON object. A fault of the machine
+(a full disk, an I/O error) is one line naming the file, exit code 1; Ctrl-C is one line,
+exit code 130 (``find`` keeps every finished batch: rerun to resume). ``--scenes`` is at most
+:data:`MAX_SCENES` (every scene is built in memory before the model sees it; a larger set
+belongs in a folder: ``export-scenes`` it in parts and pass ``--images``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .commands.find import cmd_bench, cmd_describe, cmd_export_scenes, cmd_find
 from .commands.interventions import cmd_edit, cmd_perturb
 from .model.loading import parse_device, parse_dtype
 from .model.nouns import NounTaggerMissing
+from .store.files import os_error_exit_code, os_error_line
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -48,6 +53,18 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _seed = _int_at_least(0, "a non-negative integer seed")
+
+MAX_SCENES = 100_000   # --scenes: ~20 KB of images each, all in memory (about 2 GB at the bound)
+
+
+def _scene_count(text: str) -> int:
+    """``--scenes``: 1 … :data:`MAX_SCENES`."""
+    value = _positive_int(text)
+    if value > MAX_SCENES:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SCENES} scenes (each is built in memory first), got {text!r}; "
+            "for more, export-scenes them into folders and pass --images")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +92,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--scenes", type=_positive_int, metavar="N", help="N generated scenes")
+    source.add_argument("--scenes", type=_scene_count, metavar="N",
+                        help=f"N generated scenes (at most {MAX_SCENES})")
     source.add_argument("--images", metavar="DIR", help="a folder of images")
     p.add_argument("--annotations", metavar="FILE",
                    help="with --images: a COCO instances JSON (images, annotations with bbox, "
@@ -122,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export-scenes", help="write embedded scenes as a folder of PNGs with a COCO "
                                              "annotations.json (to try the --images path offline)")
-    x.add_argument("--scenes", type=_positive_int, required=True, metavar="N", help="N scenes")
+    x.add_argument("--scenes", type=_scene_count, required=True, metavar="N",
+                   help=f"N scenes (at most {MAX_SCENES})")
     x.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
     x.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
     x.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -164,7 +183,7 @@ def _add_causal_commands(sub) -> None:
     _add_model_args(e)
     e.add_argument("--source", required=True, help="a noun the captions say")
     e.add_argument("--target", required=True, help="the noun to say instead")
-    e.add_argument("--scenes", type=_positive_int, required=True, metavar="N",
+    e.add_argument("--scenes", type=_scene_count, required=True, metavar="N",
                    help="N scenes: half of those saying the source are edited, the rest held out")
     e.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
     e.add_argument("--k", dest="k", type=_positive_int, default=5, help="how many units to edit (default 5)")
@@ -194,9 +213,27 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split())      # one line, whatever the message held
         print(f"mmneurons {args.command}: error: {message}{_which_process()}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(f"mmneurons {args.command}: interrupted; {_AFTER_INTERRUPT.get(args.command, 'nothing was written')}"
+              f"{_which_process()}", file=sys.stderr)
+        return 130
+    except OSError as exc:                        # a full disk, a path the system refuses
+        _close_progress_bars()
+        print(f"mmneurons {args.command}: error: {os_error_line(exc)}{_which_process()}", file=sys.stderr)
+        return os_error_exit_code(exc)
     if args.json and result is not None:   # None: a process of accelerate launch other than the main
         print(json.dumps(result))
     return 0
+
+
+# what a Ctrl-C leaves behind, per command (the others write nothing, or nothing half-way)
+_AFTER_INTERRUPT = {
+    "find": "every finished batch is in --out: rerun to resume",
+    "atlas": "nothing half-written was left in --out: rerun to build it",
+    "export-scenes": "nothing half-written was left in --out: rerun to write it",
+    "edit": "nothing was saved: rerun to edit again",
+}
 
 
 def _close_progress_bars() -> None:

@@ -32,7 +32,8 @@ from ..model.cache import weights_hash
 from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
 from ..store.provenance import differences
-from ..store.results import atomic_write
+from ..store.files import exclusive, os_error_exit_code, os_error_line
+from ..store.results import atomic_write, check_output_file
 from ..tiny.scenes import make_scenes
 from .edit_evaluation import ImagePool, default_pairs
 
@@ -91,13 +92,33 @@ def settings_path(out: str | Path) -> Path:
     return Path(f"{out}.settings.json")
 
 
+def read_record(out: str | Path) -> dict | None:
+    """The settings record beside ``out`` (``None`` when there is none); :class:`EditInputError`
+    naming it when it is not one this module wrote (it is then never overwritten)."""
+    record = settings_path(out)
+    if not record.exists():
+        return None
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EditInputError(f"{record} is not a settings record of the editor comparison (not JSON: "
+                             f"{' '.join(str(exc).split())[:80]}); it is left untouched: give another "
+                             "--out") from None
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("settings"), dict)
+            and isinstance(recorded.get("devices", []), list)):
+        raise EditInputError(f"{record} is not a settings record of the editor comparison (a JSON "
+                             f"{type(recorded).__name__} without a 'settings' object); it is left "
+                             "untouched: give another --out")
+    return recorded
+
+
 def check_settings(out: str | Path, settings: dict, device: str | None = None) -> None:
     """Refuse to add rows to ``out`` made under other ``settings`` (one line naming what
-    differs), or to a CSV that has no record of its settings; else (re)write the record, adding
-    ``device`` to the devices its rows were made on (not a setting: it changes numbers only at
-    rounding level)."""
+    differs), or to a CSV that has no record of its settings, or to write over a file beside it
+    that is not such a record; else (re)write the record, adding ``device`` to the devices its
+    rows were made on (not a setting: it changes numbers only at rounding level)."""
     path, record = Path(out), settings_path(out)
-    recorded = json.loads(record.read_text()) if record.is_file() else None
+    recorded = read_record(out)
     if path.is_file() and recorded is None:
         raise EditInputError(f"{path} has no settings record ({record.name}): it cannot be resumed "
                              f"safely; give a new --out or delete it")
@@ -134,6 +155,8 @@ def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     if path is not None and settings is not None:
         check_settings(path, settings, device=str(vlm.device))
     done = pd.read_csv(path) if path is not None and path.is_file() else pd.DataFrame()
+    if len(done):   # a row twice (two runs of old on one file): kept once
+        done = done.drop_duplicates(["source", "target", "method", "k"]).reset_index(drop=True)
     seen = set(zip(done.source, done.target, done.method, done.k)) if len(done) else set()
     rows = done.to_dict("records")
     start = time.perf_counter()
@@ -145,8 +168,9 @@ def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
                 continue
             _, row = evaluate_editor(vlm, pool, source, target, method, k, **kwargs)
             rows.append(row)
-            if path is not None:
-                pd.DataFrame([row]).to_csv(path, mode="a", header=not path.is_file(), index=False)
+            if path is not None:   # the whole table, through a temporary file: never half a row
+                table = pd.DataFrame(rows)
+                atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return pd.DataFrame(rows)
 
 
@@ -268,25 +292,58 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _count(minimum: int):
+    """An argparse type: an integer ≥ ``minimum`` (the flag is named by argparse's message)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a positive' if minimum == 1 else 'a non-negative'} integer, got {text!r}")
+        return value
+    return parse
+
+
+def _minutes(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return value
+
+
 def _parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m mmneurons_utils.batch.editor_comparison")
+    class Parser(argparse.ArgumentParser):   # errors on one line, exit 2
+        def error(self, message):
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    p = Parser(prog="python -m mmneurons_utils.batch.editor_comparison")
     p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--scenes", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pairs", type=int, default=20)
-    p.add_argument("--out", required=True, help="the CSV (resumed when its settings match)")
-    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--scenes", type=_count(1), default=120, help="scenes in the pool (at most 100000)")
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--pairs", type=_count(1), default=20)
+    p.add_argument("--out", required=True, help="the CSV (resumed when its settings match; one writer "
+                   "at a time: a second run on it waits)")
+    p.add_argument("--max-minutes", type=_minutes)
     p.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS))
-    p.add_argument("--min-images", type=int, default=4)
-    p.add_argument("--steps", type=int, default=150, help="most optimiser steps of every editor")
+    p.add_argument("--min-images", type=_count(1), default=4)
+    p.add_argument("--steps", type=_count(1), default=150, help="most optimiser steps of every editor")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
     p.add_argument("--shard", default="0/1", help="K/N: run pairs K, K+N, K+2N, ... (N processes "
                    "side by side, each with its own --out; concatenate the CSVs after)")
-    for name, default in (("n-edit", 2), ("n-unrelated", 4), ("n-locality", 6), ("n-heldout", 4),
-                          ("n-covariance", 64)):
-        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default, minimum in (("n-edit", 2, 1), ("n-unrelated", 4, 0), ("n-locality", 6, 0),
+                                   ("n-heldout", 4, 0), ("n-covariance", 64, 1)):
+        p.add_argument(f"--{name}", type=_count(minimum), default=default)
     return p
 
 
@@ -311,31 +368,59 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
     --pairs 20 --out table.csv [--max-minutes M] [--configs ft:5,lora:5,...] [--device cuda]
     [--shard K/N]``: the comparison table (resumable), then its summary. Bad input (a CSV made
-    under other settings, an unknown editor, a model that cannot load) exits 2 with one line."""
+    under other settings, an unknown editor, a model that cannot load, an ``--out`` that cannot
+    be written) exits 2 with one line; a full disk 1; Ctrl-C 130 (every finished row is kept:
+    rerun to resume). One run writes ``--out`` at a time (a second waits: the lock of
+    ``mmneurons find``); a symbolic link is written at its target."""
     args = _parser().parse_args(argv)
     try:
         configs = _parse_configs(args.configs)
         _parse_shard(args.shard)
+        if args.scenes > 100_000:
+            raise EditInputError(f"--scenes must be at most 100000 (the pool is built in memory), got {args.scenes}")
+        out = check_output_file(args.out, "--out", suffix=".csv")   # before the model loads
+        read_record(out)
+        with exclusive(out):
+            table = _run(args, out, configs)
+    except ValueError as error:   # EditInputError and ModelLoadError are ValueErrors
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted; every finished row is in {args.out}: rerun to resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        sys.exit(os_error_exit_code(error))
+    if table.empty:
+        print(f"no pairs to compare in this shard ({args.shard}); nothing written", file=sys.stderr)
+        return
+    with pd.option_context("display.width", 250, "display.max_columns", 80):
+        print(summarize_editors(table).round(3).to_string(index=False))
+
+
+def _run(args, out: Path, configs) -> pd.DataFrame:
+    """The comparison of ``main``, holding the lock of ``out``: a settings record written here
+    that no row followed (a failed or interrupted run) is removed again."""
+    had_record = settings_path(out).exists()
+    try:
         vlm = load_vlm(args.model, device=args.device)
         settings = dict(model=args.model, weights=weights_hash(vlm), scenes=args.scenes,
                         seed=args.seed, min_images=args.min_images, steps=args.steps,
                         n_edit=args.n_edit, n_unrelated=args.n_unrelated,
                         n_locality=args.n_locality, n_heldout=args.n_heldout,
                         n_covariance=args.n_covariance)
-        check_settings(args.out, settings, device=str(vlm.device))   # before the slow pool
+        check_settings(out, settings, device=str(vlm.device))   # before the slow pool
         pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)])
         pairs = _pairs(vlm, pool, args)
         print("pairs:", pairs, flush=True)
-        table = compare_editors(vlm, pool, pairs, configs, out=args.out,   # settings checked above
-                                max_minutes=args.max_minutes, progress=True,
-                                steps=args.steps, n_edit=args.n_edit, n_unrelated=args.n_unrelated,
-                                n_locality=args.n_locality, n_heldout=args.n_heldout,
-                                n_covariance=args.n_covariance)
-    except ValueError as error:   # EditInputError and ModelLoadError are ValueErrors
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    with pd.option_context("display.width", 250, "display.max_columns", 80):
-        print(summarize_editors(table).round(3).to_string(index=False))
+        return compare_editors(vlm, pool, pairs, configs, out=out,   # settings checked above
+                               max_minutes=args.max_minutes, progress=True,
+                               steps=args.steps, n_edit=args.n_edit, n_unrelated=args.n_unrelated,
+                               n_locality=args.n_locality, n_heldout=args.n_heldout,
+                               n_covariance=args.n_covariance)
+    finally:
+        if not had_record and not out.exists():
+            settings_path(out).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..data.datasets import load_images, match_category, prepare_model
 from ..method.identify import METHODS
 from ..model.vlm import load_vlm
-from ..store.results import check_writable_folder
+from ..store.files import check_writable_folder, output_path
 
 
 class CliError(ValueError):
@@ -29,17 +29,28 @@ def check_method(method: str) -> str:
 def check_new_folder(folder, option: str, parents: bool = True) -> Path:
     """``folder`` (to be created, or empty) can be made here: its nearest existing ancestor
     (``parents=False``: its parent) is a writable folder."""
-    folder = Path(folder).expanduser()
+    folder = output_path(folder)      # a symbolic link: its target
     if folder.exists() and not folder.is_dir():
         raise CliError(f"{option} {folder} exists and is not a folder; choose a folder")
     if not parents and not folder.parent.is_dir():
         raise CliError(f"folder {folder.parent} of {option} does not exist")
-    existing = folder if folder.exists() else folder.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     check_writable_folder(existing, f"{option} {folder}" if existing == folder else
                           f"folder {existing} (where {option} {folder} would be made)")
     return folder
+
+
+def nearest_existing(folder: Path) -> Path:
+    """``folder`` when it exists, else its nearest existing ancestor."""
+    existing = folder if folder.exists() else folder.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def model_bytes(vlm) -> int:
+    """The bytes of the model's parameters (what saving it writes, about)."""
+    return sum(p.numel() * p.element_size() for p in vlm.model.parameters())
 
 
 def data_of(args):

@@ -14,11 +14,15 @@ from ..method.identify import METHODS
 from ..model.loading import ModelLoadError, read_noun_vocabulary
 from ..model.vlm import EMBEDDED, EMBEDDED_DIR, load_vlm
 from ..properties.edit_metrics import METRIC_KEYS
+from ..store.files import check_free_space
 from ..tiny.scenes import make_scenes
-from .common import CliError, check_new_folder, data_of, finite, load_model
+from .common import CliError, check_new_folder, data_of, finite, load_model, model_bytes, nearest_existing
 
 
 def cmd_perturb(args) -> dict:
+    if args.absolute and args.sigma is None:
+        raise CliError("--absolute scales the noise of --sigma, but no --sigma was given (the "
+                       "default zeroes the units); add --sigma S or drop --absolute")
     if args.sigma is not None and not 0 < args.sigma < float("inf"):   # also nan, inf
         raise CliError(f"--sigma must be a finite positive number (× the column's RMS, or absolute "
                        f"with --absolute), got {args.sigma!r}")
@@ -65,6 +69,8 @@ def cmd_edit(args) -> dict:
     _check_edit_words(args)         # before the model loads
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     target_token(vlm, args.target)  # bad target: fail before captioning anything
+    if save is not None:            # room for the model, before the edit is learnt
+        check_free_space(nearest_existing(save), model_bytes(vlm), f"--save {save}")
     pool = ImagePool.build(vlm, [s.image for s in make_scenes(args.scenes, seed=args.seed)], progress=True)
     said = pool.nouns()
     if said and args.source not in said:   # a word of the captions that is no noun ("a", "of")
@@ -90,7 +96,15 @@ def cmd_edit(args) -> dict:
                   **{key: row[key] for key in JSON_KEYS if key != "applied"})
     if save is not None:
         if edit.converged:
-            result["saved"] = str(edit.save_pretrained(save))
+            check_new_folder(save, "--save")     # still a place to write, and still free
+            if save.exists() and any(save.iterdir()):
+                raise CliError(f"--save {save} was filled by something else during the edit; it is "
+                               "left untouched: rerun with a new folder (the same --seed redoes the edit)")
+            try:
+                result["saved"] = str(edit.save_pretrained(save))
+            except OSError as exc:   # nothing half-written is left (a temporary folder, renamed)
+                raise OSError(exc.errno, f"{exc.strerror or exc} while saving the edited model, so it "
+                              "was not saved (the same --seed redoes the edit)", str(save)) from exc
         edit.undo()
     if not args.json:
         what = f"{m['n_neurons']} neurons" if unit_editor else f"{args.method} on down_proj of layer {edit.layer}"

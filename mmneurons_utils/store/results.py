@@ -15,94 +15,31 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+from .files import (ResultFileError, atomic_write, check_writable_folder, exclusive,  # noqa: F401
+                    output_path, remove_stale_temporaries)
 from .provenance import changed_images, differences
 
 _DONE_KEY = b"mmneurons_done_images"
 _RUN_KEY = b"mmneurons_run"     # JSON: {"settings": {...}, "images": {image id: content hash}}
 
 
-class ResultFileError(ValueError):
-    """A result file that cannot be used for this run (the message says what to do)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the ``.<name>.<pid>.tmp`` files beside ``path`` whose process is gone (left by
-    a run that was killed while writing); returns them."""
-    path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.tmp")
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    for candidate in path.parent.iterdir():
-        match = pattern.fullmatch(candidate.name)
-        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
-            try:
-                if candidate.is_dir():
-                    continue
-                candidate.unlink()
-                removed.append(candidate)
-            except OSError:
-                pass
-    return removed
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``
-    (same folder, so the rename is atomic): a killed run leaves the old file or the new one,
-    never half of one, and no temporary file is left behind (one left by a killed run is
-    removed here)."""
-    path = Path(path)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def check_output_file(path: str | Path, option: str = "--out", suffix: str | None = ".parquet") -> Path:
     """``path`` as an output file, checked before any work: the right suffix, not a folder,
     in an existing folder that this user can write (``ValueError`` naming it otherwise)."""
-    path = Path(path).expanduser()
+    given = Path(path).expanduser()
+    path = output_path(given)     # a symbolic link: its target is checked (and written)
     if path.is_dir():
-        raise ResultFileError(f"{option} {path} is a folder; give a file name ending in {suffix}")
-    if suffix and path.suffix != suffix:
-        raise ResultFileError(f"{option} must end in {suffix}, got {path}")
+        raise ResultFileError(f"{option} {given} is a folder; give a file name ending in {suffix}")
+    if suffix and given.suffix != suffix:
+        raise ResultFileError(f"{option} must end in {suffix}, got {given}")
     check_writable_folder(path.parent, f"folder {path.parent} of {option}")
     if path.exists() and not path.is_file():
         raise ResultFileError(f"{option} {path} exists and is not a regular file")
     return path
-
-
-def check_writable_folder(folder: str | Path, what: str) -> Path:
-    """``folder`` exists, is a folder and this user may create files in it."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise ResultFileError(f"{what} does not exist")
-    if not folder.is_dir():
-        raise ResultFileError(f"{what} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ResultFileError(f"{what} is not writable (permission denied); choose another place")
-    return folder
 
 
 def respect_umask(folder: str | Path) -> Path:
@@ -117,27 +54,6 @@ def respect_umask(folder: str | Path) -> Path:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     return folder
-
-
-@contextmanager
-def exclusive(path: str | Path):
-    """Hold the lock of output ``path`` (``.<name>.lock`` beside it, :mod:`filelock`) for the
-    block: a second writer of the same output waits (saying so in one line) until the first
-    is done, then sees its rows."""
-    from filelock import FileLock, Timeout
-
-    path = Path(path)
-    lock = FileLock(str(path.with_name(f".{path.name}.lock")))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"mmneurons: {path} is being written by another run; waiting for it to finish "
-              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
-        yield path
-    finally:
-        lock.release()
 
 
 def write_parquet(table: pd.DataFrame, path: str | Path, metadata: dict[bytes, bytes]) -> Path:
