@@ -11,6 +11,14 @@ written from the tables to ``<out>/claims.csv`` and ``<out>/claims.md``. Paramet
 command line) or ``-p NAME=VALUE``; values are read as JSON when they parse (numbers,
 booleans, quoted strings), else as plain strings.
 
+Before papermill starts, every ``-p`` name is checked against the notebooks' ``parameters``
+cells (a misspelt name is refused, naming the closest) and its value against the default's
+type (an integer where the default is one, ≥ 1 where the default is positive; a model an
+embedded name, a folder or a hub id; a path parameter an existing path). A notebook that fails
+is one line naming the executed copy that holds its traceback (exit 1); bad parameters, an
+``--only`` that matches nothing or a missing notebooks folder exit 2 before any folder is made;
+Ctrl-C exits 130.
+
 ``--refresh`` re-executes the notebooks *in place* with their default parameters and
 strips what git should not hold (widget state, papermill's per-cell timestamps): these
 stored outputs are what nbval compares in ``python3 tasks.py test``.
@@ -19,11 +27,24 @@ stored outputs are what nbval compares in ``python3 tasks.py test``.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
+import re
 import sys
 import time
 from pathlib import Path
+
+from ..store.files import atomic_write_text, os_error_exit_code, os_error_line
 from .claims import write_scorecard
+
+
+class ParameterError(ValueError):
+    """A ``-p`` parameter, ``--only`` or notebooks folder that cannot be run (one line)."""
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names its executed copy (which holds the traceback)."""
 
 
 def _value(text: str):
@@ -59,6 +80,91 @@ def _absolute_paths(parameters: dict) -> dict:
     return out
 
 
+def notebook_parameters(path: Path) -> dict:
+    """``{name: default}`` of the notebook's ``parameters`` cell (its literal assignments)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    defaults = {}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        defaults[node.targets[0].id] = None   # not a literal: any value
+    return defaults
+
+
+MODEL_PARAMETERS = ("model", "compare_model", "pretrained_model")
+EXISTING_PATHS = ("images", "annotations", "encoder", "bleurt_checkpoint")
+
+
+def check_parameters(paths: list[Path], parameters: dict) -> dict:
+    """``parameters`` checked against the ``parameters`` cells of the notebooks ``paths`` (see the
+    module docstring) and converted to the defaults' types (``-p device 0`` is the string
+    ``"0"`` where the default is a string); :class:`ParameterError` naming the first bad one."""
+    defaults: dict = {}
+    for path in paths:
+        for name, value in notebook_parameters(path).items():
+            defaults.setdefault(name, value)
+    checked = {}
+    for name, value in parameters.items():
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ParameterError(f"-p {name}: no notebook run here has a parameter {name!r}; {hint}"
+                                 f"parameters: {', '.join(sorted(defaults))}")
+        checked[name] = _checked_value(name, value, defaults[name])
+    return checked
+
+
+def _checked_value(name: str, value, default):
+    """``value`` as the type of ``default`` (see :func:`check_parameters`)."""
+    def bad(expected: str):
+        return ParameterError(f"-p {name} expects {expected} (default {default!r}), got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        if value < (1 if default > 0 else 0):
+            raise bad("a positive integer" if default > 0 else "a non-negative integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise bad("a number")
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad("a JSON list, e.g. [1, 10]")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            value = json.dumps(value)           # -p device 0: the text as typed
+        if name in MODEL_PARAMETERS:
+            _check_model(name, value, default)
+    if name in EXISTING_PATHS and value and not Path(str(value)).expanduser().exists():
+        raise ParameterError(f"-p {name}: {value} does not exist")
+    return value
+
+
+def _check_model(name: str, value: str, default: str) -> None:
+    """A model parameter names an embedded model, a folder or a hub id (``""``: skip, where the
+    default names one and its comment says so)."""
+    from ..model.vlm import EMBEDDED
+
+    if value == "" and name != "model":
+        return
+    if value in EMBEDDED or Path(value).expanduser().is_dir():
+        return
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) and not value.startswith((".", "/", "~")):
+        return                                   # a hub id (fetched by the notebook when named)
+    raise ParameterError(f"-p {name}: unknown model {value!r}; use an embedded model "
+                         f"({', '.join(EMBEDDED)}), a checkpoint folder or a hub id such as "
+                         "llava-hf/llava-1.5-7b-hf")
+
+
 def notebook_paths(notebooks: Path, only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those with a prefix."""
     paths = sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
@@ -76,32 +182,51 @@ def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None
     it) is in ``<out>/notebooks/``.
     """
     import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
 
+    paths = checked_paths(notebooks, only)       # before any folder is made
+    parameters = check_parameters(paths, parameters)
     out = out.resolve()
     for folder in ("notebooks", "figures", "tables"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    paths = notebook_paths(notebooks, only)
-    if not paths:
-        raise SystemExit(f"no numbered notebooks found in {notebooks}"
-                         + (f" starting with {' or '.join(only)}" if only else ""))
     timings: dict = {}
 
     def write():
         timings.pop("total", None)            # keep "total" last
         timings["total"] = round(sum(timings.values()), 1)
-        (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+        atomic_write_text(out / "timings.json", json.dumps(timings, indent=1) + "\n")
 
     for path in paths:
         start = time.perf_counter()
+        copy = out / "notebooks" / path.name
         try:
-            pm.execute_notebook(str(path), str(out / "notebooks" / path.name),
+            pm.execute_notebook(str(path), str(copy),
                                 parameters={"output_dir": str(out), **parameters},
                                 cwd=str(path.parent), progress_bar=False, kernel_name=kernel_name)
+        except PapermillExecutionError as exc:
+            evalue = " ".join(str(exc.evalue).split())[:300]
+            raise NotebookFailed(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {evalue}; "
+                                 f"its traceback is in {copy}") from None
         finally:
             timings[path.name] = round(time.perf_counter() - start, 1)
             write()
         print(f"{path.name}: {timings[path.name]} s", flush=True)
     return timings
+
+
+def checked_paths(notebooks: Path, only: list[str] | None = None) -> list[Path]:
+    """:func:`notebook_paths`, or :class:`ParameterError` when the folder is missing or nothing
+    matches ``only`` (naming what is there)."""
+    if not Path(notebooks).is_dir():
+        raise ParameterError(f"--notebooks {notebooks} is not a folder"
+                             + ("" if Path(notebooks).exists() else " (it does not exist)"))
+    paths = notebook_paths(notebooks, only)
+    if not paths:
+        there = [p.name[:2] for p in notebook_paths(notebooks)]
+        raise ParameterError(f"no numbered notebooks (NN_name.ipynb) in {notebooks}"
+                             + (f" start with {' or '.join(only)} (there are: {', '.join(there) or 'none'})"
+                                if only else ""))
+    return paths
 
 
 def strip_for_git(path: Path) -> int:
@@ -168,7 +293,21 @@ def main(argv=None) -> None:
         refresh(args.notebooks, args.only, args.kernel)
         return
     parameters = _absolute_paths(dict(_parameter(words) for words in args.parameter))
-    timings = run_all(args.notebooks, args.out, parameters, args.only, args.kernel)
+    try:
+        timings = run_all(args.notebooks, args.out, parameters, args.only, args.kernel)
+    except ParameterError as error:
+        print(f"run_notebooks: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NotebookFailed as error:
+        print(f"run_notebooks: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"run_notebooks: interrupted; the times of the finished notebooks are in "
+              f"{args.out / 'timings.json'}: rerun (with --only) to go on", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:
+        print(f"run_notebooks: error: {os_error_line(error)}", file=sys.stderr)
+        sys.exit(os_error_exit_code(error))
     figures = sorted((args.out / "figures").glob("*.png"))
     tables = sorted((args.out / "tables").glob("*.csv"))
     print(f"all notebooks: {timings['total']} s; {len(figures)} figures in {args.out / 'figures'}, "
