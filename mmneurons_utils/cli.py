@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--top-k", type=_positive_int, default=50)
     f.add_argument("--method", default="contribution",
                    help="contribution (default, the paper), gradient (gradient × activation at the "
-                        "noun step), gradient_image (attribution at the image positions), random")
+                        "noun step), gradient_image (attribution at the image positions), random, "
+                        "noun_contrast (contribution minus the mean over the other candidate nouns), "
+                        "selection_null (contribution on activations shuffled within each layer; 5 draws)")
     f.add_argument("--out", required=True, help="results .parquet (resumed if it exists)")
     f.add_argument("--batch-size", type=_positive_int, default=16)
     f.set_defaults(func=cmd_find)

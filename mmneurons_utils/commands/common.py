@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..data.datasets import load_images, match_category, prepare_model
-from ..method.identify import METHODS
+from ..method.identify import ALL_METHODS
 from ..model.vlm import load_vlm
 from ..store.files import check_writable_folder, output_path
 
@@ -20,9 +20,9 @@ class CliError(ValueError):
 
 
 def check_method(method: str) -> str:
-    """``--method`` is one of :data:`~mmneurons_utils.method.identify.METHODS` (before any work)."""
-    if method not in METHODS:
-        raise CliError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    """``--method`` is one of :data:`~mmneurons_utils.method.identify.ALL_METHODS` (before any work)."""
+    if method not in ALL_METHODS:
+        raise CliError(f"--method must be one of {', '.join(ALL_METHODS)}, got {method!r}")
     return method
 
 

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..method.identification import Identification, top_k_groups
-from ..method.identify import METHODS, logit_weights, rank_units
+from ..method.identify import ALL_METHODS, logit_weights, rank_units
 from .ablation import ablate_activations, perturb_units
 from ..model.nouns import says
 from ..model.teacher_forcing import teacher_forced_logits
@@ -78,11 +78,13 @@ def table_rankings(vlm, table, captions, methods: Sequence[str], k: int) -> list
     """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
     column indexes them): the units a user found are the ones perturbed. Each (image, noun,
     method) must hold at least ``k`` ranks; a method's single table ranking is its one draw."""
-    groups = {key: rows for key, rows in top_k_groups(table[table["method"].isin(methods)], k)}
+    groups: dict[tuple, list] = {}          # key → one unit array per draw (selection_null has several)
+    for key, rows in top_k_groups(table[table["method"].isin(methods)], k):
+        groups.setdefault(key, []).append(rows[["layer", "unit"]].to_numpy())
     out = []
     for index, caption in enumerate(captions):
         for target in caption.noun_tokens:
-            ranks = {m: [groups[(index, target.noun, m)][["layer", "unit"]].to_numpy()]
+            ranks = {m: groups[(index, target.noun, m)]
                      for m in methods if (index, target.noun, m) in groups}
             if ranks:
                 out.append(dict(image=index, target=target, ranks=ranks))
@@ -103,8 +105,9 @@ def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
 
     ``images``: PIL images; every noun of each clean caption is a target.
     ``ks``: set sizes (nested: the top-``k`` of one ranking). ``methods``: any of
-    ``contribution``, ``gradient``, ``gradient_image``, ``random`` (``n_random`` seeded
-    draws per noun).
+    ``contribution``, ``noun_contrast``, ``gradient``, ``gradient_image``, ``random``
+    (``n_random`` seeded draws per noun) and ``selection_null`` (from a table: each of its
+    draws; without one: one draw).
     ``table``: a ``find_neurons`` table of these ``images`` (``image`` = position in the
     list, ``top_k`` ≥ the largest ``k``), or the :class:`Identification` of
     ``find_neurons_by_method`` on them (its captions are used: nothing is captioned again):
@@ -209,9 +212,9 @@ def _checked(vlm, table, methods, ks, sigmas, level, n_random) -> tuple[tuple[st
     if methods is None:
         methods = (tuple(dict.fromkeys(table["method"])) if table is not None
                    else ("contribution", "random"))
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad or not methods:
-        raise ValueError(f"methods must be among {', '.join(METHODS)}, got {list(methods)!r}")
+        raise ValueError(f"methods must be among {', '.join(ALL_METHODS)}, got {list(methods)!r}")
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     if level == "activation" and any(s is not None for s in sigmas):

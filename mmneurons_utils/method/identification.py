@@ -80,12 +80,18 @@ def units_of(table: pd.DataFrame, noun: str, k: int, image: int | None = None,
 
 def top_k_groups(table: pd.DataFrame, k: int) -> list[tuple[tuple, pd.DataFrame]]:
     """``[((image, noun, method), rows), …]``: each group's top-``k`` rows of a
-    ``find_neurons`` table, in rank order (groups in table order).
+    ``find_neurons`` table, in rank order (groups in table order). A table with a ``draw``
+    column (``selection_null`` rows) gives one group per draw, each under its 3-part key.
 
     Raises ``ValueError`` when the table holds fewer than ``k`` units per noun.
     """
     if len(table) and int(table["rank"].max()) + 1 < k:
         raise ValueError(f"k={k} but the table holds only the top {int(table['rank'].max()) + 1} "
                          "units per noun; identify with a larger top_k")
-    groups = table[table["rank"] < k].groupby(["image", "noun", "method"], sort=False)
+    top = table[table["rank"] < k]
+    if "draw" in top:          # the selection-matched null: one group per draw, under the same key
+        top = top.assign(draw=top["draw"].fillna(-1))
+        groups = top.groupby(["image", "noun", "method", "draw"], sort=False)
+        return [(key[:3], group.drop(columns="draw").sort_values("rank")) for key, group in groups]
+    groups = top.groupby(["image", "noun", "method"], sort=False)
     return [(key, group.sort_values("rank")) for key, group in groups]

@@ -132,8 +132,8 @@ def polarity(step_activations: torch.Tensor, units: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | None = None,
-                    token_ids: np.ndarray | None = None,
-                    chunk: int = 512) -> tuple[list[list[int]], np.ndarray | None]:
+                    token_ids: np.ndarray | None = None, chunk: int = 512, lens: str = "raw",
+                    exclude=None) -> tuple[list[list[int]], np.ndarray | None]:
     """Each unit's logit lens in the direction it writes: ``p · (W_U · W_out[l][:, i])``.
 
     ``units``: ``Int[ndarray, "N 2"]``; ``polarity``: ``Int[ndarray, "N"]`` of ±1 (default
@@ -143,6 +143,13 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
     when ``token_ids`` is given, ``Int[ndarray, "N"]`` the rank of each unit's token in its
     lens (0 = the unit's top token), else ``None``. Only the asked-for columns are
     multiplied, ``chunk`` at a time: ``(V × D) @ (D × chunk)``.
+
+    ``lens``: ``"raw"`` (the paper's ``W_U · w``), ``"rms"`` (each token's logit divided by
+    the RMS of its unembedding row: ranks tokens by direction, so that tokens with large
+    unembedding norms stop crowding every unit's top) or ``"norm"`` (the final norm's weight
+    folded in); see :func:`lens_unembedding`. ``exclude``: token ids left out of
+    the lens (e.g. :func:`~mmneurons_utils.method.vocabulary.hub_tokens`); ranks then count
+    only the tokens that remain.
     """
     units = np.asarray(units, dtype=np.int64).reshape(-1, 2)
     n = len(units)
@@ -152,14 +159,18 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
         raise ValueError(f"polarity and token_ids must have one entry per unit ({n})")
     top: list[list[int]] = [[] for _ in range(n)]
     ranks = None if tokens is None else np.zeros(n, dtype=np.int64)
-    w_u = weight(vlm.lm_head)                                                           # (V, D)
+    w_u = lens_unembedding(vlm, lens)                                                   # (V, D)
+    excluded = None if exclude is None or not len(exclude) else \
+        torch.as_tensor(np.asarray(list(exclude), dtype=np.int64), device=w_u.device)
     for layer in np.unique(units[:, 0]):
         rows = np.flatnonzero(units[:, 0] == layer)
         w_out = weight(vlm.down_proj(int(layer)))                                       # (D, F)
         for part in np.array_split(rows, max(1, -(-len(rows) // chunk))):
             columns = w_out[:, torch.as_tensor(units[part, 1], device=w_out.device)]   # (D, ≤chunk)
             sign = torch.as_tensor(signs[part], device=w_u.device, dtype=torch.float32)
-            lens = (w_u @ columns.to(w_u.device)).float() * sign                        # (V, ≤chunk)
+            lens = (w_u @ columns.to(w_u.device, w_u.dtype)).float() * sign             # (V, ≤chunk)
+            if excluded is not None:
+                lens[excluded] = -torch.inf
             for row, ids in zip(part, lens.topk(k, dim=0).indices.T.tolist()):
                 top[row] = ids
             if tokens is not None:
@@ -167,6 +178,28 @@ def unit_logit_lens(vlm, units: np.ndarray, k: int = 10, polarity: np.ndarray | 
                            torch.arange(len(part), device=lens.device)]                 # (≤chunk,)
                 ranks[part] = (lens > own).sum(0).cpu().numpy()
     return top, ranks
+
+
+LENSES = ("raw", "rms", "norm")
+
+
+def lens_unembedding(vlm, lens: str = "raw") -> torch.Tensor:
+    """``Float[Tensor, "V D"]``: the unembedding a unit's lens reads: ``W_U`` (``"raw"``, the
+    paper's), each row divided by its RMS (``"rms"``: tokens ranked by direction, not norm), or
+    ``W_U`` with the final norm's weight ``g`` folded in, ``W_U · diag(g)`` (``"norm"``: what
+    the model's last RMSNorm does to a direction, up to a positive scale)."""
+    if lens not in LENSES:
+        raise ValueError(f"lens must be one of {', '.join(LENSES)}, got {lens!r}")
+    w_u = weight(vlm.lm_head)
+    if lens == "raw":
+        return w_u
+    w_u = w_u.float()
+    if lens == "norm":
+        gain = getattr(vlm.final_norm, "weight", None)
+        if gain is None:
+            raise ValueError(f"{vlm.name}: its final norm has no weight to fold into the lens")
+        return w_u * gain.detach().float().to(w_u.device)
+    return w_u / w_u.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
 
 
 def unit_top_tokens(vlm, units: np.ndarray, k: int = 10,
@@ -188,3 +221,63 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     """Share of ``a``'s top-``k`` units that are also in ``b``'s top-``k``."""
     top = lambda x: set(x.flatten().topk(k).indices.tolist())
     return len(top(a) & top(b)) / k
+
+
+# ---------------------------------------------------------------- beyond the paper: noun contrast
+
+@torch.no_grad()
+def direction_logit_weights(vlm, directions: torch.Tensor) -> torch.Tensor:
+    """``Float[Tensor, "N L F"]``: ``d · W_out[l][:, i]`` for each row ``d`` of
+    ``directions`` (``Float[Tensor, "N D"]``, in the unembedding's space)."""
+    per_layer = []
+    for layer in range(vlm.n_layers):
+        w_out = weight(vlm.down_proj(layer))                                          # (D, F)
+        per_layer.append((directions.to(w_out.device, w_out.dtype) @ w_out).float().to(vlm.device))
+    return torch.stack(per_layer, dim=-2)
+
+
+@torch.no_grad()
+def contrast_directions(vlm, token_ids, candidate_ids) -> torch.Tensor:
+    """``Float[Tensor, "N D"]``: ``W_U[t] − mean_{c ∈ C, c ≠ t} W_U[c]`` for each ``t`` of
+    ``token_ids``: the logit-difference direction of ``t`` against the other candidates ``C``."""
+    w_u = weight(vlm.lm_head).float()                                                  # (V, D)
+    candidates = sorted(set(int(c) for c in candidate_ids))
+    rows = []
+    for t in token_ids:
+        others = [c for c in candidates if c != int(t)]
+        if not others:
+            raise ValueError("noun_contrast needs at least one candidate noun besides the scored one")
+        rows.append(w_u[int(t)] - w_u[torch.as_tensor(others, device=w_u.device)].mean(0))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- the selection-matched null
+
+def selection_null_units(step_activations: torch.Tensor, logit_weights: torch.Tensor,
+                         layer_counts: np.ndarray, seed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The contribution ranking on activations permuted within each layer: the null that
+    selects like the method does.
+
+    ``step_activations``: ``Float[Tensor, "L F"]`` at the noun's step; ``logit_weights``:
+    the noun's ``Float[Tensor, "L F"]``; ``layer_counts``: ``Int[ndarray, "L"]``, how many
+    units the method picked in each layer. Each layer's activations are shuffled over its
+    units (seeded), scored ``a_perm · W_U[t] · W_out``, and the top ``layer_counts[l]`` of
+    layer ``l`` kept: the same layers and activation magnitudes as the method, the
+    activation no longer tied to the unit. Returns ``(units, scores, polarity)`` (``Int[ndarray,
+    "K 2"]``, ``Float[ndarray, "K"]``, ``Int[ndarray, "K"]``; best first, polarity the sign of
+    the permuted activation the unit was scored with).
+    """
+    generator = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2 ** 62)))
+    n_layers, d_ff = step_activations.shape
+    picked = []
+    for layer in np.flatnonzero(np.asarray(layer_counts) > 0):
+        order = torch.randperm(d_ff, generator=generator).to(step_activations.device)
+        acts = step_activations[layer].float()[order]                                  # (F,)
+        scores = acts * logit_weights[layer].float()
+        values, units = scores.topk(int(layer_counts[layer]))
+        for value, unit in zip(values.tolist(), units.tolist()):
+            picked.append((value, int(layer), unit, -1 if float(acts[unit]) < 0 else 1))
+    picked.sort(key=lambda p: (-p[0], p[1], p[2]))
+    units = np.array([[p[1], p[2]] for p in picked], dtype=np.int64).reshape(-1, 2)
+    return (units, np.array([p[0] for p in picked], dtype=np.float32),
+            np.array([p[3] for p in picked], dtype=np.int64))

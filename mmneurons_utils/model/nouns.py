@@ -115,3 +115,13 @@ def says(text: str, noun: str) -> bool:
     """Whether ``noun`` occurs in ``text`` as a whole word (case-insensitive): the one noun
     match behind "the caption still says it" in ablation, editing and the widgets."""
     return _whole_word(noun).search(text) is not None
+
+
+def noun_token_id(tokenizer, noun: str) -> int:
+    """The id of ``noun``'s first sub-token as a caption writes it after a word (``"a dog"``:
+    byte-level BPE's ``Ġdog``, sentencepiece's ``▁dog``, a word-level vocabulary's ``dog``)."""
+    head = tokenizer("a", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(f"a {noun}", add_special_tokens=False)["input_ids"]
+    if len(ids) <= len(head) or ids[:len(head)] != head:
+        raise ValueError(f"cannot tokenize the noun {noun!r} after 'a' with this tokenizer")
+    return int(ids[len(head)])
