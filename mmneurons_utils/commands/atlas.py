@@ -71,7 +71,12 @@ def _atlas_locked(args, out: Path) -> dict:
         if weights_changed:   # the old page goes first: a run killed below never pairs them
             page.unlink(missing_ok=True)
         write_atlas(table, parquet, meta=dict(description=description, n_images=len(images),
-                                              weights=weights, image_names=names))
+                                              weights=weights, image_names=names,
+                                              captions=[str(c) for c in captions]))
+    elif not page.exists():    # the page of a finished atlas is gone (a crash before it was written)
+        captions = meta.get("captions")   # the tooltips: recorded captions, else captioned again
+        if not isinstance(captions, list) or len(captions) != len(images):
+            captions = [c.text for c in vlm.describe(images, batch_size=args.batch_size, progress=True)]
     if not resumed or not page.exists():
         render_atlas_html(vlm, table, images, page, captions=captions, names=names,
                           title=f"Neuron atlas: {args.model}, {source}",

@@ -62,16 +62,25 @@ def load_weights(model_class, source: str, dtype, local: bool):
     """``from_pretrained`` of a checkpoint (no device map); weights that do not fit its
     ``config.json`` (a changed ``intermediate_size``, a missing tensor) are a one-line
     :class:`ModelLoadError` naming the folder."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # its load report of a failed load: said below in one line
     try:
         return model_class.from_pretrained(source, dtype=dtype, local_files_only=local)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         if isinstance(exc, OSError) and not local:
             raise
         text = " ".join(str(exc).split())
-        what = ("its weights do not match the shapes in its config.json" if "size mismatch" in text
-                or "mismatched" in text or "shape" in text else "its weights cannot be loaded")
-        raise ModelLoadError(f"{source}: {what} ({text[:160]}); copy config.json and the weights "
+        if "size mismatch" in text or "mismatched" in text or "shape" in text:
+            what = ("its weights do not have the shapes its config.json gives (a changed "
+                    "intermediate_size, hidden_size or vocab_size?)")
+        else:
+            what = f"its weights cannot be loaded ({text[:160]})"
+        raise ModelLoadError(f"{source}: {what}; copy config.json and the weights "
                              "from the same checkpoint") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_processor(source: str, local: bool):
