@@ -21,7 +21,10 @@ SLOW = ("test_parallel", "test_fidelity", "test_editing", "test_editors", "test_
         "test_interventions::test_identified_units", "test_handoff::test_the_method_core",
         "test_handoff::test_the_identification", "test_cli_causal::test_edit",
         "test_causal_widgets::test_edit_playground", "test_cli::test_atlas", "test_atlas::test_cli",
-        "test_scenes::test_one_two_and_three", "test_own_images", "test_smol_cli", "test_smol_widgets")
+        "test_scenes::test_one_two_and_three", "test_own_images", "test_smol_cli", "test_smol_widgets",
+        "test_faults::test_outputs_on_pseudo", "test_faults::test_a_lock_file_that_cannot",
+        "test_faults::test_ctrl_c", "test_faults::test_an_export_killed",
+        "test_faults_runner::test_a_second_comparison", "test_faults_runner::test_a_failed_comparison")
 # tests that execute notebooks (papermill); the notebooks themselves run under nbval
 NOTEBOOK_TESTS = ("test_own_images::test_notebook_",)
 
