@@ -37,16 +37,20 @@ def good_tables() -> dict:
                                "gradient_ms_per_noun": 10.0, "gradient_image_ms_per_noun": 11.0,
                                "n_nouns": 20.0}).to_frame("m1"),
         "02_noun_hits_summary": summary({
-            "contribution": {"noun_hit": (0.9, 0.85, 0.95), "noun_rank": (2.0, 1.5, 2.5)},
-            "gradient": {"noun_hit": (0.6, 0.55, 0.65), "noun_rank": (7.0, 6.0, 8.0)},
-            "gradient_image": {"noun_hit": (0.2, 0.15, 0.25), "noun_rank": (30.0, 28.0, 32.0)},
-            "random": {"noun_hit": (0.2, 0.15, 0.25), "noun_rank": (33.0, 31.0, 35.0)}}),
+            m: {"noun_hit": hit, "noun_rank": rank, "chance": (0.13, 0.13, 0.13)}
+            for m, hit, rank in [("contribution", (0.9, 0.85, 0.95), (2.0, 1.5, 2.5)),
+                                 ("gradient", (0.6, 0.55, 0.65), (7.0, 6.0, 8.0)),
+                                 ("gradient_image", (0.2, 0.15, 0.25), (30.0, 28.0, 32.0)),
+                                 ("random", (0.2, 0.15, 0.25), (33.0, 31.0, 35.0)),
+                                 ("selection_null", (0.6, 0.55, 0.65), (6.0, 5.0, 7.0))]}),
         "02_specificity_summary": summary({
-            m: {"mass_in_box": mass, "box_share": (0.2, 0.18, 0.22), "auroc": auc}
+            m: {"mass_in_box": mass, "occlusion_mass_in_box": mass, "box_share": (0.2, 0.18, 0.22),
+                "auroc": auc}
             for m, mass, auc in [("contribution", (0.4, 0.35, 0.45), (0.8, 0.78, 0.82)),
                                  ("gradient", (0.35, 0.3, 0.4), (0.77, 0.75, 0.79)),
                                  ("gradient_image", (0.3, 0.26, 0.34), (0.62, 0.6, 0.64)),
-                                 ("random", (0.25, 0.21, 0.29), (0.52, 0.51, 0.54))]}),
+                                 ("random", (0.25, 0.21, 0.29), (0.52, 0.51, 0.54)),
+                                 ("selection_null", (0.27, 0.23, 0.31), (0.55, 0.53, 0.57))]}),
         "03_region_summary": summary({
             m: {"retained": r, "noun_kept": (0.8, 0.6, 1.0), "caption_same": (0.1, 0.0, 0.2)}
             for m, r in [("contribution", (0.62, 0.52, 0.71)), ("gradient", (0.33, 0.25, 0.4)),
@@ -185,23 +189,26 @@ def test_every_claim_holds_on_good_tables(tmp_path):
 @pytest.mark.parametrize("claim, changes, expected", [
     ("layers", {"01_layer_distribution": pd.DataFrame({"m1": [0.2, 0.25, 0.3, 0.25]})}, PARTLY),
     ("layers", {"01_layer_distribution": pd.DataFrame({"m1": [0.5, 0.3, 0.1, 0.1]})}, FAILS),
-    # overlapping intervals: the direction holds, the interval does not
-    ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.3, 0.2, 0.4))},
+    # separated from the null, but less than 2 × random (random can score: chance 0.13)
+    ("sensitivity", {"02_noun_hits_summary": set_summary("random", "noun_hit", (0.5, 0.45, 0.55))},
      PARTLY),
-    # separated intervals but less than 2 × random
-    ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.35, 0.3, 0.4))},
+    # above the selection-matched null's point estimate, intervals overlapping
+    ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.7, 0.62, 0.78))},
      PARTLY),
+    # above random by far, but below the selection-matched null
+    ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.5, 0.45, 0.55))},
+     FAILS),
     # no interval in the table: the interval condition fails
     ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit",
                                                          (0.9, math.nan, math.nan))}, PARTLY),
     ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.1, 0.05, 0.15))},
      FAILS),
     # above the box's share and random, but less than 1.5 × the share
-    ("specificity", {"02_specificity_summary": set_summary("contribution", "mass_in_box", (0.28, 0.27, 0.29))},
+    ("specificity", {"02_specificity_summary": set_summary("contribution", "occlusion_mass_in_box", (0.28, 0.27, 0.29))},
      PARTLY),
     ("specificity", {"02_specificity_summary": set_summary("contribution", "auroc", (0.5, 0.48, 0.52))},
      FAILS),
-    ("specificity", {"02_specificity_summary": set_summary("contribution", "mass_in_box", (0.15, 0.1, 0.2))},
+    ("specificity", {"02_specificity_summary": set_summary("contribution", "occlusion_mass_in_box", (0.15, 0.1, 0.2))},
      FAILS),
     ("region_invariance", {"03_region_summary": set_summary("contribution", "retained", (0.4, 0.3, 0.5))},
      PARTLY),
@@ -246,8 +253,8 @@ def test_rules_give_partly_and_does_not_hold(tmp_path, claim, changes, expected)
 def test_specificity_without_patch_grid_is_judged_on_auroc(tmp_path):
     nan = (math.nan, math.nan, math.nan)
     def no_grid(frame):
-        for method in METHODS:
-            for metric in ("mass_in_box", "box_share"):
+        for method in METHODS + ("selection_null",):
+            for metric in ("mass_in_box", "occlusion_mass_in_box", "box_share"):
                 frame = set_summary(method, metric, nan, model="m2")(frame)
         return frame
     card = card_with(tmp_path, **{"02_specificity_summary": no_grid})
@@ -344,3 +351,49 @@ def test_the_runner_writes_the_scorecard_after_the_notebooks(tmp_path, monkeypat
     monkeypatch.setattr(run_notebooks, "run_all", fake_run_all)
     run_notebooks.main(["--notebooks", str(tmp_path), "--out", str(tmp_path / "run")])
     assert (tmp_path / "run" / "claims.md").is_file() and (tmp_path / "run" / "claims.csv").is_file()
+
+
+# --- baselines that cannot be beaten: a 49k vocabulary -----------------------------
+def _large_vocabulary(hit, null, random=(0.0, 0.0, 0.0)):
+    def change(frame):
+        for method, value in (("contribution", hit), ("selection_null", null), ("random", random)):
+            frame = set_summary(method, "noun_hit", value)(frame)
+        for method in METHODS + ("selection_null",):
+            frame = set_summary(method, "chance", (0.0002, 0.0002, 0.0002))(frame)
+        return frame
+    return change
+
+
+@pytest.mark.parametrize("hit, null, expected", [
+    ((0.011, 0.002, 0.022), (0.003, 0.0, 0.008), PARTLY),     # beats the null's point, intervals overlap
+    ((0.05, 0.03, 0.07), (0.003, 0.0, 0.008), HOLDS),         # separated from the null; random not needed
+    ((0.002, 0.0, 0.006), (0.003, 0.0, 0.008), FAILS),        # random 0 by construction does not rescue it
+])
+def test_sensitivity_is_judged_against_the_null_where_random_cannot_score(tmp_path, hit, null, expected):
+    card = card_with(tmp_path, **{"02_noun_hits_summary": _large_vocabulary(hit, null)})
+    assert verdicts(card)["sensitivity"] == expected
+    row = card[(card["model"] == "m1") & (card["claim_id"] == "sensitivity")].iloc[0]
+    assert "selection-matched null" in row["null"] and row["selection_null"] == null[0]
+
+
+def test_sensitivity_without_a_null_is_not_measured(tmp_path):
+    drop = lambda f: f[f["method"] != "selection_null"]
+    card = card_with(tmp_path, **{"02_noun_hits_summary": drop})
+    assert verdicts(card)["sensitivity"] == NOT_MEASURED
+
+
+def test_specificity_reads_the_occlusion_maps_and_names_them(tmp_path):
+    # raw maps at chance (a flat offset) do not matter: the occlusion maps are judged
+    flat = lambda f: set_summary("contribution", "mass_in_box", (0.2, 0.19, 0.21))(f)
+    card = card_with(tmp_path, **{"02_specificity_summary": flat})
+    row = card[(card["model"] == "m1") & (card["claim_id"] == "specificity")].iloc[0]
+    assert row["verdict"] == HOLDS and "occlusion" in row["metric"] and "raw maps" in row["detail"]
+    # ... and it must beat the selection-matched null too
+    card = card_with(tmp_path, **{"02_specificity_summary": set_summary(
+        "selection_null", "occlusion_mass_in_box", (0.42, 0.40, 0.44))})
+    assert verdicts(card)["specificity"] == FAILS
+    # only raw maps (an old table): not judged, with the reason
+    only_raw = lambda f: f[f["metric"] != "occlusion_mass_in_box"]
+    card = card_with(tmp_path, **{"02_specificity_summary": only_raw})
+    row = card[(card["model"] == "m1") & (card["claim_id"] == "specificity")].iloc[0]
+    assert row["verdict"] == NOT_MEASURED and "centred and occlusion" in row["detail"]

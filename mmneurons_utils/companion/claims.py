@@ -49,11 +49,12 @@ __all__ = ["CLAIMS", "Claim", "Evidence", "HOLDS", "PARTLY", "FAILS", "NOT_MEASU
 
 HOLDS, PARTLY, FAILS, NOT_MEASURED = "holds", "partly", "does not hold", "not measured"
 COLUMNS = ["model", "claim_id", "claim", "section", "metric", "rule", "ours", "ours_low",
-           "ours_high", *BASELINES, "n", "n_clusters", "verdict", "detail", "source"]
+           "ours_high", *BASELINES, "null", "n", "n_clusters", "verdict", "detail", "source"]
 
 # The thresholds the rules use (named here so the rule texts and the functions agree).
 UPPER_HOLDS, UPPER_PARTLY = 0.6, 0.5         # share of top units in the upper half of layers
-SENSITIVITY_RATIO = 2.0                      # noun hit ≥ 2 × random's
+SENSITIVITY_RATIO = 2.0                      # noun hit ≥ 2 × random's (where random can score)
+CHANCE_NEGLIGIBLE = 0.01                     # 10 / V below this: random units name no noun by construction
 BOX_RATIO, AUROC_MIN = 1.5, 0.7              # mass in box ≥ 1.5 × box share; AUROC ≥ 0.7
 RETAINED_MIN = 0.5                           # region invariance: half of the top-10 come back
 JACCARD_MIN = 0.2                            # cross-image: same-noun Jaccard of the top-10 sets
@@ -93,11 +94,23 @@ def _beats(ours: Value, base: Value, ratio: float) -> str:
     return HOLDS if ours.above(base) and ours.mean >= ratio * base.mean else PARTLY
 
 
+def _random_can_score(e: Evidence) -> bool:
+    """Whether random units are a baseline that can be beaten or lost to: chance 10 / V not ≈ 0."""
+    chance = (e.extra or {}).get(("contribution", "chance"), NAN).mean
+    return not math.isnan(chance) and chance >= CHANCE_NEGLIGIBLE
+
+
 def _judge_sensitivity(e: Evidence) -> str:
-    random = e.baselines.get("random", NAN)
-    if math.isnan(random.mean):
+    """Against the selection-matched null (interval above it), and against random units (interval
+    above, ≥ ratio ×) only where chance 10 / V is not ≈ 0."""
+    null, random = e.baselines.get("selection_null", NAN), e.baselines.get("random", NAN)
+    if math.isnan(null.mean):
         return NOT_MEASURED
-    return _beats(e.ours, random, SENSITIVITY_RATIO)
+    bases = [(null, 1.0)] + ([(random, SENSITIVITY_RATIO)] if _random_can_score(e) else [])
+    if not all(e.ours.mean > base.mean for base, _ in bases):
+        return FAILS
+    return HOLDS if all(e.ours.above(base) and e.ours.mean >= ratio * base.mean
+                        for base, ratio in bases) else PARTLY
 
 
 def _judge_specificity(e: Evidence) -> str:
@@ -107,11 +120,13 @@ def _judge_specificity(e: Evidence) -> str:
         return NOT_MEASURED
     direction = [auroc.mean > random_auroc.mean]
     size = [auroc.above(random_auroc), auroc.mean >= AUROC_MIN]
-    mass = x.get(("contribution", "mass_in_box"), NAN)
+    mass = x.get(("contribution", "map_metric"), NAN)        # the occlusion or centred map's mass in box
     if not math.isnan(mass.mean):
-        box, random_mass = x["contribution", "box_share"], x["random", "mass_in_box"]
-        direction += [mass.mean > box.mean, mass.mean > random_mass.mean]
-        size += [mass.mean >= BOX_RATIO * box.mean, mass.above(random_mass)]
+        box = x["contribution", "box_share"]
+        bases = [x.get((m, "map_metric"), NAN) for m in ("random", "selection_null")]
+        bases = [b for b in bases if not math.isnan(b.mean)]
+        direction += [mass.mean > box.mean] + [mass.mean > b.mean for b in bases]
+        size += [mass.mean >= BOX_RATIO * box.mean] + [mass.above(b) for b in bases]
     if not all(direction):
         return FAILS
     return HOLDS if all(size) else PARTLY
@@ -133,7 +148,9 @@ def _judge_cross(e: Evidence) -> str:
         return NOT_MEASURED
     if not e.ours.mean > different.mean:
         return FAILS
-    separated = e.ours.above(different) and (math.isnan(random.mean) or e.ours.above(random))
+    null = e.baselines.get("selection_null", NAN)
+    separated = (e.ours.above(different) and (math.isnan(random.mean) or e.ours.above(random))
+                 and (math.isnan(null.mean) or e.ours.above(null)))
     return HOLDS if separated and e.ours.mean >= JACCARD_MIN else PARTLY
 
 
@@ -187,13 +204,16 @@ CLAIMS: tuple[Claim, ...] = (
           f"holds if the share is ≥ {UPPER_HOLDS}; partly if ≥ {UPPER_PARTLY}; does not hold otherwise",
           "01_layer_distribution.csv", _measure_layers, _judge_layers),
     Claim("sensitivity", "their top tokens carry the noun's meaning (semantic sensitivity)", "§4",
-          "noun hit of the top-10 units, contribution vs random",
-          f"holds if ours' 95 % interval lies above random's and ours ≥ {SENSITIVITY_RATIO:g} × random; "
-          "partly if ours > random but a condition fails; does not hold otherwise",
+          "noun hit of the top-10 units, contribution vs the selection-matched null (and random)",
+          "holds if ours' 95 % interval lies above the selection-matched null's and — only where chance "
+          f"10 / V ≥ {CHANCE_NEGLIGIBLE} — above random's with ours ≥ {SENSITIVITY_RATIO:g} × random; partly "
+          "if ours beats each of them on the point estimate but a condition fails; does not hold otherwise",
           "02_noun_hits_summary.csv", _measure_sensitivity, _judge_sensitivity),
     Claim("specificity", "they fire on the noun's image region (specificity)", "§4",
-          "mass in box vs the box's share and random; selectivity AUROC vs random",
-          f"holds if mass in box ≥ {BOX_RATIO:g} × the box's share with its interval above random's, "
+          "mass in box of the occlusion-difference maps (else the median-centred maps) vs the box's share, "
+          "random and the selection-matched null; selectivity AUROC vs random",
+          f"holds if mass in box ≥ {BOX_RATIO:g} × the box's share with its interval above random's and the "
+          "selection-matched null's, "
           f"and AUROC ≥ {AUROC_MIN} with its interval above random's (AUROC alone where there is no patch "
           "grid); partly if every point estimate beats its chance / random but a size or interval "
           "condition fails; does not hold otherwise",
@@ -208,8 +228,8 @@ CLAIMS: tuple[Claim, ...] = (
           "(cross-image invariance)", "§4",
           "Jaccard of one noun's top-10 sets across images vs pairs with other nouns",
           f"holds if the same-noun Jaccard is ≥ {JACCARD_MIN} with its interval above the other-noun "
-          "Jaccard's and random units' same-noun Jaccard's; partly if same > other nouns but a condition "
-          "fails; does not hold otherwise",
+          "Jaccard's and random units' and the selection-matched null's same-noun Jaccard's; partly if "
+          "same > other nouns but a condition fails; does not hold otherwise",
           "03_cross_image_summary.csv", _measure_cross, _judge_cross),
     Claim("causal_effect", "removing them removes the noun, unlike random units (causal effect)", "§4",
           f"zeroing the top-k write vectors at the largest k ≤ {CAUSAL_K}: noun margin drop and share of "
@@ -239,6 +259,15 @@ CLAIMS: tuple[Claim, ...] = (
           "otherwise",
           "01_speed.csv", _measure_speed, _judge_speed),
 )
+
+# what each rule judges ours against (the scorecard's ``null`` column)
+NULLS = {"layers": "uniform layers (0.5)",
+         "sensitivity": "selection-matched null; random only where 10 / V ≥ 0.01",
+         "specificity": "box share, random, selection-matched null",
+         "region_invariance": "random", "cross_image_invariance": "other nouns, random, selection-matched null",
+         "causal_effect": "random", "editing": "random", "editing_vs_editors": "strongest of ft / lora / rome",
+         "efficiency": "captioning alone; gradient"}
+
 
 def scorecard(tables_dir: str | Path, model: str | None = None) -> pd.DataFrame:
     """One row per (model, claim): the claim, its metric and rule, ours (contribution) with its
@@ -270,7 +299,8 @@ def scorecard(tables_dir: str | Path, model: str | None = None) -> pd.DataFrame:
             result = results[claim.id]
             row = dict(model=m, claim_id=claim.id, claim=claim.claim, section=claim.section,
                        metric=claim.metric, rule=claim.rule, ours=math.nan, ours_low=math.nan,
-                       ours_high=math.nan, **{b: math.nan for b in BASELINES}, n=math.nan,
+                       ours_high=math.nan, **{b: math.nan for b in BASELINES},
+                       null=NULLS.get(claim.id, ""), n=math.nan,
                        n_clusters=math.nan, verdict=NOT_MEASURED, detail="", source=claim.source)
             if isinstance(result, str):
                 row["detail"] = result
@@ -303,8 +333,8 @@ def to_markdown(card: pd.DataFrame) -> str:
              "Pan et al. (2024), *Finding and Editing Multi-Modal Neurons in Pre-Trained Transformers*, "
              "tested on this run's tables. *ours* is the contribution score's units (mean [95 % interval] "
              "where the table has one); baselines on the same metric.", ""]
-    header = ["#", "claim", "§", "metric", "ours", "gradient", "gradient_image", "random", "n",
-              "verdict", "notes", "source"]
+    header = ["#", "claim", "§", "metric", "ours", "gradient", "gradient_image", "random",
+              "selection null", "judged against", "n", "verdict", "notes", "source"]
     for model, group in card.groupby("model", sort=False):
         lines += [f"## {model}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
@@ -314,7 +344,8 @@ def to_markdown(card: pd.DataFrame) -> str:
             n = "—" if pd.isna(row.n) else (f"{int(row.n)}" + ("" if pd.isna(row.n_clusters)
                                                                 else f" ({int(row.n_clusters)} images)"))
             cells = [i, row.claim, row.section, row.metric, ours, _fmt(row.gradient),
-                     _fmt(row.gradient_image), _fmt(row.random), n, verdict, row.detail, row.source]
+                     _fmt(row.gradient_image), _fmt(row.random), _fmt(row.selection_null), row.null, n,
+                     verdict, row.detail, row.source]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
     lines += ["## Rules", ""]

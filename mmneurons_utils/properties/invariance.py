@@ -148,31 +148,48 @@ def cross_image_invariance(table: pd.DataFrame, k: int = 10, nouns: Sequence[str
     top = table[table["rank"] < k]
     rows = []
     for method, part in top.groupby("method", sort=False):
-        sets = {key: frozenset(zip(g.layer, g.unit)) for key, g in part.groupby(["noun", "image"])}
-        by_noun: dict[str, list[frozenset]] = {}
-        for (noun, _), units in sets.items():
-            by_noun.setdefault(noun, []).append(units)
-        for noun in (nouns if nouns is not None else sorted(by_noun)):
-            own = by_noun.get(noun, [])
-            row = dict(method=method, noun=noun, n_images=len(own), jaccard_same=np.nan,
-                       jaccard_different=np.nan, top_unit_share=np.nan)
-            if len(own) < 2:
-                row["status"] = (f"no images contain {noun!r}" if not own else
-                                 f"only one image contains {noun!r}; need at least 2")
-                rows.append(row)
-                continue
-            others = [s for other, group in by_noun.items() if other != noun for s in group]
-            same = _sample(list(combinations(range(len(own)), 2)), max_pairs, rng)
-            row["jaccard_same"] = float(np.mean([jaccard(own[i], own[j]) for i, j in same]))
-            if others:
-                cross = _sample([(i, j) for i in range(len(own)) for j in range(len(others))],
-                                max_pairs, rng)
-                row["jaccard_different"] = float(np.mean([jaccard(own[i], others[j])
-                                                          for i, j in cross]))
-            counts = pd.Series([u for s in own for u in s]).value_counts()
-            row["top_unit_share"] = float(counts.iloc[0] / len(own))
-            row["status"] = "ok"
+        if "draw" in part and part["draw"].notna().any():    # the selection null: the mean over draws
+            per_draw = pd.concat([_cross_rows(method, draw, k, nouns, max_pairs, rng)
+                                  for _, draw in part.groupby("draw", sort=True)], ignore_index=True)
+            means = per_draw.groupby("noun", sort=False)[["jaccard_same", "jaccard_different",
+                                                           "top_unit_share"]].mean()
+            first = per_draw.drop_duplicates("noun").set_index("noun")
+            first[means.columns] = means
+            rows += first.reset_index().to_dict("records")
+            continue
+        rows += _cross_rows(method, part, k, nouns, max_pairs, rng).to_dict("records")
+    return pd.DataFrame(rows, columns=["method", "noun", "n_images", "jaccard_same",
+                                       "jaccard_different", "top_unit_share", "status"])
+
+
+def _cross_rows(method: str, part: pd.DataFrame, k: int, nouns, max_pairs: int, rng) -> pd.DataFrame:
+    """:func:`cross_image_invariance`'s rows of one method's (one draw's) top-``k`` rows."""
+    rows = []
+    sets = {key: frozenset(zip(g.layer, g.unit)) for key, g in part.groupby(["noun", "image"])}
+    by_noun: dict[str, list[frozenset]] = {}
+    for (noun, _), units in sets.items():
+        by_noun.setdefault(noun, []).append(units)
+    for noun in (nouns if nouns is not None else sorted(by_noun)):
+        own = by_noun.get(noun, [])
+        row = dict(method=method, noun=noun, n_images=len(own), jaccard_same=np.nan,
+                   jaccard_different=np.nan, top_unit_share=np.nan)
+        if len(own) < 2:
+            row["status"] = (f"no images contain {noun!r}" if not own else
+                             f"only one image contains {noun!r}; need at least 2")
             rows.append(row)
+            continue
+        others = [s for other, group in by_noun.items() if other != noun for s in group]
+        same = _sample(list(combinations(range(len(own)), 2)), max_pairs, rng)
+        row["jaccard_same"] = float(np.mean([jaccard(own[i], own[j]) for i, j in same]))
+        if others:
+            cross = _sample([(i, j) for i in range(len(own)) for j in range(len(others))],
+                            max_pairs, rng)
+            row["jaccard_different"] = float(np.mean([jaccard(own[i], others[j])
+                                                      for i, j in cross]))
+        counts = pd.Series([u for s in own for u in s]).value_counts()
+        row["top_unit_share"] = float(counts.iloc[0] / len(own))
+        row["status"] = "ok"
+        rows.append(row)
     return pd.DataFrame(rows, columns=["method", "noun", "n_images", "jaccard_same",
                                        "jaccard_different", "top_unit_share", "status"])
 
