@@ -98,3 +98,41 @@ def jaccard_bars(summary, width: float = 3.4):
     axes.flat[0].legend(fontsize=7, title="noun", title_fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def occlusion_locality_plot(locality, width: float = 4.2):
+    """Where painting the object out changes the model, stage by stage: the change's share
+    inside the object's box (one dot per object, the mean with its interquartile range) against
+    the chance level (the box's share of the image, dashed). One panel per ``model`` when the
+    frame has that column. ``locality``: rows of
+    :func:`~mmneurons_utils.properties.locality.occlusion_locality`."""
+    frame = locality if "model" in locality else locality.assign(model="")
+    models = list(dict.fromkeys(frame.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(width * len(models), 3.0), squeeze=False,
+                             sharey=True)
+    rng = np.random.default_rng(0)            # jitter of the dots only
+    for ax, model in zip(axes.flat, models):
+        part = frame[frame.model == model]
+        stages = part.drop_duplicates("stage").sort_values("stage_index").stage.tolist()
+        x = np.arange(len(stages))
+        groups = [part[part.stage == stage] for stage in stages]
+        for i, group in enumerate(groups):
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(group)), group.share_in_box, s=8,
+                       color="#DD8452", alpha=0.35, linewidth=0, label="one object" if i == 0 else None)
+        means = [g.share_in_box.mean() for g in groups]
+        low = [g.share_in_box.quantile(0.25) for g in groups]
+        high = [g.share_in_box.quantile(0.75) for g in groups]
+        ax.errorbar(x, means, yerr=[np.subtract(means, low), np.subtract(high, means)], fmt="o-",
+                    color="#8C3B0C", capsize=3, linewidth=1.2, label="mean (interquartile range)")
+        ax.plot(x, [g.box_share.mean() for g in groups], "k--", linewidth=0.9,
+                label="chance (box share of the image)")
+        ax.set_xticks(x, [s.replace("LM layer ", "LM\nlayer ").replace("vision ", "vision\n")
+                          for s in stages], fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("stage")
+        ax.set_title(f"{model}: occlusion change inside the box" if model else
+                     "Occlusion change inside the box", fontsize=9)
+    axes.flat[0].set_ylabel("share of the change in the box")
+    axes.flat[0].legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    return fig

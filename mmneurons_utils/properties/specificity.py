@@ -12,6 +12,21 @@ Beyond the paper, with the scenes' object boxes:
   box(es), the map upsampled patch-exactly (nearest) to the image's pixels. A map
   spread evenly scores the box's share of the image (the chance level, ``box_share``).
 * **pointing game**: whether the map's hottest patch has its centre inside a box.
+* **centred maps** (``mass_in_box_centred``, ``pointing_hit_centred``): each unit's map minus
+  its median over the patches (:func:`centred`), then averaged. A pretrained LM's top units
+  have nearly flat maps (a large offset the same on every patch, a small bump on the object);
+  the offset's positive mass spreads evenly, so the raw mass in box sits at chance whatever
+  the bump does, while the centred map keeps only the bump. Subtracting per-unit constants
+  shifts the mean map by a constant, so ``pointing_hit_centred`` equals ``pointing_hit``
+  (it is reported beside it for the scorecard's symmetry; only mass in box changes). A map
+  equal on every patch has no positive mass once centred: NaN (nothing local to measure).
+* **occlusion maps** (``occlusion_mass_in_box``, ``occlusion_pointing_hit``; only with
+  ``occlusion=True``, one extra prefill per (image, noun)): ``p · (a_original − a_occluded)``
+  per patch, the noun's box(es) painted with the scene's background
+  (:mod:`~mmneurons_utils.properties.occlusion`): the part of the activation the object is
+  responsible for, wherever the unit reads it. Any unit's change is local (the painted patches
+  change, the rest barely), so random units' occlusion mass in box is well above chance too;
+  ``occlusion_signed_in_box`` (the signed share, :func:`signed_share_in_box`) is ≈ 0 for them.
 * **selectivity**: a unit's image score (max of ``p · a`` over the image tokens) on
   images that contain its noun vs images that do not, as an AUROC (0.5 = blind).
 
@@ -37,6 +52,7 @@ import pandas as pd
 import torch
 
 from . import objects
+from .occlusion import occlusion_deltas
 from ..method.identification import top_k_groups
 from .stats import auroc
 
@@ -128,6 +144,31 @@ def box_scores(grid_map: np.ndarray, size: tuple[int, int], boxes) -> dict[str, 
                 pointing_hit=float(pointing_hit(grid_map, size, boxes)))
 
 
+def signed_share_in_box(grid_map: np.ndarray, size: tuple[int, int], boxes) -> float:
+    """``Σ_box m / Σ |m|`` of ``grid_map`` on an ``(H, W)`` image, in ``[−1, 1]``: the signed part
+    of the map inside ``boxes`` over its whole absolute mass. For an occlusion map ``p · (a −
+    a_occluded)`` it is ``> 0`` when removing the object lowers the units in their polarity
+    there, ``≈ 0`` for units of random polarity (their changes cancel), whereas the positive
+    mass in box of any map whose change is confined to the box is high. NaN for an all-zero map."""
+    heat = upsample(grid_map, size)
+    total = np.abs(heat).sum()
+    return float(heat[box_mask(size, boxes)].sum() / total) if total > 0 else float("nan")
+
+
+def centred(maps: np.ndarray) -> np.ndarray:
+    """``Float[ndarray, "N rows cols"]``: each map of ``maps`` (same shape) minus its median over
+    the patches: what a unit does on some patches more than on most. A map flat everywhere
+    becomes all zeros (no positive mass: ``mass_in_box`` NaN)."""
+    maps = np.asarray(maps, dtype=np.float64)
+    flat = maps.reshape(len(maps), -1)
+    return (flat - np.median(flat, axis=1, keepdims=True)).reshape(maps.shape)
+
+
+def _suffixed(scores: dict, prefix: str = "", suffix: str = "") -> dict:
+    """``mass_in_box`` and ``pointing_hit`` of :func:`box_scores` under new names."""
+    return {f"{prefix}{key}{suffix}": scores[key] for key in ("mass_in_box", "pointing_hit")}
+
+
 def image_unit_scores(captions) -> tuple[torch.Tensor, torch.Tensor]:
     """``(max, min)``, each ``Float[Tensor, "B L F"]``: each unit's largest and smallest
     activation over each image's tokens (the image score of a ``+`` / ``−`` unit is
@@ -157,7 +198,8 @@ def mean_maps(vlm, activations, units, ks: Sequence[int], size: tuple[int, int],
     return {f"top-{k}": upsample(maps[:k].mean(0), size, smooth) for k in ks if k <= len(maps)}
 
 
-def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
+                       occlusion: bool = False, batch_size: int = 16) -> pd.DataFrame:
     """Box metrics and selectivity of each (image, noun, method)'s top-``k`` units.
 
     ``scenes``: the scenes the ``table`` (``find_neurons`` rows; ``image`` indexes
@@ -175,10 +217,26 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
 
     One row per (image, noun, method): ``in_scene`` (the noun is in the image),
     ``auroc`` (mean over the ``k`` units) and, for patch-grid models and nouns in the
-    scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit``.
+    scene, ``mass_in_box``, ``box_share`` (its chance level) and ``pointing_hit`` of the mean
+    raw map, ``mass_in_box_centred`` and ``pointing_hit_centred`` of the mean median-centred
+    map (:func:`centred`) and, with ``occlusion=True``, ``occlusion_mass_in_box``,
+    ``occlusion_pointing_hit`` and ``occlusion_signed_in_box`` (:func:`signed_share_in_box`) of
+    the mean occlusion map ``p · (a − a_occluded)`` (one prefill per (image, noun) with boxes,
+    ``batch_size`` images a forward; ignored without a patch grid). Painting an object out
+    changes every unit mostly inside its box, so random units' occlusion mass in box is far
+    above ``box_share`` too: compare with them, or read the signed share (random ≈ 0).
     """
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
+    deltas = {}
+    if occlusion and grid is not None:
+        wanted: dict = {}
+        for (image, noun, _), group in groups:
+            if objects.boxes_for(scenes[image], noun):
+                wanted.setdefault((image, noun), []).append(np.array(group[["layer", "unit"]], dtype=np.int64))
+        units_by_object = {key: np.unique(np.concatenate(parts), axis=0) for key, parts in wanted.items()}
+        deltas = {key: (units_by_object[key], delta) for key, delta in
+                  occlusion_deltas(vlm, scenes, captions, units_by_object, batch_size).items()}
     extremes = image_unit_scores(captions)                          # (B, L, F) twice
     labelled = presence_source(scenes) == "labels"
     rows = []
@@ -195,10 +253,23 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10) 
         boxes = objects.boxes_for(scene, noun)
         if grid is not None and boxes:
             size = (scene.image.height, scene.image.width)
-            mean = unit_maps(vlm, captions[image].activations, units, polarity).mean(0)
-            row.update(box_scores(mean, size, boxes))
+            maps = unit_maps(vlm, captions[image].activations, units, polarity)
+            row.update(box_scores(maps.mean(0), size, boxes))
+            row.update(_suffixed(box_scores(centred(maps).mean(0), size, boxes), suffix="_centred"))
+            if (image, noun) in deltas:
+                union, delta = deltas[(image, noun)]
+                change = delta[_rows_of(union, units)] * polarity.reshape(-1, 1)       # (K, I)
+                mean = change.mean(0).reshape(grid)
+                row.update(_suffixed(box_scores(mean, size, boxes), prefix="occlusion_"),
+                           occlusion_signed_in_box=signed_share_in_box(mean, size, boxes))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _rows_of(union: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Index into the rows of ``union`` (``Int[ndarray, "M 2"]``, unique) of each of ``units``."""
+    where = {(int(layer), int(unit)): i for i, (layer, unit) in enumerate(union)}
+    return np.array([where[(int(layer), int(unit))] for layer, unit in units], dtype=np.int64)
 
 
 def presence_source(samples) -> str:
