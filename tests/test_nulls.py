@@ -196,3 +196,16 @@ def test_causal_curves_take_every_null_draw(tiny_llava, identified):
                            methods=("contribution", "noun_contrast", "selection_null"))
     assert sorted(curves[curves.method == "selection_null"].draw.unique()) == [0, 1, 2, 3, 4]
     assert set(curves.method) == {"contribution", "noun_contrast", "selection_null"}
+
+
+def test_lens_extremes_are_cached_on_disk_and_rebuilt_when_corrupt(tiny_llava, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMNEURONS_CACHE", str(tmp_path))
+    tiny_llava.__dict__.pop("_lens_extremes", None)
+    first = vocabulary.lens_extremes(tiny_llava)
+    (path,) = (tmp_path / "lens").glob("*-raw-k10.npy")
+    assert (np.load(path) == first).all()
+    path.write_bytes(b"not an array")                     # a truncated / corrupted cache file
+    tiny_llava.__dict__.pop("_lens_extremes", None)
+    again = vocabulary.lens_extremes(tiny_llava)
+    assert (again == first).all() and (np.load(path) == first).all()
+    tiny_llava.__dict__.pop("_lens_extremes", None)
