@@ -91,6 +91,39 @@ def test_too_little_room_for_an_edited_model_is_refused_before_the_edit(tmp_path
     assert not (tmp_path / "edited").exists()
 
 
+def test_a_full_disk_in_atlas_is_one_line_and_leaves_no_half_file(tmp_path, cli, monkeypatch):
+    import mmneurons_utils.commands.atlas as atlas_command
+
+    monkeypatch.setattr(atlas_command, "write_atlas", _enospc)
+    out = tmp_path / "atlas"
+    code, _, err = cli("atlas", "--scenes", "4", "--top-k", "3", "--examples", "2", "--out", str(out))
+    assert code == 1 and "No space left on device" in _one_line(err, "atlas")
+    assert not out.exists()                                  # the folder it made is gone again
+
+
+def test_too_little_room_for_the_scenes_is_refused_before_writing(tmp_path, cli, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1000))
+    code, _, err = cli("export-scenes", "--scenes", "50", "--out", str(tmp_path / "scenes"))
+    assert code == 2 and "needs about" in _one_line(err, "export-scenes")
+    assert not (tmp_path / "scenes").exists()
+
+
+def test_os_errors_are_one_line_with_the_file_and_the_right_exit_code():
+    from mmneurons_utils.store.files import os_error_exit_code, os_error_line
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/r.parquet")
+    assert os_error_line(full) == ("No space left on device (/data/r.parquet); free some space (or "
+                                   "choose another place) and rerun")
+    assert os_error_exit_code(full) == 1
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/r.parquet")
+    assert "choose a place you can write" in os_error_line(denied) and os_error_exit_code(denied) == 2
+    arrow = OSError("error writing file: No space left on device. Detail: [errno 28]")   # pyarrow's
+    assert "No space left on device" in os_error_line(arrow) and os_error_exit_code(arrow) == 1
+
+
 # --- outputs the system refuses --------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, needle", [

@@ -154,6 +154,7 @@ def no_papermill(monkeypatch):
     (["-p", "images", "no/such/folder"], ["images", "does not exist"]),
     (["--only", "99"], ["99", "there are: 00"]),
     (["--notebooks", "no-such-folder"], ["no-such-folder", "does not exist"]),
+    (["-p", "model"], ["NAME VALUE"]),
 ])
 def test_runner_checks_everything_before_papermill_and_makes_no_folder(tmp_path, capsys, no_papermill,
                                                                        argv, needles):

@@ -292,7 +292,11 @@ def main(argv=None) -> None:
             raise SystemExit("error: --refresh runs the notebooks' default parameters; drop -p")
         refresh(args.notebooks, args.only, args.kernel)
         return
-    parameters = _absolute_paths(dict(_parameter(words) for words in args.parameter))
+    try:
+        parameters = _absolute_paths(dict(_parameter(words) for words in args.parameter))
+    except SystemExit as error:            # a -p that is not NAME VALUE: bad input, exit 2
+        print(f"run_notebooks: {error}", file=sys.stderr)
+        sys.exit(2)
     try:
         timings = run_all(args.notebooks, args.out, parameters, args.only, args.kernel)
     except ParameterError as error:
