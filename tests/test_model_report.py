@@ -16,6 +16,16 @@ def test_report_puts_the_contribution_units_above_random(tiny_llava):
     assert r["text_twin_retained"] > r["text_twin_random"]
     assert 0 < r["negative_share"] < 1 and 0 <= r["upper_half_share"] <= 1
     assert abs(sum(r["layer_shares"].values()) - 1) < 1e-3
+    # the nulls, the ceiling, the maps that can see a local response, both scores (issue 26)
+    assert r["nulls"]["hit_random"] < r["nulls"]["hit_selection_null"] < r["noun_hit"]["contribution"]
+    assert r["ceiling"]["nouns_with_a_naming_unit"] <= r["ceiling"]["nouns"]
+    assert r["ceiling"]["hit_where_nameable"] >= r["noun_hit"]["contribution"] - 1e-9
+    spec = r["specificity"]
+    assert spec["occlusion_mass_in_box"] > spec["box_share"] and spec["mass_in_box_centred"] > spec["box_share"]
+    assert spec["mass_in_box_centred"] > spec["mass_in_box_centred_random"]
+    assert set(r["methods"]) == {"contribution", "noun_contrast"}
+    assert set(r["methods"]["noun_contrast"]) == {"hit", "median_rank", "generic_share", "removed_k50"}
+    assert set(r["lens"]) == {"raw", "rms", "norm"}
 
 
 def test_report_command_prints_json(capsys):
@@ -26,5 +36,6 @@ def test_report_command_prints_json(capsys):
 
 def test_report_of_a_model_without_patch_grid_has_no_box_numbers(tiny_instructblip):
     r = report(tiny_instructblip, n_scenes=6, n_region=1, n_ablate=1)
-    assert r["mass_in_box"] == {"contribution": None, "random": None}
+    assert set(r["mass_in_box"].values()) == {None} and "selection_null" in r["mass_in_box"]
+    assert r["specificity"]["occlusion_mass_in_box"] is None
     assert r["auroc"]["contribution"] is not None

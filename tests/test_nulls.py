@@ -138,12 +138,13 @@ def test_ceiling_and_hubs_match_a_brute_force_count(tiny_llava):
     assert vocabulary.naming_units(tiny_llava, ids).tolist() == expected
     counts = np.bincount([t for s in sets for t in s], minlength=tiny_llava.lm_head.out_features)
     assert vocabulary.unit_token_counts(tiny_llava).tolist() == counts.tolist()
-    hubs = vocabulary.hub_tokens(tiny_llava, share=0.3)
+    hubs = vocabulary.hub_tokens(tiny_llava, share=0.3, over_chance=0)
+    assert len(vocabulary.hub_tokens(tiny_llava)) == 0       # 75 tokens: none 5 × above chance
     assert set(hubs.tolist()) == set(np.flatnonzero(counts > 0.3 * len(sets)).tolist())
 
 
 def test_hit_where_nameable_and_without_hubs(tiny_llava, identified):
-    hits = noun_hit_table(tiny_llava, identified.table, k=10, hub_share=0.3)
+    hits = noun_hit_table(tiny_llava, identified.table, k=10, hub_share=0.3, over_chance=0)
     assert hits.attrs["hubs"]
     nameable = hits[hits.nameable]
     assert (hits.naming_units > 0).equals(hits.nameable)

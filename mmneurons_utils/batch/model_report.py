@@ -1,21 +1,29 @@
 """What a real vocabulary changes: the paper's headline numbers for one model, in one run.
 
-    python -m mmneurons_utils.batch.model_report --model smol-llava --scenes 48 --json
+    python -m mmneurons_utils.batch.model_report --model smol-llava --scenes 80 --json
     python -m mmneurons_utils.batch.model_report --model tiny-llava --scenes 48 --json
 
-Every number is the contribution method's beside the ``random`` units' (the chance level),
-on the first ``--scenes`` held-out scenes of ``--seed``:
+Every number is given per method on the first ``--scenes`` held-out scenes of ``--seed``:
+``contribution`` (the paper's), ``noun_contrast`` (beyond the paper: minus the mean over the
+other candidate nouns), ``random`` units, and the ``selection_null`` (contribution's ranking on
+activations shuffled within each layer, same layers and magnitudes; 5 draws):
 
 * ``noun_hit`` (share of a noun's top-``k`` units whose top-10 tokens name it) and
   ``noun_rank`` (median rank of the noun in their logit lens); ``chance_top10`` = 10 / V;
+* ``nulls``: the selection-matched null's hit and rank; ``ceiling``: how many of the nouns
+  some unit of the model names at all, the hit where it can be scored, the hub tokens and the
+  hit with them left out of the lens; ``lens``: hit and rank in the raw, RMS-normalised and
+  norm-folded lenses (:func:`~mmneurons_utils.method.scoring.lens_unembedding`);
 * ``negative_share``: units with a negative coefficient at the noun step;
 * ``upper_half_share`` / ``mean_relative_layer``: where the top units sit (0 = first layer);
-* ``mass_in_box``, ``pointing``, ``auroc``: specificity (scenes' boxes);
+* ``mass_in_box``, ``pointing``, ``auroc``: specificity (scenes' boxes); ``specificity``: the
+  same on median-centred maps and on occlusion-difference maps;
 * ``jaccard_same`` vs ``jaccard_different``: cross-image invariance;
 * ``region_retained``: top units kept after shuffling the image tokens (``--region`` scenes);
-* ``text_twin_retained`` / ``_random`` / ``_other_nouns``: overlap with each noun's text-only units;
+* ``text_twin_*``: overlap with each noun's text-only units;
 * ``removed_k``: share of nouns that leave the caption when the top-``k_ablate`` units' write
-  vectors are zeroed (``--ablate`` scenes).
+  vectors are zeroed (``--ablate`` scenes); ``methods``: per scoring method its hit, median
+  rank, share of generic units (in the top-``k`` of half the nouns) and ``removed_k50``.
 """
 
 from __future__ import annotations
@@ -28,15 +36,17 @@ import numpy as np
 import pandas as pd
 
 from ..interventions.causal import causal_curves, summarize as causal_summary
+from ..method.identification import Identification
 from ..method.identify import find_neurons_by_method
 from ..model.vlm import load_vlm
 from ..properties.invariance import cross_image_invariance, region_invariance
-from ..properties.sensitivity import noun_hits
+from ..properties.nameability import ceiling_summary, generic_share, noun_hit_table
 from ..properties.specificity import specificity_scores
 from ..properties.text_twin import text_twin_overlap
 from ..tiny.scenes import make_scenes
 
-METHODS = ("contribution", "random")
+METHODS = ("contribution", "noun_contrast", "random", "selection_null")
+SCORING = ("contribution", "noun_contrast")          # the methods the ``methods`` block compares
 
 
 def _by_method(frame: pd.DataFrame, column: str) -> dict[str, float | None]:
@@ -48,18 +58,42 @@ def _by_method(frame: pd.DataFrame, column: str) -> dict[str, float | None]:
     return {m: (None if np.isnan(v := float(means.get(m, np.nan))) else round(v, 4)) for m in METHODS}
 
 
-def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int) -> dict:
-    """Noun hit / rank, polarity, layers, specificity and cross-image invariance."""
+def _mean(frame: pd.DataFrame, method: str, column: str, how: str = "mean") -> float | None:
+    values = frame.loc[frame["method"] == method, column].dropna() if column in frame else pd.Series([])
+    if values.empty:
+        return None
+    return round(float(values.median() if how == "median" else values.mean()), 4)
+
+
+def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int,
+                           occlusion: bool = True) -> dict:
+    """Noun hit / rank with their nulls and ceiling, polarity, layers, specificity and
+    cross-image invariance."""
     top = table[table["rank"] < k]
     ours = top[top.method == "contribution"]
-    hits = noun_hits(table, k)
-    spec = specificity_scores(vlm, scenes, captions, table, k=k)
+    hits = {lens: noun_hit_table(vlm, table, k, lens=lens) for lens in ("raw", "rms", "norm")}
+    raw = hits["raw"]
+    spec = specificity_scores(vlm, scenes, captions, table, k=k, occlusion=occlusion)
     cross = cross_image_invariance(table, k=k)
     cross = cross[cross.status == "ok"]
     relative = ours.layer / max(vlm.n_layers - 1, 1)
+    counts = ceiling_summary(raw[raw.method == "contribution"])
     return dict(
-        noun_hit=_by_method(hits, "noun_hit"), noun_rank=_by_method(hits, "noun_rank"),
+        noun_hit=_by_method(raw, "noun_hit"), noun_rank=_by_method(raw, "noun_rank"),
         chance_top10=round(10 / vlm.lm_head.out_features, 6),
+        nulls=dict(hit_selection_null=_mean(raw, "selection_null", "noun_hit"),
+                   rank_selection_null=_mean(raw, "selection_null", "noun_rank"),
+                   hit_random=_mean(raw, "random", "noun_hit"), rank_random=_mean(raw, "random", "noun_rank")),
+        ceiling=dict(**counts, hit_where_nameable=_mean(raw, "contribution", "hit_where_nameable"),
+                     hit_where_nameable_selection_null=_mean(raw, "selection_null", "hit_where_nameable"),
+                     hit_no_hubs=_mean(raw, "contribution", "noun_hit_no_hubs"),
+                     hit_no_hubs_selection_null=_mean(raw, "selection_null", "noun_hit_no_hubs"),
+                     n_hubs=len(raw.attrs["hubs"]), hubs=raw.attrs["hubs"][:12]),
+        lens={lens: dict(hit=_mean(frame, "contribution", "noun_hit"),
+                         median_rank=_mean(frame, "contribution", "noun_rank", "median"),
+                         hit_selection_null=_mean(frame, "selection_null", "noun_hit"),
+                         median_rank_selection_null=_mean(frame, "selection_null", "noun_rank", "median"))
+              for lens, frame in hits.items()},
         negative_share=round(float((ours.polarity < 0).mean()), 4),
         upper_half_share=round(float((ours.layer >= vlm.n_layers / 2).mean()), 4),
         mean_relative_layer=round(float(relative.mean()), 4),
@@ -67,49 +101,77 @@ def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int) -
         mass_in_box=_by_method(spec, "mass_in_box"), box_share=_by_method(spec, "box_share"),
         pointing=_by_method(spec, "pointing_hit"),
         auroc=_by_method(spec, "auroc"),
-        jaccard_same=_by_method(cross, "jaccard_same"), jaccard_different=_by_method(cross, "jaccard_different"))
+        specificity={f"{column}{suffix}": _mean(spec, method, column)
+                     for column in ("mass_in_box_centred", "occlusion_mass_in_box", "pointing_hit_centred",
+                                    "occlusion_pointing_hit")
+                     for method, suffix in (("contribution", ""), ("random", "_random"),
+                                            ("selection_null", "_selection_null"), ("noun_contrast", "_noun_contrast"))}
+        | dict(box_share=_mean(spec, "contribution", "box_share"), maps="centred: each map minus its median; "
+               "occlusion: p·(a − a with the noun's box painted with the background)"),
+        jaccard_same=_by_method(cross, "jaccard_same"), jaccard_different=_by_method(cross, "jaccard_different"),
+        _hits=raw)
 
 
 def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 12,
-           n_ablate: int = 8, k_ablate: int = 50, progress: bool = False) -> dict:
+           n_ablate: int = 8, k_ablate: int = 50, progress: bool = False, occlusion: bool = True) -> dict:
     """The numbers of the module doc for ``vlm`` (a dict, JSON-able)."""
     start = time.perf_counter()
     scenes = make_scenes(n_scenes, seed=seed)
     images = [s.image for s in scenes]
-    table, captions = find_neurons_by_method(vlm, images, methods=METHODS, top_k=max(k, k_ablate),
-                                             seed=seed, image_activations=True, progress=progress)
+    identification = find_neurons_by_method(vlm, images, methods=METHODS, top_k=max(k, k_ablate),
+                                            seed=seed, image_activations=True, progress=progress)
+    table, captions = identification
     out = dict(model=vlm.name, n_scenes=n_scenes, seed=seed, k=k, vocabulary=vlm.lm_head.out_features,
                layers=vlm.n_layers, units=vlm.n_layers * vlm.d_ff,
-               captions_with_nouns=round(float(np.mean([bool(c.nouns) for c in captions])), 4))
-    out.update(identification_numbers(vlm, scenes, captions, table, k))
+               captions_with_nouns=round(float(np.mean([bool(c.nouns) for c in captions])), 4),
+               noun_instances=int(((table.method == "contribution") & (table["rank"] == 0)).sum()))
+    out.update(identification_numbers(vlm, scenes, captions, table, k, occlusion=occlusion))
+    hits = out.pop("_hits")
     twin = text_twin_overlap(vlm, table, k=k, seed=seed)
-    out.update(text_twin_retained=round(float(twin.retained.mean()), 4),
-               text_twin_jaccard=round(float(twin.jaccard.mean()), 4),
-               text_twin_random=round(float(twin.random_retained.mean()), 4),
-               text_twin_other_nouns=round(float(twin.other_nouns.mean()), 4),
-               text_twin_nouns=int(len(twin)))
-    region = region_invariance(vlm, images[:n_region], top_k=k, seed=seed, methods=METHODS)
+    out.update(text_twin_retained=_column_mean(twin, "retained"),
+               text_twin_jaccard=_column_mean(twin, "jaccard"),
+               text_twin_random=_column_mean(twin, "random_retained"),
+               text_twin_other_nouns=_column_mean(twin, "other_nouns"),
+               text_twin_nouns=int(twin["retained"].notna().sum()),
+               text_twin_noun_probability=_column_mean(twin, "noun_probability", "median"))
+    region = region_invariance(vlm, images[:n_region], top_k=k, seed=seed, methods=("contribution", "random"))
     out.update(region_retained=_by_method(region, "retained"), region_scenes=n_region)
-    ablate_table = table[table.image < n_ablate]
-    curves = causal_curves(vlm, images[:n_ablate], ks=(k_ablate,), table=ablate_table, seed=seed)
-    summary = causal_summary(curves)
-    out.update(removed_k=_by_method(summary, "noun_removed"), k_ablate=k_ablate, ablate_scenes=n_ablate,
-               seconds=round(time.perf_counter() - start, 1))
+    ablate = Identification(table[table.image < n_ablate], captions[:n_ablate],
+                            identification.image_keys[:n_ablate], identification.settings)
+    curves = causal_curves(vlm, images[:n_ablate], ks=(k_ablate,), table=ablate, seed=seed)
+    removed = _by_method(causal_summary(curves), "noun_removed")
+    out.update(removed_k=removed, k_ablate=k_ablate, ablate_scenes=n_ablate,
+               ablate_nouns=int(((ablate.table.method == "contribution") & (ablate.table["rank"] == 0)).sum()))
+    out["methods"] = {m: dict(hit=_mean(hits, m, "noun_hit"), median_rank=_mean(hits, m, "noun_rank", "median"),
+                              generic_share=round(generic_share(table, k, m), 4),
+                              **{f"removed_k{k_ablate}": removed.get(m)}) for m in SCORING}
+    out["seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+def _column_mean(frame: pd.DataFrame, column: str, how: str = "mean") -> float | None:
+    if column not in frame or frame[column].dropna().empty:
+        return None
+    values = frame[column].dropna().astype(float)
+    return round(float(values.median() if how == "median" else values.mean()), 4)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-llava")
-    parser.add_argument("--scenes", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--model", default="tiny-llava",
+                        help="tiny-llava, tiny-instructblip, smol-llava or a checkpoint folder")
+    parser.add_argument("--scenes", type=int, default=48,
+                        help="held-out scenes identified (about 2.2 noun instances each)")
+    parser.add_argument("--seed", type=int, default=0, help="scene seed (0–9999 are held out)")
+    parser.add_argument("--k", type=int, default=10, help="units per (image, noun) that are scored")
     parser.add_argument("--region", type=int, default=12, help="scenes for region invariance")
     parser.add_argument("--ablate", type=int, default=8, help="scenes for the ablation")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-occlusion", action="store_true",
+                        help="skip the occlusion-difference maps (one forward per (image, noun))")
+    parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bars")
     args = parser.parse_args(argv)
     result = report(load_vlm(args.model), args.scenes, args.seed, args.k, args.region, args.ablate,
-                    progress=not args.json)
+                    progress=not args.json, occlusion=not args.no_occlusion)
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
 
 

@@ -91,9 +91,13 @@ def unit_token_counts(vlm, k: int = 10, lens: str = "raw") -> np.ndarray:
     return np.bincount(per_unit[first], minlength=max(vlm.lm_head.out_features, int(extremes.max()) + 1))
 
 
-def hub_tokens(vlm, share: float = 0.01, k: int = 10, lens: str = "raw") -> np.ndarray:
+def hub_tokens(vlm, share: float = 0.01, k: int = 10, lens: str = "raw",
+               over_chance: float = 5.0) -> np.ndarray:
     """``Int[ndarray, "H"]``: token ids in the top-``k`` (either direction) of more than
-    ``share`` of all units, most frequent first."""
+    ``share`` of all units and more than ``over_chance`` times what chance gives (``2k / V``
+    of them: on a 75-token vocabulary every token is in a quarter of the units' lists), most
+    frequent first."""
     counts = unit_token_counts(vlm, k, lens)
-    hubs = np.flatnonzero(counts > share * vlm.n_layers * vlm.d_ff)
+    threshold = max(share, over_chance * 2 * k / vlm.lm_head.out_features)
+    hubs = np.flatnonzero(counts > threshold * vlm.n_layers * vlm.d_ff)
     return hubs[np.argsort(-counts[hubs], kind="stable")]

@@ -10,7 +10,8 @@ puts beside it, one row per (image, noun, method):
   top-10 tokens in either direction (:func:`~mmneurons_utils.method.vocabulary.naming_units`).
   Where it is 0 no ranking can score a hit, so ``hit_where_nameable`` keeps only the nouns
   with at least one naming unit;
-* **hubs**: tokens in the top-10 of more than 1 % of all units crowd nouns out of every lens;
+* **hubs**: tokens in the top-10 of more than 1 % of all units (and 5 × chance) crowd nouns out
+  of every lens;
   ``noun_hit_no_hubs`` re-reads the units' lenses with the hub tokens left out.
 
 The ``selection_null`` method's draws are averaged per (image, noun) so that each noun
@@ -35,16 +36,18 @@ def chance_top10(vlm) -> float:
 
 
 def noun_hit_table(vlm, table: pd.DataFrame, k: int = 10, lens: str = "raw",
-                   hub_share: float = HUB_SHARE) -> pd.DataFrame:
+                   hub_share: float = HUB_SHARE, over_chance: float = 5.0) -> pd.DataFrame:
     """One row per (image, noun, method): ``noun_hit`` (share of the top-``k`` units whose
     top-10 tokens name the noun) and ``noun_rank`` (median rank of the noun in their lenses),
     both read in the ``lens`` (``"raw"``: the paper's; ``"rms"``: see
     :func:`~mmneurons_utils.method.scoring.lens_unembedding`); ``noun_hit_no_hubs`` (the same
     with hub tokens left out); ``naming_units`` (the noun's ceiling), ``nameable`` and
     ``hit_where_nameable`` (``noun_hit`` where nameable, NaN elsewhere); ``chance`` (10 / V).
-    ``attrs["hubs"]`` holds the hub tokens' strings, most frequent first.
+    ``attrs["hubs"]`` holds the hub tokens' strings, most frequent first (hubs: see
+    :func:`~mmneurons_utils.method.vocabulary.hub_tokens`; ``hub_share`` and ``over_chance``
+    are its thresholds).
     """
-    hubs = vocabulary.hub_tokens(vlm, hub_share, LENS_TOKENS, lens)
+    hubs = vocabulary.hub_tokens(vlm, hub_share, LENS_TOKENS, lens, over_chance)
     groups = top_k_groups(table, k)
     if not groups:
         return pd.DataFrame(columns=["image", "noun", "method", "token_id", "noun_hit", "noun_rank",
