@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..model.vlm import EMBEDDED
 from ..store.files import atomic_write_text, os_error_exit_code, os_error_line
 from .claims import write_scorecard
 
@@ -152,8 +153,6 @@ def _checked_value(name: str, value, default):
 def _check_model(name: str, value: str, default: str) -> None:
     """A model parameter names an embedded model, a folder or a hub id (``""``: skip, where the
     default names one and its comment says so)."""
-    from ..model.vlm import EMBEDDED
-
     if value == "" and name != "model":
         return
     if value in EMBEDDED or Path(value).expanduser().is_dir():
