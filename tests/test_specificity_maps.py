@@ -192,3 +192,10 @@ def test_query_token_models_get_a_clear_error_for_maps_and_auroc_still_works(tin
     spec = specificity.specificity_scores(tiny_instructblip, scenes[:6], captions, table, k=5,
                                           occlusion=True)
     assert "auroc" in spec and not any("mass_in_box" in c or "occlusion" in c for c in spec)
+
+
+def test_occlusion_needs_the_image_activations(tiny_llava, scenes):
+    caption = tiny_llava.describe([scenes[0].image], activation="down_proj_input")[0]
+    noun = scenes[0].boxes[0][0]
+    with pytest.raises(ValueError, match="image_activations=True"):
+        occlusion.occlusion_deltas(tiny_llava, scenes[:1], [caption], {(0, noun): [[0, 0]]})

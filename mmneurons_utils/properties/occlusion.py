@@ -99,6 +99,10 @@ def occlusion_deltas(vlm, samples, captions, units_by_object: dict, batch_size: 
         if boxes:
             keys.append((image, noun))
             images.append(occlude(samples[image], boxes, fill))
+    for image, _ in keys:
+        if captions[image].activations is None or captions[image].activations.image is None:
+            raise ValueError("activations lack image positions: describe the images with "
+                             "activation='down_proj_input', image_activations=True")
     kinds = {captions[image].activations.kind for image, _ in keys}
     out = {}
     for kind in sorted(kinds):
