@@ -24,7 +24,8 @@ SLOW = ("test_parallel", "test_fidelity", "test_editing", "test_editors", "test_
         "test_scenes::test_one_two_and_three", "test_own_images", "test_smol_cli", "test_smol_widgets",
         "test_faults::test_outputs_on_pseudo", "test_faults::test_a_lock_file_that_cannot",
         "test_faults::test_ctrl_c", "test_faults::test_an_export_killed",
-        "test_faults_runner::test_a_second_comparison", "test_faults_runner::test_a_failed_comparison")
+        "test_faults_runner::test_a_second_comparison", "test_faults_runner::test_a_failed_comparison",
+        "test_text_twin::test_smol_")
 # tests that execute notebooks (papermill); the notebooks themselves run under nbval
 NOTEBOOK_TESTS = ("test_own_images::test_notebook_",)
 
