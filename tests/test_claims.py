@@ -44,7 +44,7 @@ def good_tables() -> dict:
                                  ("random", (0.2, 0.15, 0.25), (33.0, 31.0, 35.0)),
                                  ("selection_null", (0.6, 0.55, 0.65), (6.0, 5.0, 7.0))]}),
         "02_specificity_summary": summary({
-            m: {"mass_in_box": mass, "occlusion_mass_in_box": mass, "box_share": (0.2, 0.18, 0.22),
+            m: {"mass_in_box": mass, "mass_in_box_centred": mass, "box_share": (0.2, 0.18, 0.22),
                 "auroc": auc}
             for m, mass, auc in [("contribution", (0.4, 0.35, 0.45), (0.8, 0.78, 0.82)),
                                  ("gradient", (0.35, 0.3, 0.4), (0.77, 0.75, 0.79)),
@@ -204,11 +204,11 @@ def test_every_claim_holds_on_good_tables(tmp_path):
     ("sensitivity", {"02_noun_hits_summary": set_summary("contribution", "noun_hit", (0.1, 0.05, 0.15))},
      FAILS),
     # above the box's share and random, but less than 1.5 × the share
-    ("specificity", {"02_specificity_summary": set_summary("contribution", "occlusion_mass_in_box", (0.28, 0.27, 0.29))},
+    ("specificity", {"02_specificity_summary": set_summary("contribution", "mass_in_box_centred", (0.28, 0.27, 0.29))},
      PARTLY),
     ("specificity", {"02_specificity_summary": set_summary("contribution", "auroc", (0.5, 0.48, 0.52))},
      FAILS),
-    ("specificity", {"02_specificity_summary": set_summary("contribution", "occlusion_mass_in_box", (0.15, 0.1, 0.2))},
+    ("specificity", {"02_specificity_summary": set_summary("contribution", "mass_in_box_centred", (0.15, 0.1, 0.2))},
      FAILS),
     ("region_invariance", {"03_region_summary": set_summary("contribution", "retained", (0.4, 0.3, 0.5))},
      PARTLY),
@@ -254,7 +254,7 @@ def test_specificity_without_patch_grid_is_judged_on_auroc(tmp_path):
     nan = (math.nan, math.nan, math.nan)
     def no_grid(frame):
         for method in METHODS + ("selection_null",):
-            for metric in ("mass_in_box", "occlusion_mass_in_box", "box_share"):
+            for metric in ("mass_in_box", "mass_in_box_centred", "box_share"):
                 frame = set_summary(method, metric, nan, model="m2")(frame)
         return frame
     card = card_with(tmp_path, **{"02_specificity_summary": no_grid})
@@ -382,18 +382,18 @@ def test_sensitivity_without_a_null_is_not_measured(tmp_path):
     assert verdicts(card)["sensitivity"] == NOT_MEASURED
 
 
-def test_specificity_reads_the_occlusion_maps_and_names_them(tmp_path):
-    # raw maps at chance (a flat offset) do not matter: the occlusion maps are judged
+def test_specificity_reads_the_centred_maps_and_names_them(tmp_path):
+    # raw maps at chance (a flat offset) do not matter: the median-centred maps are judged
     flat = lambda f: set_summary("contribution", "mass_in_box", (0.2, 0.19, 0.21))(f)
     card = card_with(tmp_path, **{"02_specificity_summary": flat})
     row = card[(card["model"] == "m1") & (card["claim_id"] == "specificity")].iloc[0]
-    assert row["verdict"] == HOLDS and "occlusion" in row["metric"] and "raw maps" in row["detail"]
+    assert row["verdict"] == HOLDS and "median-centred" in row["metric"] and "raw maps" in row["detail"]
     # ... and it must beat the selection-matched null too
     card = card_with(tmp_path, **{"02_specificity_summary": set_summary(
-        "selection_null", "occlusion_mass_in_box", (0.42, 0.40, 0.44))})
+        "selection_null", "mass_in_box_centred", (0.42, 0.40, 0.44))})
     assert verdicts(card)["specificity"] == FAILS
     # only raw maps (an old table): not judged, with the reason
-    only_raw = lambda f: f[f["metric"] != "occlusion_mass_in_box"]
+    only_raw = lambda f: f[f["metric"] != "mass_in_box_centred"]
     card = card_with(tmp_path, **{"02_specificity_summary": only_raw})
     row = card[(card["model"] == "m1") & (card["claim_id"] == "specificity")].iloc[0]
-    assert row["verdict"] == NOT_MEASURED and "centred and occlusion" in row["detail"]
+    assert row["verdict"] == NOT_MEASURED and "median-centred" in row["detail"]

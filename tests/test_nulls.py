@@ -210,3 +210,19 @@ def test_lens_extremes_are_cached_on_disk_and_rebuilt_when_corrupt(tiny_llava, t
     again = vocabulary.lens_extremes(tiny_llava)
     assert (again == first).all() and (np.load(path) == first).all()
     tiny_llava.__dict__.pop("_lens_extremes", None)
+
+
+def test_method_comparison_and_per_layer(tiny_llava, identified):
+    from mmneurons_utils.properties.nameability import method_comparison, per_layer
+
+    table = identified.table
+    comparison = method_comparison(tiny_llava, table, k=10)
+    assert set(comparison.index) == {"contribution", "noun_contrast", "selection_null", "random"}
+    assert comparison.loc["contribution", "noun_hit"] > comparison.loc["selection_null", "noun_hit"]
+    assert comparison.loc["random", "median_rank"] > comparison.loc["contribution", "median_rank"]
+    layers = per_layer(tiny_llava, table, k=10)
+    for _, part in layers.groupby("method"):
+        assert abs(part.share.sum() - 1) < 1e-9
+    ours = layers[layers.method == "contribution"].set_index("layer")
+    top = table[(table.method == "contribution") & (table["rank"] < 10)]
+    assert np.isclose(ours.loc[3, "noun_hit"], (top[top.layer == 3].noun_rank < 10).mean())

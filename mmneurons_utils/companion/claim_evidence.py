@@ -181,9 +181,12 @@ def _measure_sensitivity(tables, notebook_model):
                    f"{_fmt(x['selection_null', 'noun_hit_no_hubs'].mean)}"))
 
 
-MAP_METRICS = (("occlusion_mass_in_box", "occlusion-difference maps: p·(a − a with the noun's box "
-                 "painted over)"),
-               ("mass_in_box_centred", "median-centred maps: p·a minus its median over the patches"))
+# The map the rule reads: the median-centred one. The occlusion maps' mass in box does not separate
+# noun units from random ones (painting the object out changes almost every unit only inside its box,
+# so any unit's change map is local: smol-llava 0.315 contribution vs 0.315 random); their signed share
+# in the box (does removing the object lower the units in the direction they write the noun?) is
+# reported beside it.
+MAP_METRICS = (("mass_in_box_centred", "median-centred maps: p·a minus its median over the patches"),)
 
 
 def _map_metric(frame: pd.DataFrame, model: str) -> tuple[str, str] | None:
@@ -204,7 +207,7 @@ def _measure_specificity(tables, notebook_model):
         if chosen is not None:
             metric, label = chosen
             extra = {(m, name): _pick(frame, model, m, name)[0] for m in ("contribution", *BASELINES)
-                     for name in (metric, "mass_in_box", "box_share", "auroc")}
+                     for name in (metric, "mass_in_box", "box_share", "auroc", "occlusion_signed_in_box")}
             extra.update({(m, "map_metric"): extra[m, metric] for m in ("contribution", *BASELINES)})
             ours, n, n_clusters = _pick(frame, model, "contribution", metric)
             box = extra["contribution", "box_share"]
@@ -213,13 +216,16 @@ def _measure_specificity(tables, notebook_model):
                 {b: extra[b, metric] for b in BASELINES}, n, n_clusters, extra,
                 f"{label}; box share (chance) {_fmt(box.mean)}; raw maps' mass in box ours "
                 f"{_fmt_value(extra['contribution', 'mass_in_box'])}, random "
-                f"{_fmt(extra['random', 'mass_in_box'].mean)}; selectivity AUROC ours {_fmt_value(auroc)}, "
-                f"random {_fmt_value(extra['random', 'auroc'])}")
+                f"{_fmt(extra['random', 'mass_in_box'].mean)}; occlusion maps' signed share in the box "
+                f"(chance 0) ours {_fmt_value(extra['contribution', 'occlusion_signed_in_box'])}, random "
+                f"{_fmt(extra['random', 'occlusion_signed_in_box'].mean)}, selection null "
+                f"{_fmt(extra['selection_null', 'occlusion_signed_in_box'].mean)}; selectivity AUROC ours "
+                f"{_fmt_value(auroc)}, random {_fmt_value(extra['random', 'auroc'])}")
             continue
         mass, n, n_clusters = _pick(frame, model, "contribution", "mass_in_box")
         if not math.isnan(mass.mean):
             out[model] = ("02_specificity_summary.csv has only the raw maps' mass in box (a flat offset "
-                          "on a pretrained LM); rerun notebook 02 for the centred and occlusion maps")
+                          "on a pretrained LM); rerun notebook 02 for the median-centred maps")
             continue
         if not math.isnan(auroc.mean):      # no patch grid (InstructBLIP): AUROC alone
             extra = {(m, "auroc"): _pick(frame, model, m, "auroc")[0] for m in ("contribution", *BASELINES)}

@@ -120,7 +120,7 @@ def _judge_specificity(e: Evidence) -> str:
         return NOT_MEASURED
     direction = [auroc.mean > random_auroc.mean]
     size = [auroc.above(random_auroc), auroc.mean >= AUROC_MIN]
-    mass = x.get(("contribution", "map_metric"), NAN)        # the occlusion or centred map's mass in box
+    mass = x.get(("contribution", "map_metric"), NAN)        # the centred maps' mass in box
     if not math.isnan(mass.mean):
         box = x["contribution", "box_share"]
         bases = [x.get((m, "map_metric"), NAN) for m in ("random", "selection_null")]
@@ -210,8 +210,8 @@ CLAIMS: tuple[Claim, ...] = (
           "if ours beats each of them on the point estimate but a condition fails; does not hold otherwise",
           "02_noun_hits_summary.csv", _measure_sensitivity, _judge_sensitivity),
     Claim("specificity", "they fire on the noun's image region (specificity)", "§4",
-          "mass in box of the occlusion-difference maps (else the median-centred maps) vs the box's share, "
-          "random and the selection-matched null; selectivity AUROC vs random",
+          "mass in box of the median-centred maps vs the box's share, random and the selection-matched "
+          "null; selectivity AUROC vs random",
           f"holds if mass in box ≥ {BOX_RATIO:g} × the box's share with its interval above random's and the "
           "selection-matched null's, "
           f"and AUROC ≥ {AUROC_MIN} with its interval above random's (AUROC alone where there is no patch "

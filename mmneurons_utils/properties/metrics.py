@@ -17,6 +17,7 @@ import torch
 
 from .invariance import cross_image_invariance, region_invariance
 from ..method.scoring import rank_correlation, top_overlap, unit_logit_lens
+from .nameability import method_comparison, noun_hit_table, per_layer
 from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
 from .specificity import specificity_scores
 from ..method.identify import find_neurons
@@ -24,6 +25,7 @@ from .stats import bootstrap_ci, cluster_bootstrap_ci
 
 __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
+    "method_comparison", "noun_hit_table", "per_layer",
     "cross_image_invariance", "region_invariance", "rank_correlation", "top_overlap",
     "depth_summary", "layer_distribution", "method_agreement", "paper_table",
     "polarity_report", "summarize",

@@ -115,3 +115,38 @@ def generic_share(table: pd.DataFrame, k: int = 10, method: str = "contribution"
         return float("nan")
     generic = generic_units(table, k, method)
     return float(np.mean([(int(l), int(u)) in generic for l, u in zip(rows["layer"], rows["unit"])]))
+
+
+def method_comparison(vlm, table: pd.DataFrame, k: int = 10, lens: str = "raw") -> pd.DataFrame:
+    """One row per method of ``table``: ``noun_hit``, ``hit_where_nameable``,
+    ``noun_hit_no_hubs`` (means over noun instances), ``median_rank`` (median over instances of
+    the units' median noun rank), ``generic_share`` (:func:`generic_share`), ``instances`` and
+    ``chance`` (10 / V) — the baselines every sensitivity verdict is read against."""
+    hits = noun_hit_table(vlm, table, k, lens=lens)
+    rows = []
+    for method, part in hits.groupby("method", sort=False):
+        rows.append(dict(method=method, noun_hit=part.noun_hit.mean(),
+                         hit_where_nameable=part.hit_where_nameable.mean(),
+                         noun_hit_no_hubs=part.noun_hit_no_hubs.mean(),
+                         median_rank=part.noun_rank.median(),
+                         generic_share=generic_share(table, k, method), instances=len(part),
+                         chance=chance_top10(vlm)))
+    return pd.DataFrame(rows).set_index("method")
+
+
+def per_layer(vlm, table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+    """One row per (method, layer) holding any of the method's top-``k`` units: ``share`` of the
+    method's units in the layer, their ``noun_hit`` and ``median_rank`` (noun in their lens,
+    read in their polarity) and ``generic_share`` (of :func:`generic_units`)."""
+    top = table[table["rank"] < k]
+    rows = []
+    for method, part in top.groupby("method", sort=False):
+        generic = generic_units(table, k, method)
+        for layer, rows_of_layer in part.groupby("layer"):
+            ranks = rows_of_layer["noun_rank"]
+            rows.append(dict(method=method, layer=int(layer), share=len(rows_of_layer) / len(part),
+                             noun_hit=float((ranks < LENS_TOKENS).mean()),
+                             median_rank=float(ranks.median()),
+                             generic_share=float(np.mean([(int(l), int(u)) in generic for l, u in
+                                                          zip(rows_of_layer.layer, rows_of_layer.unit)]))))
+    return pd.DataFrame(rows)
