@@ -41,12 +41,21 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 from ..model import architectures as A
+from ..model import pretrained_lm as P
+from ..model.loading import read_marker
+from ..model.vlm import EMBEDDED, EMBEDDED_DIR
 from ..method.identification import units_of
 from ..model.nouns import noun_token_id
 from ..method.scoring import contribution_scores, random_units, top_units, unit_logit_weights
 from ..model.trace import trace_down_proj
+
+try:   # adapters a model may still carry while it is trained (smol-llava's training build)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+except ImportError:   # peft absent: nothing can have been injected by it
+    BaseTunerLayer = ()
 
 OK = "ok"
 SILENT = "no prompt makes the model say it"
@@ -176,8 +185,6 @@ _PRETRAINED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKe
 
 
 def _model_folder(vlm) -> Path | None:
-    from ..model.vlm import EMBEDDED, EMBEDDED_DIR
-
     path = EMBEDDED_DIR / vlm.name if vlm.name in EMBEDDED else Path(str(vlm.name)).expanduser()
     return path if path.is_dir() else None
 
@@ -191,15 +198,10 @@ def merged_adapter_weights(vlm) -> dict[str, torch.Tensor]:
     Cached per model (~106 MB for smol-llava's 120 matrices)."""
     if vlm.model in _PRETRAINED:
         return _PRETRAINED[vlm.model]
-    from ..model import pretrained_lm as P
-    from ..model.loading import read_marker
-
     weights: dict[str, torch.Tensor] = {}
     folder = _model_folder(vlm)
     trained = folder / P.TRAINED_FILE if folder is not None else None
     if trained is not None and trained.is_file() and (read_marker(folder) or {}).get("language_model"):
-        from safetensors import safe_open
-
         with safe_open(str(trained), "pt") as handle:
             adapted = sorted({k[len(P.LORA_PREFIX):-2] for k in handle.keys() if k.startswith(P.LORA_PREFIX)})
         if adapted:
@@ -235,10 +237,6 @@ def language_model_only(vlm, pure: bool = True) -> Iterator[tuple[Callable[..., 
     pretrained = merged_adapter_weights(vlm) if pure else {}
     with ExitStack() as stack:
         toggled = []
-        try:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-        except ImportError:   # peft absent: nothing can have been injected by it
-            BaseTunerLayer = ()
         for module in decoder.modules():
             if pure and isinstance(module, BaseTunerLayer) and not module.disable_adapters:
                 toggled.append(module)
