@@ -196,8 +196,9 @@ def merged_adapter_weights(vlm) -> dict[str, torch.Tensor]:
     adapted matrices, keyed by the decoder's parameter names, on the model's device and
     dtype. Empty for a model with no such record (tiny-llava, tiny-instructblip, a hub model).
     Cached per model (~106 MB for smol-llava's 120 matrices)."""
-    if vlm.model in _PRETRAINED:
-        return _PRETRAINED[vlm.model]
+    if vlm.model in _PRETRAINED:   # where the model is now (it may have moved since)
+        params = dict(_text_decoder(vlm).named_parameters())
+        return {n: t.to(params[n].device, params[n].dtype) for n, t in _PRETRAINED[vlm.model].items()}
     weights: dict[str, torch.Tensor] = {}
     folder = _model_folder(vlm)
     trained = folder / P.TRAINED_FILE if folder is not None else None
