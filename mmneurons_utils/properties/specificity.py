@@ -263,7 +263,12 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
                 row.update(_suffixed(box_scores(mean, size, boxes), prefix="occlusion_"),
                            occlusion_signed_in_box=signed_share_in_box(mean, size, boxes))
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if len(frame) and frame.duplicated(["image", "noun", "method"]).any():
+        # the selection null's draws: their mean, one row per noun instance as for every method
+        frame = frame.groupby(["image", "noun", "method"], sort=False, as_index=False).mean()
+        frame["in_scene"] = frame["in_scene"].astype(bool)
+    return frame
 
 
 def _rows_of(union: np.ndarray, units: np.ndarray) -> np.ndarray:
