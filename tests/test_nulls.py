@@ -226,3 +226,19 @@ def test_method_comparison_and_per_layer(tiny_llava, identified):
     ours = layers[layers.method == "contribution"].set_index("layer")
     top = table[(table.method == "contribution") & (table["rank"] < 10)]
     assert np.isclose(ours.loc[3, "noun_hit"], (top[top.layer == 3].noun_rank < 10).mean())
+
+
+def test_find_command_takes_the_new_methods(cli, tmp_path):
+    import json
+
+    for method, draws in (("noun_contrast", None), ("selection_null", 5)):
+        out = tmp_path / f"{method}.parquet"
+        code, stdout, _ = cli("find", "--model", "tiny-llava", "--scenes", "2", "--method", method,
+                              "--top-k", "5", "--out", str(out), "--json")
+        assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["method"] == method
+        table = pd.read_parquet(out)
+        assert set(table.method) == {method}
+        assert (sorted(table.draw.unique()) == list(range(draws))) if draws else "draw" not in table
+    code, _, stderr = cli("find", "--model", "tiny-llava", "--scenes", "2", "--method", "contrast",
+                          "--out", str(tmp_path / "x.parquet"))
+    assert code == 2 and "noun_contrast" in stderr and "selection_null" in stderr
