@@ -27,7 +27,7 @@ def test_report_puts_the_contribution_units_above_random(tiny_llava):
     assert spec["occlusion_mass_in_box"] > spec["box_share"] and spec["mass_in_box_centred"] > spec["box_share"]
     assert spec["mass_in_box_centred"] > spec["mass_in_box_centred_random"]
     assert set(r["methods"]) == {"contribution", "noun_contrast"}
-    assert set(r["methods"]["noun_contrast"]) == {"hit", "median_rank", "generic_share", "removed_k50"}
+    assert {"hit", "median_rank", "generic_share", "removed_k50"} <= set(r["methods"]["noun_contrast"])
     assert set(r["lens"]) == {"raw", "rms", "norm"}
 
 

@@ -242,3 +242,14 @@ def test_find_command_takes_the_new_methods(cli, tmp_path):
     code, _, stderr = cli("find", "--model", "tiny-llava", "--scenes", "2", "--method", "contrast",
                           "--out", str(tmp_path / "x.parquet"))
     assert code == 2 and "noun_contrast" in stderr and "selection_null" in stderr
+
+
+def test_text_twin_per_method(tiny_llava, identified):
+    from mmneurons_utils.properties.text_twin import text_twin_overlap
+
+    ours = text_twin_overlap(tiny_llava, identified.table, k=10, greedy_only=False)
+    contrast = text_twin_overlap(tiny_llava, identified.table, k=10, greedy_only=False, method="noun_contrast")
+    assert list(ours.noun) == list(contrast.noun)
+    assert not np.allclose(ours.retained, contrast.retained)        # other units on both sides
+    with pytest.raises(ValueError, match="contribution or noun_contrast"):
+        text_twin_overlap(tiny_llava, identified.table, method="gradient")

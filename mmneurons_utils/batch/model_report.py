@@ -142,9 +142,14 @@ def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 
     removed = _by_method(causal_summary(curves), "noun_removed")
     out.update(removed_k=removed, k_ablate=k_ablate, ablate_scenes=n_ablate,
                ablate_nouns=int(((ablate.table.method == "contribution") & (ablate.table["rank"] == 0)).sum()))
+    twins = {"contribution": twin, "noun_contrast": text_twin_overlap(vlm, table, k=k, seed=seed,
+                                                                      method="noun_contrast")}
     out["methods"] = {m: dict(hit=_mean(hits, m, "noun_hit"), median_rank=_mean(hits, m, "noun_rank", "median"),
                               generic_share=round(generic_share(table, k, m), 4),
-                              **{f"removed_k{k_ablate}": removed.get(m)}) for m in SCORING}
+                              **{f"removed_k{k_ablate}": removed.get(m)},
+                              text_twin_retained=_column_mean(twins[m], "retained"),
+                              text_twin_other_nouns=_column_mean(twins[m], "other_nouns"))
+                      for m in SCORING}
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
 

@@ -36,6 +36,7 @@ import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +49,7 @@ from ..model import pretrained_lm as P
 from ..model.loading import read_marker
 from ..model.vlm import EMBEDDED, EMBEDDED_DIR
 from ..method.identification import units_of
+from ..method.identify import contrast_weights
 from ..model.nouns import noun_token_id
 from ..method.scoring import contribution_scores, random_units, top_units, unit_logit_weights
 from ..model.trace import trace_down_proj
@@ -276,6 +278,7 @@ class Cloze:
     probability: float       # its next-token probability
     greedy_id: int           # the arg-max next token
     scores: torch.Tensor = field(repr=False)   # Float[Tensor, "L F"] contribution to token_id
+    activations: torch.Tensor | None = field(default=None, repr=False)   # Float[Tensor, "L F"] a
 
     @property
     def kept(self) -> bool:
@@ -307,7 +310,7 @@ def cloze_prompts(vlm, noun: str, templates: Sequence[str] | None = None,
             probs = torch.softmax(logits, -1)
             out.append(Cloze(noun, template.name, template.kind, template.form, text, token,
                              float(probs[token]), int(probs.argmax()),
-                             contribution_scores(vlm, acts, token, weights)))
+                             contribution_scores(vlm, acts, token, weights), acts.float()))
     return out
 
 
@@ -347,7 +350,7 @@ def _share(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str] | None = None,
                       seed: int = 0, templates: Sequence[str] | None = None,
                       clues: Mapping[str, str] | None = None, greedy_only: bool = True,
-                      pure: bool = True) -> pd.DataFrame:
+                      pure: bool = True, method: str = "contribution") -> pd.DataFrame:
     """One row per noun: ``retained`` (share of its image-driven top-``k`` units that are also
     its text-only top-``k``), ``jaccard``, the same two for ``k`` random units, ``other_nouns``
     (mean share retained by the other nouns' text units), ``n_images`` and ``chance`` (k/(L·F));
@@ -358,18 +361,24 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
 
     Only kept prompts count: a noun without one has NaN overlap columns and is left out of the
     other nouns' baseline. ``greedy_only=False`` keeps every prompt (its ``status`` says so);
-    ``templates=("paper",), greedy_only=False, pure=False`` is the previous twin."""
-    nouns = list(nouns) if nouns is not None else sorted(table.loc[table.method == "contribution", "noun"].unique())
+    ``templates=("paper",), greedy_only=False, pure=False`` is the previous twin.
+
+    ``method``: ``"contribution"`` or ``"noun_contrast"``: the table's units of that method,
+    against text units ranked by the same score (for ``noun_contrast``, the contrast against the
+    model's candidate nouns, :func:`~mmneurons_utils.method.identify.contrast_weights`)."""
+    if method not in ("contribution", "noun_contrast"):
+        raise ValueError(f"method must be contribution or noun_contrast, got {method!r}")
+    nouns = list(nouns) if nouns is not None else sorted(table.loc[table.method == method, "noun"].unique())
     with language_model_only(vlm, pure) as (_, description):
         pass
     prompts = {noun: cloze_prompts(vlm, noun, templates, clues, pure) for noun in nouns}
     kept = {noun: _kept(prompts[noun], greedy_only) for noun in nouns}
-    text = {noun: top_units(torch.stack([p.scores for p in kept[noun]]).mean(0), k)[0]
+    text = {noun: top_units(torch.stack([_text_scores(vlm, p, method) for p in kept[noun]]).mean(0), k)[0]
             for noun in nouns if kept[noun]}
     nan = float("nan")
     rows = []
     for i, noun in enumerate(nouns):
-        image = units_of(table, noun, k)
+        image = units_of(table, noun, k, method=method)
         row = dict(noun=noun, k=k, retained=nan, jaccard=nan, random_retained=nan, random_jaccard=nan,
                    other_nouns=nan)
         if noun in text and len(image):
@@ -384,7 +393,7 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
         if chosen and not greedy_only and not all(p.kept for p in chosen):
             status = f"{status}; kept anyway (greedy_only=False)" if status == OK else \
                 "kept anyway (greedy_only=False): the noun is not the greedy answer"
-        row.update(n_images=int(table.loc[(table.noun == noun) & (table.method == "contribution"),
+        row.update(n_images=int(table.loc[(table.noun == noun) & (table.method == method),
                                           "image"].nunique()),
                    chance=k / (vlm.n_layers * vlm.d_ff),
                    prompt=tuple(p.text for p in chosen), templates=tuple(p.template for p in chosen),
@@ -393,3 +402,11 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
                    language_model=description)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _text_scores(vlm, cloze: Cloze, method: str) -> torch.Tensor:
+    """``Float[Tensor, "L F"]``: the prompt's unit scores under ``method``."""
+    if method == "contribution":
+        return cloze.scores
+    target = SimpleNamespace(token_id=cloze.token_id)
+    return cloze.activations * contrast_weights(vlm, [target])[cloze.token_id]
