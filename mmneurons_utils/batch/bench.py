@@ -17,7 +17,7 @@
   (``find_neurons``: batch size 16, KV cache on, contribution, top-50) on the same images,
   after checking that both make the same captions and pick the same nouns at the same
   steps (:class:`~mmneurons_utils.batch.official.OfficialMismatch` otherwise). ``official_s`` and
-  ``official_ours_s`` are the two medians, ``official_images_per_s`` the official
+  ``official_ours_s`` are the two times, ``official_images_per_s`` the official
   throughput, ``official_prepare_s`` its one-time projection (outside the ratio: the
   official code runs it as a separate script), ``official_forwards_per_image`` the full
   forwards it runs per image, ``official_n_nouns`` the nouns both picked;
@@ -34,13 +34,16 @@
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
   a fresh subprocess (peak RSS on CPU, ``max_memory_allocated`` on CUDA).
 
-Times are medians over ``repeats`` interleaved runs.
+Every time is the least of ``repeats`` interleaved runs in one call (A B A B …, one untimed
+warm-up call each first), and every ratio is one such minimum over another: load that comes
+and goes falls on both sides alike, and each side keeps its least-disturbed run, so the
+ratios (``overhead_ratio``, the speed-ups) are what to compare across machines and runs.
+The absolute times (``*_s``, ``*_ms_per_noun``, ``images_per_s``) are this machine's.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -60,31 +63,35 @@ THROUGHPUT_BATCH_SIZES = (1, 8, 32)
 OURS_BATCH_SIZE = 16     # find_neurons' default: ours in official_speedup
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _interleaved(*fns, repeats: int, warm_up: bool = True, clock=time.perf_counter) -> list[float]:
+    """The least time of each of ``fns`` over ``repeats`` rounds, every round calling each
+    of them once in turn (A B A B …), after one untimed call of each when ``warm_up``.
 
-
-def _interleaved(first, second, repeats: int, warm_up: bool = True) -> tuple[float, float]:
-    """Medians of ``first()`` and ``second()`` timed in turn ``repeats`` times (interleaved,
-    so drift hits both alike), after one untimed call of each when ``warm_up``."""
+    Interleaving makes load that comes and goes fall on all of them alike, and the minimum
+    keeps each one's least-disturbed run (load only ever adds time), so ratios of the
+    returned times hold on a busy machine where a single run or a median would not.
+    ``clock`` is the timer (a fake one in the tests)."""
     if warm_up:
-        first(), second()
-    times: tuple[list, list] = ([], [])
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        times[0].append(_median_time(first, 1))
-        times[1].append(_median_time(second, 1))
-    return statistics.median(times[0]), statistics.median(times[1])
+        for i, fn in enumerate(fns):
+            start = clock()
+            fn()
+            best[i] = min(best[i], clock() - start)
+    return best
 
 
-def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
+def time_identification(vlm, images, repeats: int = 3, top_k: int = 50,
+                        clock=time.perf_counter) -> dict:
+    """``overhead_ratio`` and the gradient speed-ups (see the module docstring): each time the
+    least of ``repeats`` interleaved runs in this call (:func:`_interleaved`), each ratio one of
+    those minima over another; ``repeats`` is returned with them. The ratios are what to
+    compare across machines; the absolute times are this machine's."""
     describe = lambda: vlm.describe(images)
     identify = lambda: find_neurons(vlm, images, top_k=top_k)
-    t_describe, t_identify = _interleaved(describe, identify, repeats)
+    t_describe, t_identify = _interleaved(describe, identify, repeats=repeats, clock=clock)
     captions = vlm.describe(images, activation="down_proj_input")
     pairs = [(img, cap, t) for img, cap in zip(images, captions) for t in cap.noun_tokens]
     if not pairs:
@@ -99,10 +106,10 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
                                      weights=weights)[method]]
         unit_top_tokens(vlm, np.concatenate(units))
 
-    contribution_all = lambda: rank_all("contribution")
-    t_contribution = _median_time(contribution_all, repeats) / len(pairs)
-    t_gradient = _median_time(lambda: rank_all("gradient"), repeats) / len(pairs)
-    t_gradient_image = _median_time(lambda: rank_all("gradient_image"), repeats) / len(pairs)
+    t_contribution, t_gradient, t_gradient_image = (
+        t / len(pairs) for t in _interleaved(*(lambda m=m: rank_all(m) for m in
+                                               ("contribution", "gradient", "gradient_image")),
+                                             repeats=repeats, clock=clock))
     t_generation = t_describe / len(pairs)
     return dict(
         overhead_ratio=round(t_identify / t_describe, 3),
@@ -114,13 +121,13 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50) -> dict:
         contribution_ms_per_noun=round(1e3 * t_contribution, 3),
         gradient_ms_per_noun=round(1e3 * t_gradient, 3),
         gradient_image_ms_per_noun=round(1e3 * t_gradient_image, 3),
-        n_images=len(images), n_nouns=len(pairs))
+        n_images=len(images), n_nouns=len(pairs), repeats=repeats)
 
 
 def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: int = 50,
                   batch_sizes=THROUGHPUT_BATCH_SIZES) -> dict:
     """``official_speedup`` (official ÷ ours on ``images``) and ``images_per_s`` of ours at
-    ``batch_sizes`` on ``throughput_images`` (default ``images``); medians of interleaved runs."""
+    ``batch_sizes`` on ``throughput_images`` (default ``images``); minima of interleaved runs."""
 
     start = time.perf_counter()
     tables = prepare_official(vlm)
@@ -134,13 +141,11 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
     if not n_nouns:
         raise ValueError("the benchmark images produced no nouns; use other images")
     ours()
-    official_s, ours_s = _interleaved(official, ours, repeats, warm_up=False)
+    official_s, ours_s = _interleaved(official, ours, repeats=repeats, warm_up=False)
     many = list(throughput_images) if throughput_images is not None else list(images)
-    t_batch: dict[int, list[float]] = {b: [] for b in batch_sizes}
-    for _ in range(repeats):
-        for b in batch_sizes:
-            t_batch[b].append(_median_time(lambda: find_neurons(vlm, many, top_k=top_k,
-                                                                batch_size=b), 1))
+    t_batch = dict(zip(batch_sizes, _interleaved(
+        *(lambda b=b: find_neurons(vlm, many, top_k=top_k, batch_size=b) for b in batch_sizes),
+        repeats=repeats, warm_up=False)))
     return dict(
         official_speedup=round(official_s / ours_s, 2),
         official_s=round(official_s, 4), official_ours_s=round(ours_s, 4),
@@ -152,16 +157,16 @@ def time_official(vlm, images, throughput_images=None, repeats: int = 3, top_k: 
         # per noun token (one row of W_U projected on every layer's W_out: L × F float32)
         official_projection_gb=round(sum(p.numel() * p.element_size() for p in tables.projection) / 1e9, 3),
         ours_logit_weights_mb=round(vlm.n_layers * vlm.d_ff * 4 / 1e6, 3),
-        images_per_s={str(b): round(len(many) / statistics.median(t), 2) for b, t in t_batch.items()},
+        images_per_s={str(b): round(len(many) / t, 2) for b, t in t_batch.items()},
         images_per_s_n_images=len(many))
 
 
 def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8) -> dict:
-    """``atlas_ratio``: ``build_atlas`` ÷ ``describe`` on ``images`` (medians of interleaved runs)."""
+    """``atlas_ratio``: ``build_atlas`` ÷ ``describe`` on ``images`` (minima of interleaved runs)."""
 
     describe = lambda: vlm.describe(images, batch_size=16)
     atlas = lambda: build_atlas(vlm, images, top_k=top_k, examples=examples, batch_size=16)
-    t_describe, t_atlas = _interleaved(describe, atlas, repeats)
+    t_describe, t_atlas = _interleaved(describe, atlas, repeats=repeats)
     return dict(atlas_ratio=round(t_atlas / t_describe, 2), atlas_s=round(t_atlas, 3))
 
 
@@ -241,7 +246,7 @@ def measure_vocab_memory(chunk: int = 256, device: str = "cpu") -> dict:
 def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
     """``offload_slowdown``: ``find_neurons`` with every decoder layer and the unembedding
     offloaded to disk (an accelerate device map with a tiny ``max_memory``) ÷ the loaded model,
-    interleaved medians. Loads the model a second time from ``vlm.name``: embedded models or
+    interleaved minima. Loads the model a second time from ``vlm.name``: embedded models or
     local folders (``None`` when that is not a loadable name)."""
     import tempfile
 
@@ -254,7 +259,7 @@ def time_offload(vlm, images, repeats: int = 3, top_k: int = 10) -> dict:
             return dict(offload_slowdown=None)
         loaded_run = lambda: find_neurons(vlm, images, top_k=top_k)
         mapped_run = lambda: find_neurons(mapped, images, top_k=top_k)
-        loaded, offloaded = _interleaved(loaded_run, mapped_run, repeats)
+        loaded, offloaded = _interleaved(loaded_run, mapped_run, repeats=repeats)
     return dict(offload_slowdown=round(offloaded / loaded, 2), offload_s=round(offloaded, 4))
 
 

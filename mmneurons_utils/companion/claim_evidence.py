@@ -334,7 +334,11 @@ def _measure_speed(tables, notebook_model):
             get(model, "n_nouns"), extra={"overhead_ratio": ratio, "gradient_speedup": speedup},
             detail=(f"overhead_ratio {_fmt(ratio)} (find ÷ caption; goal ≤ {OVERHEAD_MAX}); "
                     f"gradient_speedup {_fmt(speedup)} (goal ≥ {SPEEDUP_MIN:g})"
-                    + ("" if math.isnan(image) else f"; gradient_image_speedup {_fmt(image)}")))
+                    + ("" if math.isnan(image) else f"; gradient_image_speedup {_fmt(image)}")
+                    + "; each a ratio of the least time of each side over "
+                    + ("" if math.isnan(get(model, "repeats")) else f"{int(get(model, 'repeats'))} ")
+                    + "interleaved runs in one call (A B A B …), so load cancels; the absolute "
+                    "times (ms per noun) are this machine's"))
     return out
 
 
