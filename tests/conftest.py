@@ -1,8 +1,9 @@
 """Shared fixtures and the test tiers.
 
 Tiers (markers registered in ``pyproject.toml``): ``browser`` (tests/test_browser.py marks itself),
-``notebooks`` (the notebooks under nbval, and tests that execute notebooks) and ``slow``
-(:data:`SLOW`: they train edits, run many scenes or whole CLI pipelines, measured at one
+``notebooks`` (the notebooks under nbval, and tests that execute notebooks: marked on the test)
+and ``slow`` (``@pytest.mark.slow`` on the test, or ``pytestmark = pytest.mark.slow`` for a whole
+module: they train edits, run many scenes or whole CLI pipelines, seconds to minutes each at one
 thread). The fast tier is ``pytest -m "not slow and not notebooks and not browser"``;
 ``python3 tasks.py test`` runs everything.
 """
@@ -12,36 +13,11 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# tests that take seconds to minutes each (measured at one thread): a module, or module::test-name prefix
-SLOW = ("test_parallel", "test_fidelity", "test_editing", "test_editors", "test_bench_official", "test_atlas", "test_offload",
-        "test_vocabulary::test_bench_reports", "test_vlm::test_committed_weights",
-        "test_properties::test_semantic_sensitivity", "test_properties::test_region_invariance",
-        "test_properties::test_a_permutation", "test_properties::test_an_identity_permutation",
-        "test_properties::test_specificity_scores", "test_properties::test_cross_image",
-        "test_interventions::test_identified_units", "test_handoff::test_the_method_core",
-        "test_handoff::test_the_identification", "test_cli_causal::test_edit",
-        "test_causal_widgets::test_edit_playground", "test_cli::test_atlas", "test_atlas::test_cli",
-        "test_scenes::test_one_two_and_three", "test_own_images", "test_smol_cli", "test_smol_widgets",
-        "test_faults::test_outputs_on_pseudo", "test_faults::test_a_lock_file_that_cannot",
-        "test_faults::test_ctrl_c", "test_faults::test_an_export_killed",
-        "test_faults_runner::test_a_second_comparison", "test_faults_runner::test_a_failed_comparison",
-        "test_text_twin::test_smol_")
-# tests that execute notebooks (papermill); the notebooks themselves run under nbval
-NOTEBOOK_TESTS = ("test_own_images::test_notebook_",)
-
-
-def _matches(item, patterns) -> bool:
-    module, name = item.path.stem, item.name
-    return any(module == p or (p.startswith(module + "::") and name.startswith(p.split("::")[1]))
-               for p in patterns)
-
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.suffix == ".ipynb" or _matches(item, NOTEBOOK_TESTS):
+    for item in items:   # the notebooks themselves (nbval); the slow tests mark themselves
+        if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.notebooks)
-        if _matches(item, SLOW):
-            item.add_marker(pytest.mark.slow)
 
 
 def pytest_generate_tests(metafunc):

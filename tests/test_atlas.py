@@ -7,6 +7,8 @@ import torch
 from mmneurons_utils import make_scenes
 from mmneurons_utils.atlas.examples import ExampleStream, UnitExamples, dataset_examples, purity
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 E = 4
 
 

@@ -19,6 +19,8 @@ from mmneurons_utils.batch.official import (OfficialMismatch, check_same_nouns, 
 from mmneurons_utils.method.scoring import contribution_scores
 from mmneurons_utils.model.trace import Trace
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 
 @pytest.fixture(scope="module")
 def images():

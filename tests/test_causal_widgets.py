@@ -1,5 +1,6 @@
 """The ablation panel and the edit playground: static views, and undo restores the weights."""
 
+import pytest
 import torch
 
 from mmneurons_utils import make_scenes
@@ -16,6 +17,7 @@ def test_ablation_panel_view(tiny_llava):
     assert "noise σ=2" in panel.view()[0]
 
 
+@pytest.mark.slow
 def test_edit_playground_edit_and_undo(tiny_llava):
     state = {k: v.detach().clone() for k, v in tiny_llava.model.state_dict().items()}
     play = EditPlayground(tiny_llava, make_scenes(4, seed=0), others=[s.image for s in make_scenes(10, seed=1)])

@@ -182,6 +182,7 @@ def test_own_image_errors_exit_2_with_one_line(tmp_path, argv, needle, cli, monk
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_atlas_on_the_exported_folder_is_the_scenes_atlas(tmp_path, cli):
     from mmneurons_utils.atlas.build import read_atlas
 

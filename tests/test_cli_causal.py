@@ -21,6 +21,7 @@ def test_perturb_noise(cli):
     assert json.loads(out.strip().splitlines()[-1])["perturbation"] == "noise σ=2"
 
 
+@pytest.mark.slow
 def test_edit_json_and_save(tmp_path, cli):
     save = tmp_path / "edited"
     code, out, _ = cli("edit", "--source", "dog", "--target", "cat", "--scenes", "60",

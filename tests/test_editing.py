@@ -16,6 +16,8 @@ from mmneurons_utils.model.nouns import says
 from mmneurons_utils.batch.edit_evaluation import ImagePool, edit_table, run_edit, summarize_edits
 from mmneurons_utils.interventions.editing import EditInputError, edit_token
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 
 def _state(vlm):
     return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}

@@ -22,6 +22,8 @@ from mmneurons_utils.model.trace import trace_down_proj
 from mmneurons_utils.properties.edit_metrics import (METRIC_KEYS, TEXT_PROMPTS, _prompt_ids, _text_decoder,
                                                      clean_reference, edit_metrics, forced_argmax)
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 
 def _state(vlm):
     return {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}

@@ -126,6 +126,7 @@ def test_os_errors_are_one_line_with_the_file_and_the_right_exit_code():
 
 # --- outputs the system refuses --------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, needle", [
     (FIND + ["--scenes", "1", "--out", "/proc/x.parquet"], "/proc"),
     (FIND + ["--scenes", "1", "--out", "/sys/x.parquet"], "/sys"),
@@ -140,6 +141,7 @@ def test_outputs_on_pseudo_file_systems_are_refused_not_waited_for(argv, needle)
     assert code == 2 and needle in line and "not writable" in line
 
 
+@pytest.mark.slow
 def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
     out = tmp_path / "r.parquet"
     (tmp_path / ".r.parquet.lock").mkdir()     # a lock file no process can open (even root)
@@ -199,6 +201,7 @@ def _interrupt_while_waiting(argv, out: Path, prefix="mmneurons"):
     return process.returncode, "".join(lines) + rest
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_waiting_prompt_is_one_line_and_exit_130(tmp_path):
     out = tmp_path / "r.parquet"
     code, err = _interrupt_while_waiting(
@@ -225,6 +228,7 @@ _KILLED_EXPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_an_export_killed_half_way_leaves_no_empty_image_and_does_not_block_a_rerun(tmp_path, cli):
     script = tmp_path / "killed.py"
     script.write_text(_KILLED_EXPORT)

@@ -78,6 +78,7 @@ def test_a_settings_file_that_is_not_ours_is_refused_and_left_untouched(tmp_path
     assert record.read_text() == content
 
 
+@pytest.mark.slow
 def test_a_failed_comparison_leaves_no_stray_settings_file(tmp_path):
     out = tmp_path / "t.csv"
     code, err = _comparison("--scenes", "2", "--min-images", "50", "--out", str(out))
@@ -85,6 +86,7 @@ def test_a_failed_comparison_leaves_no_stray_settings_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []      # no record, no CSV, no lock
 
 
+@pytest.mark.slow
 def test_a_second_comparison_on_one_csv_waits_for_the_lock_and_ctrl_c_is_130(tmp_path):
     """The comparison takes the lock of ``find``: a second run on the same CSV waits (saying so)
     instead of duplicating every row; Ctrl-C while it waits is one line and exit 130."""

@@ -15,6 +15,8 @@ from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.method.scoring import unit_logit_lens
 from mmneurons_utils.properties.sensitivity import noun_hits
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 N_SCENES = 48
 
 

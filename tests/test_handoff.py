@@ -36,6 +36,7 @@ def test_every_hook_is_registered_in_trace():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_the_method_core_does_not_import_the_scenes():
     """The layers contract (tests/test_layers.py) keeps ``tiny`` above the method; and importing
     the whole method (with the package's own ``__init__``) loads no scene code."""
@@ -215,6 +216,7 @@ class _CountGenerate:
         monkeypatch.setattr(vlm.model, "generate", counted)
 
 
+@pytest.mark.slow
 def test_the_identification_is_handed_on_without_captioning_again(tiny_llava, monkeypatch):
     from mmneurons_utils import find_neurons_by_method
     from mmneurons_utils.method.identification import Identification

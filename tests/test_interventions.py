@@ -137,6 +137,7 @@ def test_teacher_forcing_reproduces_the_greedy_caption(tiny_llava):
         assert lg.argmax(-1).tolist() == cap.token_ids
 
 
+@pytest.mark.slow
 def test_identified_units_matter_more_than_random_ones(tiny_llava):
     """The paper's causal property on the trained model: zeroing the top-50 contribution
     units lowers the noun's margin far more than zeroing 50 random units (two draws)."""

@@ -15,6 +15,8 @@ from mmneurons_utils.model.offload import offloaded, weight
 from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
 from mmneurons_utils.model.vlm import ModelLoadError
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 pytest.importorskip("accelerate")
 
 

@@ -15,6 +15,8 @@ from mmneurons_utils.properties.objects import boxes_for
 from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.properties.specificity import presence_source
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -131,6 +133,7 @@ def _same(a: dict, b: dict):
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-6, obj=name)
 
 
+@pytest.mark.notebooks
 def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
     small = dict(n_images=12, compare_model="")
     scenes = _run(tmp_path / "scenes", "02", **small)
@@ -146,6 +149,7 @@ def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path)
     assert "skipped (no object boxes)" in executed
 
 
+@pytest.mark.notebooks
 def test_notebook_03_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
     small = dict(n_region=12, n_cross=12, compare_model="")
     scenes = _run(tmp_path / "scenes", "03", **small)

@@ -15,6 +15,8 @@ import pytest
 from mmneurons_utils.batch.parallel import merge_parts, part_files, part_path
 from mmneurons_utils.store.results import ResultFile, done_images, read_run
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 FIND = ["find", "--model", "tiny-llava", "--scenes", "6", "--seed", "3", "--top-k", "10"]
 
 

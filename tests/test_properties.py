@@ -103,6 +103,7 @@ def test_unit_maps_are_the_recorded_image_activations(tiny_llava, scenes, llava_
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_specificity_scores_table(tiny_llava, scenes, llava_run):
     table, captions = llava_run
     scores = specificity.specificity_scores(tiny_llava, scenes, captions, table, k=10)
@@ -155,6 +156,7 @@ def test_candidate_text_keeps_words_in_rank_order():
     assert sensitivity.candidate_text([["dog", "cat"]], 1) == "dog"
 
 
+@pytest.mark.slow
 def test_semantic_sensitivity_table(tiny_llava, scenes, similarity, llava_run):
     table, captions = llava_run
     frame = sensitivity.semantic_sensitivity(table, [c.text for c in captions], similarity, k=10)
@@ -202,6 +204,7 @@ def test_permutation_reaches_the_language_model_and_is_removed(tiny_llava, scene
     assert not torch.allclose(plain, reversed_)
 
 
+@pytest.mark.slow
 def test_a_permutation_invariant_toy_keeps_every_unit(tiny_llava, scenes):
     """With the projector's weights zeroed every image token is the same vector, so any
     permutation leaves the model's computation unchanged: retention must be exactly 1."""
@@ -219,6 +222,7 @@ def test_a_permutation_invariant_toy_keeps_every_unit(tiny_llava, scenes):
     assert frame[frame.method == "random"].retained.max() < 0.5
 
 
+@pytest.mark.slow
 def test_an_identity_permutation_retains_exactly_every_unit(tiny_llava, scenes):
     frame = invariance.region_invariance(
         tiny_llava, [s.image for s in scenes[:4]], top_k=10,
@@ -242,6 +246,7 @@ def test_a_reordered_noun_is_read_where_the_shuffled_caption_says_it(tiny_llava,
     assert (frame[~frame.noun_kept].read_at == "original").all()
 
 
+@pytest.mark.slow
 def test_region_invariance_on_the_trained_model(tiny_llava, scenes):
     frame = invariance.region_invariance(tiny_llava, [s.image for s in scenes[:4]], top_k=10)
     assert frame.retained.between(0, 1).all()
@@ -256,6 +261,7 @@ def _table(sets):
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_cross_image_invariance_known_answers():
     same = [(3, 1), (3, 2)]
     table = _table([("dog", same), ("dog", same), ("dog", same), ("cat", [(0, 5), (0, 6)]),
@@ -272,6 +278,7 @@ def test_cross_image_invariance_known_answers():
     assert result.loc["zebra", "n_images"] == 0
 
 
+@pytest.mark.slow
 def test_cross_image_invariance_on_the_trained_model(tiny_llava):
     table = find_neurons(tiny_llava, [s.image for s in make_scenes(24, seed=3)], top_k=10)
     result = metrics.cross_image_invariance(table, k=10)

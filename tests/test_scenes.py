@@ -64,6 +64,7 @@ def test_bad_seed_is_rejected(seed):
         make_scenes(2, seed=seed)
 
 
+@pytest.mark.slow
 def test_one_two_and_three_objects_are_about_equally_common():
     from collections import Counter
 

@@ -4,6 +4,9 @@ end on two or three scenes, each checked on what it says, not only that it ran."
 import json
 
 import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
 
 
 def _last_json(out: str) -> dict:

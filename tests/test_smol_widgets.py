@@ -8,6 +8,8 @@ from mmneurons_utils import load_vlm, make_scenes
 from mmneurons_utils.widgets import (AblationPanel, EditPlayground, InvariancePanel, NeuronExplorer,
                                      SpecificityPanel)
 
+pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
+
 
 @pytest.fixture(scope="module")
 def smol():

@@ -134,6 +134,7 @@ def _pure_run(model, tokenizer, text):
     return torch.softmax(logits.float(), -1), torch.stack([acts[l] for l in range(len(acts))])
 
 
+@pytest.mark.slow
 def test_smol_half_the_common_nouns_are_said_with_probability_above_the_level(common_prompts):
     best = {noun: max([c.probability for c in prompts if c.kept], default=0.0)
             for noun, prompts in common_prompts.items()}
@@ -145,6 +146,7 @@ def test_smol_half_the_common_nouns_are_said_with_probability_above_the_level(co
     assert len(paper) == len(COMMON) and np.median([c.probability for c in paper]) < 0.01
 
 
+@pytest.mark.slow
 def test_smol_kept_prompts_are_the_adapter_free_models_greedy_answer(smol, common_prompts, pure_smollm2):
     model, tokenizer = pure_smollm2
     checked = 0
@@ -159,6 +161,7 @@ def test_smol_kept_prompts_are_the_adapter_free_models_greedy_answer(smol, commo
     assert checked >= len(COMMON)
 
 
+@pytest.mark.slow
 def test_smol_units_equal_a_run_with_the_adapters_removed(smol, common_prompts, pure_smollm2):
     model, tokenizer = pure_smollm2
     unembedding = model.lm_head.weight
@@ -181,6 +184,7 @@ def test_smol_units_equal_a_run_with_the_adapters_removed(smol, common_prompts, 
         assert max(abs(a.probability - c.probability) for a, c in zip(adapted, kept)) > 1e-3
 
 
+@pytest.mark.slow
 def test_smol_overlap_table_and_weights_bit_identical(smol):
     before = {k: v.clone() for k, v in smol.model.state_dict().items()}
     table, _ = find_neurons_by_method(smol, [s.image for s in make_scenes(4, seed=0)],

@@ -66,6 +66,7 @@ def test_non_image_input_is_rejected(tiny_llava):
         tiny_llava.describe([Image.new("RGB", (64, 64)), "dog.png"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture, recall, exact", [
     ("tiny_llava", 0.97, 0.93),
     ("tiny_instructblip", 0.93, None),

@@ -54,6 +54,7 @@ def test_memory_probe_reports_a_small_fraction():
     assert result["vocab_full_product_mb"] == pytest.approx(4000 * 512 * 4 / 2**20, rel=1e-2)
 
 
+@pytest.mark.slow
 def test_bench_reports_the_three_ratios(tiny_llava):
     from mmneurons_utils.batch.bench import run_bench
 
