@@ -29,6 +29,11 @@
   seed (``images_per_s_n_images``) so that every batch size gets a full batch.
 * ``offload_slowdown`` (``--offload``) — ``find_neurons`` with every decoder layer and the
   unembedding offloaded to disk (accelerate device map) ÷ the loaded model, on the same images.
+* ``explorer_update_s`` (added by ``mmneurons bench``, from
+  :mod:`mmneurons_utils.widgets.timing`, a layer above this one) — the neuron browser's
+  response to an image change (caption, scores, unit list, heatmap), the least of the
+  changes timed; ``explorer_update_median_s`` their median. The tests assert what a change
+  does, never how long it takes.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in

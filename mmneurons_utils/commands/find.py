@@ -161,6 +161,9 @@ def cmd_bench(args) -> dict:
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats,
                        offload=args.offload)
+    from ..widgets.timing import time_explorer       # ipywidgets only when benchmarking
+
+    result.update(time_explorer(vlm, seed=args.seed, repeats=args.repeats))
     if not args.json:
         for key, value in result.items():
             print(f"{key}: {value}")
