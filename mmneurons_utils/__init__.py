@@ -21,6 +21,7 @@ A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` t
 grid, ``E`` dataset examples per unit).
 """
 
+from .tiny import registry as _embedded   # noqa: F401  fills the model layer's registry of embedded models
 from .interventions import causal, editing
 from .method.identify import find_neurons, find_neurons_by_method
 from .model.vlm import VLM, Caption, load_vlm

@@ -284,10 +284,10 @@ def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_p
     from safetensors.torch import load_file, save_file
 
     from mmneurons_utils.atlas.build import read_atlas
-    from mmneurons_utils.model.vlm import EMBEDDED_DIR
+    from mmneurons_utils.model.embedded import embedded_folder
 
     checkpoint = tmp_path / "ckpt"
-    shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
+    shutil.copytree(embedded_folder("tiny-llava"), checkpoint)
     out = tmp_path / "atlas"
     argv = ["atlas", "--model", str(checkpoint), "--scenes", "8", "--seed", "1", "--top-k", "5",
             "--examples", "3", "--out", str(out), "--json"]

@@ -134,12 +134,13 @@ def test_annotations_give_a_real_model_its_candidate_nouns(tmp_path, cli):
     import shutil
 
     from mmneurons_utils.model.nouns import tagger_available
-    from mmneurons_utils.model.vlm import EMBEDDED_DIR, EMBEDDED_MARKER
+    from mmneurons_utils.model.embedded import embedded_folder
+    from mmneurons_utils.model.vlm import EMBEDDED_MARKER
 
     if tagger_available():
         pytest.skip("spaCy's tagger is installed: it, not the candidates, finds the nouns")
     checkpoint = tmp_path / "checkpoint"
-    shutil.copytree(EMBEDDED_DIR / "tiny-llava", checkpoint)
+    shutil.copytree(embedded_folder("tiny-llava"), checkpoint)
     (checkpoint / EMBEDDED_MARKER).unlink()        # now a "real" model: no noun vocabulary
     folder = tmp_path / "folder"
     assert cli("export-scenes", "--scenes", "4", "--seed", "6", "--out", str(folder))[0] == 0

@@ -320,10 +320,10 @@ def test_a_deeply_nested_annotation_file_is_one_line(tmp_path):
 # --- damaged checkpoints and caches ---------------------------------------------------------------
 
 def _checkpoint(tmp_path):
-    from mmneurons_utils.model.vlm import EMBEDDED_DIR
+    from mmneurons_utils.model.embedded import embedded_folder
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(EMBEDDED_DIR / "tiny-llava", ckpt)
+    shutil.copytree(embedded_folder("tiny-llava"), ckpt)
     return ckpt
 
 

@@ -305,10 +305,10 @@ def test_the_edit_source_must_be_a_noun_the_captions_say(cli):
     ("truncated", "model.safetensors"), ("tokenizer", "tokenizer"),
 ])
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, cli, damage, needle):
-    from mmneurons_utils.model.vlm import EMBEDDED_DIR
+    from mmneurons_utils.model.embedded import embedded_folder
 
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(EMBEDDED_DIR / "tiny-llava", ckpt)
+    shutil.copytree(embedded_folder("tiny-llava"), ckpt)
     if damage == "config":
         (ckpt / "config.json").write_text('{"model_type": "llava",')
     elif damage == "processor":

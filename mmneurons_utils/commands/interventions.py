@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ..batch.edit_evaluation import ImagePool
 from ..batch.editor_comparison import JSON_KEYS, evaluate_editor
@@ -12,7 +11,8 @@ from ..interventions.editing import target_token
 from ..interventions.editors import EDITORS, WEIGHT_EDITORS
 from ..method.identify import METHODS
 from ..model.loading import ModelLoadError, read_noun_vocabulary
-from ..model.vlm import EMBEDDED, EMBEDDED_DIR, load_vlm
+from ..model.embedded import model_folder
+from ..model.vlm import load_vlm
 from ..properties.edit_metrics import METRIC_KEYS
 from ..store.files import check_free_space
 from ..tiny.scenes import make_scenes
@@ -140,7 +140,7 @@ def _check_edit_words(args) -> None:
         if not word.replace("-", "").isalpha() or word.lower() in _NOT_NOUNS:
             raise CliError(f"{option} must be a noun (one word, letters only, not an article or "
                            f"preposition), got {word!r}")
-    folder = EMBEDDED_DIR / args.model if args.model in EMBEDDED else Path(args.model).expanduser()
+    folder = model_folder(args.model)
     try:
         vocabulary = read_noun_vocabulary(folder) if folder.is_dir() else None
     except (ModelLoadError, ValueError):

@@ -22,6 +22,7 @@ from PIL import Image
 from . import architectures as A
 from . import pretrained_lm
 from .capture import Activations, record_activations
+from .embedded import EMBEDDED, embedded_folder, model_folder
 from .loading import (EMBEDDED_MARKER, check_device_map, ModelLoadError, hub_model_type, load_mapped, load_processor,
                       load_weights, local_architecture,
                       parse_device, parse_dtype, read_noun_vocabulary, read_prompt_template)
@@ -38,8 +39,6 @@ _PLACEHOLDER_ATTRS = ("image_token", "video_token", "fake_image_token", "global_
 
 INSTRUCTION = "Describe the image in few words."
 ANSWER_PREFIX = "An image of"
-EMBEDDED_DIR = Path(__file__).parents[1] / "tiny" / "weights"
-EMBEDDED = ("tiny-llava", "tiny-instructblip", "smol-llava")
 
 
 @dataclass
@@ -91,9 +90,9 @@ class VLM:
         and prompt then come from the embedded model's marker file) or an architecture family."""
         embedded = family in EMBEDDED
         if embedded and noun_vocabulary is None:
-            noun_vocabulary = read_noun_vocabulary(EMBEDDED_DIR / family)
+            noun_vocabulary = read_noun_vocabulary(embedded_folder(family))
         if embedded and prompt_template is None:
-            prompt_template = read_prompt_template(EMBEDDED_DIR / family)
+            prompt_template = read_prompt_template(embedded_folder(family))
         family = A.EMBEDDED_FAMILY.get(family, family)
         arch = A.ARCHITECTURES[family] if family else A.architecture_for(model.config.model_type)
         return cls(model, processor, arch, name or family or model.config.model_type, embedded,
@@ -351,7 +350,7 @@ def load_vlm(name_or_path: str | Path, device: str | torch.device | None = None,
     if device_map is None:
         device = parse_device(device)
     name = str(name_or_path)
-    path = EMBEDDED_DIR / name if name in EMBEDDED else Path(name).expanduser()
+    path = model_folder(name)   # an embedded model: the folder its registry gives
     if name in EMBEDDED and not (path / "config.json").exists():
         raise ModelLoadError(f"embedded model {name!r} has no weights at {path}; "
                              f"retrain with: python -m mmneurons_utils.tiny.train --model {name}")

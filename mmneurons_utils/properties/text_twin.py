@@ -47,7 +47,7 @@ from safetensors import safe_open
 from ..model import architectures as A
 from ..model import pretrained_lm as P
 from ..model.loading import read_marker
-from ..model.vlm import EMBEDDED, EMBEDDED_DIR
+from ..model.embedded import model_folder
 from ..method.identification import units_of
 from ..method.identify import contrast_weights
 from ..model.nouns import noun_token_id
@@ -187,7 +187,7 @@ _PRETRAINED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKe
 
 
 def _model_folder(vlm) -> Path | None:
-    path = EMBEDDED_DIR / vlm.name if vlm.name in EMBEDDED else Path(str(vlm.name)).expanduser()
+    path = model_folder(vlm.name)
     return path if path.is_dir() else None
 
 

@@ -36,9 +36,10 @@ from transformers import (CLIPImageProcessorPil, LlamaConfig, LlavaConfig, Llava
                           LlavaProcessor)
 
 from ..model import pretrained_lm as P
-from ..model.vlm import EMBEDDED_DIR, VLM
+from ..model.vlm import VLM
 from .batches import MONITOR_SEED, CaptionBatcher, caption_quality, lr_factor
 from .build import PATCH, _image_processor_kwargs
+from .registry import WEIGHTS_DIR
 from .scenes import NOUNS, TRAIN_SEED_BASE, make_scene, make_scenes
 
 NAME = "smol-llava"
@@ -56,7 +57,7 @@ def build(seed: int = 0, init: Path | None = None):
     ``init``, a saved smol-llava folder — its trained tower, projector and adapters."""
     text_config_dict, lm_state, digest = P.cached_language_model()
     tokenizer = P.image_token_tokenizer(P.language_model_tokenizer())
-    tiny_config = LlavaConfig.from_pretrained(EMBEDDED_DIR / "tiny-llava")
+    tiny_config = LlavaConfig.from_pretrained(WEIGHTS_DIR / "tiny-llava")
     text_config = LlamaConfig(**{k: v for k, v in text_config_dict.items()
                                  if k not in ("architectures", "model_type", "transformers_version")})
     text_config.pad_token_id = tokenizer.pad_token_id
@@ -67,7 +68,7 @@ def build(seed: int = 0, init: Path | None = None):
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    tower = LlavaForConditionalGeneration.from_pretrained(EMBEDDED_DIR / "tiny-llava", dtype=torch.float32)
+    tower = LlavaForConditionalGeneration.from_pretrained(WEIGHTS_DIR / "tiny-llava", dtype=torch.float32)
     model.model.vision_tower.load_state_dict(tower.model.vision_tower.state_dict())
     model.load_state_dict(P.language_model_state_for(lm_state), strict=False)
     model.lm_head.weight = model.model.language_model.embed_tokens.weight

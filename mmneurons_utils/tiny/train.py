@@ -30,8 +30,8 @@ from .batches import MONITOR_SEED, CaptionBatcher, caption_quality, lr_factor
 from .build import BUILDERS
 from . import smol
 from ..model.vlm import VLM
+from .registry import WEIGHTS_DIR
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The committed weights were trained with exactly these stages; each later stage
 # continues from the previous one's weights with a fresh optimizer and new scenes.
 RECIPES = {
