@@ -13,7 +13,7 @@ or to pytest).
 ``test`` also makes sure the browser test can run: Playwright comes with the ``dev``
 extra, and Debian's ``chromium`` package is installed with ``apt-get`` when it is missing
 and this runs as root (set ``MMNEURONS_NO_APT=1`` to skip that); otherwise it says why
-``tests/test_browser.py`` will be skipped.
+``tests/test_browser.py`` will be skipped. Either is said first, before the set-up.
 """
 
 from __future__ import annotations
@@ -56,35 +56,53 @@ def chromium_path() -> str | None:
     return None
 
 
-def ensure_chromium() -> None:
-    """Debian's chromium for tests/test_browser.py: installed when missing, if we can."""
+def chromium_plan() -> str | None:
+    """Why Chromium will not be installed here (``None``: it will be, with apt-get)."""
+    if os.environ.get("MMNEURONS_NO_APT"):
+        return "MMNEURONS_NO_APT is set"
+    if os.name != "posix" or os.geteuid() != 0:
+        return "not running as root (run: sudo apt-get install -y chromium)"
+    if not shutil.which("apt-get"):
+        return "no apt-get here (install Chromium and set MMNEURONS_CHROMIUM=/path/to/chromium)"
+    return None
+
+
+def announce_chromium() -> None:
+    """Say, before anything slow starts, what ``test`` will do about Chromium."""
     if chromium_path():
         return
-    why = None
-    if os.environ.get("MMNEURONS_NO_APT"):
-        why = "MMNEURONS_NO_APT is set"
-    elif os.name != "posix" or os.geteuid() != 0:
-        why = "not running as root (run: sudo apt-get install -y chromium)"
-    elif not shutil.which("apt-get"):
-        why = "no apt-get here (install Chromium and set MMNEURONS_CHROMIUM=/path/to/chromium)"
+    why = chromium_plan()
     if why is None:
-        print("installing Debian's chromium for the browser test (apt-get)", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        log = VENV / "apt-chromium.log"
-        with open(log, "w") as out:
-            for step in (["apt-get", "install", "-y", "-q", "chromium"],
-                         ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-                if step[1] == "update" and chromium_path():
-                    break
-                try:
-                    subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, timeout=900)
-                except (OSError, subprocess.TimeoutExpired) as error:
-                    print(f"{step}: {error}", file=out)
-        if not chromium_path():
-            why = f"apt-get install chromium failed (log: {log})"
-    if why:
-        print(f"Chromium not available: {why}; tests/test_browser.py will be skipped", flush=True)
+        print("tasks.py test: the browser test (tests/test_browser.py) needs Chromium, which is missing: "
+              "after set-up it will run `apt-get install -y chromium` (a few minutes; set "
+              "MMNEURONS_NO_APT=1 to skip it and the browser test)", flush=True)
+    else:
+        print(f"tasks.py test: Chromium not available ({why}): tests/test_browser.py will be skipped",
+              flush=True)
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium for tests/test_browser.py: installed when missing, if we can
+    (:func:`announce_chromium` has said so first)."""
+    if chromium_path() or chromium_plan() is not None:
+        return
+    print("installing Debian's chromium for the browser test (apt-get; MMNEURONS_NO_APT=1 skips this)",
+          flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log = VENV / "apt-chromium.log"
+    with open(log, "w") as out:
+        for step in (["apt-get", "install", "-y", "-q", "chromium"],
+                     ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+            if step[1] == "update" and chromium_path():
+                break
+            try:
+                subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, env=env,
+                               stdin=subprocess.DEVNULL, timeout=900)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                print(f"{step}: {error}", file=out)
+    if not chromium_path():
+        print(f"Chromium not available: apt-get install chromium failed (log: {log}); "
+              "tests/test_browser.py will be skipped", flush=True)
 
 
 def main() -> int:
@@ -99,6 +117,8 @@ def main() -> int:
     else:
         print(__doc__, file=sys.stderr)
         return 2
+    if command == "test":
+        announce_chromium()
     setup()
     if command == "test":
         ensure_chromium()
