@@ -376,6 +376,13 @@ def test_sensitivity_is_judged_against_the_null_where_random_cannot_score(tmp_pa
     assert "selection-matched null" in row["null"] and row["selection_null"] == null[0]
 
 
+def test_sensitivity_needs_a_better_noun_rank_than_the_null(tmp_path):
+    # separated hit intervals, but the noun ranks lower in ours' lenses than in the null's (smol-llava)
+    worse_rank = lambda f: set_summary("contribution", "noun_rank", (8.0, 7.0, 9.0))(f)
+    card = card_with(tmp_path, **{"02_noun_hits_summary": worse_rank})
+    assert verdicts(card)["sensitivity"] == PARTLY
+
+
 def test_sensitivity_without_a_null_is_not_measured(tmp_path):
     drop = lambda f: f[f["method"] != "selection_null"]
     card = card_with(tmp_path, **{"02_noun_hits_summary": drop})

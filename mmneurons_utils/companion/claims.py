@@ -101,16 +101,19 @@ def _random_can_score(e: Evidence) -> bool:
 
 
 def _judge_sensitivity(e: Evidence) -> str:
-    """Against the selection-matched null (interval above it), and against random units (interval
-    above, ≥ ratio ×) only where chance 10 / V is not ≈ 0."""
+    """Against the selection-matched null (hit interval above it, and a better noun rank), and
+    against random units (interval above, ≥ ratio ×) only where chance 10 / V is not ≈ 0."""
     null, random = e.baselines.get("selection_null", NAN), e.baselines.get("random", NAN)
     if math.isnan(null.mean):
         return NOT_MEASURED
     bases = [(null, 1.0)] + ([(random, SENSITIVITY_RATIO)] if _random_can_score(e) else [])
     if not all(e.ours.mean > base.mean for base, _ in bases):
         return FAILS
-    return HOLDS if all(e.ours.above(base) and e.ours.mean >= ratio * base.mean
-                        for base, ratio in bases) else PARTLY
+    rank, null_rank = (e.extra or {}).get(("contribution", "noun_rank"), NAN), \
+        (e.extra or {}).get(("selection_null", "noun_rank"), NAN)
+    rank_better = not (rank.mean >= null_rank.mean)          # NaN ranks (old tables) do not count against
+    return HOLDS if rank_better and all(e.ours.above(base) and e.ours.mean >= ratio * base.mean
+                                        for base, ratio in bases) else PARTLY
 
 
 def _judge_specificity(e: Evidence) -> str:
@@ -205,9 +208,11 @@ CLAIMS: tuple[Claim, ...] = (
           "01_layer_distribution.csv", _measure_layers, _judge_layers),
     Claim("sensitivity", "their top tokens carry the noun's meaning (semantic sensitivity)", "§4",
           "noun hit of the top-10 units, contribution vs the selection-matched null (and random)",
-          "holds if ours' 95 % interval lies above the selection-matched null's and — only where chance "
-          f"10 / V ≥ {CHANCE_NEGLIGIBLE} — above random's with ours ≥ {SENSITIVITY_RATIO:g} × random; partly "
-          "if ours beats each of them on the point estimate but a condition fails; does not hold otherwise",
+          "holds if ours' 95 % interval lies above the selection-matched null's, the noun ranks higher in "
+          "ours' lenses than in the null's, and — only where chance "
+          f"10 / V ≥ {CHANCE_NEGLIGIBLE} — ours' interval lies above random's with ours ≥ {SENSITIVITY_RATIO:g} × "
+          "random; partly if ours beats each of them on the point estimate but a condition fails; does not "
+          "hold otherwise",
           "02_noun_hits_summary.csv", _measure_sensitivity, _judge_sensitivity),
     Claim("specificity", "they fire on the noun's image region (specificity)", "§4",
           "mass in box of the median-centred maps vs the box's share, random and the selection-matched "
