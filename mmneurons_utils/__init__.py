@@ -21,7 +21,9 @@ A module names any other axis where it uses one (``H W`` pixels, ``rows cols`` t
 grid, ``E`` dataset examples per unit).
 """
 
-from .tiny import registry as _embedded   # noqa: F401  fills the model layer's registry of embedded models
+# the embedded models' weights and scenes, registered with the layers that use them by name
+from .tiny import registry as _registry   # noqa: F401
+from .data.datasets import load_images
 from .interventions import causal, editing
 from .method.identify import find_neurons, find_neurons_by_method
 from .model.vlm import VLM, Caption, load_vlm
@@ -29,16 +31,11 @@ from .properties import metrics
 
 
 def __getattr__(name):
-    # The data layer (and with it the embedded models' scenes) loads on first use, so importing
-    # the method never imports the scenes.
+    # The embedded scenes load on first use, so importing the method never imports them.
     if name in ("Scene", "make_scenes"):
         from .tiny import scenes
 
         return getattr(scenes, name)
-    if name == "load_images":
-        from .data.datasets import load_images
-
-        return load_images
     raise AttributeError(f"module 'mmneurons_utils' has no attribute {name!r}")
 
 __all__ = ["Caption", "Scene", "VLM", "causal", "editing", "find_neurons", "find_neurons_by_method",

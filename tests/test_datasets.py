@@ -9,7 +9,7 @@ from PIL import Image
 
 from mmneurons_utils.data.datasets import (DatasetError, ImageSet, Sample, load_images, read_coco,
                                            unmatched_nouns, write_image_folder)
-from mmneurons_utils.properties.objects import SYNONYMS, boxes_for, candidate_words, contains, match_category, singular
+from mmneurons_utils.data.objects import SYNONYMS, boxes_for, candidate_words, contains, match_category, singular
 from mmneurons_utils.tiny.scenes import NOUNS, make_scenes
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from mmneurons_utils import load_images, make_scenes, metrics
 from mmneurons_utils.data.datasets import prepare_model, write_image_folder
-from mmneurons_utils.properties.objects import boxes_for
+from mmneurons_utils.data.objects import boxes_for
 from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.properties.specificity import presence_source
 

@@ -5,8 +5,10 @@ One abstraction for the notebooks, the widgets and the CLI. :func:`load_images` 
 objects known to be in it), ``boxes`` (``(name, (x0, y0, x1, y1))`` in pixels, x1/y1
 exclusive) and ``caption`` (a reference caption, or ``None``):
 
-* ``images=None`` (or ``""``): ``n`` embedded scenes of ``seed`` — :class:`~mmneurons_utils.tiny.scenes.Scene`
-  objects, with their true captions, nouns and boxes;
+* ``images=None`` (or ``""``): ``n`` generated scenes of ``seed`` from the registered
+  :class:`SceneSource` (the embedded scenes, :class:`~mmneurons_utils.tiny.scenes.Scene`
+  objects, which :mod:`mmneurons_utils.tiny.registry` registers), with their true captions,
+  nouns and boxes;
 * ``images="photos/"``: every image directly in the folder (sorted by file name; the first
   ``n`` when ``n`` is given), with no nouns, boxes or captions;
 * plus ``annotations="photos/annotations.json"``: a COCO instances file (``images`` with
@@ -15,13 +17,16 @@ exclusive) and ``caption`` (a reference caption, or ``None``):
   object names and boxes (scaled when the file's size differs from the annotated one).
 
 A caption's noun is matched to an annotation's category by
-:func:`~mmneurons_utils.properties.objects.match_category`, in
+:func:`~mmneurons_utils.data.objects.match_category`, in
 this order: the same word; the same singular (``dogs`` → ``dog``, ``buses`` → ``bus``,
-``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`~mmneurons_utils.properties.objects.SYNONYMS` (``man`` /
+``ponies`` → ``pony``, ``men`` → ``man``); a synonym of :data:`~mmneurons_utils.data.objects.SYNONYMS` (``man`` /
 ``woman`` / ``people`` → ``person``, ``television`` → ``tv``, ``phone`` → ``cell phone``, …);
 the last word of a multi-word category (``glass`` → ``wine glass``, ``hydrant`` →
 ``fire hydrant``). :func:`unmatched_nouns` reports the nouns that matched nothing.
 The annotation file is read and checked by :mod:`~mmneurons_utils.data.coco`.
+
+The data layer sits below the science layers: it imports only the model layer's pixel reading
+and the store; the scenes come in through :func:`register_scene_source`.
 """
 
 from __future__ import annotations
@@ -30,15 +35,45 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from PIL import Image
 
-from ..properties.objects import candidate_words, match_category
-from ..tiny.scenes import ATTRIBUTION, NOUNS, make_scenes
-from .coco import DatasetError, image_boxes, read_coco, read_coco_entries  # noqa: F401  (read_coco: here too)
 from ..store.files import atomic_write, atomic_write_text, check_free_space, check_writable_folder, output_path
+from .coco import DatasetError, image_boxes, read_coco, read_coco_entries  # noqa: F401  (read_coco: here too)
 from .images import IMAGE_SUFFIXES, ImageReadError, read_image
+from .objects import candidate_words, match_category
+
+
+@dataclass(frozen=True)
+class SceneSource:
+    """Generated scenes for ``load_images(images=None)``: ``make(n, seed=seed)`` gives ``n``
+    samples with ``image``, ``nouns``, ``boxes``, ``caption``, ``seed``, ``index`` and
+    ``background``; ``nouns`` is their noun vocabulary (the categories); ``attribution`` the
+    image credit figures print under them."""
+
+    make: Callable[..., list]
+    nouns: tuple[str, ...]
+    attribution: str = ""
+
+
+# zero-argument callables that give the scene source (called on first use, so that registering
+# loads no scene code); the last registered wins. mmneurons_utils.tiny.registry registers the
+# embedded scenes when the package is imported.
+_SCENE_SOURCES: list[Callable[[], SceneSource]] = []
+
+
+def register_scene_source(source: Callable[[], SceneSource]) -> None:
+    """Make ``source()`` the :class:`SceneSource` that ``load_images(images=None)`` draws from."""
+    _SCENE_SOURCES.append(source)
+
+
+def scene_source() -> SceneSource:
+    """The registered :class:`SceneSource`; :class:`DatasetError` when none is."""
+    if not _SCENE_SOURCES:
+        raise DatasetError("no generated scenes are registered (import mmneurons_utils registers the "
+                           "embedded ones); pass images=<folder>")
+    return _SCENE_SOURCES[-1]()
 
 
 @dataclass
@@ -127,8 +162,7 @@ def attribution_of(samples) -> str:
     """The image credit figures of ``samples`` print: the OpenMoji credit for scenes, none
     for other images."""
     if samples and all(is_scene(s) for s in samples):
-
-        return ATTRIBUTION
+        return scene_source().attribution
     return ""
 
 
@@ -165,10 +199,9 @@ def load_images(images: str | Path | None = None, annotations: str | Path | None
     if not images:
         if annotations:
             raise DatasetError("annotations were given without an image folder; pass images=<folder>")
-
-        count = 24 if n is None else n
-        return ImageSet(make_scenes(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",
-                        f"scenes n={count} seed={seed}", categories=list(NOUNS), has_boxes=True,
+        count, scenes = 24 if n is None else n, scene_source()
+        return ImageSet(scenes.make(count, seed=seed), "scenes", f"embedded scenes (seed {seed})",
+                        f"scenes n={count} seed={seed}", categories=list(scenes.nouns), has_boxes=True,
                         has_nouns=True)
     all_paths = image_files(images)
     paths = all_paths[:n] if n is not None else all_paths     # read only the images used

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import objects
+from ..data import objects
 from .occlusion import occlude, stage_names, stage_states
 from .specificity import box_share, mass_in_box, patch_grid, pointing_hit
 

@@ -37,7 +37,7 @@ from ..model import architectures as A
 from ..model.capture import record_activations
 from ..model.pixels import as_viewed
 from ..model.trace import Trace, TraceDict
-from . import objects
+from ..data import objects
 
 TOWER, PROJECTOR = "vision tower", "projector"
 

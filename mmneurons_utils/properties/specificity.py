@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import objects
+from ..data import objects
 from .occlusion import occlusion_deltas
 from ..method.identification import top_k_groups
 from .stats import auroc
@@ -210,9 +210,9 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
     (all ``+1`` when the table has no such column).
 
     Which images contain the noun: the samples' known objects (``nouns``: the scenes', or an
-    annotation file's, matched by :func:`~mmneurons_utils.properties.objects.contains`), or — for images
+    annotation file's, matched by :func:`~mmneurons_utils.data.objects.contains`), or — for images
     with no labels at all (a bare folder) — the model's own captions (:func:`presence_source`).
-    Boxes are matched to the noun by :func:`~mmneurons_utils.properties.objects.boxes_for`; images
+    Boxes are matched to the noun by :func:`~mmneurons_utils.data.objects.boxes_for`; images
     without boxes get no box metrics.
 
     One row per (image, noun, method): ``in_scene`` (the noun is in the image),

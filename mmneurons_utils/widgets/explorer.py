@@ -35,7 +35,7 @@ import ipywidgets as W
 from IPython.display import display
 
 from ..method.units import Unit
-from ..properties.objects import boxes_for
+from ..data.objects import boxes_for
 from .pickers import ImagePicker, TokenPicker
 from ..properties import specificity
 from ..atlas.examples import UnitExamples, dataset_examples

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..properties.objects import boxes_for
+from ..data.objects import boxes_for
 from .panel import Panel
 from ..method.identify import METHODS, find_neurons_by_method
 from .. import plots
