@@ -187,7 +187,7 @@ def test_atlas_page_is_self_contained_small_and_escaped(atlas48, tiny_llava, tmp
 
     from PIL import Image
 
-    from mmneurons_utils.companion.atlas_html import render_atlas_html
+    from mmneurons_utils.atlas.page import render_atlas_html
 
     scenes, table, parts = atlas48
     table = table.copy()
@@ -223,7 +223,7 @@ def test_atlas_page_without_patch_grid_shows_plain_images(tiny_instructblip, tmp
     from PIL import Image
 
     from mmneurons_utils.atlas.build import ATLAS_COLUMNS
-    from mmneurons_utils.companion.atlas_html import render_atlas_html
+    from mmneurons_utils.atlas.page import render_atlas_html
 
     scenes = make_scenes(3, seed=0)
     row = dict(noun="cat", layer=1, unit=2, polarity=-1, frequency=1.0, n_images=2, base_rate=0.5,
@@ -307,7 +307,7 @@ def test_cli_atlas_recomputes_when_the_checkpoint_changes_at_the_same_path(tmp_p
     key = "language_model.model.layers.2.mlp.down_proj.weight"
     tensors[key][0, 7] += 0.5
     save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
-    from mmneurons_utils.companion.atlas_html import GENERATOR
+    from mmneurons_utils.atlas.page import GENERATOR
 
     stale = f"<!DOCTYPE html><html><head>{GENERATOR}</head><body>stale page</body></html>"
     (out / "index.html").write_text(stale)             # a page of its own, from the old weights

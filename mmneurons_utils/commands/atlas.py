@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..atlas.build import build_atlas, read_atlas, summary, write_atlas
 from ..batch.parallel import launched_processes
-from ..companion.atlas_html import is_atlas_page, render_atlas_html
+from ..atlas.page import is_atlas_page, render_atlas_html
 from ..method.identify import check_top_k
 from ..model.cache import weights_hash
 from ..store.provenance import differences, image_hashes, images_digest
