@@ -19,6 +19,13 @@ is one line naming the executed copy that holds its traceback (exit 1); bad para
 ``--only`` that matches nothing or a missing notebooks folder exit 2 before any folder is made;
 Ctrl-C exits 130.
 
+Progress goes to stderr, one bar per notebook (``01_identification: cell 12/31``): on a terminal a
+bar that disappears when the notebook is done, elsewhere (a log, CI) a line at most every
+``PROGRESS_EVERY_S`` seconds; stdout holds one line per notebook and the summary. Kernels are
+started with CurveZMQ transport encryption (jupyter_client's ``KernelManager.transport_encryption
+= "auto"``, honoured when the kernel declares it, as ipykernel ≥ 7 does), so they do not warn that
+they run over TCP without encryption.
+
 ``--refresh`` re-executes the notebooks *in place* with their default parameters and
 strips what git should not hold (widget state, papermill's per-cell timestamps): these
 stored outputs are what nbval compares in ``python3 tasks.py test``.
@@ -164,6 +171,56 @@ def _check_model(name: str, value: str, default: str) -> None:
                          "llava-hf/llava-1.5-7b-hf")
 
 
+PROGRESS_EVERY_S = 30      # without a terminal: a progress line at most this often per notebook
+
+
+class _Lines:
+    """A file for tqdm where no terminal is: each refresh is a line of its own (no carriage
+    returns piling up in a log), the same line never twice in a row."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, None
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(name: str, stream=None) -> dict:
+    """papermill's ``progress_bar`` (tqdm's keywords) for the notebook ``name``: cells done of all,
+    on ``stream`` (stderr); see the module docstring."""
+    stream = sys.stderr if stream is None else stream
+    tty = getattr(stream, "isatty", lambda: False)()
+    if tty:
+        return dict(desc=name, file=stream, leave=False, dynamic_ncols=True,
+                    bar_format="{desc}: cell {n_fmt}/{total_fmt} {bar} {elapsed}")
+    return dict(desc=name, file=_Lines(stream), mininterval=PROGRESS_EVERY_S, ncols=80,
+                bar_format="{desc}: cell {n_fmt}/{total_fmt} ({elapsed})")
+
+
+def kernel_config():
+    """Config for the kernel manager papermill's client starts each kernel with: CurveZMQ keys
+    provisioned by the manager where the kernel spec declares support (ipykernel ≥ 7 does), so
+    the kernel's traffic is encrypted and it does not warn "Kernel is running over TCP without
+    encryption" (a kernel without that support runs as before)."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport_encryption": "auto"}})
+
+
+def execute(path: Path, copy: Path, **kwargs):
+    """``papermill.execute_notebook`` with this runner's progress bar and kernel settings."""
+    import papermill as pm
+
+    return pm.execute_notebook(str(path), str(copy), cwd=str(path.parent),
+                               progress_bar=progress_bar(path.stem), config=kernel_config(), **kwargs)
+
+
 def notebook_paths(notebooks: Path, only: list[str] | None = None) -> list[Path]:
     """The numbered notebooks (``NN_name.ipynb``) in order, optionally only those with a prefix."""
     paths = sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
@@ -180,7 +237,6 @@ def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None
     the notebooks that finished; the failing notebook's executed copy (with the error in
     it) is in ``<out>/notebooks/``.
     """
-    import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     paths = checked_paths(notebooks, only)       # before any folder is made
@@ -199,9 +255,7 @@ def run_all(notebooks: Path, out: Path, parameters: dict, only: list[str] | None
         start = time.perf_counter()
         copy = out / "notebooks" / path.name
         try:
-            pm.execute_notebook(str(path), str(copy),
-                                parameters={"output_dir": str(out), **parameters},
-                                cwd=str(path.parent), progress_bar=False, kernel_name=kernel_name)
+            execute(path, copy, parameters={"output_dir": str(out), **parameters}, kernel_name=kernel_name)
         except PapermillExecutionError as exc:
             evalue = " ".join(str(exc.evalue).split())[:300]
             raise NotebookFailed(f"{path.name} failed in cell {exc.exec_count}: {exc.ename}: {evalue}; "
@@ -248,16 +302,13 @@ def strip_for_git(path: Path) -> int:
 def refresh(notebooks: Path, only: list[str] | None = None, kernel_name: str | None = None,
             budget_kb: int = 100) -> dict:
     """Re-execute notebooks in place (default parameters) and strip them for git."""
-    import papermill as pm
-
     paths = notebook_paths(notebooks, only)
     if not paths:
         raise SystemExit(f"no numbered notebooks found in {notebooks}")
     timings = {}
     for path in paths:
         start = time.perf_counter()
-        pm.execute_notebook(str(path), str(path), cwd=str(path.parent), progress_bar=False,
-                            kernel_name=kernel_name)
+        execute(path, path, kernel_name=kernel_name)
         timings[path.name] = round(time.perf_counter() - start, 1)
         size = strip_for_git(path) / 1024
         note = "" if size <= budget_kb else (f"  (over {budget_kb} KB: show figures with "
