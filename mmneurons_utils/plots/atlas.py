@@ -97,7 +97,7 @@ def purity_scatter(table, width: float = 3.4):
     return fig
 
 
-def modality_histogram(table, bins: int = 20, width: float = 4.2):
+def modality_histogram(table, bins: int = 20, width: float = 4.2, title: str | None = None):
     """Histogram of the atlas units' ``modality`` (share of ``|a|`` on the image tokens: 1 = only
     on the image, 0 = only at the caption steps), one count per (noun, unit) row."""
     import numpy as np
@@ -113,6 +113,7 @@ def modality_histogram(table, bins: int = 20, width: float = 4.2):
     ax.set_xlim(0, 1)
     ax.set_xlabel("modality: share of |a| on image tokens (0 = caption steps only)", fontsize=8)
     ax.set_ylabel("(noun, unit) pairs", fontsize=8)
+    ax.set_title(title or "Where the atlas units fire: image tokens or caption steps", fontsize=9)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig

@@ -61,7 +61,10 @@ def layer_distribution(shares: dict, top_k: int, width: float = 3.6):
                              sharey=True)
     for ax, (name, share) in zip(axes.flat, shares.items()):
         ax.bar(share.index, share.values, color="#4C72B0")
-        ax.set_xticks(list(share.index))
+        if len(share) <= 12:
+            ax.set_xticks(list(share.index))
+        else:   # a deep model: a tick every few layers, so the numbers never run together
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=8, integer=True))
         ax.set_xlabel("decoder layer")
         ax.set_title(f"{name}: top-{top_k} units", fontsize=9)
     axes.flat[0].set_ylabel("share of units")
@@ -85,24 +88,36 @@ def layer_depth(shares: dict, top_k: int):
     ax.axvline(0.5, color="grey", lw=0.5)
     ax.set_xlabel("relative depth (layer / number of layers)")
     ax.set_ylabel(f"cumulative share of top-{top_k} units")
+    ax.set_title(f"Where the top-{top_k} units sit (dotted: spread evenly)", fontsize=9)
     ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     return fig
 
 
-def neuron_bars(table, noun: str, width: float = 6.0):
+def neuron_bars(table, noun: str, width: float = 6.0, title: str | None = None):
     """Contribution scores of one noun's top units, labelled ``L3.741 (−) [top tokens]``:
     the unit's polarity (the sign of its coefficient; ``−`` units write the noun through
-    ``−W_out``, drawn in blue) and its top tokens in that direction."""
+    ``−W_out``, drawn in blue, ``+`` units in orange, as the legend says) and its top tokens
+    in that direction."""
+    from matplotlib.patches import Patch
+
     rows = table[table.noun == noun]
-    fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 0.8))
+    fig, ax = plt.subplots(figsize=(width, 0.32 * len(rows) + 1.4), layout="constrained")
     signs = list(rows.polarity) if "polarity" in rows else [1] * len(rows)
     labels = [f"{Unit(r.layer, r.unit, s)}  [{', '.join(r.top_tokens[:4])}]"
               for r, s in zip(rows.itertuples(), signs)]
-    ax.barh(range(len(rows)), rows.score, color=["#4C72B0" if s < 0 else "#DD8452" for s in signs])
+    ax.barh(range(len(rows)), rows.score, color=[POLARITY_COLOURS[-1 if s < 0 else 1] for s in signs])
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
+    ax.set_ylabel("unit (polarity) [top tokens]", fontsize=8)
     ax.set_xlabel(f"contribution to '{noun}'")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
-    fig.tight_layout()
+    ax.set_title(title or f"Top {len(rows)} units for '{noun}'", fontsize=9)
+    fig.legend(handles=[Patch(color=POLARITY_COLOURS[1], label="(+) writes the noun through +W_out"),
+                        Patch(color=POLARITY_COLOURS[-1], label="(−) writes it through −W_out")],
+               fontsize=7, ncol=2, loc="outside lower center", title="polarity", title_fontsize=7,
+               frameon=False)
     return fig
+
+
+POLARITY_COLOURS = {1: "#DD8452", -1: "#4C72B0"}

@@ -86,7 +86,7 @@ class SpecificityPanel(Panel):
             scores = specificity.box_scores(grid, size, boxes)
             line += (f" | mass in box {scores['mass_in_box']:.2f} (chance {scores['box_share']:.2f}), "
                      f"pointing {'hit' if scores['pointing_hit'] else 'miss'}")
-        fig = plots.heatmap_panels(image, heats, masks, boxes=boxes,
+        fig = plots.heatmap_panels(image, heats, masks, boxes=boxes, noun=noun,
                                    attribution=self.picker.attribution)
         plt.close(fig)
         return [line, shown, fig]
