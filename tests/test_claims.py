@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from mmneurons_utils.companion import claims
-from mmneurons_utils.companion.claims import (CLAIMS, FAILS, HOLDS, NOT_MEASURED, PARTLY, scorecard,
-                                    to_markdown, wilson_interval, write_scorecard)
+from mmneurons_utils.scorecard import claims
+from mmneurons_utils.scorecard.claims import (CLAIMS, FAILS, HOLDS, NOT_MEASURED, PARTLY, scorecard,
+                                              to_markdown, wilson_interval, write_scorecard)
 from mmneurons_utils.companion.tables import save_table
 
 METHODS = ("contribution", "gradient", "gradient_image", "random")

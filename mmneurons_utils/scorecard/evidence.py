@@ -1,7 +1,8 @@
 """The measurements behind the paper-claims scorecard (:mod:`.claims` holds the rules).
 
-Each ``_measure_*`` reads the notebooks' CSV tables (``tables``: name → DataFrame, from
-:func:`read_tables`) for one claim and returns, per model, the :class:`Evidence` its rule
+Each ``_measure_*`` reads the notebooks' tables (``tables``: key → DataFrame, from
+:func:`~mmneurons_utils.scorecard.schema.read_tables`; the keys, files and columns are declared
+in :mod:`.schema`) for one claim and returns, per model, the :class:`Evidence` its rule
 judges — ours (contribution) with its interval, the baselines, ``n`` and a detail line — or
 raises :class:`Unusable` with the reason the claim cannot be measured. Which model a
 single-model table (notebooks 04 and 05) is about comes from :func:`notebook_model`.
@@ -17,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from .schema import TABLES, Unusable, read_tables, require  # noqa: F401  (read_tables: here too)
 
 BASELINES = ("gradient", "gradient_image", "random", "selection_null")
 CAUSAL_K = 200                                 # the k at which the causal claim is read
@@ -83,10 +86,8 @@ def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float,
 # ---------------------------------------------------------------------------- reading
 
 def _summary(frame: pd.DataFrame, notebook_model: str | None) -> pd.DataFrame:
-    """A ``summarize_ci`` long table with a ``model`` column (the notebook's model if absent)."""
-    need = {"method", "metric", "mean"}
-    if not need <= set(frame.columns):
-        raise Unusable(f"lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    """A ``summarize_ci`` long table (checked by :func:`require`) with a ``model`` column (the
+    notebook's model if absent)."""
     if "model" not in frame:
         frame = frame.assign(model=notebook_model or "(notebook's model)")
     for column in ("low", "high", "n", "n_clusters"):
@@ -95,10 +96,6 @@ def _summary(frame: pd.DataFrame, notebook_model: str | None) -> pd.DataFrame:
     frame = frame.copy()
     frame["model"] = frame["model"].astype(str)
     return frame
-
-
-class Unusable(ValueError):
-    """A table that is present but cannot answer (missing columns or rows): the reason."""
 
 
 def _pick(frame: pd.DataFrame, model: str, method: str, metric: str) -> tuple[Value, float, float]:
@@ -127,23 +124,17 @@ def _summary_evidence(frame, notebook_model, metric, label, extra_metrics=(), de
     return out
 
 
-def _needs(tables: dict, *names: str):
-    for name in names:
-        if tables.get(name) is None:
-            raise Unusable(f"tables/{name}.csv not found (run notebook {name[:2]})")
-
-
 # ---------------------------------------------------------------------------- the claims
 
 def _measure_layers(tables, notebook_model):
-    _needs(tables, "01_layer_distribution")
-    frame = tables["01_layer_distribution"]
+    table = TABLES["layer_distribution"]
+    frame = require(tables, table.key)
     if "layer" in frame:
         frame = frame.set_index("layer")
     frame = frame.drop(columns=[c for c in frame if str(c).startswith("Unnamed")])
     n_layers = len(frame)
     if n_layers < 2:
-        raise Unusable("01_layer_distribution.csv has fewer than 2 layers")
+        raise Unusable(f"{table.file} has fewer than 2 layers")
     layers = np.asarray(frame.index if frame.index.name == "layer" else range(n_layers), dtype=float)
     upper = layers >= n_layers / 2
     chance = float(upper.mean())
@@ -151,7 +142,7 @@ def _measure_layers(tables, notebook_model):
     for model in frame.columns:
         shares = pd.to_numeric(frame[model], errors="coerce").to_numpy(dtype=float)
         if not np.isfinite(shares).all() or shares.sum() <= 0:
-            out[str(model)] = f"01_layer_distribution.csv: no shares for {model}"
+            out[str(model)] = f"{table.file}: no shares for {model}"
             continue
         share = float(shares[upper].sum() / shares.sum())
         top = int(np.argmax(shares))
@@ -165,9 +156,8 @@ def _measure_layers(tables, notebook_model):
 
 
 def _measure_sensitivity(tables, notebook_model):
-    _needs(tables, "02_noun_hits_summary")
     return _summary_evidence(
-        tables["02_noun_hits_summary"], notebook_model,
+        require(tables, "noun_hits"), notebook_model,
         "noun_hit", "noun hit (top-10 units' top-10 tokens contain the noun)",
         ("noun_rank", "chance", "hit_where_nameable", "noun_hit_no_hubs", "nameable"),
         lambda x: (f"chance 10 / V {_fmt(x['contribution', 'chance'].mean)}; noun rank (mean of the "
@@ -198,8 +188,7 @@ def _map_metric(frame: pd.DataFrame, model: str) -> tuple[str, str] | None:
 
 
 def _measure_specificity(tables, notebook_model):
-    _needs(tables, "02_specificity_summary")
-    frame = _summary(tables["02_specificity_summary"], notebook_model)
+    frame = _summary(require(tables, "specificity"), notebook_model)
     out = {}
     for model in dict.fromkeys(frame["model"]):
         auroc, n, n_clusters = _pick(frame, model, "contribution", "auroc")
@@ -224,7 +213,7 @@ def _measure_specificity(tables, notebook_model):
             continue
         mass, n, n_clusters = _pick(frame, model, "contribution", "mass_in_box")
         if not math.isnan(mass.mean):
-            out[model] = ("02_specificity_summary.csv has only the raw maps' mass in box (a flat offset "
+            out[model] = (f"{TABLES['specificity'].file} has only the raw maps' mass in box (a flat offset "
                           "on a pretrained LM); rerun notebook 02 for the median-centred maps")
             continue
         if not math.isnan(auroc.mean):      # no patch grid (InstructBLIP): AUROC alone
@@ -237,9 +226,8 @@ def _measure_specificity(tables, notebook_model):
 
 
 def _measure_region(tables, notebook_model):
-    _needs(tables, "03_region_summary")
     return _summary_evidence(
-        tables["03_region_summary"], notebook_model, "retained",
+        require(tables, "region"), notebook_model, "retained",
         "retained: share of the top-10 still top-10 after shuffling the image tokens (single-noun scenes)",
         ("noun_kept", "caption_same"),
         lambda x: (f"noun still said after the shuffle {_fmt(x['contribution', 'noun_kept'].mean)}; "
@@ -247,20 +235,16 @@ def _measure_region(tables, notebook_model):
 
 
 def _measure_cross(tables, notebook_model):
-    _needs(tables, "03_cross_image_summary")
     return _summary_evidence(
-        tables["03_cross_image_summary"], notebook_model, "jaccard_same",
+        require(tables, "cross_image"), notebook_model, "jaccard_same",
         "Jaccard of one noun's top-10 sets across its images", ("jaccard_different", "top_unit_share"),
         lambda x: (f"vs other nouns' sets {_fmt_value(x['contribution', 'jaccard_different'])}; "
                    f"scenes holding the noun's most frequent unit {_fmt(x['contribution', 'top_unit_share'].mean)}"))
 
 
 def _measure_causal(tables, notebook_model):
-    _needs(tables, "04_curves_over_k")
-    frame = tables["04_curves_over_k"]
-    need = {"method", "k", "margin_drop", "noun_removed"}
-    if not need <= set(frame.columns):
-        raise Unusable(f"04_curves_over_k.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    table = TABLES["causal_curves"]
+    frame = require(tables, table.key)
     mode = "all"
     if "perturbation" in frame:
         modes = list(dict.fromkeys(frame["perturbation"]))
@@ -268,7 +252,7 @@ def _measure_causal(tables, notebook_model):
         frame = frame[frame["perturbation"] == mode]
     ours = frame[frame["method"] == "contribution"]
     if ours.empty:
-        raise Unusable("04_curves_over_k.csv has no contribution rows")
+        raise Unusable(f"{table.file} has no contribution rows")
     ks = sorted(ours["k"].astype(int).unique())
     k = max([x for x in ks if x <= CAUSAL_K], default=ks[0])
     at = frame[frame["k"].astype(int) == k].groupby("method")[["margin_drop", "noun_removed"]].mean()
@@ -285,17 +269,14 @@ def _measure_causal(tables, notebook_model):
 
 
 def _measure_editing(tables, notebook_model):
-    _needs(tables, "05_edit_summary")
-    frame = tables["05_edit_summary"]
-    need = {"units", "n_neurons", "success", "locality", "n_pairs"}
-    if not need <= set(frame.columns):
-        raise Unusable(f"05_edit_summary.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    table = TABLES["edit_summary"]
+    frame = require(tables, table.key)
     rows = {}
     for units in ("contribution", *BASELINES):
         match = frame[(frame["units"] == units) & (frame["n_neurons"].astype(int) == EDIT_NEURONS)]
         rows[units] = None if match.empty else match.iloc[0]
     if rows["contribution"] is None:
-        raise Unusable(f"05_edit_summary.csv has no contribution row with n_neurons = {EDIT_NEURONS}")
+        raise Unusable(f"{table.file} has no contribution row with n_neurons = {EDIT_NEURONS}")
 
     def success(row) -> Value:
         if row is None:
@@ -315,12 +296,8 @@ def _measure_editing(tables, notebook_model):
 
 
 def _measure_speed(tables, notebook_model):
-    _needs(tables, "01_speed")
-    frame = tables["01_speed"]
+    frame = require(tables, "speed")
     frame = frame.set_index(frame.columns[0])
-    need = {"overhead_ratio", "gradient_speedup"}
-    if not need <= set(frame.index):
-        raise Unusable(f"01_speed.csv lacks row(s) {', '.join(sorted(need - set(frame.index)))}")
     get = lambda model, name: float(frame.loc[name, model]) if name in frame.index else math.nan
     out = {}
     for model in frame.columns:
@@ -342,23 +319,7 @@ def _measure_speed(tables, notebook_model):
     return out
 
 
-TABLES = ("00_model_summary", "01_layer_distribution", "01_speed", "02_noun_hits_summary",
-           "02_specificity_summary", "03_region_summary", "03_cross_image_summary",
-           "04_curves_over_k", "05_edit_summary", "05_editors_summary")
-
-
 # ---------------------------------------------------------------------------- the card
-
-def read_tables(tables_dir: Path) -> dict:
-    tables = {}
-    for name in TABLES:
-        path = tables_dir / f"{name}.csv"
-        try:
-            tables[name] = pd.read_csv(path) if path.is_file() else None
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
-            tables[name] = None
-    return tables
-
 
 def _executed_model(tables_dir: Path, prefix: str) -> str | None:
     """``model`` in papermill's parameters of the executed ``<out>/notebooks/<prefix>_*.ipynb``."""
@@ -374,11 +335,14 @@ def _executed_model(tables_dir: Path, prefix: str) -> str | None:
 
 
 def notebook_model(tables_dir: Path, tables: dict, prefix: str, fallback: str | None) -> str | None:
+    """The model notebook ``prefix`` ran on: papermill's parameters of its executed copy, else the
+    first model column of the model summary / speed table (a run gives every notebook the same
+    model), else ``fallback``."""
     model = _executed_model(tables_dir, prefix)
     if model:
         return model
-    for name in ("00_model_summary", "01_speed"):
-        frame = tables.get(name)
+    for key in ("model_summary", "speed"):
+        frame = tables.get(key)
         if frame is not None and len(frame.columns) >= 2:
             return str(frame.columns[1])
     return fallback

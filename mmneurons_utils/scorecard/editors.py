@@ -1,7 +1,7 @@
 """Claim 7 against the editors the field uses: ours (``contribution``, k = 5) beside the strongest
 of fine-tuning, LoRA and ROME on the same source → target pairs.
 
-It reads ``05_editors_summary.csv`` (notebook 05's last section:
+It reads the editors' summary table (``TABLES["editors_summary"]``: notebook 05's last section:
 :func:`~mmneurons_utils.batch.editor_comparison.summarize_editors` per model, with a ``model``
 column), on the three axes EasyEdit reports for a VLM edit: ``success`` (reliability, all pairs),
 ``m_generality`` (held-out images of the source) and ``m_locality`` (unrelated images' tokens
@@ -19,10 +19,10 @@ import math
 import pandas as pd
 
 from ..interventions.editors import WEIGHT_EDITORS
-from .claim_evidence import EDIT_NEURONS, NAN, Evidence, Unusable, Value, _fmt, _needs
+from .evidence import EDIT_NEURONS, NAN, Evidence, Value, _fmt
+from .schema import EDITOR_AXES as AXES, TABLES, require
 
-AXES = ("success", "m_generality", "m_locality")
-TABLE = "05_editors_summary"
+TABLE = TABLES["editors_summary"]
 
 
 def _value(row, axis: str) -> Value:
@@ -38,9 +38,9 @@ def _model_evidence(group: pd.DataFrame) -> Evidence | str:
     ours = group[(group["method"] == "contribution") & (group["k"].astype(int) == EDIT_NEURONS)]
     field = group[group["method"].isin(WEIGHT_EDITORS)]
     if ours.empty:
-        return f"{TABLE}.csv has no contribution row with k = {EDIT_NEURONS}"
+        return f"{TABLE.file} has no contribution row with k = {EDIT_NEURONS}"
     if field.empty:
-        return f"{TABLE}.csv has none of the field's editors ({', '.join(WEIGHT_EDITORS)})"
+        return f"{TABLE.file} has none of the field's editors ({', '.join(WEIGHT_EDITORS)})"
     ours = ours.iloc[0]
     best = field.loc[field.apply(_score, axis=1).idxmax()]
     random = group[group["method"] == "random"]
@@ -60,9 +60,5 @@ def _model_evidence(group: pd.DataFrame) -> Evidence | str:
 
 
 def measure_editing_vs_field(tables, notebook_model):
-    _needs(tables, TABLE)
-    frame = tables[TABLE]
-    need = {"model", "method", "k", "n_pairs", *AXES, *(f"{a}_{s}" for a in AXES for s in ("low", "high"))}
-    if not need <= set(frame.columns):
-        raise Unusable(f"{TABLE}.csv lacks column(s) {', '.join(sorted(need - set(frame.columns)))}")
+    frame = require(tables, TABLE.key)
     return {str(model): _model_evidence(group) for model, group in frame.groupby("model", sort=False)}
