@@ -103,7 +103,8 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50,
         raise ValueError("the benchmark images produced no nouns; use other images")
 
     # each scorer as find_neurons runs it: every noun's top units (rank_units), then one
-    # logit-lens pass over all of them
+    # logit-lens pass over all of them; the model is warm from the calls above, and the
+    # minimum drops a slower first round anyway
     def rank_all(method):
         weights = logit_weights(vlm, [t for _, _, t in pairs])
         units = [r.units for img, cap in zip(images, captions) if cap.noun_tokens
@@ -114,7 +115,7 @@ def time_identification(vlm, images, repeats: int = 3, top_k: int = 50,
     t_contribution, t_gradient, t_gradient_image = (
         t / len(pairs) for t in _interleaved(*(lambda m=m: rank_all(m) for m in
                                                ("contribution", "gradient", "gradient_image")),
-                                             repeats=repeats, clock=clock))
+                                             repeats=repeats, warm_up=False, clock=clock))
     t_generation = t_describe / len(pairs)
     return dict(
         overhead_ratio=round(t_identify / t_describe, 3),
