@@ -7,6 +7,8 @@
     mmneurons edit --model tiny-llava --source dog --target cat --scenes 200 --seed 0 --save edited/
     mmneurons atlas --model tiny-llava --scenes 256 --seed 0 --top-k 10 --examples 8 --out atlas/ --json
     mmneurons export-scenes --scenes 24 --seed 0 --out scenes_folder/
+    mmneurons report --model smol-llava --scenes 80 --seed 0 --json
+    mmneurons compare-editors --model tiny-llava --scenes 120 --pairs 20 --out table.csv
     accelerate launch --num_processes 8 -m mmneurons_utils.cli find --device cuda --images photos/ --out big.parquet
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -31,6 +34,8 @@ from .commands.atlas import cmd_atlas
 from .commands.common import CliError
 from .commands.find import cmd_bench, cmd_describe, cmd_export_scenes, cmd_find
 from .commands.interventions import cmd_edit, cmd_perturb
+from .commands.report import cmd_compare_editors, cmd_report
+from .batch.editor_comparison import DEFAULT_CONFIGS
 from .model.loading import parse_device, parse_dtype
 from .model.nouns import NounTaggerMissing
 from .store.files import os_error_exit_code, os_error_line
@@ -53,6 +58,7 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _seed = _int_at_least(0, "a non-negative integer seed")
+_non_negative_int = _int_at_least(0, "a non-negative integer")
 
 MAX_SCENES = 100_000   # --scenes: ~20 KB of images each, all in memory (about 2 GB at the bound)
 
@@ -67,6 +73,15 @@ def _scene_count(text: str) -> int:
     return value
 
 
+def _pool_scene_count(text: str) -> int:
+    """``--scenes`` of ``report`` / ``compare-editors``: 1 … :data:`MAX_SCENES` (no folder option)."""
+    value = _positive_int(text)
+    if value > MAX_SCENES:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SCENES} scenes (each is built in memory first), got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block): ``mmneurons find: error: …``."""
 
@@ -74,9 +89,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _minutes(text: str) -> float:
+    """A positive, finite number of minutes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return value
+
+
 def _check_model_options(args) -> None:
     """``--device`` and ``--dtype`` checked before anything is read or loaded."""
-    parse_dtype(args.dtype)
+    parse_dtype(getattr(args, "dtype", None))
     if args.device is not None:
         parse_device(args.device)
 
@@ -110,35 +136,42 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("describe", help="caption images with the paper's prompt")
     _add_model_args(d)
     _add_image_args(d)
-    d.add_argument("--max-new-tokens", type=_positive_int, default=20)
-    d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N",
+                   help="most caption tokens generated per image (default 20)")
+    d.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                   help="images per forward pass (default 32)")
     d.add_argument("--nouns", help="comma-separated nouns to look for (real models without spaCy)")
     d.set_defaults(func=cmd_describe)
 
     f = sub.add_parser("find", help="identify the multi-modal neurons of every caption noun")
     _add_model_args(f)
     _add_image_args(f)
-    f.add_argument("--top-k", type=_positive_int, default=50)
+    f.add_argument("--top-k", type=_positive_int, default=50, metavar="K",
+                   help="units kept per (image, noun) (default 50)")
     f.add_argument("--method", default="contribution",
                    help="contribution (default, the paper), gradient (gradient × activation at the "
                         "noun step), gradient_image (attribution at the image positions), random, "
                         "noun_contrast (contribution minus the mean over the other candidate nouns), "
                         "selection_null (contribution on activations shuffled within each layer; 5 draws)")
     f.add_argument("--out", required=True, help="results .parquet (resumed if it exists)")
-    f.add_argument("--batch-size", type=_positive_int, default=16)
+    f.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="images per forward pass, and per resumable batch written to --out (default 16)")
     f.set_defaults(func=cmd_find)
 
     b = sub.add_parser("bench", help="measure identification overhead, gradient speed-up, memory")
     _add_model_args(b)
-    b.add_argument("--n-images", type=_positive_int, default=16)
-    b.add_argument("--seed", type=_seed, default=0)
-    b.add_argument("--repeats", type=_positive_int, default=3)
+    b.add_argument("--n-images", type=_positive_int, default=16, metavar="N",
+                   help="embedded scenes timed (default 16)")
+    b.add_argument("--seed", type=_seed, default=0, help="scene seed (default 0)")
+    b.add_argument("--repeats", type=_positive_int, default=3, metavar="N",
+                   help="interleaved repeats of each timing; the least time counts (default 3)")
     b.add_argument("--offload", action="store_true",
                    help="also time find with every decoder layer offloaded to disk (offload_slowdown)")
     b.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     b.set_defaults(func=cmd_bench)
     _add_causal_commands(sub)
     _add_atlas_command(sub)
+    _add_report_commands(sub)
 
     x = sub.add_parser("export-scenes", help="write embedded scenes as a folder of PNGs with a COCO "
                                              "annotations.json (to try the --images path offline)")
@@ -163,8 +196,63 @@ def _add_atlas_command(sub) -> None:
     a.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created; a finished run with the same settings and weights is "
                         "reused, one made with other weights of the model recomputed)")
-    a.add_argument("--batch-size", type=_positive_int, default=16)
+    a.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="images per forward pass (default 16)")
     a.set_defaults(func=cmd_atlas)
+
+
+def _add_report_commands(sub) -> None:
+    """``report`` (the model report) and ``compare-editors`` (ours vs ft / lora / rome)."""
+    r = sub.add_parser("report", help="the paper's headline numbers for one model, vs random units and "
+                                      "the selection-matched null (one JSON object)")
+    _add_model_args(r)
+    r.add_argument("--scenes", type=_pool_scene_count, default=48, metavar="N",
+                   help="held-out scenes identified (about 2.2 noun instances each; default 48)")
+    r.add_argument("--seed", type=_seed, default=0, help="scene seed (0–9999 are held out; default 0)")
+    r.add_argument("--k", type=_positive_int, default=10, help="units per (image, noun) that are scored (default 10)")
+    r.add_argument("--region", type=_positive_int, default=12, metavar="N",
+                   help="of those, the first N scenes for region invariance (default 12)")
+    r.add_argument("--ablate", type=_positive_int, default=8, metavar="N",
+                   help="of those, the first N scenes for the ablation (default 8)")
+    r.add_argument("--no-occlusion", action="store_true",
+                   help="skip the occlusion-difference maps (one forward pass per (image, noun))")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object as the last line, no progress bars (default: indented JSON)")
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compare-editors", help="every editor (ours, gradient, random, ft, lora, rome) on "
+                                               "the same source → target pairs; a resumable CSV and its summary")
+    c.add_argument("--model", default="tiny-llava",
+                   help="tiny-llava, tiny-instructblip, smol-llava, a local checkpoint folder or a hub id")
+    c.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N, mps")
+    c.add_argument("--scenes", type=_pool_scene_count, default=120, metavar="N",
+                   help=f"scenes in the image pool (at most {MAX_SCENES}; default 120)")
+    c.add_argument("--seed", type=_seed, default=0, help="scene and pair seed (default 0)")
+    c.add_argument("--pairs", type=_positive_int, default=20, metavar="N",
+                   help="source → target pairs, the first of a seeded order whose target is one token (default 20)")
+    c.add_argument("--out", required=True, metavar="FILE.csv",
+                   help="the comparison CSV: resumed when its settings record (FILE.csv.settings.json) "
+                        "matches; one writer at a time (a second run on it waits)")
+    c.add_argument("--max-minutes", type=_minutes, metavar="M",
+                   help="start no new pair after M minutes (every editor runs on the same pairs)")
+    c.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS), metavar="METHOD:K,...",
+                   help="the editors and their unit counts (default: all of them, "
+                        f"{','.join(f'{m}:{k}' for m, k in DEFAULT_CONFIGS)})")
+    c.add_argument("--min-images", type=_positive_int, default=4, metavar="N",
+                   help="a noun is a source only if at least this many pool captions say it (default 4)")
+    c.add_argument("--steps", type=_positive_int, default=150, metavar="N", help="most optimiser steps of every editor (default 150)")
+    c.add_argument("--shard", default="0/1", metavar="K/N",
+                   help="run pairs K, K+N, K+2N, … (N processes side by side, each with its own --out; "
+                        "concatenate the CSVs after; default 0/1)")
+    for name, default, kind, what in (
+            ("n-edit", 2, _positive_int, "images of the source the edit is learnt on"),
+            ("n-unrelated", 4, _non_negative_int, "unrelated images kept unchanged while learning"),
+            ("n-locality", 6, _non_negative_int, "unrelated images that measure locality"),
+            ("n-heldout", 4, _non_negative_int, "held-out images of the source that measure generality"),
+            ("n-covariance", 64, _positive_int, "pool images for ROME's key covariance")):
+        c.add_argument(f"--{name}", type=kind, default=default, metavar="N", help=f"{what} (default {default})")
+    c.add_argument("--json", action="store_true", help="print one JSON object as the last line (the summary)")
+    c.set_defaults(func=cmd_compare_editors)
 
 
 def _add_causal_commands(sub) -> None:
@@ -235,6 +323,7 @@ _AFTER_INTERRUPT = {
     "atlas": "nothing half-written was left in --out: rerun to build it",
     "export-scenes": "nothing half-written was left in --out: rerun to write it",
     "edit": "nothing was saved: rerun to edit again",
+    "compare-editors": "every finished row is in --out: rerun to resume",
 }
 
 

@@ -198,3 +198,79 @@ def test_atlas_on_the_exported_folder_is_the_scenes_atlas(tmp_path, cli):
     (a, meta_a), (b, meta_b) = read_atlas(tmp_path / "a" / "atlas.parquet"), read_atlas(tmp_path / "b" / "atlas.parquet")
     assert len(a) > 0 and a.equals(b)
     assert "annotations" in meta_b["description"]["source"] and "annotations" not in meta_a["description"]["source"]
+
+
+# --- every subcommand's flags say what they do; report and compare-editors (issue 29) ---------------
+
+COMMANDS = ("describe", "find", "bench", "perturb", "edit", "atlas", "report", "compare-editors", "export-scenes")
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from mmneurons_utils.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_the_list_of_commands_is_the_parsers():
+    assert set(_subcommands()) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_every_flag_with_its_help(command, capsys, cli):
+    import argparse
+
+    with pytest.raises(SystemExit) as info:
+        cli(command, "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    flags = [a for a in _subcommands()[command]._actions
+             if a.option_strings and a.help != argparse.SUPPRESS and "--help" not in a.option_strings]
+    assert flags
+    for action in flags:
+        assert action.help and len(action.help) > 10, action.option_strings
+        assert all(option in text for option in action.option_strings), action.option_strings
+        assert " ".join(action.help.split())[:24] in text, action.option_strings
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "--model", "nope", "--scenes", "2"], "unknown model"),
+    (["report", "--scenes", "2", "--device", "gpu9"], "device"),
+    (["compare-editors", "--out", "{tmp}/t.csv", "--configs", "ft"], "method:k"),
+    (["compare-editors", "--out", "{tmp}/t.csv", "--configs", "sgd:5"], "unknown editor"),
+    (["compare-editors", "--out", "{tmp}/t.csv", "--shard", "2/2"], "K/N"),
+    (["compare-editors", "--out", "{tmp}/t.txt"], ".csv"),
+    (["compare-editors", "--out", "{tmp}/no/t.csv"], "does not exist"),
+])
+def test_report_and_compare_editors_bad_values_exit_2_with_one_line(argv, needle, tmp_path, cli):
+    code, _, err = cli(*[a.format(tmp=tmp_path) for a in argv])
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mmneurons {argv[0]}: error: ")
+    assert not list(tmp_path.iterdir())                     # nothing written
+
+
+@pytest.mark.parametrize("argv", [["report", "--scenes", "0"], ["report", "--k", "x"], ["report", "--ablate", "0"],
+                                  ["compare-editors", "--out", "t.csv", "--pairs", "0"],
+                                  ["compare-editors", "--out", "t.csv", "--max-minutes", "-1"],
+                                  ["compare-editors", "--out", "t.csv", "--scenes", "100001"],
+                                  ["compare-editors"]])
+def test_report_and_compare_editors_bad_flags_exit_2(argv, capsys, cli):
+    with pytest.raises(SystemExit) as info:
+        cli(*argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mmneurons {argv[0]}: error: ")
+
+
+@pytest.mark.parametrize("module, command", [("model_report", "report"), ("editor_comparison", "compare-editors")])
+def test_the_old_module_entry_points_are_aliases_of_the_commands(module, command):
+    """``python -m mmneurons_utils.batch.<module>`` runs ``mmneurons <command>``: its errors, its exit codes."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", f"mmneurons_utils.batch.{module}", "--steps" if module ==
+                           "editor_comparison" else "--k", "0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"mmneurons {command}: error: argument --")

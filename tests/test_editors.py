@@ -180,15 +180,11 @@ def test_comparison_csv_resumes_only_under_its_own_settings(tmp_path):
     assert out.read_text() == "source,target\nbird,cat\n"   # refused: the rows are untouched
 
 
-def test_comparison_cli_bad_flags_are_one_line_errors(tmp_path, capsys):
-    from mmneurons_utils.batch.editor_comparison import main
-
+def test_comparison_cli_bad_flags_are_one_line_errors(tmp_path, cli):
     for flags, words in ((["--configs", "ft"], "method:k"), (["--configs", "sgd:5"], "unknown editor"),
                          (["--shard", "2/2"], "K/N")):
-        with pytest.raises(SystemExit) as stop:
-            main(flags + ["--out", str(tmp_path / "t.csv")])
-        assert stop.value.code == 2
-        err = capsys.readouterr().err
+        code, _, err = cli("compare-editors", *flags, "--out", str(tmp_path / "t.csv"))
+        assert code == 2
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())   # nothing written
 

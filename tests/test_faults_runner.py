@@ -13,12 +13,22 @@ from pathlib import Path
 import pytest
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-COMPARISON = [sys.executable, "-m", "mmneurons_utils.batch.editor_comparison"]
+COMPARISON = [sys.executable, "-m", "mmneurons_utils.cli", "compare-editors"]
 
 
 def _comparison(*argv, timeout=300):
     done = subprocess.run(COMPARISON + list(argv), env=ENV, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stderr
+
+
+def _compare(*argv) -> int:
+    """``mmneurons compare-editors`` in this process: its exit code (argparse's own errors exit)."""
+    from mmneurons_utils.cli import main
+
+    try:
+        return main(["compare-editors", *argv])
+    except SystemExit as stop:
+        return stop.code
 
 
 def _one_line(err: str) -> str:
@@ -35,12 +45,9 @@ def _one_line(err: str) -> str:
     (["--max-minutes", "-1"], "--max-minutes"),
 ])
 def test_comparison_counts_must_be_positive_and_the_flag_is_named(tmp_path, capsys, flags, needle):
-    from mmneurons_utils.batch.editor_comparison import main
-
-    with pytest.raises(SystemExit) as stop:
-        main(flags + ["--out", str(tmp_path / "t.csv")])
+    code = _compare(*flags, "--out", str(tmp_path / "t.csv"))
     line = _one_line(capsys.readouterr().err)
-    assert stop.value.code == 2 and needle in line
+    assert code == 2 and needle in line
     assert not list(tmp_path.iterdir())
 
 
@@ -53,9 +60,8 @@ def test_comparison_out_must_be_a_csv_file_in_an_existing_folder(tmp_path, capsy
     monkeypatch.setattr(ec, "load_vlm", never)
     (tmp_path / "folder.csv").mkdir()
     for out, needle in ((tmp_path / "folder.csv", "is a folder"), (tmp_path / "nope" / "t.csv", "does not exist")):
-        with pytest.raises(SystemExit) as stop:
-            ec.main(["--out", str(out)])
-        assert stop.value.code == 2 and needle in _one_line(capsys.readouterr().err)
+        code = _compare("--out", str(out))
+        assert code == 2 and needle in _one_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("content", ['[1, 2]', '{"mine": true}', "not json"])
@@ -68,10 +74,9 @@ def test_a_settings_file_that_is_not_ours_is_refused_and_left_untouched(tmp_path
     monkeypatch.setattr(ec, "load_vlm", never)
     record = tmp_path / "t.csv.settings.json"      # the user's own file, and no CSV
     record.write_text(content)
-    with pytest.raises(SystemExit) as stop:
-        ec.main(["--out", str(tmp_path / "t.csv")])
+    code = _compare("--out", str(tmp_path / "t.csv"))
     line = _one_line(capsys.readouterr().err)
-    assert stop.value.code == 2 and "t.csv.settings.json" in line and "left untouched" in line
+    assert code == 2 and "t.csv.settings.json" in line and "left untouched" in line
     assert record.read_text() == content
     with pytest.raises(ec.EditInputError):          # the library refuses it too
         ec.check_settings(tmp_path / "t.csv", dict(model="m"))

@@ -1,9 +1,9 @@
-"""The model report (``python -m mmneurons_utils.batch.model_report``): the numbers must carry
+"""The model report (``mmneurons report``): the numbers must carry
 the science (ours above chance, chance where it should be), not only exist."""
 
 import json
 
-from mmneurons_utils.batch.model_report import main, report
+from mmneurons_utils.batch.model_report import report
 
 
 def test_report_puts_the_contribution_units_above_random(tiny_llava):
@@ -31,10 +31,13 @@ def test_report_puts_the_contribution_units_above_random(tiny_llava):
     assert set(r["lens"]) == {"raw", "rms", "norm"}
 
 
-def test_report_command_prints_json(capsys):
-    main(["--model", "tiny-llava", "--scenes", "4", "--region", "1", "--ablate", "1", "--json"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["model"] == "tiny-llava" and out["n_scenes"] == 4
+def test_report_command_prints_json(cli):
+    code, out, _ = cli("report", "--model", "tiny-llava", "--scenes", "4", "--region", "1", "--ablate", "1",
+                       "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["model"] == "tiny-llava" and result["n_scenes"] == 4
+    assert result["region_scenes"] == 1 and result["ablate_scenes"] == 1
+    assert {"nulls", "ceiling", "specificity", "methods"} <= set(result)
 
 
 def test_report_of_a_model_without_patch_grid_has_no_box_numbers(tiny_instructblip):

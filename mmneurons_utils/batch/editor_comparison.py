@@ -5,7 +5,9 @@ on one pool split, with the package's own keys (``success``, ``generalization``,
 ``locality_kl``; :meth:`~mmneurons_utils.interventions.editing.Edit.measure_side_effects`) and
 EasyEdit's (:mod:`mmneurons_utils.properties.edit_metrics`). :func:`compare_editors` does that for
 pairs × editors (resumable: rows already in ``out`` are skipped) and :func:`summarize_editors`
-gives each editor's means with percentile-bootstrap 95 % intervals over pairs.
+gives each editor's means with percentile-bootstrap 95 % intervals over pairs. From a shell:
+``mmneurons compare-editors`` (:mod:`mmneurons_utils.commands.report`; ``python -m
+mmneurons_utils.batch.editor_comparison`` is an alias of it).
 
 Scoring rule (the package's): a failed edit (not converged, not applied) scores 0 on
 ``success`` / ``reliability`` (its images keep saying the source) but NaN on everything it would
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +35,7 @@ from ..model.cache import weights_hash
 from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
 from ..store.provenance import differences
-from ..store.files import exclusive, os_error_exit_code, os_error_line
-from ..store.results import atomic_write, check_output_file
+from ..store.results import atomic_write
 from ..tiny.scenes import make_scenes
 from .edit_evaluation import ImagePool, default_pairs
 
@@ -271,7 +273,7 @@ def _one_token(vlm, word: str) -> bool:
         return False
 
 
-def _parse_configs(text: str) -> list[tuple[str, int]]:
+def parse_configs(text: str) -> list[tuple[str, int]]:
     """``"ft:5,rome:5"`` → ``[("ft", 5), ("rome", 5)]``, every method a known editor."""
     try:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in text.split(",")]
@@ -281,7 +283,7 @@ def _parse_configs(text: str) -> list[tuple[str, int]]:
     return configs
 
 
-def _parse_shard(text: str) -> tuple[int, int]:
+def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` → ``(K, N)`` with ``0 ≤ K < N``; anything else is a one-line error."""
     try:
         k, n = (int(part) for part in text.split("/"))
@@ -290,61 +292,6 @@ def _parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= k < n:
         raise EditInputError(f"--shard takes K/N with 0 ≤ K < N (e.g. 0/4), not {text!r}")
     return k, n
-
-
-def _count(minimum: int):
-    """An argparse type: an integer ≥ ``minimum`` (the flag is named by argparse's message)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a positive' if minimum == 1 else 'a non-negative'} integer, got {text!r}")
-        return value
-    return parse
-
-
-def _minutes(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
-    return value
-
-
-def _parser():
-    import argparse
-
-    class Parser(argparse.ArgumentParser):   # errors on one line, exit 2
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-    p = Parser(prog="python -m mmneurons_utils.batch.editor_comparison")
-    p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--scenes", type=_count(1), default=120, help="scenes in the pool (at most 100000)")
-    p.add_argument("--seed", type=_count(0), default=0)
-    p.add_argument("--pairs", type=_count(1), default=20)
-    p.add_argument("--out", required=True, help="the CSV (resumed when its settings match; one writer "
-                   "at a time: a second run on it waits)")
-    p.add_argument("--max-minutes", type=_minutes)
-    p.add_argument("--configs", default=",".join(f"{m}:{k}" for m, k in DEFAULT_CONFIGS))
-    p.add_argument("--min-images", type=_count(1), default=4)
-    p.add_argument("--steps", type=_count(1), default=150, help="most optimiser steps of every editor")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
-    p.add_argument("--shard", default="0/1", help="K/N: run pairs K, K+N, K+2N, ... (N processes "
-                   "side by side, each with its own --out; concatenate the CSVs after)")
-    for name, default, minimum in (("n-edit", 2, 1), ("n-unrelated", 4, 0), ("n-locality", 6, 0),
-                                   ("n-heldout", 4, 0), ("n-covariance", 64, 1)):
-        p.add_argument(f"--{name}", type=_count(minimum), default=default)
-    return p
 
 
 def _pairs(vlm, pool: ImagePool, args) -> list[tuple[str, str]]:
@@ -360,47 +307,15 @@ def _pairs(vlm, pool: ImagePool, args) -> list[tuple[str, str]]:
     else:
         raise EditInputError(f"no noun is said in ≥ {args.min_images} captions of the pool")
     pairs = [(s, t) for s, t in candidates if _one_token(vlm, t)][:args.pairs]
-    shard, n_shards = _parse_shard(args.shard)
+    shard, n_shards = parse_shard(args.shard)
     return pairs[shard::n_shards]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mmneurons_utils.batch.editor_comparison --model tiny-llava --scenes 120
-    --pairs 20 --out table.csv [--max-minutes M] [--configs ft:5,lora:5,...] [--device cuda]
-    [--shard K/N]``: the comparison table (resumable), then its summary. Bad input (a CSV made
-    under other settings, an unknown editor, a model that cannot load, an ``--out`` that cannot
-    be written) exits 2 with one line; a full disk 1; Ctrl-C 130 (every finished row is kept:
-    rerun to resume). One run writes ``--out`` at a time (a second waits: the lock of
-    ``mmneurons find``); a symbolic link is written at its target."""
-    args = _parser().parse_args(argv)
-    try:
-        configs = _parse_configs(args.configs)
-        _parse_shard(args.shard)
-        if args.scenes > 100_000:
-            raise EditInputError(f"--scenes must be at most 100000 (the pool is built in memory), got {args.scenes}")
-        out = check_output_file(args.out, "--out", suffix=".csv")   # before the model loads
-        read_record(out)
-        with exclusive(out):
-            table = _run(args, out, configs)
-    except ValueError as error:   # EditInputError and ModelLoadError are ValueErrors
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"interrupted; every finished row is in {args.out}: rerun to resume", file=sys.stderr)
-        sys.exit(130)
-    except OSError as error:
-        print(f"error: {os_error_line(error)}", file=sys.stderr)
-        sys.exit(os_error_exit_code(error))
-    if table.empty:
-        print(f"no pairs to compare in this shard ({args.shard}); nothing written", file=sys.stderr)
-        return
-    with pd.option_context("display.width", 250, "display.max_columns", 80):
-        print(summarize_editors(table).round(3).to_string(index=False))
-
-
-def _run(args, out: Path, configs) -> pd.DataFrame:
-    """The comparison of ``main``, holding the lock of ``out``: a settings record written here
-    that no row followed (a failed or interrupted run) is removed again."""
+def run_comparison(args, out: Path, configs) -> pd.DataFrame:
+    """The comparison of ``mmneurons compare-editors`` (``args``: its parsed flags; ``out`` checked
+    and locked by the caller): the model, its settings record, the pool, the pairs and every
+    editor on them. A settings record written here that no row followed (a failed or
+    interrupted run) is removed again."""
     had_record = settings_path(out).exists()
     try:
         vlm = load_vlm(args.model, device=args.device)
@@ -423,5 +338,5 @@ def _run(args, out: Path, configs) -> pd.DataFrame:
             settings_path(out).unlink(missing_ok=True)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # the old entry point: the process becomes ``mmneurons compare-editors``
+    os.execv(sys.executable, [sys.executable, "-m", "mmneurons_utils.cli", "compare-editors", *sys.argv[1:]])

@@ -1,7 +1,10 @@
 """What a real vocabulary changes: the paper's headline numbers for one model, in one run.
 
-    python -m mmneurons_utils.batch.model_report --model smol-llava --scenes 80 --json
-    python -m mmneurons_utils.batch.model_report --model tiny-llava --scenes 48 --json
+    mmneurons report --model smol-llava --scenes 80 --json
+    mmneurons report --model tiny-llava --scenes 48 --json
+
+(:mod:`mmneurons_utils.commands.report`; ``python -m mmneurons_utils.batch.model_report`` is an
+alias of it.)
 
 Every number is given per method on the first ``--scenes`` held-out scenes of ``--seed``:
 ``contribution`` (the paper's), ``noun_contrast`` (beyond the paper: minus the mean over the
@@ -28,8 +31,8 @@ activations shuffled within each layer, same layers and magnitudes; 5 draws):
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
+import sys
 import time
 
 import numpy as np
@@ -161,24 +164,5 @@ def _column_mean(frame: pd.DataFrame, column: str, how: str = "mean") -> float |
     return round(float(values.median() if how == "median" else values.mean()), 4)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny-llava",
-                        help="tiny-llava, tiny-instructblip, smol-llava or a checkpoint folder")
-    parser.add_argument("--scenes", type=int, default=48,
-                        help="held-out scenes identified (about 2.2 noun instances each)")
-    parser.add_argument("--seed", type=int, default=0, help="scene seed (0–9999 are held out)")
-    parser.add_argument("--k", type=int, default=10, help="units per (image, noun) that are scored")
-    parser.add_argument("--region", type=int, default=12, help="scenes for region invariance")
-    parser.add_argument("--ablate", type=int, default=8, help="scenes for the ablation")
-    parser.add_argument("--no-occlusion", action="store_true",
-                        help="skip the occlusion-difference maps (one forward per (image, noun))")
-    parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bars")
-    args = parser.parse_args(argv)
-    result = report(load_vlm(args.model), args.scenes, args.seed, args.k, args.region, args.ablate,
-                    progress=not args.json, occlusion=not args.no_occlusion)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":   # the old entry point: the process becomes ``mmneurons report``
+    os.execv(sys.executable, [sys.executable, "-m", "mmneurons_utils.cli", "report", *sys.argv[1:]])
