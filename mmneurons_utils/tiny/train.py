@@ -40,6 +40,8 @@ RECIPES = {
     "tiny-instructblip": [dict(steps=5000, batch=32, lr=1e-3, warmup=100, seed=0),
                           dict(steps=6000, batch=32, lr=1e-3, warmup=100, seed=0)],
 }
+
+
 def train(name: str, steps: int, batch: int, lr: float, warmup: int, seed: int,
           eval_every: int = 250, eval_n: int = 200, out_dir: Path | None = None,
           threads: int | None = None, init: Path | None = None, stage: int = 0) -> dict:
@@ -114,15 +116,19 @@ def save_embedded(model, processor, out_dir: Path) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=sorted(RECIPES) + ["smol-llava"])
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--warmup", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--eval-n", type=int, default=200)
+    parser = argparse.ArgumentParser(prog="python -m mmneurons_utils.tiny.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=sorted(RECIPES) + ["smol-llava"],
+                        help="the embedded model to train (its committed recipe, every stage, unless a "
+                             "setting below is given)")
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    parser.add_argument("--batch", type=int, help="scenes per step (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--warmup", type=int, help="linear warm-up steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, help="initialisation and shuffling seed (default: the recipe's)")
+    parser.add_argument("--eval-every", type=int, default=250,
+                        help="steps between held-out caption checks (default 250; smol-llava 100)")
+    parser.add_argument("--eval-n", type=int, default=200,
+                        help="held-out scenes per check (default 200; smol-llava 48)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="output folder (default: the committed weights)")
     parser.add_argument("--init", type=Path, help="continue from this checkpoint folder")
