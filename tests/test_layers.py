@@ -1,6 +1,6 @@
 """The package's layers, as stated by the import-linter contract in ``pyproject.toml``:
 each folder imports only from the folders below it, nothing hides an import in a
-function, and the README names every layer."""
+function, and docs/architecture.md names every layer."""
 
 import ast
 import shutil
@@ -48,11 +48,11 @@ def test_every_folder_and_top_module_is_a_layer():
     assert {name.removeprefix("mmneurons_utils.") for name in CONTRACT["layers"]} == children
 
 
-def test_the_readme_names_every_layer():
-    readme = (ROOT / "README.md").read_text()
+def test_the_architecture_page_names_every_layer():
+    page = (ROOT / "docs" / "architecture.md").read_text()
     for layer in CONTRACT["layers"]:
         name = layer.removeprefix("mmneurons_utils.")
-        assert f"  {name}/" in readme or f"  {name}.py" in readme, name
+        assert f"`{name}/`" in page or f"`{name}.py`" in page, name
 
 
 def test_no_import_is_hidden_in_a_function():

@@ -17,6 +17,7 @@ from ..model.vlm import load_vlm
 from ..store.provenance import image_hashes
 from ..store.results import ResultFile, check_output_file, exclusive
 from ..tiny.scenes import NOUNS, caption_scores, make_scenes
+from ..widgets.timing import time_explorer
 from .common import check_method, data_of, images_of, load_model, names_hash, say_noun_source
 
 
@@ -161,8 +162,6 @@ def cmd_bench(args) -> dict:
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     result = run_bench(vlm, n_images=args.n_images, seed=args.seed, repeats=args.repeats,
                        offload=args.offload)
-    from ..widgets.timing import time_explorer       # ipywidgets only when benchmarking
-
     result.update(time_explorer(vlm, seed=args.seed, repeats=args.repeats))
     if not args.json:
         for key, value in result.items():
