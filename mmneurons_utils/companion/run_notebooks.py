@@ -6,7 +6,7 @@
 Executed copies go to ``<out>/notebooks/``; each notebook, given ``output_dir``, writes
 its figures as PNG to ``<out>/figures/`` and its tables as CSV to ``<out>/tables/``
 (``mmneurons_utils.companion.outputs.Outputs``); per-notebook wall times go to
-``<out>/timings.json``; then the paper-claims scorecard (``mmneurons_utils.companion.claims``) is
+``<out>/timings.json``; then the paper-claims scorecard (``mmneurons_utils.scorecard``) is
 written from the tables to ``<out>/claims.csv`` and ``<out>/claims.md``. Parameters are given as ``-p NAME VALUE`` (as papermill's own
 command line) or ``-p NAME=VALUE``; values are read as JSON when they parse (numbers,
 booleans, quoted strings), else as plain strings.
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..model.vlm import EMBEDDED
 from ..store.files import atomic_write_text, os_error_exit_code, os_error_line
-from .claims import write_scorecard
+from ..scorecard.claims import write_scorecard
 
 
 class ParameterError(ValueError):
