@@ -257,13 +257,17 @@ def test_export_scenes_refuses_a_folder_it_did_not_write(tmp_path, cli):
 # --- unbounded and ignored input ---------------------------------------------------------------------
 
 def test_scenes_has_a_documented_upper_bound_checked_before_any_scene_is_built(monkeypatch, capsys):
+    import mmneurons_utils.commands.find as find_command
     import mmneurons_utils.data.datasets as datasets
+    import mmneurons_utils.tiny.scenes as scenes
     from mmneurons_utils.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("scenes built before --scenes was checked")
 
-    monkeypatch.setattr(datasets, "make_scenes", never)
+    monkeypatch.setattr(datasets, "_SCENE_SOURCES", [never])      # every way scenes get built
+    monkeypatch.setattr(scenes, "make_scenes", never)
+    monkeypatch.setattr(find_command, "make_scenes", never)
     with pytest.raises(SystemExit) as stop:
         main(["describe", "--scenes", "100000000"])
     err = capsys.readouterr().err
