@@ -108,6 +108,8 @@ REPORT_ROWS = [
      lambda r: f"{r['text_twin_nouns']} ({_fmt(r.get('text_twin_noun_probability'))})"),
     ("text twin retained: own noun / random / other nouns",
      lambda r: " / ".join(_fmt(r[x]) for x in ("text_twin_retained", "text_twin_random", "text_twin_other_nouns"))),
+    ("text twin retained, noun_contrast (its own score on both sides): own noun / other nouns",
+     lambda r: " / ".join(_fmt(r["methods"]["noun_contrast"].get(x)) for x in ("text_twin_retained", "text_twin_other_nouns"))),
     ("nouns removed by zeroing the top-50: contribution / noun_contrast / null / random",
      lambda r: " / ".join(_fmt(r["removed_k"].get(m)) for m in ("contribution", "noun_contrast", "selection_null", "random"))),
 ]
