@@ -24,6 +24,12 @@ FIND = ["find", "--model", "tiny-llava", "--top-k", "5"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
+def default_sigint():
+    """Ctrl-C as a terminal delivers it: a run started in the background (``cmd &``, a CI runner)
+    inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _one_line(err: str, command: str) -> str:
     """The one message line of a failed command (progress bars aside), with no traceback."""
     assert "Traceback" not in err, err
@@ -190,7 +196,8 @@ def _interrupt_while_waiting(argv, out: Path, prefix="mmneurons"):
     from mmneurons_utils.store.files import exclusive
 
     with exclusive(out):
-        process = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                   preexec_fn=default_sigint)
         lines = []
         for line in process.stderr:        # what it says before it waits (notes, progress)
             lines.append(line)

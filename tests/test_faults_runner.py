@@ -16,6 +16,12 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1"
 COMPARISON = [sys.executable, "-m", "mmneurons_utils.cli", "compare-editors"]
 
 
+def default_sigint():
+    """Ctrl-C as a terminal delivers it: a run started in the background (``cmd &``, a CI runner)
+    inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _comparison(*argv, timeout=300):
     done = subprocess.run(COMPARISON + list(argv), env=ENV, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stderr
@@ -101,7 +107,8 @@ def test_a_second_comparison_on_one_csv_waits_for_the_lock_and_ctrl_c_is_130(tmp
     with exclusive(out):
         process = subprocess.Popen(COMPARISON + ["--scenes", "8", "--pairs", "1", "--configs", "ft:5",
                                                  "--steps", "1", "--out", str(out)],
-                                   env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                                   env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                   preexec_fn=default_sigint)
         seen = []
         for line in process.stderr:
             seen.append(line)

@@ -3,6 +3,7 @@ occlusion locality per stage, on hand-made maps with known answers and on the ti
 
 import matplotlib
 import numpy as np
+from PIL import Image
 import pytest
 
 from mmneurons_utils import make_scenes, plots
@@ -86,11 +87,13 @@ def test_occlusion_paints_the_box_with_the_scene_background_and_nothing_else():
     assert (before[y0:y1, x0:x1] != BACKGROUNDS[scene.background]).any(axis=-1).any()   # a glyph was there
 
 
-def test_an_image_without_a_known_background_is_painted_with_its_mean_colour():
+def test_a_flat_background_is_found_in_a_folder_too_and_a_photo_is_painted_with_its_mean():
     scene = make_scenes(1, seed=5)[0]
-    sample = Sample(image=scene.image, name="own.png", nouns=scene.nouns, boxes=scene.boxes)
-    mean = np.asarray(scene.image).reshape(-1, 3).mean(0)
-    assert occlusion.fill_colour(sample) == tuple(int(round(c)) for c in mean)
+    exported = Sample(image=scene.image, name="own.png", nouns=scene.nouns, boxes=scene.boxes)
+    assert occlusion.fill_colour(exported) == BACKGROUNDS[scene.background]   # same numbers as the scene
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)   # no flat background
+    photo = Sample(image=Image.fromarray(noise), name="photo.png", nouns=["dog"], boxes=[("dog", (8, 8, 24, 24))])
+    assert occlusion.fill_colour(photo) == tuple(int(round(c)) for c in noise.reshape(-1, 3).mean(0))
 
 
 # --- the tiny models -----------------------------------------------------------------------

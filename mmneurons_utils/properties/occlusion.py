@@ -8,10 +8,10 @@ the part of the activation the object is responsible for:
 ``p · (a_original − a_occluded)``. Its box metrics (mass in box, pointing) are computed in
 :mod:`~mmneurons_utils.properties.specificity`.
 
-* **Fill colour**: for a sample with a known background (an embedded scene: it has a
-  ``background``), the most common colour of the pixels outside every box — exactly the
-  colour the scene's canvas was filled with, found without importing the scene generator;
-  for any other image (a user's folder), the image's mean colour.
+* **Fill colour**: where the image has a flat background — the most common colour of the
+  pixels outside every box covers at least a quarter of them (an embedded scene, also when
+  exported to a folder) — that colour, exactly the colour the scene's canvas was filled with,
+  found without importing the scene generator; for any other image (a photo), its mean colour.
 * **Prefill only**: the image-token activations of a causal LM depend on the prompt and the
   image only, not on generated tokens, so one forward of the prompt (no generation) gives
   them; occluded images go through in batches.
@@ -42,14 +42,19 @@ from ..data import objects
 TOWER, PROJECTOR = "vision tower", "projector"
 
 
+FLAT_BACKGROUND = 0.25   # the most common colour outside the boxes is "the background" above this share
+
+
 def fill_colour(sample) -> tuple[int, int, int]:
-    """The RGB colour an occluded box is painted with (see the module doc): the background of a
-    sample that has one (most common colour outside every box), else the image's mean colour."""
+    """The RGB colour an occluded box is painted with (see the module doc): the background where
+    the image has a flat one — the most common colour outside every box, when it covers at least
+    a quarter of those pixels (the scenes, and the same scenes exported to a folder) — else the
+    image's mean colour (a photo)."""
     pixels = np.asarray(as_viewed(sample.image))
-    if getattr(sample, "background", None) is not None:
-        outside = ~_mask(pixels.shape[:2], [box for _, box in getattr(sample, "boxes", ())])
-        if outside.any():
-            colours, counts = np.unique(pixels[outside].reshape(-1, 3), axis=0, return_counts=True)
+    outside = ~_mask(pixels.shape[:2], [box for _, box in getattr(sample, "boxes", ()) or ()])
+    if outside.any():
+        colours, counts = np.unique(pixels[outside].reshape(-1, 3), axis=0, return_counts=True)
+        if counts.max() >= FLAT_BACKGROUND * outside.sum():
             return tuple(int(c) for c in colours[int(np.argmax(counts))])
     return tuple(int(round(c)) for c in pixels.reshape(-1, 3).mean(0))
 
