@@ -45,7 +45,7 @@ from ..model.vlm import load_vlm
 from ..properties.invariance import cross_image_invariance, region_invariance
 from ..properties.nameability import ceiling_summary, generic_share, noun_hit_table
 from ..properties.specificity import specificity_scores
-from ..properties.text_twin import text_twin_overlap
+from ..properties.text_twin import text_twin_overlap, twin_prompts
 from ..tiny.scenes import make_scenes
 
 METHODS = ("contribution", "noun_contrast", "random", "selection_null")
@@ -62,10 +62,8 @@ def _by_method(frame: pd.DataFrame, column: str) -> dict[str, float | None]:
 
 
 def _mean(frame: pd.DataFrame, method: str, column: str, how: str = "mean") -> float | None:
-    values = frame.loc[frame["method"] == method, column].dropna() if column in frame else pd.Series([])
-    if values.empty:
-        return None
-    return round(float(values.median() if how == "median" else values.mean()), 4)
+    """:func:`_column_mean` of ``method``'s rows."""
+    return _column_mean(frame[frame["method"] == method], column, how)
 
 
 def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int,
@@ -130,7 +128,9 @@ def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 
                noun_instances=int(((table.method == "contribution") & (table["rank"] == 0)).sum()))
     out.update(identification_numbers(vlm, scenes, captions, table, k, occlusion=occlusion))
     hits = out.pop("_hits")
-    twin = text_twin_overlap(vlm, table, k=k, seed=seed)
+    # the text twin's cloze prompts, run once for both scoring methods
+    prompts = twin_prompts(vlm, sorted(table.loc[table.method.isin(SCORING), "noun"].unique()))
+    twin = text_twin_overlap(vlm, table, k=k, seed=seed, prompts=prompts)
     out.update(text_twin_retained=_column_mean(twin, "retained"),
                text_twin_jaccard=_column_mean(twin, "jaccard"),
                text_twin_random=_column_mean(twin, "random_retained"),
@@ -146,7 +146,7 @@ def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 
     out.update(removed_k=removed, k_ablate=k_ablate, ablate_scenes=n_ablate,
                ablate_nouns=int(((ablate.table.method == "contribution") & (ablate.table["rank"] == 0)).sum()))
     twins = {"contribution": twin, "noun_contrast": text_twin_overlap(vlm, table, k=k, seed=seed,
-                                                                      method="noun_contrast")}
+                                                                      method="noun_contrast", prompts=prompts)}
     out["methods"] = {m: dict(hit=_mean(hits, m, "noun_hit"), median_rank=_mean(hits, m, "noun_rank", "median"),
                               generic_share=round(generic_share(table, k, m), 4),
                               **{f"removed_k{k_ablate}": removed.get(m)},
@@ -158,6 +158,7 @@ def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 
 
 
 def _column_mean(frame: pd.DataFrame, column: str, how: str = "mean") -> float | None:
+    """The mean (or median) of ``column``'s values, rounded; ``None`` where it has none."""
     if column not in frame or frame[column].dropna().empty:
         return None
     values = frame[column].dropna().astype(float)

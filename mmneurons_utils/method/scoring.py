@@ -42,12 +42,7 @@ def unit_logit_weights(vlm, token_id) -> torch.Tensor:
     ``token_id`` an int → ``Float[Tensor, "L F"]``; a list of ``N`` ids →
     ``Float[Tensor, "N L F"]`` (one ``(N, D) @ (D, F)`` matmul per layer).
     """
-    w_u = weight(vlm.lm_head)[token_id]                                 # (D,) or (N, D)
-    per_layer = []
-    for layer in range(vlm.n_layers):                    # layers may sit on other devices
-        w_out = weight(vlm.down_proj(layer))                            # (D, F)
-        per_layer.append((w_u.to(w_out.device) @ w_out).float().to(vlm.device))   # (F,) or (N, F)
-    return torch.stack(per_layer, dim=-2)
+    return direction_logit_weights(vlm, weight(vlm.lm_head)[token_id])   # (D,) or (N, D) rows
 
 
 @torch.no_grad()
@@ -228,9 +223,10 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
 @torch.no_grad()
 def direction_logit_weights(vlm, directions: torch.Tensor) -> torch.Tensor:
     """``Float[Tensor, "N L F"]``: ``d · W_out[l][:, i]`` for each row ``d`` of
-    ``directions`` (``Float[Tensor, "N D"]``, in the unembedding's space)."""
+    ``directions`` (``Float[Tensor, "N D"]``, in the unembedding's space; one direction
+    ``Float[Tensor, "D"]`` gives ``Float[Tensor, "L F"]``)."""
     per_layer = []
-    for layer in range(vlm.n_layers):
+    for layer in range(vlm.n_layers):                    # layers may sit on other devices
         w_out = weight(vlm.down_proj(layer))                                          # (D, F)
         per_layer.append((directions.to(w_out.device, w_out.dtype) @ w_out).float().to(vlm.device))
     return torch.stack(per_layer, dim=-2)

@@ -36,7 +36,6 @@ import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -350,7 +349,8 @@ def _share(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str] | None = None,
                       seed: int = 0, templates: Sequence[str] | None = None,
                       clues: Mapping[str, str] | None = None, greedy_only: bool = True,
-                      pure: bool = True, method: str = "contribution") -> pd.DataFrame:
+                      pure: bool = True, method: str = "contribution",
+                      prompts: Mapping[str, list[Cloze]] | None = None) -> pd.DataFrame:
     """One row per noun: ``retained`` (share of its image-driven top-``k`` units that are also
     its text-only top-``k``), ``jaccard``, the same two for ``k`` random units, ``other_nouns``
     (mean share retained by the other nouns' text units), ``n_images`` and ``chance`` (k/(L·F));
@@ -365,15 +365,22 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
 
     ``method``: ``"contribution"`` or ``"noun_contrast"``: the table's units of that method,
     against text units ranked by the same score (for ``noun_contrast``, the contrast against the
-    model's candidate nouns, :func:`~mmneurons_utils.method.identify.contrast_weights`)."""
+    model's candidate nouns, :func:`~mmneurons_utils.method.identify.contrast_weights`).
+    ``prompts``: :func:`twin_prompts` of these nouns with the same ``templates``, ``clues`` and
+    ``pure``, when already run (e.g. to compare both methods on one set of forward passes)."""
     if method not in ("contribution", "noun_contrast"):
         raise ValueError(f"method must be contribution or noun_contrast, got {method!r}")
     nouns = list(nouns) if nouns is not None else sorted(table.loc[table.method == method, "noun"].unique())
     with language_model_only(vlm, pure) as (_, description):
         pass
-    prompts = {noun: cloze_prompts(vlm, noun, templates, clues, pure) for noun in nouns}
+    given = dict(prompts or {})
+    prompts = {noun: given[noun] if noun in given else cloze_prompts(vlm, noun, templates, clues, pure)
+               for noun in nouns}
     kept = {noun: _kept(prompts[noun], greedy_only) for noun in nouns}
-    text = {noun: top_units(torch.stack([_text_scores(vlm, p, method) for p in kept[noun]]).mean(0), k)[0]
+    # noun_contrast: every kept prompt's activations against its noun's contrast, computed once
+    contrast = contrast_weights(vlm, [p for ps in kept.values() for p in ps]) if method == "noun_contrast" else None
+    score = (lambda p: p.scores) if contrast is None else (lambda p: p.activations * contrast[p.token_id])
+    text = {noun: top_units(torch.stack([score(p) for p in kept[noun]]).mean(0), k)[0]
             for noun in nouns if kept[noun]}
     nan = float("nan")
     rows = []
@@ -404,9 +411,7 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
     return pd.DataFrame(rows)
 
 
-def _text_scores(vlm, cloze: Cloze, method: str) -> torch.Tensor:
-    """``Float[Tensor, "L F"]``: the prompt's unit scores under ``method``."""
-    if method == "contribution":
-        return cloze.scores
-    target = SimpleNamespace(token_id=cloze.token_id)
-    return cloze.activations * contrast_weights(vlm, [target])[cloze.token_id]
+def twin_prompts(vlm, nouns: Sequence[str], templates: Sequence[str] | None = None,
+                 clues: Mapping[str, str] | None = None, pure: bool = True) -> dict[str, list[Cloze]]:
+    """Noun → its :func:`cloze_prompts`, for :func:`text_twin_overlap`'s ``prompts``."""
+    return {noun: cloze_prompts(vlm, noun, templates, clues, pure) for noun in nouns}
