@@ -49,12 +49,12 @@ import torch
 
 from .examples import ExampleStream, UnitExamples, purity
 from ..method.identify import check_top_k, find_neurons
+from ..properties.nameability import is_generic
 from ..store.results import write_parquet
 
 ATLAS_COLUMNS = ["noun", "layer", "unit", "polarity", "frequency", "n_images", "base_rate",
                  "mean_score", "top_tokens", "noun_rank", "purity", "purity_random", "modality",
                  "example_images", "example_scores", "noun_share", "generic"]
-GENERIC_SHARE, GENERIC_MIN_NOUNS = 0.5, 3   # the rule of the ``generic`` column
 _META_KEY = b"mmneurons_atlas"
 
 
@@ -165,7 +165,7 @@ def flag_generic(table: pd.DataFrame) -> pd.DataFrame:
     n_nouns = table["noun"].nunique()
     nouns_per_unit = table.groupby(["layer", "unit"])["noun"].transform("nunique")
     table["noun_share"] = nouns_per_unit / max(n_nouns, 1)
-    table["generic"] = (table["noun_share"] >= GENERIC_SHARE) & (nouns_per_unit >= GENERIC_MIN_NOUNS)
+    table["generic"] = is_generic(nouns_per_unit, n_nouns)
     return table
 
 

@@ -94,7 +94,13 @@ def ceiling_summary(frame: pd.DataFrame) -> dict:
                 instances_nameable=int(frame["nameable"].sum()))
 
 
-GENERIC_SHARE, GENERIC_MIN_NOUNS = 0.5, 3     # as the atlas's ``generic`` flag
+GENERIC_SHARE, GENERIC_MIN_NOUNS = 0.5, 3     # the rule of ``generic``: here and the atlas's column
+
+
+def is_generic(nouns_per_unit, n_nouns: int):
+    """Whether units kept by ``nouns_per_unit`` nouns (a number, an array or a Series) out of
+    ``n_nouns`` write every noun rather than one: kept by at least half of them, and by 3 or more."""
+    return (nouns_per_unit >= GENERIC_SHARE * n_nouns) & (nouns_per_unit >= GENERIC_MIN_NOUNS)
 
 
 def generic_units(table: pd.DataFrame, k: int = 10, method: str = "contribution") -> set[tuple[int, int]]:
@@ -103,7 +109,7 @@ def generic_units(table: pd.DataFrame, k: int = 10, method: str = "contribution"
     rows = table[(table["method"] == method) & (table["rank"] < k)]
     nouns = rows["noun"].nunique()
     per_unit = rows.groupby(["layer", "unit"])["noun"].nunique()
-    keep = per_unit[(per_unit >= GENERIC_SHARE * nouns) & (per_unit >= GENERIC_MIN_NOUNS)]
+    keep = per_unit[is_generic(per_unit, nouns)]
     return {(int(l), int(u)) for l, u in keep.index}
 
 
