@@ -10,10 +10,16 @@ the captions from it instead of captioning the images again. :func:`units_of` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+
+from ..model.capture import Activations
+from ..model.nouns import NounToken
+from ..model.vlm import Caption
+from ..store.identifications import load_identification, save_identification
 
 
 @dataclass
@@ -22,7 +28,9 @@ class Identification:
     ``captions``: one ``Caption`` per image (``text``, ``token_ids``, ``noun_tokens`` with each
     noun's step, ``activations``); ``image_keys``: one stable name per image (a file name,
     ``scene-<seed>-<index>``, or ``image-<i>``); ``settings``: the run's model name, methods,
-    ``top_k``, ``seed``, ``max_new_tokens`` and ``image_activations``.
+    ``top_k``, ``seed``, ``max_new_tokens`` and ``image_activations``; ``identity``: what the
+    numbers were computed from (``weights``: a hash of every weight, ``images``: one content
+    hash per image), the key under which it is saved and found again.
 
     It unpacks as ``table, captions = find_neurons_by_method(...)``.
     """
@@ -31,6 +39,7 @@ class Identification:
     captions: list
     image_keys: list[str]
     settings: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.image_keys) != len(self.captions):
@@ -39,11 +48,81 @@ class Identification:
     def __iter__(self) -> Iterator:
         return iter((self.table, self.captions))
 
-    def units_of(self, noun: str, k: int, image: int | None = None,
-                 method: str = "contribution") -> np.ndarray:
-        """``Int[ndarray, "K 2"]``: the table's top-``k`` units for ``noun`` (see
-        :func:`~mmneurons_utils.method.identify.units_of`)."""
+    def units(self, noun: str, k: int, image: int | None = None,
+              method: str = "contribution") -> np.ndarray:
+        """``Int[ndarray, "K 2"]``: the top-``k`` ``(layer, unit)`` for ``noun`` — one image's
+        ranking (its position) or, with ``image=None``, pooled over the images that say it
+        (see :func:`units_of`)."""
         return units_of(self.table, noun, k, image=image, method=method)
+
+    units_of = units      # the earlier name
+
+    @property
+    def texts(self) -> list[str]:
+        """The captions' texts, one per image."""
+        return [caption.text for caption in self.captions]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.captions)
+
+    def subset(self, images: Sequence[int | str]) -> "Identification":
+        """The identification of some of its images, in the order given (positions or image
+        keys); the table's ``image`` column is renumbered to the new positions. Its rows are
+        the full run's (random units and the null's draws keep the seeds of the images'
+        positions there); ``ValueError`` naming the keys for an unknown image."""
+        positions = []
+        for image in images:
+            if isinstance(image, str):
+                if image not in self.image_keys:
+                    raise ValueError(f"no image {image!r} here; its images: "
+                                     f"{', '.join(self.image_keys[:8])}{' …' if self.n_images > 8 else ''}")
+                positions.append(self.image_keys.index(image))
+            elif isinstance(image, (int, np.integer)) and 0 <= int(image) < self.n_images:
+                positions.append(int(image))
+            else:
+                raise ValueError(f"image {image!r}: give a position 0–{self.n_images - 1} or an image key")
+        new = {old: new for new, old in enumerate(positions)}
+        rows = self.table[self.table["image"].isin(new)]
+        rows = rows.assign(image=rows["image"].map(new).astype(self.table["image"].dtype))
+        order = np.argsort(rows["image"].to_numpy(), kind="stable")
+        return Identification(rows.iloc[order].reset_index(drop=True),
+                              [self.captions[p] for p in positions],
+                              [self.image_keys[p] for p in positions], dict(self.settings),
+                              dict(self.identity, images=[self.identity["images"][p] for p in positions])
+                              if self.identity.get("images") else dict(self.identity))
+
+    def save(self, folder: str | Path, key: dict | None = None) -> Path:
+        """Write to ``folder``: table as parquet, activations bit for bit, a JSON sidecar with
+        the captions, settings, identity and ``key`` (what :func:`~mmneurons_utils.method.
+        identify.identify` finds it by; see :mod:`~mmneurons_utils.store.identifications`)."""
+        tensors, captions = {}, []
+        for i, caption in enumerate(self.captions):
+            acts = caption.activations
+            if acts is not None:
+                tensors[f"steps.{i}"] = acts.steps
+                if acts.image is not None:
+                    tensors[f"image.{i}"] = acts.image
+            captions.append(dict(text=caption.text, token_ids=[int(t) for t in caption.token_ids],
+                                 tokens=list(caption.tokens), nouns=list(caption.nouns),
+                                 noun_tokens=[[t.noun, int(t.step), int(t.token_id)]
+                                              for t in caption.noun_tokens],
+                                 activations=None if acts is None else acts.kind))
+        return save_identification(folder, self.table, tensors,
+                                   dict(image_keys=list(self.image_keys), settings=self.settings,
+                                        identity=self.identity, key=key, captions=captions))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Identification":
+        """The identification saved in ``folder`` (``ResultFileError`` when it holds none)."""
+        table, tensors, sidecar = load_identification(folder)
+        captions = []
+        for i, c in enumerate(sidecar["captions"]):
+            acts = None if c["activations"] is None else \
+                Activations(tensors[f"steps.{i}"], tensors.get(f"image.{i}"), c["activations"])
+            captions.append(Caption(c["text"], c["token_ids"], c["tokens"], c["nouns"],
+                                    [NounToken(n, s, t) for n, s, t in c["noun_tokens"]], acts))
+        return cls(table, captions, sidecar["image_keys"], sidecar["settings"], sidecar["identity"])
 
 
 def units_of(table: pd.DataFrame, noun: str, k: int, image: int | None = None,

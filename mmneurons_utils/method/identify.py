@@ -7,6 +7,10 @@ scores (:mod:`mmneurons_utils.method.scoring`) → the top ``k`` units → a tid
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -15,6 +19,9 @@ import torch
 from PIL import Image
 
 from . import scoring
+from ..model.cache import model_hash
+from ..store.identifications import ResultFileError, read_sidecar
+from ..store.provenance import image_hash
 from .identification import Identification
 from ..model.nouns import locate_nouns, noun_token_id
 
@@ -280,7 +287,43 @@ def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence
         settings["candidates"] = None if candidates is None else list(candidates)
     if "selection_null" in methods:
         settings["null_draws"] = null_draws
-    return Identification(table, captions, keys, settings)
+    identity = dict(weights=model_hash(vlm), images=[image_hash(image) for image in images])
+    return Identification(table, captions, keys, settings, identity)
+
+
+def identify(vlm, images: Sequence[Image.Image], store: str | Path | None = None,
+             methods: Sequence[str] = METHODS, top_k: int = 50, seed: int = 0,
+             max_new_tokens: int = 20, batch_size: int = 16, image_activations: bool = False,
+             progress: bool = False, image_keys: Sequence[str] | None = None,
+             candidates: Sequence[str] | None = None, null_draws: int = NULL_DRAWS) -> Identification:
+    """:func:`find_neurons_by_method`, computed once: with ``store`` (a folder), an
+    identification saved there from the same weights (every byte), the same images (content
+    hashes, in order), image keys and settings is loaded instead of computed, and a computed
+    one is saved for the next caller. Anything changed — a weight, a pixel, ``top_k``, a
+    method, the seed — gives another key, so it is computed afresh, never reused.
+
+    The loaded identification equals the computed one exactly (table, captions, activations).
+    """
+    images = list(images)
+    keys = [f"image-{i}" for i in range(len(images))] if image_keys is None else list(image_keys)
+    arguments = dict(methods=list(methods), top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, image_activations=image_activations,
+                     candidates=None if candidates is None else list(candidates), null_draws=null_draws)
+    if store is None:
+        return find_neurons_by_method(vlm, images, progress=progress, image_keys=keys, **arguments)
+    identity = dict(weights=model_hash(vlm), images=[image_hash(image) for image in images])
+    wanted = dict(arguments=arguments, identity=identity, image_keys=keys)
+    digest = hashlib.blake2b(json.dumps(wanted, sort_keys=True).encode(), digest_size=8).hexdigest()
+    folder = Path(store) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', vlm.name)[-40:]}-{digest}"
+    sidecar = read_sidecar(folder)
+    if sidecar is not None and sidecar.get("key") == wanted:
+        try:
+            return Identification.load(folder)
+        except ResultFileError:
+            pass                                     # damaged: computed again below
+    ident = find_neurons_by_method(vlm, images, progress=progress, image_keys=keys, **arguments)
+    ident.save(folder, key=wanted)
+    return ident
 
 
 def _targets(vlm, caption, nouns):

@@ -28,5 +28,23 @@ def weights_hash(vlm) -> str:
     return digest.hexdigest()
 
 
+def model_hash(vlm) -> str:
+    """A hash of every parameter and buffer of the model (full bytes, in name order), with its
+    name and dtype: what any of its outputs was computed from. An edited or retrained model
+    hashes differently; a model offloaded to disk is read back for it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{vlm.name}|{vlm.dtype}".encode())
+    tensors = dict(vlm.model.named_parameters())
+    tensors.update(dict(vlm.model.named_buffers()))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        if tensor.device.type == "meta":      # offloaded: the weight as the forward pass reads it
+            continue
+        tensor = tensor.contiguous().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("MMNEURONS_CACHE", Path.home() / ".cache" / "mmneurons"))
