@@ -340,13 +340,17 @@ def _targets(vlm, caption, nouns):
 
 
 def score_maps(vlm, images: Sequence[Image.Image], methods: Sequence[str] = ("contribution", "gradient"),
-               max_new_tokens: int = 20) -> list[dict]:
+               max_new_tokens: int = 20, captions: Sequence | None = None) -> list[dict]:
     """Every unit's score under each method, for each (image, noun): for comparing methods.
 
     Returns one dict per (image, noun) with ``image``, ``noun``, ``token_id`` and, per
-    method, a ``Float[Tensor, "L F"]`` of scores.
+    method, a ``Float[Tensor, "L F"]`` of scores. ``captions``: the images' captions with
+    their activations (an :class:`Identification`'s), so that they are not generated again.
     """
-    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, activation="down_proj_input")
+    if captions is None:
+        captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, activation="down_proj_input")
+    elif len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
     out = []
     for index, (img, caption) in enumerate(zip(images, captions)):
         targets = caption.noun_tokens
