@@ -404,3 +404,12 @@ def test_specificity_reads_the_centred_maps_and_names_them(tmp_path):
     card = card_with(tmp_path, **{"02_specificity_summary": only_raw})
     row = card[(card["model"] == "m1") & (card["claim_id"] == "specificity")].iloc[0]
     assert row["verdict"] == NOT_MEASURED and "median-centred" in row["detail"]
+
+
+def test_a_model_with_a_committed_card_points_at_it(tmp_path):
+    card = card_with(tmp_path)
+    text = to_markdown(card.assign(model=card["model"].map({"m1": "smol-llava", "m2": "m2"})))
+    smol = text.split("## smol-llava\n")[1].split("\n## ")[0]
+    assert "`results/scorecards/smol-llava.md`" in smol
+    assert (claims.COMMITTED_CARDS / "smol-llava.md").is_file()
+    assert "results/scorecards" not in text.split("## m2\n")[1]        # no card committed for m2

@@ -337,6 +337,16 @@ def scorecard(tables_dir: str | Path, model: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+COMMITTED_CARDS = Path(__file__).resolve().parents[2] / "results" / "scorecards"
+
+
+def committed_card(model: str) -> str | None:
+    """``results/scorecards/<model>.md`` (relative to the checkout) when the checkout holds a
+    large-sample card of ``model``; ``None`` otherwise (an installed package, another model)."""
+    path = COMMITTED_CARDS / f"{model}.md"
+    return f"results/scorecards/{model}.md" if path.is_file() else None
+
+
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -350,8 +360,12 @@ def to_markdown(card: pd.DataFrame) -> str:
     header = ["#", "claim", "§", "metric", "ours", "gradient", "gradient_image", "random",
               "selection null", "judged against", "n", "verdict", "notes", "source"]
     for model, group in card.groupby("model", sort=False):
-        lines += [f"## {model}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
+        lines += [f"## {model}", ""]
+        committed = committed_card(model)
+        if committed is not None:
+            lines += [f"This run's sample is small; the committed card on many more scenes is "
+                      f"`{committed}`.", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for i, row in enumerate(group.itertuples(index=False), 1):
             ours = _fmt_value(Value(row.ours, row.ours_low, row.ours_high))
             verdict = f"**{row.verdict}**" if row.verdict != NOT_MEASURED else row.verdict
