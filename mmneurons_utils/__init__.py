@@ -25,7 +25,8 @@ grid, ``E`` dataset examples per unit).
 from .tiny import registry as _registry   # noqa: F401
 from .data.datasets import load_images
 from .interventions import causal, editing
-from .method.identify import find_neurons, find_neurons_by_method
+from .method.identification import Identification
+from .method.identify import find_neurons, find_neurons_by_method, identify
 from .model.vlm import VLM, Caption, load_vlm
 from .properties import metrics
 
@@ -38,5 +39,5 @@ def __getattr__(name):
         return getattr(scenes, name)
     raise AttributeError(f"module 'mmneurons_utils' has no attribute {name!r}")
 
-__all__ = ["Caption", "Scene", "VLM", "causal", "editing", "find_neurons", "find_neurons_by_method",
-           "load_images", "load_vlm", "make_scenes", "metrics"]
+__all__ = ["Caption", "Identification", "Scene", "VLM", "causal", "editing", "find_neurons",
+           "find_neurons_by_method", "identify", "load_images", "load_vlm", "make_scenes", "metrics"]
