@@ -135,7 +135,7 @@ def _same(a: dict, b: dict):
 
 @pytest.mark.notebooks
 def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
-    small = dict(n_images=12, compare_model="")
+    small = dict(model="tiny-llava", n_images=12, compare_model="")   # the fast model: three runs
     scenes = _run(tmp_path / "scenes", "02", **small)
     folder = _run(tmp_path / "coco", "02", images=str(coco), annotations=str(coco / "annotations.json"), **small)
     _same(scenes, folder)
@@ -151,7 +151,7 @@ def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path)
 
 @pytest.mark.notebooks
 def test_notebook_03_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
-    small = dict(n_region=12, n_cross=12, compare_model="")
+    small = dict(model="tiny-llava", n_region=12, n_cross=12, compare_model="")   # the fast model: two runs
     scenes = _run(tmp_path / "scenes", "03", **small)
     folder = _run(tmp_path / "coco", "03", images=str(coco), annotations=str(coco / "annotations.json"), **small)
     _same(scenes, folder)
