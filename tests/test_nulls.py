@@ -16,7 +16,8 @@ from mmneurons_utils import find_neurons, make_scenes
 from mmneurons_utils.method import scoring, vocabulary
 from mmneurons_utils.method.identify import contrast_weights, find_neurons_by_method
 from mmneurons_utils.model.nouns import noun_token_id
-from mmneurons_utils.properties.nameability import generic_share, noun_hit_table
+from mmneurons_utils.method.identification import Identification
+from mmneurons_utils.properties.nameability import generic_share, generic_units, noun_hit_table
 from mmneurons_utils.properties.sensitivity import noun_hits
 
 Target = namedtuple("Target", "noun step token_id")
@@ -106,14 +107,15 @@ def test_selection_null_is_seeded(tiny_llava):
 
 
 def test_contribution_names_the_noun_more_than_its_selection_null(tiny_llava, identified):
-    hits = noun_hit_table(tiny_llava, identified.table, k=10)
+    hits = noun_hit_table(tiny_llava, identified, k=10)
     means = hits.groupby("method").noun_hit.mean()
     assert means["contribution"] > means["selection_null"] > means["random"]
     # one row per noun instance for every method (the null's five draws averaged)
     counts = hits.groupby("method").size()
     assert counts["selection_null"] == counts["contribution"]
     # the raw lens agrees with the table's own noun_rank column (one reading of the lens)
-    plain = noun_hits(identified.table[identified.table.method == "contribution"], 10)
+    plain = noun_hits(identified, 10)
+    plain = plain[plain.method == "contribution"]
     merged = plain.merge(hits, on=["image", "noun", "method"], suffixes=("", "_new"))
     assert np.allclose(merged.noun_hit, merged.noun_hit_new)
     assert np.allclose(merged.noun_rank, merged.noun_rank_new)
@@ -144,7 +146,7 @@ def test_ceiling_and_hubs_match_a_brute_force_count(tiny_llava):
 
 
 def test_hit_where_nameable_and_without_hubs(tiny_llava, identified):
-    hits = noun_hit_table(tiny_llava, identified.table, k=10, hub_share=0.3, over_chance=0)
+    hits = noun_hit_table(tiny_llava, identified, k=10, hub_share=0.3, over_chance=0)
     assert hits.attrs["hubs"]
     nameable = hits[hits.nameable]
     assert (hits.naming_units > 0).equals(hits.nameable)
@@ -181,19 +183,17 @@ def test_generic_share_counts_units_shared_by_nouns():
     rows = [dict(image=i, noun=n, method="contribution", rank=r, layer=3, unit=u)
             for i, n in enumerate(["dog", "cat", "car", "tree"])
             for r, u in enumerate([7, 100 + i])]          # unit 7 in every noun's top 2
-    table = pd.DataFrame(rows)
-    assert generic_share(table, k=2) == 0.5
-    assert generic_share(table, k=1) == 1.0
+    ident = Identification(pd.DataFrame(rows), [None] * 4, [f"image-{i}" for i in range(4)])
+    assert generic_share(ident, k=2) == 0.5
+    assert generic_share(ident, k=1) == 1.0
+    assert generic_units(ident, k=2) == {(3, 7)} and generic_units(ident, k=2, method="random") == set()
 
 
 def test_causal_curves_take_every_null_draw(tiny_llava, identified):
     from mmneurons_utils.interventions.causal import causal_curves
-    from mmneurons_utils.method.identification import Identification
-
-    part = Identification(identified.table[identified.table.image < 2], identified.captions[:2],
-                          identified.image_keys[:2], identified.settings)
+    part = identified.subset([0, 1])
     images = [s.image for s in make_scenes(2, seed=0)]
-    curves = causal_curves(tiny_llava, images, ks=(5,), table=part,
+    curves = causal_curves(tiny_llava, part, images, ks=(5,),
                            methods=("contribution", "noun_contrast", "selection_null"))
     assert sorted(curves[curves.method == "selection_null"].draw.unique()) == [0, 1, 2, 3, 4]
     assert set(curves.method) == {"contribution", "noun_contrast", "selection_null"}
@@ -216,11 +216,11 @@ def test_method_comparison_and_per_layer(tiny_llava, identified):
     from mmneurons_utils.properties.nameability import method_comparison, per_layer
 
     table = identified.table
-    comparison = method_comparison(tiny_llava, table, k=10)
+    comparison = method_comparison(tiny_llava, identified, k=10)
     assert set(comparison.index) == {"contribution", "noun_contrast", "selection_null", "random"}
     assert comparison.loc["contribution", "noun_hit"] > comparison.loc["selection_null", "noun_hit"]
     assert comparison.loc["random", "median_rank"] > comparison.loc["contribution", "median_rank"]
-    layers = per_layer(tiny_llava, table, k=10)
+    layers = per_layer(tiny_llava, identified, k=10)
     for _, part in layers.groupby("method"):
         assert abs(part.share.sum() - 1) < 1e-9
     ours = layers[layers.method == "contribution"].set_index("layer")
@@ -247,9 +247,9 @@ def test_find_command_takes_the_new_methods(cli, tmp_path):
 def test_text_twin_per_method(tiny_llava, identified):
     from mmneurons_utils.properties.text_twin import text_twin_overlap
 
-    ours = text_twin_overlap(tiny_llava, identified.table, k=10, greedy_only=False)
-    contrast = text_twin_overlap(tiny_llava, identified.table, k=10, greedy_only=False, method="noun_contrast")
+    ours = text_twin_overlap(tiny_llava, identified, k=10, greedy_only=False)
+    contrast = text_twin_overlap(tiny_llava, identified, k=10, greedy_only=False, method="noun_contrast")
     assert list(ours.noun) == list(contrast.noun)
     assert not np.allclose(ours.retained, contrast.retained)        # other units on both sides
     with pytest.raises(ValueError, match="contribution or noun_contrast"):
-        text_twin_overlap(tiny_llava, identified.table, method="gradient")
+        text_twin_overlap(tiny_llava, identified, method="gradient")

@@ -13,6 +13,7 @@ from mmneurons_utils.properties import invariance
 from mmneurons_utils.properties import sensitivity
 from mmneurons_utils.properties import specificity
 from mmneurons_utils.model.teacher_forcing import teacher_forced_activations
+from mmneurons_utils.method.identification import Identification
 from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.properties.stats import auroc, bootstrap_ci, jaccard
 
@@ -106,23 +107,35 @@ def test_unit_maps_are_the_recorded_image_activations(tiny_llava, scenes, llava_
 @pytest.mark.slow
 def test_specificity_scores_table(tiny_llava, scenes, llava_run):
     table, captions = llava_run
-    scores = specificity.specificity_scores(tiny_llava, scenes, captions, table, k=10)
+    scores = specificity.specificity_scores(tiny_llava, scenes, llava_run, k=10)
     assert set(scores.method) == {"contribution", "gradient", "gradient_image", "random"}
     inside = scores[scores.in_scene]
     assert inside.mass_in_box.between(0, 1).all() and inside.auroc.dropna().between(0, 1).all()
     assert (inside.box_share > 0).all()
     with pytest.raises(ValueError, match="only the top 20 units"):
-        specificity.specificity_scores(tiny_llava, scenes, captions, table, k=21)
+        specificity.specificity_scores(tiny_llava, scenes, llava_run, k=21)
+    with pytest.raises(ValueError, match="11 scenes for an identification of 12 images"):
+        specificity.specificity_scores(tiny_llava, scenes[:11], llava_run, k=10)
+    only = specificity.specificity_scores(tiny_llava, scenes, llava_run, k=10, methods=["random"])
+    pd.testing.assert_frame_equal(only.reset_index(drop=True),
+                                  scores[scores.method == "random"].reset_index(drop=True))
+    # the same numbers from a subset of the identification (its scenes in its order)
+    part = specificity.specificity_scores(tiny_llava, [scenes[3], scenes[1]], llava_run.subset([3, 1]), k=10)
+    mine = scores[scores.image.isin([3, 1])]
+    for image, new in ((3, 0), (1, 1)):
+        a = mine[mine.image == image].drop(columns=["image", "auroc"]).reset_index(drop=True)
+        b = part[part.image == new].drop(columns=["image", "auroc"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b)         # auroc: over the images given, so it differs
 
 
 def test_query_token_models_have_no_maps_but_have_selectivity(tiny_instructblip, scenes):
     assert specificity.patch_grid(tiny_instructblip) is None
-    table, captions = find_neurons_by_method(tiny_instructblip, [s.image for s in scenes[:6]],
-                                             methods=["contribution"], top_k=5,
-                                             image_activations=True)
+    ident = find_neurons_by_method(tiny_instructblip, [s.image for s in scenes[:6]],
+                                   methods=["contribution"], top_k=5, image_activations=True)
+    table, captions = ident
     with pytest.raises(ValueError, match="not a patch grid"):
         specificity.unit_maps(tiny_instructblip, captions[0].activations, [[0, 0]])
-    scores = specificity.specificity_scores(tiny_instructblip, scenes[:6], captions, table, k=5)
+    scores = specificity.specificity_scores(tiny_instructblip, scenes[:6], ident, k=5)
     assert "mass_in_box" not in scores and "auroc" in scores
 
 
@@ -159,7 +172,7 @@ def test_candidate_text_keeps_words_in_rank_order():
 @pytest.mark.slow
 def test_semantic_sensitivity_table(tiny_llava, scenes, similarity, llava_run):
     table, captions = llava_run
-    frame = sensitivity.semantic_sensitivity(table, [c.text for c in captions], similarity, k=10)
+    frame = sensitivity.semantic_sensitivity(llava_run, similarity, k=10)
     assert set(frame.reference) == {"caption", "noun"}
     assert "bleurt" not in frame and frame.attrs["bleurt"].startswith("not computed")
     assert frame.bertscore.between(-1, 1.0001).all()
@@ -168,7 +181,11 @@ def test_semantic_sensitivity_table(tiny_llava, scenes, similarity, llava_run):
     wide = metrics.paper_table(summary)
     assert (wide["bleurt"] == "not computed").all()
     with pytest.raises(ValueError, match="top 20 units"):
-        sensitivity.semantic_sensitivity(table, [c.text for c in captions], similarity, k=50)
+        sensitivity.semantic_sensitivity(llava_run, similarity, k=50)
+    assert (frame[frame.reference == "caption"].reference_text ==
+            [captions[i].text for i in frame[frame.reference == "caption"].image]).all()
+    with pytest.raises(ValueError, match="no 'noun_contrast' rows"):
+        sensitivity.semantic_sensitivity(llava_run, similarity, k=10, methods=["noun_contrast"])
 
 
 def test_bad_encoder_paths_name_the_path(tmp_path):
@@ -214,8 +231,9 @@ def test_a_permutation_invariant_toy_keeps_every_unit(tiny_llava, scenes):
         for module in toy.model.model.multi_modal_projector.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.zero_()
-    frame = invariance.region_invariance(toy, [s.image for s in scenes[:4]], top_k=10,
-                                         methods=["contribution", "gradient", "random"])
+    images = [s.image for s in scenes[:4]]
+    frame = invariance.region_invariance(toy, images, find_neurons_by_method(toy, images, top_k=10),
+                                         top_k=10, methods=["contribution", "gradient", "random"])
     assert len(frame)
     real = frame[frame.method != "random"]
     assert (real.retained == 1.0).all() and real.caption_same.all()
@@ -223,9 +241,9 @@ def test_a_permutation_invariant_toy_keeps_every_unit(tiny_llava, scenes):
 
 
 @pytest.mark.slow
-def test_an_identity_permutation_retains_exactly_every_unit(tiny_llava, scenes):
+def test_an_identity_permutation_retains_exactly_every_unit(tiny_llava, scenes, llava_run):
     frame = invariance.region_invariance(
-        tiny_llava, [s.image for s in scenes[:4]], top_k=10,
+        tiny_llava, [s.image for s in scenes[:4]], llava_run.subset(range(4)), top_k=10,
         methods=["contribution", "gradient", "gradient_image", "random"],
         permutation=lambda index, n: np.arange(n))
     real = frame[frame.method != "random"]
@@ -239,7 +257,8 @@ def test_a_reordered_noun_is_read_where_the_shuffled_caption_says_it(tiny_llava,
     units must then be read at the noun's new step, where they are the same units."""
     scene = next(s for s in make_scenes(40, seed=5) if len(s.nouns) == 2)
     mirror = lambda index, n: np.arange(n).reshape(8, 8)[:, ::-1].reshape(-1).copy()
-    frame = invariance.region_invariance(tiny_llava, [scene.image], top_k=10,
+    ident = find_neurons_by_method(tiny_llava, [scene.image], methods=["contribution"], top_k=10)
+    frame = invariance.region_invariance(tiny_llava, [scene.image], ident, top_k=10,
                                          methods=["contribution"], permutation=mirror)
     kept = frame[frame.noun_kept]
     assert len(kept) and (kept.read_at == "shuffled").all()
@@ -247,8 +266,11 @@ def test_a_reordered_noun_is_read_where_the_shuffled_caption_says_it(tiny_llava,
 
 
 @pytest.mark.slow
-def test_region_invariance_on_the_trained_model(tiny_llava, scenes):
-    frame = invariance.region_invariance(tiny_llava, [s.image for s in scenes[:4]], top_k=10)
+def test_region_invariance_on_the_trained_model(tiny_llava, scenes, llava_run):
+    frame = invariance.region_invariance(tiny_llava, [s.image for s in scenes[:4]],
+                                         llava_run.subset(range(4)), top_k=10)
+    with pytest.raises(ValueError, match="3 images for an identification of 4"):
+        invariance.region_invariance(tiny_llava, [s.image for s in scenes[:3]], llava_run.subset(range(4)))
     assert frame.retained.between(0, 1).all()
     by_method = frame.groupby("method").retained.mean()
     assert by_method["random"] < by_method["contribution"]
@@ -256,9 +278,10 @@ def test_region_invariance_on_the_trained_model(tiny_llava, scenes):
 
 # --- cross-image invariance -------------------------------------------------------
 def _table(sets):
+    """The identification of a hand-made table: one image per set (no captions needed)."""
     rows = [dict(image=i, noun=noun, method="contribution", rank=r, layer=l, unit=u)
             for i, (noun, units) in enumerate(sets) for r, (l, u) in enumerate(units)]
-    return pd.DataFrame(rows)
+    return Identification(pd.DataFrame(rows), [None] * len(sets), [f"image-{i}" for i in range(len(sets))])
 
 
 @pytest.mark.slow
@@ -280,8 +303,14 @@ def test_cross_image_invariance_known_answers():
 
 @pytest.mark.slow
 def test_cross_image_invariance_on_the_trained_model(tiny_llava):
-    table = find_neurons(tiny_llava, [s.image for s in make_scenes(24, seed=3)], top_k=10)
-    result = metrics.cross_image_invariance(table, k=10)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in make_scenes(24, seed=3)],
+                                   methods=["contribution", "random"], top_k=10)
+    result = metrics.cross_image_invariance(ident, k=10)
+    ours = result[(result.status == "ok") & (result.method == "contribution")].jaccard_same.mean()
+    chance = result[(result.status == "ok") & (result.method == "random")].jaccard_same.mean()
+    assert ours > chance + 0.1                  # the same noun's images share units; random ones do not
+    only = metrics.cross_image_invariance(ident, k=10, methods=["random"])
+    pd.testing.assert_frame_equal(only, result[result.method == "random"].reset_index(drop=True))
     ok = result[result.status == "ok"]
     assert len(ok) and ok.jaccard_same.between(0, 1).all()
 

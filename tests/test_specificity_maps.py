@@ -3,11 +3,13 @@ occlusion locality per stage, on hand-made maps with known answers and on the ti
 
 import matplotlib
 import numpy as np
+import pandas as pd
 from PIL import Image
 import pytest
 
 from mmneurons_utils import make_scenes, plots
 from mmneurons_utils.data.datasets import Sample
+from mmneurons_utils.method.identification import Identification
 from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.properties import occlusion, specificity
 from mmneurons_utils.properties.locality import occlusion_locality
@@ -110,9 +112,7 @@ def run(tiny_llava, scenes):
 
 @pytest.fixture(scope="module")
 def scores(tiny_llava, scenes, run):
-    table, captions = run
-    return specificity.specificity_scores(tiny_llava, scenes, captions, table, k=10, occlusion=True,
-                                          batch_size=8)
+    return specificity.specificity_scores(tiny_llava, scenes, run, k=10, occlusion=True, batch_size=8)
 
 
 def test_the_prefill_reads_what_describe_records(tiny_llava, scenes, run):
@@ -133,7 +133,7 @@ def test_occlusion_maps_are_the_activation_change_of_the_painted_image(tiny_llav
     after = tiny_llava.describe([painted], max_new_tokens=1, activation="down_proj_input",
                                 image_activations=True)[0].activations.image[unit[0], :, unit[1]]
     expected = (captions[image].activations.image[unit[0], :, unit[1]] - after).numpy()
-    got = occlusion.occlusion_deltas(tiny_llava, scenes, captions, {(image, noun): [unit]})[(image, noun)][0]
+    got = occlusion.occlusion_deltas(tiny_llava, scenes, run, {(image, noun): [unit]})[(image, noun)][0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -146,7 +146,7 @@ def test_the_old_columns_stay_and_the_new_ones_are_there(scores, tiny_llava, sce
     assert inside[["mass_in_box_centred", "occlusion_mass_in_box"]].stack().between(0, 1).all()
     assert (inside.pointing_hit_centred == inside.pointing_hit).all()     # a constant shift
     table, captions = run
-    plain = specificity.specificity_scores(tiny_llava, scenes, captions, table, k=10)
+    plain = specificity.specificity_scores(tiny_llava, scenes, run, k=10)
     assert not any(c.startswith("occlusion_") for c in plain)              # default: no extra cost
     np.testing.assert_allclose(plain.mass_in_box, scores.mass_in_box)
 
@@ -190,10 +190,9 @@ def test_the_locality_figure_is_labelled(tiny_llava, scenes):
 def test_query_token_models_get_a_clear_error_for_maps_and_auroc_still_works(tiny_instructblip, scenes):
     with pytest.raises(ValueError, match="not a patch grid"):
         occlusion_locality(tiny_instructblip, scenes[:2])
-    table, captions = find_neurons_by_method(tiny_instructblip, [s.image for s in scenes[:6]],
-                                             methods=["contribution"], top_k=5, image_activations=True)
-    spec = specificity.specificity_scores(tiny_instructblip, scenes[:6], captions, table, k=5,
-                                          occlusion=True)
+    ident = find_neurons_by_method(tiny_instructblip, [s.image for s in scenes[:6]],
+                                   methods=["contribution"], top_k=5, image_activations=True)
+    spec = specificity.specificity_scores(tiny_instructblip, scenes[:6], ident, k=5, occlusion=True)
     assert "auroc" in spec and not any("mass_in_box" in c or "occlusion" in c for c in spec)
 
 
@@ -201,4 +200,5 @@ def test_occlusion_needs_the_image_activations(tiny_llava, scenes):
     caption = tiny_llava.describe([scenes[0].image], activation="down_proj_input")[0]
     noun = scenes[0].boxes[0][0]
     with pytest.raises(ValueError, match="image_activations=True"):
-        occlusion.occlusion_deltas(tiny_llava, scenes[:1], [caption], {(0, noun): [[0, 0]]})
+        occlusion.occlusion_deltas(tiny_llava, scenes[:1], Identification(pd.DataFrame(), [caption], ["image-0"]),
+                                   {(0, noun): [[0, 0]]})

@@ -77,9 +77,10 @@ def test_injected_peft_adapters_are_off_inside_and_on_after():
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-instructblip"])
 def test_tiny_models_report_statuses(name, request):
     vlm = request.getfixturevalue(name.replace("-", "_"))
-    table, _ = find_neurons_by_method(vlm, [s.image for s in make_scenes(6, seed=0)],
-                                      methods=("contribution", "random"), top_k=10)
-    twin = T.text_twin_overlap(vlm, table, k=10)
+    ident = find_neurons_by_method(vlm, [s.image for s in make_scenes(6, seed=0)],
+                                   methods=("contribution", "random"), top_k=10)
+    table = ident.table
+    twin = T.text_twin_overlap(vlm, ident, k=10)
     assert set(twin.noun) == set(table.loc[table.method == "contribution", "noun"])
     assert set(twin.status) <= {T.OK, T.SILENT}
     ok = twin.status == T.OK
@@ -187,9 +188,9 @@ def test_smol_units_equal_a_run_with_the_adapters_removed(smol, common_prompts, 
 @pytest.mark.slow
 def test_smol_overlap_table_and_weights_bit_identical(smol):
     before = {k: v.clone() for k, v in smol.model.state_dict().items()}
-    table, _ = find_neurons_by_method(smol, [s.image for s in make_scenes(4, seed=0)],
-                                      methods=("contribution", "random"), top_k=10)
-    twin = T.text_twin_overlap(smol, table, k=10, templates=("picture", "have", "paper"))
+    ident = find_neurons_by_method(smol, [s.image for s in make_scenes(4, seed=0)],
+                                   methods=("contribution", "random"), top_k=10)
+    twin = T.text_twin_overlap(smol, ident, k=10, templates=("picture", "have", "paper"))
     after = smol.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     for column in ("noun", "k", "retained", "jaccard", "random_retained", "random_jaccard", "other_nouns",
@@ -201,6 +202,6 @@ def test_smol_overlap_table_and_weights_bit_identical(smol):
     assert (twin.loc[ok, "noun_probability"] > 0).all() and (twin.n_prompts_kept == twin.prompt.map(len)).all()
     assert twin.language_model.str.contains("120 merged adapter matrices replaced").all()
     # the old setting is still there: every prompt counted, adapters on
-    old = T.text_twin_overlap(smol, table, k=10, templates=("paper",), greedy_only=False, pure=False)
+    old = T.text_twin_overlap(smol, ident, k=10, templates=("paper",), greedy_only=False, pure=False)
     assert old.retained.notna().all() and (old.n_prompts_kept == 1).all()
     assert isinstance(twin, pd.DataFrame)

@@ -40,7 +40,7 @@ import pandas as pd
 
 from ..interventions.causal import causal_curves, summarize as causal_summary
 from ..method.identification import Identification
-from ..method.identify import find_neurons_by_method
+from ..method.identify import identify
 from ..model.vlm import load_vlm
 from ..properties.invariance import cross_image_invariance, region_invariance
 from ..properties.nameability import ceiling_summary, generic_share, noun_hit_table
@@ -66,16 +66,16 @@ def _mean(frame: pd.DataFrame, method: str, column: str, how: str = "mean") -> f
     return _column_mean(frame[frame["method"] == method], column, how)
 
 
-def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int,
-                           occlusion: bool = True) -> dict:
+def identification_numbers(vlm, scenes, ident: Identification, k: int, occlusion: bool = True) -> dict:
     """Noun hit / rank with their nulls and ceiling, polarity, layers, specificity and
-    cross-image invariance."""
+    cross-image invariance of ``ident`` (the :class:`Identification` of ``scenes``)."""
+    table = ident.table
     top = table[table["rank"] < k]
     ours = top[top.method == "contribution"]
-    hits = {lens: noun_hit_table(vlm, table, k, lens=lens) for lens in ("raw", "rms", "norm")}
+    hits = {lens: noun_hit_table(vlm, ident, k, lens=lens) for lens in ("raw", "rms", "norm")}
     raw = hits["raw"]
-    spec = specificity_scores(vlm, scenes, captions, table, k=k, occlusion=occlusion)
-    cross = cross_image_invariance(table, k=k)
+    spec = specificity_scores(vlm, scenes, ident, k=k, occlusion=occlusion)
+    cross = cross_image_invariance(ident, k=k)
     cross = cross[cross.status == "ok"]
     relative = ours.layer / max(vlm.n_layers - 1, 1)
     counts = ceiling_summary(raw[raw.method == "contribution"])
@@ -114,41 +114,53 @@ def identification_numbers(vlm, scenes, captions, table: pd.DataFrame, k: int,
 
 
 def report(vlm, n_scenes: int = 48, seed: int = 0, k: int = 10, n_region: int = 12,
-           n_ablate: int = 8, k_ablate: int = 50, progress: bool = False, occlusion: bool = True) -> dict:
-    """The numbers of the module doc for ``vlm`` (a dict, JSON-able)."""
+           n_ablate: int = 8, k_ablate: int = 50, progress: bool = False, occlusion: bool = True,
+           ident: Identification | None = None, store=None) -> dict:
+    """The numbers of the module doc for ``vlm`` (a dict, JSON-able).
+
+    Everything is read from one :class:`Identification` of the ``n_scenes`` scenes (methods
+    :data:`METHODS`, ``top_k = max(k, k_ablate)``, image activations): ``ident`` when given
+    (it must be of these scenes with those settings), else
+    :func:`~mmneurons_utils.method.identify.identify` (loaded from ``store`` when it holds it);
+    region invariance and ablation take its first scenes (``ident.subset``)."""
     start = time.perf_counter()
     scenes = make_scenes(n_scenes, seed=seed)
     images = [s.image for s in scenes]
-    identification = find_neurons_by_method(vlm, images, methods=METHODS, top_k=max(k, k_ablate),
-                                            seed=seed, image_activations=True, progress=progress)
-    table, captions = identification
+    if ident is None:
+        ident = identify(vlm, images, store=store, methods=METHODS, top_k=max(k, k_ablate), seed=seed,
+                         image_activations=True, progress=progress)
+    elif ident.n_images != n_scenes or not set(METHODS) <= set(ident.table["method"]):
+        raise ValueError(f"the identification holds {ident.n_images} images and methods "
+                         f"{sorted(ident.table['method'].unique())}; the report needs the {n_scenes} "
+                         f"scenes of seed {seed} with {', '.join(METHODS)}")
+    table, captions = ident.table, ident.captions
     out = dict(model=vlm.name, n_scenes=n_scenes, seed=seed, k=k, vocabulary=vlm.lm_head.out_features,
                layers=vlm.n_layers, units=vlm.n_layers * vlm.d_ff,
                captions_with_nouns=round(float(np.mean([bool(c.nouns) for c in captions])), 4),
                noun_instances=int(((table.method == "contribution") & (table["rank"] == 0)).sum()))
-    out.update(identification_numbers(vlm, scenes, captions, table, k, occlusion=occlusion))
+    out.update(identification_numbers(vlm, scenes, ident, k, occlusion=occlusion))
     hits = out.pop("_hits")
     # the text twin's cloze prompts, run once for both scoring methods
     prompts = twin_prompts(vlm, sorted(table.loc[table.method.isin(SCORING), "noun"].unique()))
-    twin = text_twin_overlap(vlm, table, k=k, seed=seed, prompts=prompts)
+    twin = text_twin_overlap(vlm, ident, k=k, seed=seed, prompts=prompts)
     out.update(text_twin_retained=_column_mean(twin, "retained"),
                text_twin_jaccard=_column_mean(twin, "jaccard"),
                text_twin_random=_column_mean(twin, "random_retained"),
                text_twin_other_nouns=_column_mean(twin, "other_nouns"),
                text_twin_nouns=int(twin["retained"].notna().sum()),
                text_twin_noun_probability=_column_mean(twin, "noun_probability", "median"))
-    region = region_invariance(vlm, images[:n_region], top_k=k, seed=seed, methods=("contribution", "random"))
+    region = region_invariance(vlm, images[:n_region], ident.subset(range(min(n_region, n_scenes))),
+                               top_k=k, seed=seed, methods=("contribution", "random"))
     out.update(region_retained=_by_method(region, "retained"), region_scenes=n_region)
-    ablate = Identification(table[table.image < n_ablate], captions[:n_ablate],
-                            identification.image_keys[:n_ablate], identification.settings)
-    curves = causal_curves(vlm, images[:n_ablate], ks=(k_ablate,), table=ablate, seed=seed)
+    ablate = ident.subset(range(min(n_ablate, n_scenes)))
+    curves = causal_curves(vlm, ablate, images[:n_ablate], ks=(k_ablate,), seed=seed)
     removed = _by_method(causal_summary(curves), "noun_removed")
     out.update(removed_k=removed, k_ablate=k_ablate, ablate_scenes=n_ablate,
                ablate_nouns=int(((ablate.table.method == "contribution") & (ablate.table["rank"] == 0)).sum()))
-    twins = {"contribution": twin, "noun_contrast": text_twin_overlap(vlm, table, k=k, seed=seed,
+    twins = {"contribution": twin, "noun_contrast": text_twin_overlap(vlm, ident, k=k, seed=seed,
                                                                       method="noun_contrast", prompts=prompts)}
     out["methods"] = {m: dict(hit=_mean(hits, m, "noun_hit"), median_rank=_mean(hits, m, "noun_rank", "median"),
-                              generic_share=round(generic_share(table, k, m), 4),
+                              generic_share=round(generic_share(ident, k, m), 4),
                               **{f"removed_k{k_ablate}": removed.get(m)},
                               text_twin_retained=_column_mean(twins[m], "retained"),
                               text_twin_other_nouns=_column_mean(twins[m], "other_nouns"))

@@ -36,9 +36,10 @@ import torch
 from ..model import architectures as A
 from ..method import scoring
 from ..model.teacher_forcing import teacher_forced_activations
+from ..method.identification import Identification
 from ..method.identify import check_top_k, logit_weights, unit_scores
 from ..model.nouns import locate_nouns
-from .stats import jaccard
+from .stats import jaccard, of_methods
 from ..model.trace import Trace
 
 
@@ -63,22 +64,32 @@ def permuted_image_tokens(vlm, permutation) -> Iterator[None]:
         yield
 
 
-def region_invariance(vlm, images, top_k: int = 10, seed: int = 0,
+def region_invariance(vlm, images, ident: Identification, top_k: int = 10, seed: int = 0,
                       methods: Sequence[str] = ("contribution", "gradient", "random"),
-                      max_new_tokens: int = 20, progress: bool = False,
+                      max_new_tokens: int | None = None, progress: bool = False,
                       permutation: Callable[[int, int], np.ndarray] | None = None) -> pd.DataFrame:
     """One row per (image, noun, method): ``retained``, ``caption_same``, ``noun_kept``,
     ``read_at`` (``"shuffled"`` or ``"original"``: whose caption the shuffled units were
     read at) and ``n_nouns`` (nouns of the clean caption).
 
-    Each image gets its own permutation, drawn from ``(seed, image index)``;
+    ``images``: PIL images; ``ident``: their :class:`Identification` (same order; e.g.
+    ``ident.subset(range(12))`` of a larger run): its captions are the clean ones (nothing is
+    captioned again). The clean units are read by teacher forcing the clean caption, as the
+    shuffled ones are. ``max_new_tokens``: of the shuffled captions (default: the
+    identification's). Each image gets its own permutation, drawn from ``(seed, image index)``;
     ``permutation(index, n_tokens)`` replaces that draw (e.g. the identity, for a check).
     """
     from tqdm.auto import tqdm
 
     check_top_k(vlm, top_k)
+    images = list(images)
+    if len(images) != ident.n_images:
+        raise ValueError(f"{len(images)} images for an identification of {ident.n_images}; give the "
+                         "images it was made on (ident.subset(...) for some of them)")
+    if max_new_tokens is None:
+        max_new_tokens = ident.settings.get("max_new_tokens", 20)
     scored = [m for m in dict.fromkeys(("contribution",) + tuple(methods)) if m != "random"]
-    captions = vlm.describe(list(images), max_new_tokens=max_new_tokens, activation="down_proj_input")
+    captions = ident.captions
     n_tokens = vlm.image_projector_rows
     rows = []
     for index, (image, caption) in enumerate(tqdm(list(zip(images, captions)),
@@ -135,16 +146,19 @@ def _overlap(units: np.ndarray, scores: torch.Tensor, k: int) -> float:
     return sum(tuple(u) in top for u in np.asarray(units).tolist()) / len(units)
 
 
-def cross_image_invariance(table: pd.DataFrame, k: int = 10, nouns: Sequence[str] | None = None,
-                           max_pairs: int = 2000, seed: int = 0) -> pd.DataFrame:
+def cross_image_invariance(ident: Identification, k: int = 10, nouns: Sequence[str] | None = None,
+                           max_pairs: int = 2000, seed: int = 0,
+                           methods: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per (method, noun): ``n_images``, ``jaccard_same``, ``jaccard_different``,
     ``top_unit_share`` and ``status`` (``"ok"``, or why the noun has no numbers, e.g.
-    ``"no images contain 'zebra'"``). ``table``: ``find_neurons`` rows over many images.
+    ``"no images contain 'zebra'"``). ``ident``: the :class:`Identification` of many images;
+    ``methods``: only these of its methods (default: all).
 
-    ``nouns``: the nouns to report (default: every noun in the table). Pairs are
+    ``nouns``: the nouns to report (default: every noun it holds). Pairs are
     sampled (seeded) when there are more than ``max_pairs``.
     """
     rng = np.random.default_rng(seed)
+    table = of_methods(ident.table, methods)
     top = table[table["rank"] < k]
     rows = []
     for method, part in top.groupby("method", sort=False):

@@ -1,4 +1,5 @@
-"""Metrics over identified neurons (each a plain function of tables or score maps).
+"""Metrics over identified neurons (each a function of an :class:`~mmneurons_utils.method.
+identification.Identification`, a summary table or score maps).
 
 The property metrics live one concern a module and are re-exported here:
 :mod:`~mmneurons_utils.properties.sensitivity` (semantic sensitivity),
@@ -21,7 +22,8 @@ from .nameability import method_comparison, noun_hit_table, per_layer
 from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
 from .specificity import specificity_scores
 from ..method.identify import find_neurons
-from .stats import bootstrap_ci, cluster_bootstrap_ci
+from ..method.identification import Identification
+from .stats import bootstrap_ci, cluster_bootstrap_ci, of_methods
 
 __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
@@ -33,8 +35,13 @@ __all__ = [
 ]
 
 
-def layer_distribution(table: pd.DataFrame, n_layers: int) -> pd.Series:
-    """Share of all top-k units (over images and nouns) that sit in each layer."""
+def layer_distribution(ident: Identification, n_layers: int, method: str = "contribution",
+                       k: int | None = None) -> pd.Series:
+    """Share of ``method``'s top-``k`` units of ``ident`` (over images and nouns; default: all
+    it holds) that sit in each layer."""
+    table = of_methods(ident.table, (method,))
+    if k is not None:
+        table = table[table["rank"] < k]
     counts = table["layer"].value_counts().reindex(range(n_layers), fill_value=0)
     return counts / counts.sum()
 
@@ -72,25 +79,33 @@ def method_agreement(maps: list[dict], ks: Sequence[int] = (10, 50), seed: int =
     return pd.DataFrame(rows)
 
 
-def polarity_report(vlm, images, top_k: int = 10, n_top_tokens: int = 10,
-                    max_new_tokens: int = 20) -> dict:
+def polarity_report(vlm, images, ident: Identification, top_k: int = 10,
+                    n_top_tokens: int = 10) -> dict:
     """Why a unit's coefficient has a sign, measured on ``images``.
 
     The paper's units are ranked by ``a · (W_U[t] · W_out[:, i])`` with ``a`` the input of
     ``down_proj`` (SwiGLU: ``act(gate)·up``, either sign). The official code records
     ``act(gate)`` alone, which is (almost) never negative, so its ranking cannot show
-    units that write the noun through ``−W_out``. Returns, over every noun's top-``top_k``
-    contribution units: ``units``, ``negative_coefficient`` (share with ``a < 0``: polarity
-    −1), ``negative_gate_only`` (the same share when ``a`` is read as ``act(gate)``, the
-    official tensor), ``noun_hit_signed`` / ``noun_hit_unsigned`` (share of units whose
-    top-``n_top_tokens`` tokens contain the noun, read with and without the polarity).
+    units that write the noun through ``−W_out``. ``ident``: the :class:`Identification` of
+    ``images`` (its ``contribution`` rows, ``top_k`` ≤ its own); only the official tensor's
+    ranking is computed here (``act(gate)`` is another activation, so another identification).
+    Returns, over every noun's top-``top_k`` contribution units: ``units``,
+    ``negative_coefficient`` (share with ``a < 0``: polarity −1), ``negative_gate_only`` (the
+    same share when ``a`` is read as ``act(gate)``, the official tensor), ``noun_hit_signed`` /
+    ``noun_hit_unsigned`` (share of units whose top-``n_top_tokens`` tokens contain the noun,
+    read with and without the polarity).
     """
 
     images = list(images)
-    exact = find_neurons(vlm, images, top_k=top_k, n_top_tokens=n_top_tokens,
-                         max_new_tokens=max_new_tokens)
+    if len(images) != ident.n_images:
+        raise ValueError(f"{len(images)} images for an identification of {ident.n_images}")
+    table = of_methods(ident.table, ("contribution",))
+    if len(table) and int(table["rank"].max()) + 1 < top_k:
+        raise ValueError(f"top_k={top_k} but the identification holds the top "
+                         f"{int(table['rank'].max()) + 1} units per noun")
+    exact = table[table["rank"] < top_k]
     gate = find_neurons(vlm, images, top_k=top_k, n_top_tokens=n_top_tokens, activation="act_fn",
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=ident.settings.get("max_new_tokens", 20))
     _, unsigned = unit_logit_lens(vlm, exact[["layer", "unit"]].to_numpy(), n_top_tokens,
                                   token_ids=exact.token_id.to_numpy())
     return dict(units=len(exact), negative_coefficient=float((exact.polarity < 0).mean()),

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..method import scoring, vocabulary
-from ..method.identification import top_k_groups
+from ..method.identification import Identification, top_k_groups
 
 HUB_SHARE = 0.01        # a hub token is in the top-10 of more than this share of all units
 LENS_TOKENS = 10        # the "top-10 tokens" of a unit
@@ -35,9 +35,9 @@ def chance_top10(vlm) -> float:
     return LENS_TOKENS / vlm.lm_head.out_features
 
 
-def noun_hit_table(vlm, table: pd.DataFrame, k: int = 10, lens: str = "raw",
+def noun_hit_table(vlm, ident: Identification, k: int = 10, lens: str = "raw",
                    hub_share: float = HUB_SHARE, over_chance: float = 5.0) -> pd.DataFrame:
-    """One row per (image, noun, method): ``noun_hit`` (share of the top-``k`` units whose
+    """One row per (image, noun, method) of ``ident`` (an :class:`Identification`): ``noun_hit`` (share of the top-``k`` units whose
     top-10 tokens name the noun) and ``noun_rank`` (median rank of the noun in their lenses),
     both read in the ``lens`` (``"raw"``: the paper's; ``"rms"``: see
     :func:`~mmneurons_utils.method.scoring.lens_unembedding`); ``noun_hit_no_hubs`` (the same
@@ -47,6 +47,12 @@ def noun_hit_table(vlm, table: pd.DataFrame, k: int = 10, lens: str = "raw",
     :func:`~mmneurons_utils.method.vocabulary.hub_tokens`; ``hub_share`` and ``over_chance``
     are its thresholds).
     """
+    return _noun_hit_table(vlm, ident.table, k, lens, hub_share, over_chance)
+
+
+def _noun_hit_table(vlm, table: pd.DataFrame, k: int, lens: str, hub_share: float,
+                    over_chance: float) -> pd.DataFrame:
+    """:func:`noun_hit_table` of a plain ``find_neurons`` table."""
     hubs = vocabulary.hub_tokens(vlm, hub_share, LENS_TOKENS, lens, over_chance)
     groups = top_k_groups(table, k)
     if not groups:
@@ -103,9 +109,14 @@ def is_generic(nouns_per_unit, n_nouns: int):
     return (nouns_per_unit >= GENERIC_SHARE * n_nouns) & (nouns_per_unit >= GENERIC_MIN_NOUNS)
 
 
-def generic_units(table: pd.DataFrame, k: int = 10, method: str = "contribution") -> set[tuple[int, int]]:
+def generic_units(ident: Identification, k: int = 10, method: str = "contribution") -> set[tuple[int, int]]:
     """The ``(layer, unit)``s that ``method`` puts in the top-``k`` of at least half of the
-    table's nouns (and of at least 3): units that write every noun, not one (the atlas's rule)."""
+    identification's nouns (and of at least 3): units that write every noun, not one (the atlas's rule)."""
+    return _generic_units(ident.table, k, method)
+
+
+def _generic_units(table: pd.DataFrame, k: int, method: str) -> set[tuple[int, int]]:
+    """:func:`generic_units` of a plain ``find_neurons`` table."""
     rows = table[(table["method"] == method) & (table["rank"] < k)]
     nouns = rows["noun"].nunique()
     per_unit = rows.groupby(["layer", "unit"])["noun"].nunique()
@@ -113,41 +124,48 @@ def generic_units(table: pd.DataFrame, k: int = 10, method: str = "contribution"
     return {(int(l), int(u)) for l, u in keep.index}
 
 
-def generic_share(table: pd.DataFrame, k: int = 10, method: str = "contribution") -> float:
-    """Share of ``method``'s top-``k`` rows (over every (image, noun)) whose unit is one of its
-    :func:`generic_units`; NaN without rows."""
+def generic_share(ident: Identification, k: int = 10, method: str = "contribution") -> float:
+    """Share of ``method``'s top-``k`` rows (over every (image, noun) of ``ident``) whose unit is
+    one of its :func:`generic_units`; NaN without rows."""
+    return _generic_share(ident.table, k, method)
+
+
+def _generic_share(table: pd.DataFrame, k: int, method: str) -> float:
+    """:func:`generic_share` of a plain ``find_neurons`` table."""
     rows = table[(table["method"] == method) & (table["rank"] < k)]
     if rows.empty:
         return float("nan")
-    generic = generic_units(table, k, method)
+    generic = _generic_units(table, k, method)
     return float(np.mean([(int(l), int(u)) in generic for l, u in zip(rows["layer"], rows["unit"])]))
 
 
-def method_comparison(vlm, table: pd.DataFrame, k: int = 10, lens: str = "raw") -> pd.DataFrame:
-    """One row per method of ``table``: ``noun_hit``, ``hit_where_nameable``,
+def method_comparison(vlm, ident: Identification, k: int = 10, lens: str = "raw") -> pd.DataFrame:
+    """One row per method of ``ident`` (an :class:`Identification`): ``noun_hit``, ``hit_where_nameable``,
     ``noun_hit_no_hubs`` (means over noun instances), ``median_rank`` (median over instances of
     the units' median noun rank), ``generic_share`` (:func:`generic_share`), ``instances`` and
     ``chance`` (10 / V) — the baselines every sensitivity verdict is read against."""
-    hits = noun_hit_table(vlm, table, k, lens=lens)
+    table = ident.table
+    hits = noun_hit_table(vlm, ident, k, lens=lens)
     rows = []
     for method, part in hits.groupby("method", sort=False):
         rows.append(dict(method=method, noun_hit=part.noun_hit.mean(),
                          hit_where_nameable=part.hit_where_nameable.mean(),
                          noun_hit_no_hubs=part.noun_hit_no_hubs.mean(),
                          median_rank=part.noun_rank.median(),
-                         generic_share=generic_share(table, k, method), instances=len(part),
+                         generic_share=_generic_share(table, k, method), instances=len(part),
                          chance=chance_top10(vlm)))
     return pd.DataFrame(rows).set_index("method")
 
 
-def per_layer(vlm, table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """One row per (method, layer) holding any of the method's top-``k`` units: ``share`` of the
+def per_layer(vlm, ident: Identification, k: int = 10) -> pd.DataFrame:
+    """One row per (method, layer) holding any of ``ident``'s method's top-``k`` units: ``share`` of the
     method's units in the layer, their ``noun_hit`` and ``median_rank`` (noun in their lens,
     read in their polarity) and ``generic_share`` (of :func:`generic_units`)."""
+    table = ident.table
     top = table[table["rank"] < k]
     rows = []
     for method, part in top.groupby("method", sort=False):
-        generic = generic_units(table, k, method)
+        generic = _generic_units(table, k, method)
         for layer, rows_of_layer in part.groupby("layer"):
             ranks = rows_of_layer["noun_rank"]
             rows.append(dict(method=method, layer=int(layer), share=len(rows_of_layer) / len(part),

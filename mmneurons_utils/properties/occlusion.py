@@ -90,14 +90,16 @@ def prefill_image_activations(vlm, images: Sequence[Image.Image], activation: st
             yield start + row, recording.for_row(row, 0, activation).image
 
 
-def occlusion_deltas(vlm, samples, captions, units_by_object: dict, batch_size: int = 16,
+def occlusion_deltas(vlm, samples, ident, units_by_object: dict, batch_size: int = 16,
                      fill: tuple[int, int, int] | None = None) -> dict:
     """``(image, noun)`` → ``Float[ndarray, "N I"]``: ``a_original − a_occluded`` of the units
     ``units_by_object[(image, noun)]`` (``Int[ndarray, "N 2"]`` of ``(layer, unit)``) at each
     image token, the occluded image being ``samples[image]`` with the noun's boxes painted
-    (:func:`occlude`). ``captions[image].activations.image`` are the originals (from
-    ``describe(..., image_activations=True)``). Keys without boxes are left out.
+    (:func:`occlude`). ``ident``: the :class:`~mmneurons_utils.method.identification.
+    Identification` of ``samples``' images; its captions' ``activations.image`` are the originals
+    (``image_activations=True``). Keys without boxes are left out.
     """
+    captions = ident.captions
     keys, images = [], []
     for image, noun in units_by_object:
         boxes = objects.boxes_for(samples[image], noun)

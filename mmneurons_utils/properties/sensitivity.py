@@ -42,7 +42,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..method.identification import top_k_groups
+from ..method.identification import Identification, top_k_groups
+from .stats import of_methods as _methods
 
 METRICS = ("bertscore", "moverscore", "bleurt")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -103,11 +104,16 @@ def unit_names_noun(noun: str, top_tokens: Sequence[str], noun_rank=None) -> boo
     return noun.lower() in {token_word(t) for t in top_tokens}
 
 
-def noun_hits(table: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """One row per (image, noun, method): ``noun_hit``, the share of the top-``k`` units whose
-    top tokens (a ``find_neurons`` table holds 10 per unit) name the noun, and ``noun_rank``,
-    the median rank of the noun in those units' logit lenses (NaN without a ``noun_rank``
-    column). Random units give the floor."""
+def noun_hits(ident: Identification, k: int = 10) -> pd.DataFrame:
+    """One row per (image, noun, method) of ``ident`` (an :class:`Identification`):
+    ``noun_hit``, the share of the top-``k`` units whose top tokens (a ``find_neurons`` table
+    holds 10 per unit) name the noun, and ``noun_rank``, the median rank of the noun in those
+    units' logit lenses (NaN without a ``noun_rank`` column). Random units give the floor."""
+    return _noun_hits(ident.table, k)
+
+
+def _noun_hits(table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """:func:`noun_hits` of a plain ``find_neurons`` table."""
     rows = []
     for (image, noun, method), group in top_k_groups(table, k):
         ranks = group["noun_rank"] if "noun_rank" in group else pd.Series([None] * len(group))
@@ -214,18 +220,20 @@ def _load_bleurt(checkpoint, device: str):
     return model, BleurtTokenizer.from_pretrained(path)
 
 
-def semantic_sensitivity(table: pd.DataFrame, captions: Sequence[str], similarity: TextSimilarity,
-                         k: int = 10, tokens_per_unit: int = 3) -> pd.DataFrame:
+def semantic_sensitivity(ident: Identification, similarity: TextSimilarity, k: int = 10,
+                         tokens_per_unit: int = 3, methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Score each (image, noun, method)'s top-``k`` units' tokens against the noun (per unit,
     then averaged) and against the caption (the units' bag of words).
 
-    ``table``: ``find_neurons`` rows (any methods, ``top_k ≥ k``); ``captions``: the
-    generated caption of each image index. Returns one row per (image, noun, method,
+    ``ident``: the :class:`Identification` (any methods, ``top_k ≥ k``); its captions' texts are
+    the references (and MoverScore's IDF corpus). ``methods``: score only these of its methods
+    (default: all). Returns one row per (image, noun, method,
     reference) with ``candidate`` (for ``noun``: the units' candidates joined by `` | ``),
     ``reference_text``, a column per computed metric (BLEURT absent when not computed;
     ``attrs["bleurt"]`` says why), and the primary :func:`noun_hits` columns ``noun_hit``
     and ``noun_rank`` (the same on both references).
     """
+    table, captions = _methods(ident.table, methods), ident.texts
     rows, pairs = [], []      # pairs: (candidate, reference) to score, each scored once
     for (image, noun, method), group in top_k_groups(table, k):
         per_unit = [candidate_text([tokens], tokens_per_unit) for tokens in group.top_tokens]
@@ -248,8 +256,9 @@ def semantic_sensitivity(table: pd.DataFrame, captions: Sequence[str], similarit
             lookup = {pair: (0.0 if not pair[0] else float(v)) for pair, v in zip(unique, values)}
             frame[name] = [float(np.mean([lookup[(part, text)] for part in parts]))
                            for parts, text in zip(frame.parts, frame.reference_text)]
-        hits = noun_hits(table, k)
+        hits = _noun_hits(table, k)
         frame = frame.merge(hits, on=["image", "noun", "method"], how="left")
     frame = frame.drop(columns="parts")
     frame.attrs["bleurt"] = similarity.bleurt_status
     return frame
+

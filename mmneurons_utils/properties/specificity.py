@@ -53,8 +53,8 @@ import torch
 
 from ..data import objects
 from .occlusion import occlusion_deltas
-from ..method.identification import top_k_groups
-from .stats import auroc
+from ..method.identification import Identification, top_k_groups
+from .stats import auroc, of_methods
 
 
 def patch_grid(vlm) -> tuple[int, int] | None:
@@ -198,12 +198,13 @@ def mean_maps(vlm, activations, units, ks: Sequence[int], size: tuple[int, int],
     return {f"top-{k}": upsample(maps[:k].mean(0), size, smooth) for k in ks if k <= len(maps)}
 
 
-def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
-                       occlusion: bool = False, batch_size: int = 16) -> pd.DataFrame:
+def specificity_scores(vlm, scenes, ident: Identification, k: int = 10, occlusion: bool = False,
+                       batch_size: int = 16, methods: Sequence[str] | None = None) -> pd.DataFrame:
     """Box metrics and selectivity of each (image, noun, method)'s top-``k`` units.
 
-    ``scenes``: the scenes the ``table`` (``find_neurons`` rows; ``image`` indexes
-    ``scenes``) was made on; ``captions``: their captions with image activations. Every
+    ``scenes``: the scenes ``ident`` (the :class:`Identification` of their images, with image
+    activations: ``image_activations=True``) was made on, in its order; ``methods``: only these
+    of its methods (default: all). Every
     scene is also a selectivity test image: a unit's ``auroc`` separates the scenes
     that contain the noun from those that do not by the unit's image score
     (``max p · a`` over the image tokens). Maps and scores use the table's ``polarity``
@@ -226,6 +227,10 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
     changes every unit mostly inside its box, so random units' occlusion mass in box is far
     above ``box_share`` too: compare with them, or read the signed share (random ≈ 0).
     """
+    if len(scenes) != ident.n_images:
+        raise ValueError(f"{len(scenes)} scenes for an identification of {ident.n_images} images; "
+                         "give the scenes it was made on (ident.subset(...) for some of them)")
+    table, captions = of_methods(ident.table, methods), ident.captions
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)
     deltas = {}
@@ -236,7 +241,7 @@ def specificity_scores(vlm, scenes, captions, table: pd.DataFrame, k: int = 10,
                 wanted.setdefault((image, noun), []).append(np.array(group[["layer", "unit"]], dtype=np.int64))
         units_by_object = {key: np.unique(np.concatenate(parts), axis=0) for key, parts in wanted.items()}
         deltas = {key: (units_by_object[key], delta) for key, delta in
-                  occlusion_deltas(vlm, scenes, captions, units_by_object, batch_size).items()}
+                  occlusion_deltas(vlm, scenes, ident, units_by_object, batch_size).items()}
     extremes = image_unit_scores(captions)                          # (B, L, F) twice
     labelled = presence_source(scenes) == "labels"
     rows = []

@@ -75,3 +75,15 @@ def jaccard(a: Iterable, b: Iterable) -> float:
     """``|a ∩ b| / |a ∪ b|`` of two sets (1.0 for two empty sets)."""
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def of_methods(table, methods=None):
+    """``table``'s rows of ``methods`` (all of them for ``None``); ``ValueError`` naming the
+    table's methods for one it lacks."""
+    if methods is None:
+        return table
+    missing = [m for m in methods if m not in set(table["method"])]
+    if missing:
+        raise ValueError(f"the identification has no {', '.join(map(repr, missing))} rows; its methods: "
+                         f"{', '.join(table['method'].unique())}")
+    return table[table["method"].isin(list(methods))]

@@ -47,7 +47,7 @@ from ..model import architectures as A
 from ..model import pretrained_lm as P
 from ..model.loading import read_marker
 from ..model.embedded import model_folder
-from ..method.identification import units_of
+from ..method.identification import Identification, units_of
 from ..method.identify import contrast_weights
 from ..model.nouns import noun_token_id
 from ..method.scoring import contribution_scores, random_units, top_units, unit_logit_weights
@@ -346,7 +346,7 @@ def _share(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return shared / len(sa), shared / len(sa | sb)
 
 
-def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str] | None = None,
+def text_twin_overlap(vlm, ident: Identification, k: int = 10, nouns: Sequence[str] | None = None,
                       seed: int = 0, templates: Sequence[str] | None = None,
                       clues: Mapping[str, str] | None = None, greedy_only: bool = True,
                       pure: bool = True, method: str = "contribution",
@@ -363,13 +363,15 @@ def text_twin_overlap(vlm, table: pd.DataFrame, k: int = 10, nouns: Sequence[str
     other nouns' baseline. ``greedy_only=False`` keeps every prompt (its ``status`` says so);
     ``templates=("paper",), greedy_only=False, pure=False`` is the previous twin.
 
-    ``method``: ``"contribution"`` or ``"noun_contrast"``: the table's units of that method,
+    ``ident``: the :class:`Identification` whose units are compared (its nouns by default).
+    ``method``: ``"contribution"`` or ``"noun_contrast"``: ``ident``'s units of that method,
     against text units ranked by the same score (for ``noun_contrast``, the contrast against the
     model's candidate nouns, :func:`~mmneurons_utils.method.identify.contrast_weights`).
     ``prompts``: :func:`twin_prompts` of these nouns with the same ``templates``, ``clues`` and
     ``pure``, when already run (e.g. to compare both methods on one set of forward passes)."""
     if method not in ("contribution", "noun_contrast"):
         raise ValueError(f"method must be contribution or noun_contrast, got {method!r}")
+    table = ident.table
     nouns = list(nouns) if nouns is not None else sorted(table.loc[table.method == method, "noun"].unique())
     with language_model_only(vlm, pure) as (_, description):
         pass

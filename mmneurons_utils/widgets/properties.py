@@ -6,6 +6,10 @@
 * :class:`InvariancePanel` — image, permutation seed, ``k`` → the caption before and
   after shuffling the image tokens, and the share of each noun's top-``k`` units kept.
 
+Both take the notebook's :class:`~mmneurons_utils.method.identification.Identification` of
+``scenes`` (``ident``): a picked scene's units and caption are read from it; only an upload (or
+scenes redrawn with another seed) is identified here, once per image.
+
 Both follow the panels' pattern (:class:`~.panel.Panel`): ``view()`` returns the default
 state's static output (what papermill stores), ``show()`` displays the controls and
 renders on change.
@@ -20,6 +24,7 @@ import pandas as pd
 
 from ..data.objects import boxes_for
 from .panel import Panel
+from ..method.identification import Identification
 from ..method.identify import METHODS, find_neurons_by_method
 from .. import plots
 from ..properties import specificity
@@ -30,12 +35,17 @@ from ..properties.invariance import permuted_image_tokens, region_invariance
 class SpecificityPanel(Panel):
     """Pick an image, a noun of its caption, a method and ``k``; see where the units fire."""
 
-    def __init__(self, vlm, scenes, k: int = 10, similarity=None):
+    def __init__(self, vlm, scenes, ident: Identification | None = None, k: int = 10,
+                 similarity=None):
         super().__init__(vlm, scenes)
         self.similarity = similarity
-        self.method = W.Dropdown(options=list(METHODS), value="contribution", description="method",
+        self.ident = _checked(ident, scenes)
+        methods = list(METHODS) if ident is None else \
+            [m for m in ident.table["method"].unique() if m != "selection_null"]
+        self.method = W.Dropdown(options=methods, value="contribution", description="method",
                                  layout=W.Layout(width="220px"))
-        self.k = W.IntSlider(value=k, min=1, max=50, description="k")
+        top = 50 if ident is None else int(ident.settings.get("top_k", 50))
+        self.k = W.IntSlider(value=min(k, top), min=1, max=top, description="k")
         self._cache: dict = {}
         self.picker.observe(lambda _: self._image_changed())
         for control in (self.method, self.k):
@@ -44,12 +54,14 @@ class SpecificityPanel(Panel):
         self._image_changed()
 
     def _image_changed(self):
-        key = (self.picker.label, id(self.picker.image))
-        if key not in self._cache:
-            self._cache = {key: find_neurons_by_method(self.vlm, [self.picker.image], top_k=50,
-                                                       image_activations=True)}
-        table, captions = self._cache[key]
-        self.table, self.caption = table, captions[0]
+        found = _of_image(self.ident, self.table_image())
+        if found is None:
+            key = (self.picker.label, id(self.picker.image))
+            if key not in self._cache:
+                self._cache = {key: find_neurons_by_method(self.vlm, [self.picker.image], top_k=50,
+                                                           image_activations=True)}
+            found = self._cache[key]
+        self.table, self.caption = found.table, found.captions[0]
         self.nouns.set_caption(self.caption)  # fires the noun observer → render
 
     def view(self) -> list:
@@ -98,8 +110,10 @@ class SpecificityPanel(Panel):
 class InvariancePanel(Panel):
     """Pick an image and a permutation seed; see the caption and the units after shuffling."""
 
-    def __init__(self, vlm, scenes, k: int = 10, seed: int = 0):
+    def __init__(self, vlm, scenes, ident: Identification | None = None, k: int = 10,
+                 seed: int = 0):
         super().__init__(vlm, scenes)
+        self.ident = _checked(ident, scenes)
         self.seed = W.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="shuffle seed",
                                      layout=W.Layout(width="200px"))
         self.k = W.IntSlider(value=k, min=1, max=50, description="k")
@@ -111,12 +125,16 @@ class InvariancePanel(Panel):
         """``[captions before/after, table of retained shares per noun and method]``."""
 
         image = self.picker.image
-        before = self.vlm.describe([image])[0]
+        found = _of_image(self.ident, self.table_image())
+        if found is None:
+            found = find_neurons_by_method(self.vlm, [image], methods=("contribution",),
+                                           top_k=self.k.value)
+        before = found.captions[0]
         permutation = np.random.default_rng([self.seed.value, 0]).permutation(
             self.vlm.image_projector_rows)
         with permuted_image_tokens(self.vlm, permutation):
             after = self.vlm.describe([image])[0]
-        frame = region_invariance(self.vlm, [image], top_k=self.k.value, seed=self.seed.value,
+        frame = region_invariance(self.vlm, [image], found, top_k=self.k.value, seed=self.seed.value,
                                   methods=("contribution", "random"))
         lines = f"before shuffling: {before.text}\nafter shuffling:  {after.text}"
         if frame.empty:
@@ -127,3 +145,18 @@ class InvariancePanel(Panel):
 
     def controls(self) -> list:
         return [W.HBox([self.picker.widget()]), W.HBox([self.seed, self.k])]
+
+
+def _checked(ident: Identification | None, scenes) -> Identification | None:
+    """``ident``, when it is of (at least) the panel's first scenes; ``ValueError`` otherwise."""
+    if ident is not None and ident.n_images < len(list(scenes)):
+        raise ValueError(f"the identification holds {ident.n_images} images for {len(list(scenes))} "
+                         "scenes; give the identification of these scenes (ident.subset(...))")
+    return ident
+
+
+def _of_image(ident: Identification | None, index: int | None) -> Identification | None:
+    """The picked scene's identification (one image), or ``None`` when ``ident`` does not hold it."""
+    if ident is None or index is None or index >= ident.n_images:
+        return None
+    return ident.subset([index])
