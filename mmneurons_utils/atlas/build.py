@@ -8,6 +8,11 @@ dataset examples (:mod:`mmneurons_utils.atlas.examples`) and reduced to per-noun
 then its activations are dropped. Memory: one batch of activations, the ``L × F × E``
 example state, the identification table and ``2 × L × F`` sums per distinct noun.
 
+Images that an :class:`~mmneurons_utils.method.identification.Identification` already covers
+(``ident``: the first ``ident.n_images`` of the images, made with image activations) are
+neither captioned nor identified again: their captions and their ``contribution`` and
+``random`` rows (``rank < top_k``) are read from it; only the images after them are streamed.
+
 One row per (noun, unit):
 
 * ``n_images``: the images whose caption says the noun (the captions' nouns, so an image
@@ -47,8 +52,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .examples import ExampleStream, UnitExamples, purity
-from ..method.identify import check_top_k, find_neurons
+from .examples import ExampleStream, UnitExamples, covered_images, purity
+from ..method.identification import Identification
+from ..method.identify import COLUMNS, check_top_k, find_neurons
 from ..properties.nameability import is_generic
 from ..store.results import write_parquet
 
@@ -61,13 +67,20 @@ _META_KEY = b"mmneurons_atlas"
 def build_atlas(vlm, images: Sequence, top_k: int = 10, examples: int = 8, seed: int = 0,
                 units_per_noun: int = 3, min_frequency: float = 0.5, batch_size: int = 16,
                 max_new_tokens: int = 20, progress: bool = False,
-                return_parts: bool = False):
+                return_parts: bool = False, ident: Identification | None = None):
     """The atlas table (see the module doc) of ``images``; one captioning pass.
 
     ``top_k``: units identified per (image, noun); ``examples``: ``E``, top images kept per
     unit and end; ``seed``: the random baseline's draws. With ``return_parts`` also returns
     ``(table, parts)`` where ``parts`` holds the ``UnitExamples``, the identification
     table (both methods) and each image's caption text and nouns.
+
+    ``ident``: the :class:`Identification` of the first ``ident.n_images`` of ``images`` (the
+    same pictures, checked by content hash; identified with ``image_activations=True``, the
+    methods ``contribution`` and ``random`` and ``top_k`` at least this one). Those images are
+    read from it (captions, activations, rows of ``rank < top_k``) instead of being captioned
+    and identified again; its random units are the first ``top_k`` of its draws, and ``seed``
+    applies to the images after it. Without ``ident`` the result is the streaming pass's.
     """
     from tqdm.auto import tqdm
 
@@ -75,19 +88,28 @@ def build_atlas(vlm, images: Sequence, top_k: int = 10, examples: int = 8, seed:
     if not 0 <= min_frequency <= 1:
         raise ValueError(f"min_frequency must be in 0 … 1, got {min_frequency!r}")
     images = list(images)
+    covered = 0 if ident is None else _check_covers(ident, images, top_k)
     stream = ExampleStream(vlm.n_layers, vlm.d_ff, examples)
     tables, texts, nouns_of = [], [], []
     sums: dict[str, list] = {}            # noun → [Σ image mean|a| (L, F), Σ caption mean|a|, count]
     bar = tqdm(total=len(images), desc="atlas", disable=not progress)
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        indices = list(range(start, start + len(batch)))
-        captions = vlm.describe(batch, max_new_tokens=max_new_tokens, batch_size=len(batch),
-                                activation="down_proj_input", image_activations=True)
+    starts = ([0] if covered else []) + list(range(covered, len(images), batch_size))
+    for start in starts:
+        if start == 0 and covered:      # the identified images: read, not computed again
+            batch, captions = images[:covered], list(ident.captions)
+            indices = list(range(covered))
+            rows = ident.table[ident.table["method"].isin(("contribution", "random"))
+                               & (ident.table["rank"] < top_k)]
+            tables.append(rows[[c for c in COLUMNS if c in rows]].reset_index(drop=True))
+        else:
+            batch = images[start:start + batch_size]
+            indices = list(range(start, start + len(batch)))
+            captions = vlm.describe(batch, max_new_tokens=max_new_tokens, batch_size=len(batch),
+                                    activation="down_proj_input", image_activations=True)
+            for method in ("contribution", "random"):
+                tables.append(find_neurons(vlm, batch, method=method, top_k=top_k, seed=seed,
+                                           captions=captions, image_indices=indices))
         stream.add(captions, indices)
-        for method in ("contribution", "random"):
-            tables.append(find_neurons(vlm, batch, method=method, top_k=top_k, seed=seed,
-                                       captions=captions, image_indices=indices))
         for caption in captions:
             texts.append(caption.text)
             nouns_of.append(list(dict.fromkeys(caption.nouns)))
@@ -111,6 +133,19 @@ def build_atlas(vlm, images: Sequence, top_k: int = 10, examples: int = 8, seed:
     if return_parts:
         return table, dict(examples=unit_examples, found=found, captions=texts, nouns=nouns_of)
     return table
+
+
+def _check_covers(ident: Identification, images: list, top_k: int) -> int:
+    """``ident.n_images`` when ``ident`` identified the first images of ``images`` as the atlas
+    needs (see :func:`build_atlas`); ``ValueError`` saying what differs otherwise."""
+    methods = set(ident.settings.get("methods") or ident.table["method"].unique())
+    if not {"contribution", "random"} <= methods:
+        raise ValueError(f"the atlas reads ident's contribution and random units; it holds "
+                         f"{', '.join(sorted(methods))}")
+    if int(ident.settings.get("top_k", top_k)) < top_k:
+        raise ValueError(f"top_k={top_k} but ident holds the top {ident.settings['top_k']} units "
+                         "per noun; identify with a larger top_k")
+    return covered_images(ident, images)
 
 
 def _atlas_rows(found, unit_examples: UnitExamples, nouns_of, sums, units_per_noun, min_frequency):

@@ -19,6 +19,9 @@ when the caller names the image set with a ``description`` (e.g. ``"scenes n=256
 the key hashes the weights (``W_U`` and every ``W_out``, as
 :func:`~mmneurons_utils.model.cache.weights_hash` does), the description and ``E``. Without a
 description nothing is cached (the images alone are not a stable key).
+
+Images an :class:`~mmneurons_utils.method.identification.Identification` holds with their
+image activations need no pass at all: :func:`identification_examples` reads them from it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..store.provenance import image_hashes, images_digest
+from ..store.provenance import image_hash, image_hashes, images_digest
 from ..store.results import atomic_write
 from ..properties.specificity import image_unit_scores
 from ..model.cache import cache_dir, weights_hash
@@ -169,6 +172,43 @@ def dataset_examples(vlm, images: Sequence, examples: int = 8, batch_size: int =
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(result.state_dict(), tmp))
     return result
+
+
+def identification_examples(ident, examples: int = 8) -> UnitExamples:
+    """Every unit's ``examples`` top images at both ends over the images of ``ident`` (an
+    :class:`~mmneurons_utils.method.identification.Identification` made with
+    ``image_activations=True``), read from its captions' activations: no model pass. Equal to
+    :func:`dataset_examples` of its images up to the numerics of the batch (its activations are
+    those of the identification's generation)."""
+    check_image_activations(ident)
+    shape = ident.captions[0].activations.image.shape if ident.n_images else (0, 0, 0)
+    stream = ExampleStream(int(shape[0]), int(shape[-1]), examples)
+    stream.add(ident.captions)
+    return stream.result(f"identification of {ident.n_images} images")
+
+
+def check_image_activations(ident) -> None:
+    """``ValueError`` unless every caption of ``ident`` holds activations at the image tokens."""
+    if any(c.activations is None or c.activations.image is None for c in ident.captions):
+        raise ValueError("this identification has no activations at the image tokens: identify "
+                         "with image_activations=True")
+
+
+def covered_images(ident, images: Sequence) -> int:
+    """How many of ``images`` ``ident`` holds: ``ident.n_images``, its images being the first ones
+    of ``images`` (checked by content hash when ``ident`` records them); ``ValueError`` when they
+    are not, or ``ident`` lacks the image-token activations."""
+    if ident is None:
+        return 0
+    n = ident.n_images
+    if n > len(images):
+        raise ValueError(f"the identification covers {n} images, only {len(images)} are given")
+    check_image_activations(ident)
+    hashes = ident.identity.get("images")
+    if hashes is not None and [image_hash(image) for image in list(images[:n])] != list(hashes):
+        raise ValueError(f"the identification's images are not the first {n} images given "
+                         "(their contents differ)")
+    return n
 
 
 def _load_cache(path):

@@ -28,6 +28,7 @@ import pandas as pd
 
 from ..method.units import Unit
 from ..store.results import atomic_write
+from .examples import covered_images
 from ..properties.specificity import patch_grid, unit_maps, upsample
 
 _STYLE = """
@@ -62,7 +63,8 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
                       captions: Sequence[str] | None = None, title: str = "Neuron atlas",
                       meta: dict | None = None, cards_per_noun: int = 3,
                       examples_per_card: int = 4, thumb: int = 64, batch_size: int = 16,
-                      progress: bool = False, names: Sequence[str] | None = None) -> Path:
+                      progress: bool = False, names: Sequence[str] | None = None,
+                      ident=None) -> Path:
     """Write the atlas page to ``path`` (atomically) and return it.
 
     ``table``: :func:`~mmneurons_utils.atlas.build.build_atlas` rows; ``images``: the images its
@@ -70,12 +72,17 @@ def render_atlas_html(vlm, table: pd.DataFrame, images: Sequence, path: str | Pa
     ``meta``: key → value pairs shown under the title; ``names``: the images' file names
     (thumbnails are named by them, else by their index). Maps need the example images'
     activations: those images (at most ``nouns × cards_per_noun × examples_per_card``)
-    are run once more through the model, ``batch_size`` at a time (prefill only).
+    are run once more through the model, ``batch_size`` at a time (prefill only), except those
+    that ``ident`` holds: the :class:`~mmneurons_utils.method.identification.Identification` of
+    the first ``ident.n_images`` of ``images`` (with image activations), whose maps are read
+    from its captions' activations.
     """
+    covered = covered_images(ident, images)
     is_generic = table["generic"].eq(True) if "generic" in table else pd.Series(False, index=table.index)
     generic = table[is_generic].drop_duplicates(["layer", "unit"])
     shown = _shown_rows(table[~is_generic], cards_per_noun)
-    thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress)
+    thumbs = _thumbnails(vlm, shown, images, examples_per_card, thumb, batch_size, progress,
+                         ident.captions[:covered] if covered else [])
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"{GENERATOR}<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
@@ -150,8 +157,10 @@ def _card(row, thumbs: dict, captions, examples_per_card: int, names=None) -> st
             f"<div class='tokens'>{tokens}</div>{stats}<div class='thumbs'>{''.join(images)}</div></div>")
 
 
-def _thumbnails(vlm, shown: pd.DataFrame, images, examples_per_card, thumb, batch_size, progress):
-    """``(image, layer, unit, polarity)`` → data URI of the thumbnail with that unit's map."""
+def _thumbnails(vlm, shown: pd.DataFrame, images, examples_per_card, thumb, batch_size, progress,
+                known=()):
+    """``(image, layer, unit, polarity)`` → data URI of the thumbnail with that unit's map;
+    ``known``: the captions (with image activations) of the first images, not run again."""
     from tqdm.auto import tqdm
 
     wanted: dict[int, list[tuple[int, int, int]]] = {}
@@ -161,12 +170,18 @@ def _thumbnails(vlm, shown: pd.DataFrame, images, examples_per_card, thumb, batc
     order = sorted(wanted)
     grid = patch_grid(vlm) if order else None
     out: dict[tuple, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="atlas page", disable=not progress):
-        batch = order[start:start + batch_size]
+    read = [i for i in order if i < len(known)]           # their activations are at hand
+    run = [i for i in order if i >= len(known)]
+    batches = ([read] if read else []) + [run[s:s + batch_size] for s in range(0, len(run), batch_size)]
+    for batch in tqdm(batches, desc="atlas page", disable=not progress):
         pictures = [images[i].convert("RGB").resize((thumb, thumb)) for i in batch]
-        captions = (vlm.describe([images[i] for i in batch], max_new_tokens=1, batch_size=len(batch),
-                                 activation="down_proj_input", image_activations=True)
-                    if grid is not None else [None] * len(batch))
+        if grid is None:
+            captions = [None] * len(batch)
+        elif batch is read:
+            captions = [known[i] for i in batch]
+        else:
+            captions = vlm.describe([images[i] for i in batch], max_new_tokens=1, batch_size=len(batch),
+                                    activation="down_proj_input", image_activations=True)
         for index, picture, caption in zip(batch, pictures, captions):
             units = sorted(set(wanted[index]))
             if grid is None:

@@ -14,15 +14,20 @@ from .properties import METHOD_COLOURS, heatmap_overlay
 
 
 def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.7,
-                  attribution: str = ATTRIBUTION):
+                  attribution: str = ATTRIBUTION, ident=None):
     """A unit's top dataset images side by side, each overlaid with the unit's map ``p · a``
     (upsampled, 95th-percentile mask as a contour; the plain image for models without a
     patch grid).
 
     ``row``: an atlas row (or dict) with ``layer, unit, polarity, example_images`` and
     optionally ``example_scores`` and ``noun``; ``images``: the images those indices name;
-    ``captions``: their caption texts (shown under each image). Returns the figure.
+    ``captions``: their caption texts (shown under each image; default: ``ident``'s texts for
+    the images it holds). ``ident``: the :class:`~mmneurons_utils.method.identification.
+    Identification` of the first ``ident.n_images`` of ``images`` (with image activations):
+    the maps of those images are read from it, the others' need a prefill. Returns the figure.
     """
+    from ..atlas.examples import covered_images
+
 
     get = row.get if isinstance(row, dict) else row.__getitem__
     indices = [int(i) for i in list(get("example_images"))[:n]]
@@ -31,12 +36,18 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     fig, axes = plt.subplots(1, max(len(indices), 1), figsize=(width * max(len(indices), 1), width + 0.8),
                              squeeze=False)
     grid = patch_grid(vlm)
-    caps = (vlm.describe([images[i] for i in indices], max_new_tokens=1, activation="down_proj_input",
-                         image_activations=True) if grid is not None and indices else [None] * len(indices))
+    covered = covered_images(ident, images)
+    run = [i for i in indices if i >= covered]            # not held by ident: one prefill
+    ran = (dict(zip(run, vlm.describe([images[i] for i in run], max_new_tokens=1,
+                                      activation="down_proj_input", image_activations=True)))
+           if grid is not None and run else {})
+    caps = [None if grid is None else ident.captions[i] if i < covered else ran[i] for i in indices]
+    if captions is None and covered:
+        captions = {i: ident.captions[i].text for i in range(covered)}
     for ax, index, score, cap in zip(axes.flat, indices, scores, caps):
         image = images[index].convert("RGB")
         title = f"#{index}" + (f"  {score:.2f}" if score is not None else "")
-        if captions is not None:
+        if captions is not None and (index in captions if isinstance(captions, dict) else True):
             title += "\n" + "\n".join(textwrap.wrap(str(captions[index]), 22)[:2])
         if cap is None:
             ax.imshow(image)

@@ -1,6 +1,7 @@
 """The neuron browser: pick an image and a noun; its top units; a unit's heatmap and top tokens.
 
-    explorer = NeuronExplorer(vlm, scenes, top_k=10)
+    ident = identify(vlm, scenes.images, image_activations=True, ...)   # or session.identify(scenes)
+    explorer = NeuronExplorer(vlm, scenes, ident, top_k=10)
     view = explorer.view()      # static default state: caption, units table, figures
     explorer.show()             # live controls (a kernel front end needed)
 
@@ -15,13 +16,18 @@ are not a patch grid (InstructBLIP's queries) show the units and top tokens, no 
 
 Opt-in, the selected unit's **dataset strip** (its top images over a dataset, in its
 polarity, each with its map; :meth:`NeuronExplorer.dataset_strip`): ``examples=True``
-gathers the examples of every unit over the picker's scenes (one prefill pass, on the first
-strip), or pass a :class:`~mmneurons_utils.atlas.examples.UnitExamples` (e.g. an atlas run's
+gathers the examples of every unit over the picker's scenes (read from the identification's
+activations when it holds them all, else one prefill pass, on the first strip), or pass a
+:class:`~mmneurons_utils.atlas.examples.UnitExamples` (e.g. an atlas run's
 ``parts["examples"]``) with ``example_images``, the images (or scenes) it indexes. Each
-unit's strip is drawn once (a prefill of its ``strip_n`` images and one figure) and kept.
+unit's strip is drawn once (one figure; a prefill of the images the identification lacks) and kept.
 
-One image change costs one captioning pass with activations recorded (the scores and the
-maps share it) and one heatmap render; ``last_update_s`` holds the time of the last one.
+The browser reads everything about the scenes from their
+:class:`~mmneurons_utils.method.identification.Identification` (captions, activations, the
+``contribution`` units): a change to one of its images captions and identifies nothing, it
+reads the rows and renders one heatmap. Only an image it does not hold (an upload, scenes
+redrawn with another seed) costs one captioning pass with activations recorded (the scores
+and the maps share it). ``last_update_s`` holds the time of the last change.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from ..method.units import Unit
 from ..data.objects import boxes_for
 from .pickers import ImagePicker, TokenPicker
 from ..properties import specificity
-from ..atlas.examples import UnitExamples, dataset_examples
+from ..atlas.examples import UnitExamples, covered_images, dataset_examples, identification_examples
+from ..method.identification import Identification
 from ..method.identify import check_top_k, find_neurons
 from .. import plots
 from ..plots.atlas import example_strip
@@ -58,9 +65,13 @@ class BrowserView(NamedTuple):
 class NeuronExplorer:
     """Browse the multi-modal neurons of one image.
 
-    ``scenes``: the scenes to pick from (default ``make_scenes(n_images, seed)``);
-    ``index``: the starting scene (default: the first whose caption names something).
-    ``image`` and ``noun`` are the two dropdowns (kept for scripts that set them).
+    ``scenes``: the scenes (or images of an ``ImageSet``) to pick from; ``ident``: their
+    :class:`Identification` (its images are the first ``ident.n_images`` scenes, checked by
+    content; made with ``image_activations=True`` and the ``contribution`` method; ``top_k`` at
+    most its ``top_k``): the captions, maps and units of those scenes are read from it.
+    ``top_k``: the units listed per noun. ``index``: the starting scene (default: the first
+    whose caption names something). ``image`` and ``noun`` are the two dropdowns (kept for
+    scripts that set them).
 
     ``examples``: show the selected unit's dataset strip (``strip_n`` images): ``True`` for
     the picker's scenes (gathered once per scene list), or a ``UnitExamples`` whose image
@@ -68,13 +79,26 @@ class NeuronExplorer:
     (``None``) by default: the strip costs a prefill of its images per new unit.
     """
 
-    def __init__(self, vlm, scenes=None, top_k: int = 10, seed: int = 0, n_images: int = 24,
+    def __init__(self, vlm, scenes, ident: Identification, top_k: int = 10, seed: int = 0,
                  index: int | None = None, heat_px: int = 200, examples=None,
                  example_images=None, strip_n: int = 6):
 
+        if not isinstance(ident, Identification):
+            raise TypeError(f"NeuronExplorer takes the scenes' Identification, got {type(ident).__name__}")
         self.vlm, self.top_k, self.heat_px = vlm, check_top_k(vlm, top_k), heat_px
+        if "contribution" not in set(ident.table["method"]):
+            raise ValueError("the identification has no contribution units; identify with "
+                             "methods including 'contribution'")
+        held = int(ident.settings.get("top_k", int(ident.table["rank"].max()) + 1 if len(ident.table) else top_k))
+        if top_k > held:
+            raise ValueError(f"top_k={top_k} but the identification holds the top {held} units per "
+                             "noun; identify with a larger top_k")
         self.grid = specificity.patch_grid(vlm)
-        self.picker = ImagePicker(scenes, seed=seed, n=n_images)
+        self.picker = ImagePicker(scenes, seed=seed)
+        self.ident, self._covered = ident, covered_images(ident, [s.image for s in self.picker.scenes])
+        self._ident_seed = self.picker.seed.value
+        self._contribution = ident.table[(ident.table["method"] == "contribution")
+                                         & (ident.table["rank"] < top_k)]
         if not (examples is None or examples is True or isinstance(examples, UnitExamples)):
             raise ValueError(f"examples must be None, True or a UnitExamples, got {type(examples).__name__}")
         if example_images is not None and not isinstance(examples, UnitExamples):
@@ -92,8 +116,7 @@ class NeuronExplorer:
         if self.strip is not None:
             self.strip.add_class("mmn-strip")
         if index is None:
-            captions = vlm.describe([s.image for s in self.picker.scenes])
-            index = next((i for i, c in enumerate(captions) if c.nouns), 0)
+            index = next((i for i, c in enumerate(ident.captions) if c.nouns), 0)
         self.tokens = TokenPicker(vlm)
         self.units = W.Select(options=[], rows=min(top_k, 12), layout=W.Layout(width="360px"))
         self.heatmap = W.Image(format="png", width=heat_px)
@@ -113,11 +136,26 @@ class NeuronExplorer:
         self.units.observe(lambda _: self._unit_changed(), names="value")
 
     # -- state ------------------------------------------------------------------------
-    def _analyse(self):
-        """Caption the picked image once (activations at the image tokens too) and score it."""
+    def ident_image(self) -> int | None:
+        """The picked image's position in the identification (``None``: an upload, scenes
+        redrawn with another seed, or a scene after the identified ones)."""
+        index = self.picker.index.value
+        if index < 0 or index >= self._covered or self.picker.seed.value != self._ident_seed:
+            return None
+        return index
 
+    def _analyse(self):
+        """The picked image's caption and units: the identification's, or for an image it does
+        not hold, one captioning pass (activations at the image tokens too) and its scores."""
+
+        index = self.ident_image()
+        if index is not None:
+            self._caption = self.ident.captions[index]
+            self._table = self._contribution[self._contribution["image"] == index]
+            return
         image = self.picker.image
         captions = self.vlm.describe([image], activation="down_proj_input",
+                                     max_new_tokens=int(self.ident.settings.get("max_new_tokens", 20)),
                                      image_activations=self.grid is not None)
         self._caption = captions[0]
         self._table = find_neurons(self.vlm, image, top_k=self.top_k, captions=captions)
@@ -135,7 +173,7 @@ class NeuronExplorer:
     def rows(self):
         """The picked noun's top units (``rank, layer, unit, polarity, score, top_tokens``)."""
         self._ensure()
-        rows = self._table[self._table.noun == self.tokens.value]
+        rows = self._table[self._table.noun == self.tokens.value].sort_values("rank", kind="stable")
         return rows[["rank", "layer", "unit", "polarity", "score", "top_tokens"]].reset_index(drop=True)
 
     def selected(self) -> dict | None:
@@ -185,8 +223,11 @@ class NeuronExplorer:
             items = self.picker.scenes
             cached = getattr(self, "_examples", None)
             if cached is None or cached[0] is not items or cached[1].examples < n:
-                self._examples = (items, dataset_examples(self.vlm, [s.image for s in items],
-                                                          examples=max(examples, n)))
+                whole = (self.picker.seed.value == self._ident_seed
+                         and self._covered == len(items))   # the identification holds them all
+                self._examples = (items, identification_examples(self.ident, max(examples, n)) if whole
+                                  else dataset_examples(self.vlm, [s.image for s in items],
+                                                        examples=max(examples, n)))
             found = self._examples[1]
         samples = all(hasattr(item, "image") for item in items)
         images = [item.image for item in items] if samples else items
@@ -208,7 +249,19 @@ class NeuronExplorer:
         indices, scores = found.top(unit["layer"], unit["unit"], unit["polarity"])
         row = dict(unit, example_images=indices[:n], example_scores=scores[:n])
         return example_strip(self.vlm, images, row, n=n, captions=captions,
-                             attribution=self.picker.attribution)
+                             attribution=self.picker.attribution, ident=self._strip_ident(images))
+
+    def _strip_ident(self, images):
+        """The identification when the strip's images start with its images (their maps are read
+        from it), else ``None``."""
+        if images is self._example_images:
+            if not hasattr(self, "_examples_ident"):
+                try:
+                    self._examples_ident = self.ident if covered_images(self.ident, images) else None
+                except ValueError:
+                    self._examples_ident = None
+            return self._examples_ident
+        return self.ident if self.picker.seed.value == self._ident_seed and self._covered else None
 
     def _strip_png(self, unit: dict | None) -> bytes:
         """The unit's strip as PNG bytes, drawn once per unit (and example source)."""

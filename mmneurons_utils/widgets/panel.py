@@ -25,11 +25,12 @@ class Panel:
         self.nouns = TokenPicker(description=noun_description)
         self.out = W.Output()
         self._shown = False
-        self._table_seed = self.picker.seed.value   # a table given to a panel is of these scenes
+        self._table_seed = self.picker.seed.value   # an identification given to a panel is of these scenes
 
     def table_image(self) -> int | None:
-        """The picked scene's ``image`` value in a ``find_neurons`` table of the panel's first
-        scenes, or ``None`` (an upload, or scenes redrawn with another seed: not in the table)."""
+        """The picked scene's position among the panel's first scenes — its ``image`` in an
+        :class:`~mmneurons_utils.method.identification.Identification` of them (``ident.table``,
+        ``ident.captions[i]``) — or ``None`` (an upload, or scenes redrawn with another seed)."""
         index = self.picker.index.value
         return index if index >= 0 and self.picker.seed.value == self._table_seed else None
 

@@ -170,12 +170,15 @@ class ImagePicker(_Observable):
 class TokenPicker(_Observable):
     """One noun of a caption. ``set_image`` captions an image with ``vlm``; ``set_caption``
     takes a ``Caption`` (or a string and its nouns). The caption is shown with its nouns in
-    bold (``caption_html``, DOM class ``mmn-caption``); ``value`` is the picked noun."""
+    bold (``caption_html``, DOM class ``mmn-caption``); ``value`` is the picked noun.
+    :meth:`link` follows an :class:`ImagePicker`, reading the captions of the images an
+    :class:`~mmneurons_utils.method.identification.Identification` holds from it."""
 
     def __init__(self, vlm=None, image: Image.Image | None = None, caption=None,
                  nouns: Sequence[str] | None = None, description: str = "noun"):
         super().__init__()
         self.vlm = vlm
+        self.ident = None
         self.caption = None
         self.dropdown = W.Dropdown(options=[], description=description,
                                    layout=W.Layout(width="220px"))
@@ -219,10 +222,23 @@ class TokenPicker(_Observable):
         self.caption_html.value = self.html()
         self._fire()
 
-    def link(self, picker: ImagePicker) -> "TokenPicker":
-        """Re-caption whenever ``picker`` picks another image (and caption its current one)."""
-        picker.observe(lambda p: self.set_image(p.image))
-        self.set_image(picker.image)
+    def link(self, picker: ImagePicker, ident=None) -> "TokenPicker":
+        """Follow ``picker``: offer the nouns of each picked image's caption (now and on every
+        change). ``ident``: the :class:`~mmneurons_utils.method.identification.Identification`
+        of the picker's first scenes (checked by content): their captions are read from it,
+        only other images (uploads, another seed) are captioned with the picker's model."""
+        covered = 0 if ident is None else _covered_by_hash(ident, picker)
+        self.ident, seed = ident, picker.seed.value
+
+        def follow(p):
+            index = p.index.value
+            if 0 <= index < covered and p.seed.value == seed:
+                self.set_caption(ident.captions[index])
+            else:
+                self.set_image(p.image)
+
+        picker.observe(follow)
+        follow(picker)
         return self
 
     def select(self, noun: str) -> None:
@@ -257,3 +273,15 @@ class TokenPicker(_Observable):
 
     def show(self) -> None:
         display(self.widget())
+
+
+def _covered_by_hash(ident, picker: ImagePicker) -> int:
+    """``ident.n_images`` when its images are the picker's first scenes (content hashes)."""
+    from ..store.provenance import image_hash
+
+    n = ident.n_images
+    hashes = ident.identity.get("images")
+    images = [s.image for s in picker.scenes[:n]]
+    if len(images) < n or (hashes is not None and [image_hash(i) for i in images] != list(hashes)):
+        raise ValueError(f"the identification's {n} images are not the picker's first scenes")
+    return n
