@@ -1,10 +1,13 @@
 """Batch evaluation of edits: a pool of captioned images, source → target pairs, the
-edit table and its summary (the editing method itself is :mod:`mmneurons_utils.interventions.editing`).
+edit table and its summary (the editing method itself is :mod:`mmneurons_utils.interventions.editing`,
+the metrics :mod:`mmneurons_utils.properties.edit_metrics`).
 
-:func:`run_edit` edits on one part of a :class:`ImagePool` that says the source and
-measures generalisation and locality on parts it never saw; :func:`edit_table` does that
-for many pairs and unit choices, undoing each edit before the next; :func:`summarize_edits`
-averages success over every attempted pair and side effects over the applied edits only.
+:func:`request` splits a :class:`ImagePool` for one source → target pair and measures the clean
+reference once (the held-out and locality images captioned clean once); :func:`run_edit` edits on
+the part that says the source and measures generalisation and locality on parts it never saw;
+:func:`edit_table` does that for many pairs and unit choices, one request per pair shared by its
+unit choices, undoing each edit before the next; :func:`summarize_edits` averages success over
+every attempted pair and side effects over the applied edits only.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..interventions.editing import Edit, EditInputError, edit_token
+from ..interventions.editing import Edit, EditInputError, edit_token, measure
+from ..interventions.edit_inputs import target_token
 from ..model.nouns import says
+from ..properties.edit_metrics import ALIASES, CleanReference, clean_reference
 
 
 @dataclass
@@ -72,54 +77,125 @@ class ImagePool:
                     unrelated=without[:n_unrelated], locality=without[n_unrelated:stop])
 
 
+@dataclass
+class EditRequest:
+    """One source → target pair on a pool's split, made once and shared by every editor of the
+    pair: ``parts`` (:meth:`ImagePool.split`'s indices), the edit images' captions with
+    ``down_proj_input`` activations, the unrelated images' captions and the clean ``reference``
+    (:func:`~mmneurons_utils.properties.edit_metrics.clean_reference`)."""
+
+    source: str
+    target: str
+    parts: dict
+    images: list
+    unrelated: list
+    captions: list
+    unrelated_captions: list
+    reference: CleanReference
+
+
+def request(vlm, pool: ImagePool, source: str, target: str, n_edit: int | None = None,
+            n_unrelated: int = 8, n_locality: int | None = None, n_heldout: int | None = None,
+            extended: bool = False, max_new_tokens: int = 20) -> EditRequest:
+    """The :class:`EditRequest` of one pair: split, captions and the clean reference, each made
+    once (``n_heldout``: at most that many held-out images; ``extended``: the reference's text
+    probes too, for the editor comparison)."""
+    target_id = target_token(vlm, target)
+    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
+    pick = lambda key: [pool.images[i] for i in parts[key]]
+    images, unrelated = pick("edit"), pick("unrelated")
+    heldout = pick("heldout")[:n_heldout] if n_heldout is not None else pick("heldout")
+    captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
+    others = vlm.describe(unrelated, max_new_tokens=max_new_tokens) if unrelated else []
+    ref = clean_reference(vlm, source, target, target_id, images, heldout, pick("locality"),
+                          max_new_tokens=max_new_tokens, edit_captions=captions, extended=extended)
+    return EditRequest(source, target, parts, images, unrelated, captions, others, ref)
+
+
+def finish(edit: Edit, req: EditRequest, keep: bool = False) -> Edit:
+    """Measure ``edit`` against the request's reference into its report (its ``n_edit`` and the
+    pool's excluded images added to ``n_excluded_target``); undone unless ``keep``."""
+    try:
+        measure(edit, req.reference)
+        edit.report.update(n_edit=len(req.parts["edit"]),
+                           n_excluded_target=edit.report.n_excluded_target + len(req.parts["excluded_target"]))
+    finally:
+        if not keep:
+            edit.undo()
+    return edit
+
+
 def run_edit(vlm, pool: ImagePool, source: str, target: str, k: int = 5,
              method: str = "contribution", units=None, n_edit: int | None = None,
              n_unrelated: int = 8, n_locality: int | None = None, seed: int = 0,
-             keep: bool = False, **kwargs) -> Edit:
+             keep: bool = False, req: EditRequest | None = None, **kwargs) -> Edit:
     """Edit on a pool's split and evaluate on its held-out parts; undone unless ``keep``.
 
     ``units`` / ``method`` / ``k`` as in :func:`~mmneurons_utils.interventions.editing.edit_token`. Images
     saying both the source and the target are left out (``n_excluded_target``). A failed,
     unapplied edit gets NaN side effects (:meth:`~mmneurons_utils.interventions.editing.EditReport.not_applied`).
+    ``req``: the pair's :class:`EditRequest` if already made (:func:`request`).
     """
-    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
-    pick = lambda key: [pool.images[i] for i in parts[key]]
-    edit = edit_token(vlm, pick("edit"), source, target, units=units, method=method, k=k,
-                      unrelated=pick("unrelated"), seed=seed, **kwargs)
-    edit.measure_side_effects(pick("heldout"), pick("locality"))
-    edit.report.update(n_edit=len(parts["edit"]),
-                       n_excluded_target=edit.report.n_excluded_target + len(parts["excluded_target"]))
-    if not keep:
-        edit.undo()
-    return edit
+    if req is None:
+        req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality,
+                      max_new_tokens=kwargs.get("max_new_tokens", 20))
+    edit = edit_token(vlm, req.images, source, target, units=units, method=method, k=k,
+                      unrelated=req.unrelated, seed=seed, captions=req.captions,
+                      unrelated_captions=req.unrelated_captions, **kwargs)
+    return finish(edit, req, keep)
+
+
+TABLE_METRICS = ("reliability", "reliability_free", "m_generality", "m_generality_free",
+                 "m_locality", "m_locality_free")
+"""The EasyEdit-style columns of :func:`edit_table`, after the package's own
+(``success`` = ``reliability_free``, ``generalization`` = ``m_generality_free``,
+``locality`` = ``m_locality_free``)."""
+
+
+def edit_row(edit: Edit) -> dict:
+    """The table columns of one measured edit (``applied``: it was put in the weights and
+    measured, i.e. its report's ``accepted``)."""
+    m = edit.report
+    nan = np.nan
+
+    def get(name, default=nan):
+        value = getattr(m, name)
+        return default if value is None else value
+
+    return dict(applied=bool(m.accepted), success=m.reliability_free,
+                generalization=get("m_generality_free"), locality=get("m_locality_free"),
+                locality_kl=get("locality_kl"), converged=m.converged, final_margin=m.final_margin,
+                steps=m.steps, weight_norm=m.weight_norm, relative_norm=m.relative_norm,
+                n_edit=m.n_edit, n_heldout=get("n_heldout", 0), n_locality=get("n_locality", 0),
+                n_excluded_target=m.n_excluded_target, **{k: get(k) for k in TABLE_METRICS})
 
 
 def edit_table(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
                configs: Sequence[tuple[str, int]] = (("contribution", 5), ("random", 5)),
-               seed: int = 0, progress: bool = False, **kwargs) -> pd.DataFrame:
+               seed: int = 0, progress: bool = False, n_edit: int | None = None,
+               n_unrelated: int = 8, n_locality: int | None = None, **kwargs) -> pd.DataFrame:
     """Tidy table, one row per (source, target, units, n_neurons): every edit's metrics.
 
     ``configs``: ``(method, k)`` settings to compare (e.g. the paper's neurons vs the same
     number of random units, and more or fewer neurons); the table names them in its
-    ``units`` and ``n_neurons`` columns. Each edit is undone before the next one.
+    ``units`` and ``n_neurons`` columns. Each pair's split, captions and clean reference are
+    made once (:func:`request`); each edit is undone before the next one.
     ``applied``: the edit was put in the weights and measured; the side-effect columns of
-    the others are NaN (see :mod:`mmneurons_utils.interventions.editing`).
+    the others are NaN (see :mod:`mmneurons_utils.interventions.editing`). Columns: the
+    package's (``success``, ``generalization``, ``locality``, ``locality_kl``, …) and the
+    EasyEdit-style :data:`TABLE_METRICS`.
     """
     from tqdm.auto import tqdm
 
     rows = []
     jobs = [(s, t, m, k) for s, t in pairs for m, k in configs]
+    req = None
     for source, target, method, k in tqdm(jobs, desc="edits", disable=not progress):
-        edit = run_edit(vlm, pool, source, target, k=k, method=method, seed=seed, **kwargs)
-        m = edit.metrics
-        rows.append(dict(source=source, target=target, units=method, n_neurons=k,
-                         applied=bool(m["applied"]),
-                         success=m["success"], generalization=m.get("generalization", np.nan),
-                         locality=m.get("locality", np.nan), locality_kl=m.get("locality_kl", np.nan),
-                         converged=m["converged"], final_margin=m["final_margin"], steps=m["steps"],
-                         weight_norm=m["weight_norm"], relative_norm=m["relative_norm"],
-                         n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0),
-                         n_locality=m.get("n_locality", 0), n_excluded_target=m["n_excluded_target"]))
+        if req is None or (req.source, req.target) != (source, target):
+            req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality,
+                          max_new_tokens=kwargs.get("max_new_tokens", 20))
+        edit = run_edit(vlm, pool, source, target, k=k, method=method, seed=seed, req=req, **kwargs)
+        rows.append(dict(source=source, target=target, units=method, n_neurons=k, **edit_row(edit)))
     return pd.DataFrame(rows)
 
 

@@ -1,10 +1,11 @@
 """Every editor on the same requests, scored with the field's metrics: the table people quote.
 
 :func:`evaluate_editor` runs one editor (:func:`~mmneurons_utils.interventions.editors.edit_with`)
-on one pool split, with the package's own keys (``success``, ``generalization``, ``locality``,
-``locality_kl``; :meth:`~mmneurons_utils.interventions.editing.Edit.measure_side_effects`) and
-EasyEdit's (:mod:`mmneurons_utils.properties.edit_metrics`). :func:`compare_editors` does that for
-pairs × editors (resumable: rows already in ``out`` are skipped) and :func:`summarize_editors`
+on one pool split and scores it with the one metrics suite
+(:mod:`mmneurons_utils.properties.edit_metrics`): EasyEdit's keys and the package's own
+(``success``, ``generalization``, ``locality``, ``locality_kl``: the free-running readings).
+:func:`compare_editors` does that for pairs × editors, the clean reference of a pair made once for
+all its editors (resumable: rows already in ``out`` are skipped) and :func:`summarize_editors`
 gives each editor's means with percentile-bootstrap 95 % intervals over pairs. From a shell:
 ``mmneurons compare-editors`` (:mod:`mmneurons_utils.commands.report`; ``python -m
 mmneurons_utils.batch.editor_comparison`` is an alias of it).
@@ -30,14 +31,14 @@ import pandas as pd
 from ..interventions.editors import EDITORS, WEIGHT_EDITORS, edit_with
 from ..interventions.edit_inputs import target_token
 from ..interventions.edit_learning import EditInputError
-from ..properties.edit_metrics import METRIC_KEYS, clean_reference, edit_metrics
+from ..properties.edit_metrics import METRIC_KEYS
 from ..model.cache import weights_hash
 from ..model.vlm import load_vlm
 from ..properties.stats import bootstrap_ci
 from ..store.provenance import differences
 from ..store.results import atomic_write
 from ..tiny.scenes import make_scenes
-from .edit_evaluation import ImagePool, default_pairs
+from .edit_evaluation import EditRequest, ImagePool, default_pairs, finish, request
 
 DEFAULT_CONFIGS = (("contribution", 5), ("contribution", 1), ("contribution", 20), ("gradient", 5),
                    ("gradient_image", 5), ("random", 5), ("ft", 5), ("lora", 5), ("rome", 5))
@@ -49,43 +50,34 @@ JSON_KEYS = ("method", "k", "params_changed", "applied", "seconds") + METRIC_KEY
 def evaluate_editor(vlm, pool: ImagePool, source: str, target: str, method: str = "contribution",
                     k: int = 5, n_edit: int = 2, n_unrelated: int = 4, n_locality: int = 6,
                     n_heldout: int | None = 4, n_covariance: int = 64, seed: int = 0,
-                    keep: bool = False, progress: bool = False, **settings):
+                    keep: bool = False, progress: bool = False, req: EditRequest | None = None,
+                    **settings):
     """``(edit, row)``: ``method`` edits ``source`` → ``target`` on a split of ``pool`` (see
     :meth:`ImagePool.split`; at most ``n_heldout`` held-out images) and is scored on the rest.
     ``rome``'s key covariance comes from the pool's first ``n_covariance`` images. The edit is
-    undone unless ``keep``."""
-    target_id = target_token(vlm, target)
-    parts = pool.split(source, n_edit, n_unrelated, n_locality, target=target)
-    pick = lambda key: [pool.images[i] for i in parts[key]]
-    heldout = pick("heldout")[:n_heldout] if n_heldout is not None else pick("heldout")
-    ref = clean_reference(vlm, source, target, target_id, pick("edit"), heldout, pick("locality"))
+    undone unless ``keep``. ``req``: the pair's request (split, captions, clean reference with
+    the text probes) if already made, e.g. for another editor of the same pair."""
+    if req is None:
+        req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality, n_heldout,
+                      extended=True, max_new_tokens=settings.get("max_new_tokens", 20))
     start = time.perf_counter()
-    edit = edit_with(vlm, pick("edit"), source, target, method, unrelated=pick("unrelated"),
+    edit = edit_with(vlm, req.images, source, target, method, unrelated=req.unrelated,
                      covariance_images=pool.images[:n_covariance], progress=progress, k=k,
-                     seed=seed, **settings)
+                     seed=seed, captions=req.captions, unrelated_captions=req.unrelated_captions,
+                     **settings)
     seconds = time.perf_counter() - start
-    try:
-        edit.measure_side_effects(heldout, pick("locality"))
-        edit.report.update(n_edit=len(parts["edit"]),
-                           n_excluded_target=edit.report.n_excluded_target + len(parts["excluded_target"]))
-        if edit.applied:
-            metrics = edit_metrics(vlm, ref)
-        else:   # nothing in the weights: success-type 0 (nothing flipped), side effects unknown
-            metrics = {key: math.nan for key in METRIC_KEYS}
-            metrics.update(reliability=0.0, reliability_free=0.0, text_transfer=0.0)
-    finally:
-        if not keep:
-            edit.undo()
-    m = edit.metrics
+    finish(edit, req, keep)
+    m = edit.report
+    get = lambda name, default=math.nan: default if getattr(m, name) is None else getattr(m, name)  # noqa: E731
     row = dict(source=source, target=target, method=method, k=k, layer=edit.layer,
-               applied=bool(m["applied"]), converged=bool(m["converged"]), steps=m["steps"],
-               final_margin=m["final_margin"], params_changed=edit.params_changed,
+               applied=bool(m.accepted), converged=bool(m.converged), steps=m.steps,
+               final_margin=m.final_margin, params_changed=edit.params_changed,
                params_trained=edit.params_trained, seconds=seconds,
-               success=m["success"], generalization=m.get("generalization", math.nan),
-               locality=m.get("locality", math.nan), locality_kl=m.get("locality_kl", math.nan),
-               **{key: metrics[key] for key in METRIC_KEYS},
-               n_edit=m["n_edit"], n_heldout=m.get("n_heldout", 0), n_locality=m.get("n_locality", 0),
-               n_excluded_target=m["n_excluded_target"])
+               success=m.reliability_free, generalization=get("m_generality_free"),
+               locality=get("m_locality_free"), locality_kl=get("locality_kl"),
+               **{key: get(key) for key in METRIC_KEYS},
+               n_edit=m.n_edit, n_heldout=get("n_heldout", 0), n_locality=get("n_locality", 0),
+               n_excluded_target=m.n_excluded_target)
     return edit, row
 
 
@@ -165,10 +157,16 @@ def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     for source, target in tqdm(list(pairs), desc="pairs", disable=not progress):
         if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
             break
+        req = None     # the pair's split, captions and clean reference: made once for its editors
         for method, k in configs:
             if (source, target, method, k) in seen:
                 continue
-            _, row = evaluate_editor(vlm, pool, source, target, method, k, **kwargs)
+            if req is None:
+                req = request(vlm, pool, source, target, kwargs.get("n_edit", 2),
+                              kwargs.get("n_unrelated", 4), kwargs.get("n_locality", 6),
+                              kwargs.get("n_heldout", 4), extended=True,
+                              max_new_tokens=kwargs.get("max_new_tokens", 20))
+            _, row = evaluate_editor(vlm, pool, source, target, method, k, req=req, **kwargs)
             rows.append(row)
             if path is not None:   # the whole table, through a temporary file: never half a row
                 table = pd.DataFrame(rows)

@@ -9,18 +9,26 @@ edited) at every other step and at every step of the unrelated images' captions,
 ``norm_weight · ‖Δ‖² / ‖W_out[:, units]‖²``. Training stops as soon as the target beats every
 other token by ``stop_margin`` logits at the source step of every edit image, or after
 ``steps`` steps (then the edit did not converge).
+
+Learning is cached in memory by its settings (:data:`EDIT_CACHE`): the same request on the same
+weights returns the deltas learned the first time instead of running Adam again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Sequence
+import copy
+import hashlib
+from collections import OrderedDict
+from dataclasses import astuple, dataclass, field, fields
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..method.identify import METHODS
+from ..model.cache import weights_hash
+from ..store.provenance import image_hash
 from ..model.teacher_forcing import caption_logits, teacher_forced_inputs
 from .ablation import added_deltas, column_snapshot
 from .causal import margin_and_prob
@@ -88,18 +96,84 @@ class LearnedDeltas:
         return len(self.history) - 1
 
 
+class EditCache:
+    """What edits learned, in memory, keyed by everything that decides it (:func:`edit_key`):
+    the model object and a hash of its weights (``W_U`` and every ``W_out``, full bytes: an
+    applied edit or ablation changes it), the content hashes of the edit and unrelated images,
+    their caption token ids and source steps, the target token, the units (or the editor and its
+    layer), every :class:`EditConfig` field and the editor's own inputs (ROME's covariance
+    images). A hit returns a copy (the cached tensors are never handed out); ``hits`` /
+    ``misses`` count lookups; the oldest of more than ``size`` entries is dropped."""
+
+    def __init__(self, size: int = 256):
+        self.size, self.hits, self.misses = size, 0, 0
+        self._store: OrderedDict[str, object] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.hits = self.misses = 0
+
+    def get(self, key: str | None, compute: Callable[[], object]):
+        """The value cached under ``key`` (a copy), else ``compute()``, stored (``key=None``:
+        not cached)."""
+        if key is None:
+            return compute()
+        if key in self._store:
+            self.hits += 1
+            self._store.move_to_end(key)
+            return copy.deepcopy(self._store[key])
+        self.misses += 1
+        value = compute()
+        self._store[key] = copy.deepcopy(value)
+        while len(self._store) > self.size:
+            self._store.popitem(last=False)
+        return value
+
+
+EDIT_CACHE = EditCache()
+"""The session's cache of learned edits (``EDIT_CACHE.clear()`` empties it)."""
+
+
+def edit_key(vlm, kind: str, images: Sequence, captions: Sequence, source_steps: Sequence[int],
+             target_id: int, units, unrelated: Sequence, unrelated_captions: Sequence,
+             config: EditConfig, extra: Sequence = ()) -> str:
+    """The settings of one learned edit as a hex key (see :class:`EditCache`)."""
+    digest = hashlib.blake2b(digest_size=20)
+    parts = [kind, id(vlm.model), vlm.name, weights_hash(vlm),
+             [image_hash(im) for im in images], [list(c.token_ids) for c in captions],
+             [int(s) for s in source_steps], int(target_id),
+             np.asarray(units, dtype=np.int64).tolist() if units is not None else None,
+             [image_hash(im) for im in unrelated], [list(c.token_ids) for c in unrelated_captions],
+             astuple(config), list(extra)]
+    digest.update(repr(parts).encode())
+    return digest.hexdigest()
+
+
 def learn_deltas(vlm, images: Sequence, captions: Sequence, source_steps: Sequence[int],
                  target_id: int, units: np.ndarray, unrelated: Sequence = (),
                  unrelated_captions: Sequence = (), config: EditConfig = EditConfig(),
-                 progress: bool = False, label: str = "edit") -> LearnedDeltas:
+                 progress: bool = False, label: str = "edit", cache: bool = True) -> LearnedDeltas:
     """Learn one delta per write vector of ``units`` so that each of ``images`` says
     ``target_id`` at its ``source_steps`` step (of its ``captions``), leaving the
     ``unrelated_captions`` of ``unrelated`` alone.
 
     Pure: the weights are never written (the deltas act through a forward hook, removed on
     exit) and every parameter's ``requires_grad`` is restored, also on an exception.
+    ``cache``: serve the same request on the same weights from :data:`EDIT_CACHE`.
     """
     units = np.asarray(units, dtype=np.int64)
+    key = (edit_key(vlm, "deltas", images, captions, source_steps, target_id, units, unrelated,
+                    unrelated_captions, config) if cache else None)
+    return EDIT_CACHE.get(key, lambda: _learn_deltas(vlm, images, captions, source_steps, target_id,
+                                                     units, unrelated, unrelated_captions, config,
+                                                     progress, label))
+
+
+def _learn_deltas(vlm, images, captions, source_steps, target_id, units, unrelated,
+                  unrelated_captions, config, progress, label) -> LearnedDeltas:
     batch = EditBatch.build(vlm, list(images), list(captions), source_steps,
                              list(unrelated), list(unrelated_captions))
     originals = column_snapshot(vlm, units)

@@ -32,9 +32,17 @@ progresses). Training **stops** as soon as the target beats every other token by
 forward), or after ``steps`` steps: then the edit did not converge and is reported as
 failed with its final margin, and the weights are left untouched unless ``keep_failed``.
 
-**Result.** An :class:`Edit` with the metrics, ``undo()`` (bit-for-bit restore of the
-cloned original columns), ``apply()`` (re-apply the same edit), ``evaluate()``
-(generalisation and locality on held-out images) and ``save_pretrained()``.
+**Result.** An :class:`Edit`: weight state only — ``apply()`` / ``undo()`` (bit-for-bit
+restore of the cloned original columns), a context manager, ``save_pretrained()`` — and its
+``report`` (:class:`EditReport`), the one place the edit's outcome lives (converged, steps,
+margin, captions, metrics). ``edit.applied`` and ``report.applied`` read the weight state
+live, so an ``undo()`` shows everywhere; ``report.accepted`` says whether the edit was put in
+the weights and measured (converged, or ``keep_failed``).
+
+**Metrics** come from one suite, :mod:`mmneurons_utils.properties.edit_metrics` (EasyEdit's
+reliability / generality / locality, ``success`` / ``generalization`` / ``locality`` as aliases),
+against a clean reference captioned once: :func:`evaluate_edit` here, or
+:func:`~mmneurons_utils.batch.edit_evaluation.run_edit` for a pool.
 
 **Evaluation rules.** Success and generalisation count only images whose clean caption says
 the source and *not* the target (the others go to ``n_excluded_target``: losing the source
@@ -42,6 +50,9 @@ there is no flip). A failed edit is not applied (unless ``keep_failed``): succes
 keep saying the source), but locality, KL and generalisation NaN, as is generalisation with no
 held-out image. :func:`~mmneurons_utils.batch.edit_evaluation.summarize_edits` takes success over every attempted pair, side effects
 and ‖Δ‖ over the applied edits only.
+
+**Learning is cached** by its settings (:data:`~.edit_learning.EDIT_CACHE`): the same request
+on the same weights learns once per session.
 """
 
 from __future__ import annotations
@@ -51,37 +62,62 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..model.nouns import says
 from ..model.offload import write_columns
-from ..model.teacher_forcing import teacher_forced_logits
 from ..model.vlm import EMBEDDED_MARKER
+from ..properties import edit_metrics as M
+from ..properties.edit_metrics import ALIASES, flip_share
 from ..store.results import respect_umask
 from .edit_inputs import check_edit, choose_units, given_units, source_steps, target_token
-from .edit_learning import UNIT_CHOICES, EditConfig, EditInputError, LearnedDeltas, learn_deltas
+from .edit_learning import (EDIT_CACHE, UNIT_CHOICES, EditConfig, EditInputError, LearnedDeltas,
+                            learn_deltas)
 
-__all__ = ["Edit", "EditConfig", "EditInputError", "EditReport", "UNIT_CHOICES", "choose_units",
-           "edit_token", "flip_share", "target_token"]
+__all__ = ["EDIT_CACHE", "Edit", "EditConfig", "EditInputError", "EditReport", "UNIT_CHOICES",
+           "accept", "choose_units", "edit_token", "evaluate_edit", "flip_share", "target_token"]
+
+
+class WeightState:
+    """Whether an edit's deltas are in the weights now: one object, shared by the :class:`Edit`
+    that writes them and its :class:`EditReport`, so both read the same live state."""
+
+    __slots__ = ("applied",)
+
+    def __init__(self):
+        self.applied = False
+
+    def __repr__(self) -> str:
+        return f"WeightState(applied={self.applied})"
+
+
+# the report's order of the measured numbers (as_dict), the package's earlier names first
+_ORDER = ("converged", "final_margin", "steps", "n_neurons", "unit_choice", "weight_norm",
+          "relative_norm", "applied", "accepted", "success", "n_excluded_target", "generalization",
+          "n_heldout", "n_heldout_excluded", "locality", "locality_kl", "n_locality", "n_edit")
 
 
 @dataclass
 class EditReport:
-    """An edit's numbers, and the rule for an edit that was not applied.
+    """An edit's outcome — the only place it lives — and the rule for an edit not applied.
 
     Always: ``converged``, ``final_margin``, ``steps``, ``n_neurons``, ``unit_choice``
     (``"given"`` or the method that chose the units), ``weight_norm`` (‖Δ‖_F),
-    ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), ``applied`` (put in the weights and
-    measured: converged, or ``keep_failed``), ``success`` (share of the edit images whose new
-    caption says the target and not the source, over those whose clean caption did not already
-    say the target; NaN if none) and ``n_excluded_target`` (the images left out of it). Once
-    measured (``None`` before): ``generalization``, ``n_heldout``, ``n_heldout_excluded``,
-    ``locality``, ``locality_kl``, ``n_locality`` (:meth:`Edit.evaluate`) and ``n_edit``.
+    ``relative_norm`` (‖Δ‖_F / ‖W_out[:, units]‖_F), ``accepted`` (put in the weights and
+    measured: converged, or ``keep_failed``), ``reliability_free`` (alias ``success``: share of
+    the edit images whose new caption says the target and not the source, over those whose clean
+    caption did not already say the target; NaN if none), ``n_excluded_target`` (the images left
+    out of it) and the edit images' ``captions_before`` / ``captions_after``. Once measured
+    (``None`` before; :func:`~mmneurons_utils.properties.edit_metrics.edit_metrics`): every
+    metric of that module (``m_generality_free`` alias ``generalization``, ``m_locality_free``
+    alias ``locality``, ``locality_kl``, …), ``n_heldout``, ``n_heldout_excluded``,
+    ``n_locality`` and ``n_edit``.
+
+    ``applied`` is not stored: it reads the edit's weight state now (``False`` after ``undo()``).
     """
 
     converged: bool
@@ -91,16 +127,41 @@ class EditReport:
     unit_choice: str
     weight_norm: float
     relative_norm: float
-    applied: bool = False
-    success: float = math.nan
+    accepted: bool = False
+    reliability_free: float = math.nan
     n_excluded_target: int = 0
-    generalization: float | None = None
+    captions_before: list = field(default_factory=list)
+    captions_after: list = field(default_factory=list)
+    reliability: float | None = None
+    m_generality: float | None = None
+    m_generality_free: float | None = None
     n_heldout: int | None = None
     n_heldout_excluded: int | None = None
-    locality: float | None = None
+    m_locality: float | None = None
+    m_locality_free: float | None = None
     locality_kl: float | None = None
     n_locality: int | None = None
     n_edit: int | None = None
+    t_generality: float | None = None
+    t_generality_free: float | None = None
+    n_t_generality: int | None = None
+    t_locality: float | None = None
+    t_locality_free: float | None = None
+    no_image_locality: float | None = None
+    text_transfer: float | None = None
+    decoupling: float | None = None
+    text_logit_gain: float | None = None
+    state: WeightState = field(default_factory=WeightState, repr=False, compare=False)
+
+    @property
+    def applied(self) -> bool:
+        """Whether the edit's deltas are in the weights now (live: ``undo()`` makes it False)."""
+        return self.state.applied
+
+    # the package's earlier names of the free-running metrics
+    success = property(lambda self: self.reliability_free)
+    generalization = property(lambda self: self.m_generality_free)
+    locality = property(lambda self: self.m_locality_free)
 
     def not_applied(self, n_heldout: int, n_locality: int) -> None:
         """The rule for a failed, unapplied edit: nothing was put in the weights, so no side
@@ -108,11 +169,15 @@ class EditReport:
         model's "nothing drifted"); its success was scored on the clean captions (0: nothing
         flips)."""
         nan = math.nan
-        self.update(generalization=nan, n_heldout=n_heldout, n_heldout_excluded=0,
-                    locality=nan, locality_kl=nan, n_locality=n_locality)
+        self.update(reliability=0.0, m_generality=nan, m_generality_free=nan, n_heldout=n_heldout,
+                    n_heldout_excluded=0, m_locality=nan, m_locality_free=nan, locality_kl=nan,
+                    n_locality=n_locality)
 
     def update(self, **values) -> None:
-        names = {f.name for f in fields(self)}
+        """Set measured numbers by name (the aliases ``success`` / ``generalization`` /
+        ``locality`` set their EasyEdit-style field); ``KeyError`` for an unknown name."""
+        names = {f.name for f in fields(self)} - {"state"}
+        values = {ALIASES.get(k, k): v for k, v in values.items()}
         unknown = sorted(set(values) - names)
         if unknown:
             raise KeyError(f"EditReport has no field(s) {', '.join(unknown)}")
@@ -120,16 +185,30 @@ class EditReport:
             setattr(self, name, value)
 
     def as_dict(self) -> dict:
-        """The measured numbers, in field order (those still ``None`` left out)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The measured numbers (those still ``None`` left out; no captions): the package's
+        names in their earlier order, ``applied`` read now, then the EasyEdit-style ones."""
+        out = {}
+        for name in _ORDER:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        for f in fields(self):
+            if f.name not in out and f.name not in ("state", "captions_before", "captions_after"):
+                value = getattr(self, f.name)
+                if value is not None:
+                    out[f.name] = value
+        return out
 
 
 @dataclass
 class Edit:
     """A learned edit: additive deltas ``Float[Tensor, "N D"]`` on the write vectors of ``units``.
 
-    ``applied`` says whether the deltas are in the weights now; ``report`` holds the numbers
-    (:class:`EditReport`), ``metrics`` the same as a dict.
+    Weight state only: :meth:`apply`, :meth:`undo`, the context manager and
+    :meth:`save_pretrained`; ``applied`` says whether the deltas are in the weights now.
+    The outcome is its ``report`` (:class:`EditReport`); ``converged``, ``final_margin``,
+    ``steps``, ``captions_before`` / ``captions_after`` and ``metrics`` (the report as a dict) are
+    read from it.
     """
 
     vlm: object = field(repr=False)
@@ -138,28 +217,50 @@ class Edit:
     target_id: int
     units: np.ndarray
     deltas: torch.Tensor
-    converged: bool
-    final_margin: float
-    steps: int
-    captions_before: list[str]
     report: EditReport
-    captions_after: list[str] = field(default_factory=list)
+    images: list = field(default_factory=list, repr=False)        # the edit images
+    clean_ids: list = field(default_factory=list, repr=False)     # their clean caption token ids
     history: list[dict] = field(default_factory=list, repr=False)
-    applied: bool = False
     _originals: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @classmethod
     def learned(cls, vlm, source: str, target: str, target_id: int, learned: LearnedDeltas,
-                captions_before: list[str], unit_choice: str) -> "Edit":
-        """An unapplied edit of what :func:`~.edit_learning.learn_deltas` learned."""
+                captions: Sequence, unit_choice: str, images: Sequence = ()) -> "Edit":
+        """An unapplied edit of what :func:`~.edit_learning.learn_deltas` learned; ``captions``:
+        the edit images' clean captions."""
         report = EditReport(converged=learned.converged, final_margin=learned.final_margin,
                             steps=learned.steps, n_neurons=len(learned.units), unit_choice=unit_choice,
-                            weight_norm=learned.weight_norm, relative_norm=learned.relative_norm)
+                            weight_norm=learned.weight_norm, relative_norm=learned.relative_norm,
+                            captions_before=[c.text for c in captions])
         return cls(vlm=vlm, source=source, target=target, target_id=target_id, units=learned.units,
-                   deltas=learned.deltas, converged=learned.converged,
-                   final_margin=learned.final_margin, steps=learned.steps,
-                   captions_before=captions_before, report=report, history=learned.history,
+                   deltas=learned.deltas, report=report, images=list(images),
+                   clean_ids=[list(c.token_ids) for c in captions], history=learned.history,
                    _originals=learned.originals)
+
+    # --- the outcome, read from the report ------------------------------------------
+    @property
+    def applied(self) -> bool:
+        return self.report.state.applied
+
+    @property
+    def converged(self) -> bool:
+        return self.report.converged
+
+    @property
+    def final_margin(self) -> float:
+        return self.report.final_margin
+
+    @property
+    def steps(self) -> int:
+        return self.report.steps
+
+    @property
+    def captions_before(self) -> list[str]:
+        return self.report.captions_before
+
+    @property
+    def captions_after(self) -> list[str]:
+        return self.report.captions_after
 
     @property
     def metrics(self) -> dict:
@@ -173,7 +274,7 @@ class Edit:
         if not self.applied:
             self._write([(o.float() + d.to(o.device)).to(o.dtype)
                          for o, d in zip(self._originals, self.deltas)])
-            self.applied = True
+            self.report.state.applied = True
         return self
 
     def _write(self, columns: list[torch.Tensor]) -> None:
@@ -188,7 +289,7 @@ class Edit:
         """Copy the cloned original columns back (bit-for-bit); safe to call twice."""
         if self.applied:
             self._write(self._originals)
-            self.applied = False
+            self.report.state.applied = False
         return self
 
     def __enter__(self) -> "Edit":
@@ -196,80 +297,6 @@ class Edit:
 
     def __exit__(self, *exc) -> None:
         self.undo()
-
-    # --- evaluation ------------------------------------------------------------
-    def evaluate(self, heldout_images: Sequence = (), locality_images: Sequence = (),
-                 max_new_tokens: int = 20) -> dict:
-        """Side effects on images not used for learning the edit; adds to ``metrics``.
-
-        Measures the edit *as if applied* (it is applied for the measurement and left as
-        it was found), so a failed edit can be studied too; :func:`~mmneurons_utils.batch.edit_evaluation.run_edit` gives a failed,
-        unapplied edit NaN side effects instead (nothing was put in the weights).
-
-        ``heldout_images``: ``generalization`` = share whose edited caption says the target
-        and not the source, over the ``n_heldout`` images whose clean caption says the source
-        and not the target (``n_heldout_excluded`` others are not scored); NaN when none.
-        ``locality_images`` (clean captions without the source): ``locality`` = share whose
-        caption is unchanged; ``locality_kl`` = mean over caption steps of KL(clean ‖ edited),
-        teacher-forcing the clean caption (nats); both NaN without locality images.
-        """
-        was_applied = self.applied
-        vlm = self.vlm
-        heldout_images = list(heldout_images)
-        self.undo()
-        held = vlm.describe(heldout_images, max_new_tokens=max_new_tokens) if heldout_images else []
-        local = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens) if len(locality_images) else []
-        local_ids = [c.token_ids for c in local]
-        clean_logits = teacher_forced_logits(vlm, locality_images, local_ids) if local else []
-        self.apply()
-        try:
-            nan = float("nan")
-            out = dict(generalization=nan, n_heldout=0, n_heldout_excluded=len(held),
-                       locality=nan, locality_kl=nan, n_locality=0)
-            scored = [i for i, c in enumerate(held) if self._scorable(c.text)]
-            if scored:
-                images = [heldout_images[i] for i in scored]
-                edited = vlm.describe(images, max_new_tokens=max_new_tokens)
-                out["generalization"], _ = flip_share([held[i].text for i in scored],
-                                                      [e.text for e in edited], self.source, self.target)
-                out.update(n_heldout=len(scored), n_heldout_excluded=len(held) - len(scored))
-            if local:
-                edited = vlm.describe(list(locality_images), max_new_tokens=max_new_tokens)
-                out["locality"] = float(np.mean([e.text == c.text for e, c in zip(edited, local)]))
-                logits = teacher_forced_logits(vlm, locality_images, local_ids)
-                kls = [_kl(c, e).mean() for c, e in zip(clean_logits, logits) if len(c)]
-                out["locality_kl"] = float(torch.stack(kls).mean()) if kls else float("nan")
-                out["n_locality"] = len(local)
-        finally:
-            if not was_applied:
-                self.undo()
-        self.report.update(**out)
-        return out
-
-    def measure_side_effects(self, heldout_images: Sequence = (), locality_images: Sequence = (),
-                             max_new_tokens: int = 20) -> None:
-        """:meth:`evaluate` an applied edit; for an unapplied one, :meth:`EditReport.not_applied`."""
-        if self.applied:
-            self.evaluate(heldout_images, locality_images, max_new_tokens)
-        else:
-            self.report.not_applied(len(heldout_images), len(locality_images))
-
-    def settle(self, images: Sequence, keep_failed: bool, max_new_tokens: int = 20) -> "Edit":
-        """Apply the edit if it converged (or ``keep_failed``) and score its success on
-        ``images``: an unapplied edit leaves the model unchanged, so its captions are the
-        clean ones (success 0 on the scorable images)."""
-        if self.converged or keep_failed:
-            self.apply()
-            self.captions_after = [c.text for c in self.vlm.describe(images, max_new_tokens=max_new_tokens)]
-        else:
-            self.captions_after = list(self.captions_before)
-        success, excluded = flip_share(self.captions_before, self.captions_after, self.source, self.target)
-        self.report.update(applied=self.applied, success=success, n_excluded_target=excluded)
-        return self
-
-    def _scorable(self, clean_text: str) -> bool:
-        """Whether an image with this clean caption can show a flip: it says the source, not the target."""
-        return says(clean_text, self.source) and not says(clean_text, self.target)
 
     # --- saving ----------------------------------------------------------------
     def save_pretrained(self, path: str | Path) -> Path:
@@ -303,52 +330,91 @@ class Edit:
         return path
 
     def summary(self) -> dict:
-        """JSON-friendly description: source, target, units and metrics (NaN → ``None``)."""
+        """JSON-friendly description: source, target, units and the report (NaN → ``None``;
+        ``applied`` as it is now)."""
         metrics = {k: None if isinstance(v, float) and v != v else v for k, v in self.metrics.items()}
+        metrics = {**metrics, **{alias: metrics[name] for alias, name in ALIASES.items() if name in metrics}}
         return dict(model=self.vlm.name, source=self.source, target=self.target,
                     units=[[int(l), int(u)] for l, u in self.units], **metrics)
 
 
-def flip_share(clean: Sequence[str], edited: Sequence[str], source: str, target: str
-               ) -> tuple[float, int]:
-    """``(share, n_excluded)``: the share of captions that went from saying ``source`` to
-    saying ``target`` and not ``source``, over the pairs whose ``clean`` caption says the
-    source and not the target (NaN if none); ``n_excluded`` = clean captions that already
-    said the target (for them, losing the source is no flip)."""
-    pairs = [(c, e) for c, e in zip(clean, edited) if says(c, source)]
-    kept = [(c, e) for c, e in pairs if not says(c, target)]
-    flips = [says(e, target) and not says(e, source) for _, e in kept]
-    return (float(np.mean(flips)) if flips else float("nan")), len(pairs) - len(kept)
 
 
-def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
-    """``Float[Tensor, "S"]``: KL(softmax(clean) ‖ softmax(edited)) per row (caption step)."""
-    p = torch.log_softmax(clean_logits.float(), -1)
-    q = torch.log_softmax(edited_logits.float(), -1)
-    return (p.exp() * (p - q)).sum(-1)
+def accept(edit: Edit, images: Sequence, keep_failed: bool, max_new_tokens: int = 20) -> Edit:
+    """Put the edit in the weights if it converged (or ``keep_failed``) and score its
+    ``reliability_free`` (``success``) on ``images`` (the edit images): an edit not accepted
+    leaves the model unchanged, so its captions are the clean ones (success 0 on the scorable
+    images)."""
+    report = edit.report
+    if edit.converged or keep_failed:
+        edit.apply()
+        after = [c.text for c in edit.vlm.describe(images, max_new_tokens=max_new_tokens)]
+    else:
+        after = list(report.captions_before)
+    success, excluded = flip_share(report.captions_before, after, edit.source, edit.target)
+    report.update(accepted=edit.applied, captions_after=after, reliability_free=success,
+                  n_excluded_target=excluded)
+    return edit
+
+
+def measure(edit: Edit, reference: "M.CleanReference") -> dict:
+    """The edit's metrics against ``reference`` (:func:`~mmneurons_utils.properties.edit_metrics.edit_metrics`),
+    put in its report; the weights are left as they were found."""
+    metrics = M.edit_metrics(edit.vlm, reference, edit)
+    edit.report.update(**{k: v for k, v in metrics.items() if k not in ALIASES})
+    return metrics
+
+
+def evaluate_edit(edit: Edit, heldout_images: Sequence = (), locality_images: Sequence = (),
+                  max_new_tokens: int = 20, extended: bool = False) -> dict:
+    """Side effects on images not used for learning the edit, into its report; returns the
+    metrics (with the aliases ``success``, ``generalization``, ``locality``).
+
+    The clean reference is made here (the edit taken out for it and the weights left as they
+    were found); ``heldout_images``: ``generalization`` (``m_generality_free``) = share whose
+    edited caption says the target and not the source, over the ``n_heldout`` images whose clean
+    caption says the source and not the target (``n_heldout_excluded`` others are not scored);
+    ``locality_images`` (clean captions without the source): ``locality`` (``m_locality_free``)
+    = share whose caption is unchanged, ``locality_kl`` = mean KL(clean ‖ edited) over caption
+    steps (nats), ``m_locality`` = teacher-forced token agreement. An edit that was not accepted
+    gets the rule's NaN side effects. ``extended``: also the text-side metrics.
+    """
+    was_applied = edit.applied
+    edit.undo()
+    try:
+        ref = M.clean_reference(edit.vlm, edit.source, edit.target, edit.target_id, edit.images,
+                                heldout_images, locality_images, max_new_tokens=max_new_tokens,
+                                edit_captions=edit.clean_ids, extended=extended)
+    finally:
+        if was_applied:
+            edit.apply()
+    return measure(edit, ref)
 
 
 def edit_token(vlm, images: Sequence, source: str, target: str, units=None, unrelated: Sequence = (),
                config: EditConfig | None = None, captions: Sequence | None = None,
-               progress: bool = False, **settings) -> Edit:
+               progress: bool = False, unrelated_captions: Sequence | None = None,
+               **settings) -> Edit:
     """Learn deltas on the write vectors of ``units`` so that ``images`` say ``target``
     where they said ``source`` (see the module docstring for the design).
 
     ``images``: PIL images whose generated captions say ``source``. ``units``: the units to
     edit — ``Int[ndarray, "N 2"]`` of ``(layer, unit)``, or rows of a ``find_neurons`` table
-    (e.g. ``units_of(table, source, k)``: the neurons found are the ones edited). Without
+    (e.g. ``ident.units(source, k)``: the neurons found are the ones edited). Without
     ``units`` the top-``k`` units are chosen here by ``method``'s score for the source summed
     over ``images``: ``"contribution"`` (the paper's neurons), ``"gradient"`` /
     ``"gradient_image"`` (either gradient baseline) or ``"random"`` (``seed``-ed). ``unrelated``:
     images whose captions the edit must leave alone (their KL enters the loss).
     ``config`` / ``settings``: an :class:`EditConfig` and any of its fields by name
-    (``k=5, steps=150, …``). ``captions``: the images' captions if already made (with
-    activations when the units are to be chosen here); otherwise they are made here.
+    (``k=5, steps=150, …``). ``captions`` / ``unrelated_captions``: the images' captions if
+    already made (``captions`` with activations when the units are to be chosen here, e.g. an
+    ``Identification``'s); otherwise they are made here.
 
     Returns an applied :class:`Edit` if it converged (or ``keep_failed``); a failed edit
     comes back with ``applied=False``, ``converged=False`` and its ``final_margin``.
     ``success`` skips the images whose clean caption already says ``target``
     (``n_excluded_target``); a failed, unapplied edit scores 0 on the others (nothing flips).
+    The same request on the same weights is learned once (:data:`EDIT_CACHE`).
     """
     config = EditConfig.of(config, **settings)
     images, unrelated = list(images), list(unrelated)
@@ -357,6 +423,7 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None, unre
     if captions is None:      # activations only when the units are chosen from them
         captions = vlm.describe(images, max_new_tokens=config.max_new_tokens,
                                 activation="down_proj_input" if units is None else None)
+    captions = list(captions)
     src_steps = source_steps(vlm, captions, source)
     source_id = captions[0].token_ids[src_steps[0]]
     if units is None:
@@ -364,9 +431,10 @@ def edit_token(vlm, images: Sequence, source: str, target: str, units=None, unre
                               config.seed, images)
     else:
         chosen = given_units(vlm, units)
-    others = vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else []
-    learned = learn_deltas(vlm, images, captions, src_steps, target_id, chosen, unrelated, others,
-                           config, progress, label=f"edit {source}→{target}")
-    edit = Edit.learned(vlm, source, target, target_id, learned, [c.text for c in captions],
-                        unit_choice=config.method if units is None else "given")
-    return edit.settle(images, config.keep_failed, config.max_new_tokens)
+    if unrelated_captions is None:
+        unrelated_captions = vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else []
+    learned = learn_deltas(vlm, images, captions, src_steps, target_id, chosen, unrelated,
+                           list(unrelated_captions), config, progress, label=f"edit {source}→{target}")
+    edit = Edit.learned(vlm, source, target, target_id, learned, captions,
+                        unit_choice=config.method if units is None else "given", images=images)
+    return accept(edit, images, config.keep_failed, config.max_new_tokens)

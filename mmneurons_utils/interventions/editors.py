@@ -2,9 +2,10 @@
 
 A request is a source noun, a target noun, the edit images (their captions say the source),
 the unrelated images whose captions must stay put; every editor returns an
-:class:`EditorEdit` (an :class:`~.editing.Edit`: ``apply`` / ``undo`` bit for bit, ``settle``,
-``evaluate``) with ``params_changed`` (weight entries that differ once applied) and
-``params_trained`` (the editor's degrees of freedom).
+:class:`EditorEdit` (an :class:`~.editing.Edit`: ``apply`` / ``undo`` bit for bit, its
+``report``) with ``params_changed`` (weight entries that differ once applied) and
+``params_trained`` (the editor's degrees of freedom). Every editor's learning is cached by its
+settings (:data:`~.edit_learning.EDIT_CACHE`).
 
 * ``contribution`` (ours), ``gradient``, ``gradient_image``, ``random``: additive deltas on the
   write vectors of ``k`` units chosen by that score (:func:`~.editing.edit_token`).
@@ -40,10 +41,12 @@ from typing import Sequence
 import numpy as np
 
 from ..model.offload import weight
+from ..store.provenance import image_hash
 from .ablation import column_snapshot
 from .edit_inputs import check_edit, choose_units, source_steps, target_token
-from .edit_learning import UNIT_CHOICES, EditBatch, EditConfig, EditInputError, LearnedDeltas
-from .editing import Edit, edit_token
+from .edit_learning import (EDIT_CACHE, UNIT_CHOICES, EditBatch, EditConfig, EditInputError,
+                            LearnedDeltas, edit_key)
+from .editing import Edit, accept, edit_token
 from .layer_editors import LORA_RANK, key_covariance, lora_delta, rome_delta
 
 WEIGHT_EDITORS = ("ft", "lora", "rome")
@@ -81,11 +84,15 @@ def edit_layer(vlm, captions, steps: Sequence[int], source_id: int, k: int) -> i
 
 def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "contribution",
               unrelated: Sequence = (), config: EditConfig | None = None,
-              covariance_images: Sequence = (), progress: bool = False, **settings) -> EditorEdit:
+              covariance_images: Sequence = (), progress: bool = False,
+              captions: Sequence | None = None, unrelated_captions: Sequence | None = None,
+              **settings) -> EditorEdit:
     """Edit ``images`` (captions saying ``source``) to say ``target`` with ``method`` (one of
     :data:`EDITORS`; see the module doc), leaving ``unrelated`` alone. ``config`` / ``settings``:
     an :class:`~.edit_learning.EditConfig` and its fields (``k``: units of the unit editors, and
     the units that pick the weight editors' layer). ``covariance_images``: ``rome``'s key pool.
+    ``captions`` (with ``down_proj_input`` activations) / ``unrelated_captions``: the images'
+    captions if already made.
 
     Returns the edit applied if it converged (or ``keep_failed``), like ``edit_token``.
     """
@@ -97,14 +104,16 @@ def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "co
     start = time.perf_counter()
     if method in UNIT_CHOICES:
         edit = edit_token(vlm, images, source, target, unrelated=unrelated, config=config,
-                          progress=progress)
+                          progress=progress, captions=captions, unrelated_captions=unrelated_captions)
         return EditorEdit.of(edit, method=method, params_trained=edit.deltas.numel(),
                              seconds=time.perf_counter() - start)
     if method == "rome" and not len(covariance_images):
         raise EditInputError("rome needs covariance_images: a pool of captioned images for the key covariance")
     check_edit(vlm, images, source, target, None, config)
     target_id = target_token(vlm, target)
-    captions = vlm.describe(images, max_new_tokens=config.max_new_tokens, activation="down_proj_input")
+    if captions is None:
+        captions = vlm.describe(images, max_new_tokens=config.max_new_tokens, activation="down_proj_input")
+    captions = list(captions)
     steps = source_steps(vlm, captions, source)
     layer = edit_layer(vlm, captions, steps, captions[0].token_ids[steps[0]], config.k)
     d_model, d_ff = weight(vlm.down_proj(layer)).shape
@@ -112,30 +121,37 @@ def edit_with(vlm, images: Sequence, source: str, target: str, method: str = "co
     label = f"{method} {source}→{target}"
     if method == "ft":   # the same learner as ours, on every unit of the layer
         edit = edit_token(vlm, images, source, target, units=units, unrelated=unrelated,
-                          config=config, captions=captions, progress=progress)
+                          config=config, captions=captions, progress=progress,
+                          unrelated_captions=unrelated_captions)
         return EditorEdit.of(edit, method=method, layer=layer, params_trained=d_model * d_ff,
                              seconds=time.perf_counter() - start)
-    others = vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else []
-    batch = EditBatch.build(vlm, images, captions, steps, unrelated, others)
-    if method == "lora":
-        delta, history, converged = lora_delta(vlm, batch, layer, target_id, config, progress, label)
-        trained = LORA_RANK * (d_model + d_ff)
-    else:
-        cov = key_covariance(vlm, layer, covariance_images, config.max_new_tokens)
-        delta, history, converged = rome_delta(vlm, batch, layer, target_id, cov, config, progress, label)
-        trained = d_model
+    others = (list(unrelated_captions) if unrelated_captions is not None else
+              vlm.describe(unrelated, max_new_tokens=config.max_new_tokens) if unrelated else [])
+    covariance = list(covariance_images) if method == "rome" else []
+    key = edit_key(vlm, method, images, captions, steps, target_id, None, unrelated, others, config,
+                   extra=[layer, [image_hash(im) for im in covariance]])
+
+    def learn():
+        batch = EditBatch.build(vlm, images, captions, steps, unrelated, others)
+        if method == "lora":
+            return lora_delta(vlm, batch, layer, target_id, config, progress, label)
+        cov = key_covariance(vlm, layer, covariance, config.max_new_tokens)
+        return rome_delta(vlm, batch, layer, target_id, cov, config, progress, label)
+
+    delta, history, converged = EDIT_CACHE.get(key, learn)
+    trained = LORA_RANK * (d_model + d_ff) if method == "lora" else d_model
     originals = column_snapshot(vlm, units)
     w_norm = float(weight(vlm.down_proj(layer)).detach().float().norm())
     norm = float(delta.norm())
     learned = LearnedDeltas(units, delta.T.contiguous().cpu(), originals, converged,
                             history[-1]["margin"] if history else float("-inf"), history, norm,
                             norm / max(w_norm, 1e-30))
-    edit = Edit.learned(vlm, source, target, target_id, learned, [c.text for c in captions],
-                        unit_choice=method)
+    edit = Edit.learned(vlm, source, target, target_id, learned, captions, unit_choice=method,
+                        images=images)
     edit = EditorEdit.of(edit, method=method, layer=layer, params_trained=trained,
                          seconds=time.perf_counter() - start)
     try:
-        return edit.settle(images, config.keep_failed, config.max_new_tokens)
+        return accept(edit, images, config.keep_failed, config.max_new_tokens)
     except BaseException:     # applied but never handed back: take it out again
         edit.undo()
         raise

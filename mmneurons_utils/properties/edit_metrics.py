@@ -1,11 +1,15 @@
-"""The model-editing field's metrics, named as EasyEdit names them for MMEdit, plus the
-side effects a caption edit can have away from images.
+"""The one suite of edit metrics: reliability, generality and locality as EasyEdit names them
+for MMEdit, plus the side effects a caption edit can have away from images.
 
-A *reference* is measured once on the unedited model (:func:`clean_reference`); after the
-edit is put in the weights, :func:`edit_metrics` measures the same inputs again and compares.
-Both only read the model: putting the edit in and out is the caller's (``interventions``).
+A *reference* is measured once on the unedited model (:func:`clean_reference`: the clean captions
+of the edit, held-out and locality images, made once and reused by every edit of the same
+request); :func:`edit_metrics` measures the same inputs on the edited model and compares. Given the
+edit (``edit_metrics(vlm, ref, edit)``) it puts it in the weights for the measurement and leaves
+them as it found them; the result goes into the edit's report.
 
-Teacher-forced (EasyEdit's way) beside free-running (``*_free``), for every metric:
+Teacher-forced (EasyEdit's way) beside free-running (``*_free``), for every metric. The package's
+older names are the free-running readings (:data:`ALIASES`): ``success`` = ``reliability_free``,
+``generalization`` = ``m_generality_free``, ``locality`` = ``m_locality_free``; tables carry both.
 
 * ``reliability``: the edit images, their clean captions teacher-forced: share whose argmax at
   the source noun's step is the target. ``reliability_free``: share whose new greedy caption
@@ -16,6 +20,8 @@ Teacher-forced (EasyEdit's way) beside free-running (``*_free``), for every metr
 * ``m_locality``: unrelated images (captions without the source): EasyEdit's token agreement —
   mean over images of the share of caption steps whose edited argmax equals the clean argmax,
   teacher-forcing the clean caption. ``m_locality_free``: share of captions unchanged.
+  ``locality_kl``: mean over those images of the mean over caption steps of KL(clean ‖ edited)
+  (nats), from the same teacher-forced forward.
 * ``t_locality``: fixed text-only prompts (:data:`TEXT_PROMPTS`, no image): token agreement on
   the unedited model's greedy continuations. Meaningful on a model with a pretrained language
   model (``smol-llava``); the tiny models read most of these words as ``<unk>``.
@@ -28,8 +34,15 @@ Teacher-forced (EasyEdit's way) beside free-running (``*_free``), for every metr
   (the image edit did not carry over to text). ``text_logit_gain``: mean change of
   ``logit(target) − logit(source)`` there.
 
+The text-side metrics (``t_*``, ``no_image_locality``, ``text_transfer``, ``decoupling``,
+``text_logit_gain``) are measured when the reference is ``extended`` (the editor comparison);
+the batch edit table (``extended=False``) has the image-side ones only.
+
 Images whose clean caption does not say the source, or already says the target, are not
 scored for reliability / generality (the package's rule); a metric with nothing to score is NaN.
+An edit that was not accepted (did not converge, not ``keep_failed``) is never put in the
+weights: it scores 0 on reliability (nothing flips) and NaN on everything that would need it
+applied (:func:`unapplied_metrics`).
 """
 
 from __future__ import annotations
@@ -148,12 +161,19 @@ def _source_logits(vlm, source: str, instruction: str | None) -> tuple[torch.Ten
 
 
 # --- reference and comparison ---------------------------------------------------------------
+ALIASES = {"success": "reliability_free", "generalization": "m_generality_free",
+           "locality": "m_locality_free"}
+"""The package's earlier names of the free-running metrics: ``alias → EasyEdit-style name``."""
+
+
 @dataclass
 class CleanReference:
-    """What the unedited model did on an edit's probe inputs (see the module doc).
+    """What the unedited model did on an edit's probe inputs (see the module doc), measured once.
 
     ``*_ids``: caption token ids per image; ``*_steps``: the source's step per image (``None``
-    where the image is not scored: no source, or the target already said).
+    where the image is not scored: no source, or the target already said); ``local_logits``:
+    per locality image ``Float[Tensor, "S V"]``, the clean teacher-forced logits (for the KL and
+    the token agreement). The text-side fields are filled only when ``extended``.
     """
 
     source: str
@@ -171,6 +191,7 @@ class CleanReference:
     para_texts: list = field(default_factory=list)
     local_ids: list = field(default_factory=list)
     local_argmax: list = field(default_factory=list)
+    local_logits: list = field(default_factory=list, repr=False)
     local_texts: list = field(default_factory=list)
     text_prompts: tuple = TEXT_PROMPTS
     text_ids: list = field(default_factory=list)
@@ -178,6 +199,7 @@ class CleanReference:
     source_text: list = field(default_factory=list)     # (instruction, logits, source id)
     paraphrase: str = PARAPHRASE
     max_new_tokens: int = 20
+    extended: bool = True
 
 
 def _decode(vlm, ids) -> str:
@@ -194,29 +216,52 @@ def _scored_steps(vlm, captions: Sequence[Sequence[int]], source: str, target: s
     return steps
 
 
+@torch.no_grad()
+def _forced_logits(vlm, images: Sequence, captions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per image ``Float[Tensor, "S V"]`` (CPU): teacher-forced logits of its caption, one batch."""
+    if not len(images):
+        return []
+    full, prompt_len, longest = append_captions(vlm.inputs(list(images)), captions,
+                                                vlm.tokenizer.pad_token_id or 0)
+    if longest == 0:
+        return [torch.zeros(0, vlm.lm_head.out_features) for _ in captions]
+    logits = caption_logits(vlm, full, prompt_len, longest)
+    return [logits[r, :len(c)].cpu() for r, c in enumerate(captions)]
+
+
 def clean_reference(vlm, source: str, target: str, target_id: int, edit_images: Sequence,
                     heldout_images: Sequence = (), locality_images: Sequence = (),
                     paraphrase: str = PARAPHRASE, text_prompts: Sequence[str] = TEXT_PROMPTS,
-                    max_new_tokens: int = 20) -> CleanReference:
-    """Measure the unedited model (it must be unedited now) on every probe input."""
+                    max_new_tokens: int = 20, edit_captions: Sequence | None = None,
+                    extended: bool = True) -> CleanReference:
+    """Measure the unedited model (it must be unedited now) on every probe input, once.
+
+    ``edit_captions``: the edit images' clean captions if already made (``Caption`` objects or
+    token-id lists; e.g. the ones the edit learns from), else they are made here. ``extended``:
+    also the text-side probes (paraphrased instruction, text-only prompts, the no-image prompt)."""
     ref = CleanReference(source, target, target_id, list(edit_images), list(heldout_images),
                          list(locality_images), text_prompts=tuple(text_prompts),
-                         paraphrase=paraphrase, max_new_tokens=max_new_tokens)
-    ref.edit_ids = greedy_captions(vlm, ref.edit_images, max_new_tokens=max_new_tokens) if edit_images else []
+                         paraphrase=paraphrase, max_new_tokens=max_new_tokens, extended=extended)
+    if edit_captions is not None:
+        ref.edit_ids = [list(getattr(c, "token_ids", c)) for c in edit_captions]
+    else:
+        ref.edit_ids = greedy_captions(vlm, ref.edit_images, max_new_tokens=max_new_tokens) if edit_images else []
     ref.edit_steps = _scored_steps(vlm, ref.edit_ids, source, target)
     ref.heldout_ids = greedy_captions(vlm, ref.heldout_images, max_new_tokens=max_new_tokens) if heldout_images else []
     ref.heldout_steps = _scored_steps(vlm, ref.heldout_ids, source, target)
-    para = vlm.prompt(instruction=paraphrase)
-    ref.para_ids = greedy_captions(vlm, ref.heldout_images, para, max_new_tokens) if heldout_images else []
-    ref.para_steps = _scored_steps(vlm, ref.para_ids, source, target)
-    ref.para_texts = [_decode(vlm, ids) for ids in ref.para_ids]
     ref.local_ids = greedy_captions(vlm, ref.locality_images, max_new_tokens=max_new_tokens) if locality_images else []
-    ref.local_argmax = forced_argmax(vlm, ref.locality_images, ref.local_ids)
+    ref.local_logits = _forced_logits(vlm, ref.locality_images, ref.local_ids)
+    ref.local_argmax = [l.argmax(-1) for l in ref.local_logits]
     ref.local_texts = [_decode(vlm, ids) for ids in ref.local_ids]
-    ref.text_ids = [text_continuation(vlm, p) for p in ref.text_prompts]
-    ref.no_image_ids = text_continuation(vlm, no_image_prompt(vlm))
-    ref.source_text = [(instruction, *found) for instruction in (None, paraphrase)
-                       if (found := _source_logits(vlm, source, instruction)) is not None]
+    if extended:
+        para = vlm.prompt(instruction=paraphrase)
+        ref.para_ids = greedy_captions(vlm, ref.heldout_images, para, max_new_tokens) if heldout_images else []
+        ref.para_steps = _scored_steps(vlm, ref.para_ids, source, target)
+        ref.para_texts = [_decode(vlm, ids) for ids in ref.para_ids]
+        ref.text_ids = [text_continuation(vlm, p) for p in ref.text_prompts]
+        ref.no_image_ids = text_continuation(vlm, no_image_prompt(vlm))
+        ref.source_text = [(instruction, *found) for instruction in (None, paraphrase)
+                           if (found := _source_logits(vlm, source, instruction)) is not None]
     return ref
 
 
@@ -248,30 +293,65 @@ def _flip_share(vlm, images, captions, steps, source, target, prompt=None, max_n
     return _mean(says(t, target) and not says(t, source) for t in (_decode(vlm, ids) for ids in new))
 
 
+def flip_share(clean: Sequence[str], edited: Sequence[str], source: str, target: str
+               ) -> tuple[float, int]:
+    """``(share, n_excluded)``: the share of captions that went from saying ``source`` to
+    saying ``target`` and not ``source``, over the pairs whose ``clean`` caption says the
+    source and not the target (NaN if none); ``n_excluded`` = clean captions that already
+    said the target (for them, losing the source is no flip)."""
+    pairs = [(c, e) for c, e in zip(clean, edited) if says(c, source)]
+    kept = [(c, e) for c, e in pairs if not says(c, target)]
+    flips = [says(e, target) and not says(e, source) for _, e in kept]
+    return (float(np.mean(flips)) if flips else float("nan")), len(pairs) - len(kept)
+
+
+def _kl(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    """``Float[Tensor, "S"]``: KL(softmax(clean) ‖ softmax(edited)) per row (caption step)."""
+    p = torch.log_softmax(clean_logits.float(), -1)
+    q = torch.log_softmax(edited_logits.float(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+IMAGE_KEYS = ("reliability", "reliability_free", "m_generality", "m_generality_free",
+              "m_locality", "m_locality_free", "locality_kl")
+TEXT_KEYS = ("t_generality", "t_generality_free", "t_locality", "t_locality_free",
+             "no_image_locality", "text_transfer", "decoupling", "text_logit_gain")
+COUNT_KEYS = ("n_heldout", "n_heldout_excluded", "n_locality", "n_t_generality")
+
+
 @torch.no_grad()
-def edit_metrics(vlm, ref: CleanReference) -> dict:
-    """The metrics of the module doc for the model as it is now (edited) against ``ref``."""
+def _measure(vlm, ref: CleanReference, reliability_free: float | None = None) -> dict:
+    """The metrics for the model as it is now (edited) against ``ref``."""
     out: dict = {}
     n = ref.max_new_tokens
     out["reliability"] = _target_share(vlm, ref.edit_images, ref.edit_ids, ref.edit_steps, ref.target_id)
-    out["reliability_free"] = _flip_share(vlm, ref.edit_images, ref.edit_ids, ref.edit_steps,
-                                          ref.source, ref.target, None, n)
+    out["reliability_free"] = (reliability_free if reliability_free is not None else
+                               _flip_share(vlm, ref.edit_images, ref.edit_ids, ref.edit_steps,
+                                           ref.source, ref.target, None, n))
     out["m_generality"] = _target_share(vlm, ref.heldout_images, ref.heldout_ids, ref.heldout_steps,
                                         ref.target_id)
     out["m_generality_free"] = _flip_share(vlm, ref.heldout_images, ref.heldout_ids, ref.heldout_steps,
                                            ref.source, ref.target, None, n)
+    scored = sum(s is not None for s in ref.heldout_steps)
+    out["n_heldout"], out["n_heldout_excluded"] = scored, len(ref.heldout_ids) - scored
+    if ref.locality_images:
+        logits = _forced_logits(vlm, ref.locality_images, ref.local_ids)
+        out["m_locality"] = _agreement(ref.local_argmax, [l.argmax(-1) for l in logits])
+        new = greedy_captions(vlm, ref.locality_images, max_new_tokens=n)
+        out["m_locality_free"] = _mean(_decode(vlm, ids) == t for ids, t in zip(new, ref.local_texts))
+        kls = [_kl(c, e).mean() for c, e in zip(ref.local_logits, logits) if len(c)]
+        out["locality_kl"] = float(torch.stack(kls).mean()) if kls else float("nan")
+    else:
+        out["m_locality"] = out["m_locality_free"] = out["locality_kl"] = float("nan")
+    out["n_locality"] = len(ref.locality_images)
+    if not ref.extended:
+        return out
     para = vlm.prompt(instruction=ref.paraphrase)
     out["t_generality"] = _target_share(vlm, ref.heldout_images, ref.para_ids, ref.para_steps,
                                         ref.target_id, para)
     out["t_generality_free"] = _flip_share(vlm, ref.heldout_images, ref.para_ids, ref.para_steps,
                                            ref.source, ref.target, para, n)
     out["n_t_generality"] = sum(s is not None for s in ref.para_steps)
-    if ref.locality_images:
-        out["m_locality"] = _agreement(ref.local_argmax, forced_argmax(vlm, ref.locality_images, ref.local_ids))
-        new = greedy_captions(vlm, ref.locality_images, max_new_tokens=n)
-        out["m_locality_free"] = _mean(_decode(vlm, ids) == t for ids, t in zip(new, ref.local_texts))
-    else:
-        out["m_locality"] = out["m_locality_free"] = float("nan")
     ids = [torch.as_tensor(c) for c in ref.text_ids]
     out["t_locality"] = _agreement(ids, [text_forced_argmax(vlm, p, c)
                                          for p, c in zip(ref.text_prompts, ref.text_ids)])
@@ -290,7 +370,48 @@ def edit_metrics(vlm, ref: CleanReference) -> dict:
     return out
 
 
+def unapplied_metrics(ref: CleanReference) -> dict:
+    """The rule for an edit that was never put in the weights: reliability 0 (its images keep
+    saying the source: nothing flips), text transfer 0, and NaN for every side effect (the
+    unchanged model's "nothing moved" would say nothing about the edit)."""
+    nan = float("nan")
+    out = {key: nan for key in IMAGE_KEYS + (TEXT_KEYS if ref.extended else ())}
+    out.update(reliability=0.0, reliability_free=0.0, n_heldout=len(ref.heldout_images),
+               n_heldout_excluded=0, n_locality=len(ref.locality_images))
+    if ref.extended:
+        out.update(text_transfer=0.0, n_t_generality=0)
+    return out
+
+
+def with_aliases(metrics: dict) -> dict:
+    """``metrics`` with the package's earlier names added beside the EasyEdit-style ones."""
+    return {**metrics, **{alias: metrics[name] for alias, name in ALIASES.items() if name in metrics}}
+
+
+def edit_metrics(vlm, ref: CleanReference, edit=None) -> dict:
+    """The metrics of the module doc against ``ref``, with :data:`ALIASES`.
+
+    Without ``edit``: the model as it is now (it may be edited in any way). With ``edit`` (an
+    :class:`~mmneurons_utils.interventions.editing.Edit`): an accepted edit is put in the weights
+    for the measurement and the weights are left as they were found (its reliability_free is its
+    report's, scored when it was accepted, not captioned again); an edit that was not accepted
+    gets :func:`unapplied_metrics`."""
+    if edit is None:
+        return with_aliases(_measure(vlm, ref))
+    report = edit.report
+    if not report.accepted:   # its reliability_free was scored on its (clean) captions: 0
+        return with_aliases({**unapplied_metrics(ref), "reliability_free": report.reliability_free})
+    was_applied = edit.applied
+    edit.apply()
+    try:
+        return with_aliases(_measure(vlm, ref, reliability_free=report.reliability_free))
+    finally:
+        if not was_applied:
+            edit.undo()
+
+
 METRIC_KEYS = ("reliability", "reliability_free", "m_generality", "m_generality_free",
                "t_generality", "t_generality_free", "m_locality", "m_locality_free",
                "t_locality", "t_locality_free", "no_image_locality", "text_transfer", "decoupling",
                "text_logit_gain")
+"""The columns of the editor comparison (EasyEdit's metrics, teacher-forced and free-running)."""

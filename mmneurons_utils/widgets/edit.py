@@ -6,7 +6,12 @@ on the embedded models; a status line says so), keeping the captions of ``unrela
 images in the loss; the side-effect report compares the captions of ``locality`` images
 (none says the source) before and after. A failed edit is not applied, so its report says
 "not applied" where the side effects would be (the unchanged model's "nothing moved" would
-say nothing about the edit). Undo restores the weights bit-for-bit.
+say nothing about the edit). Undo restores the weights bit-for-bit, and the view says so: it
+reads the edit's weight state live (``edit.applied``), its outcome from ``edit.report``.
+
+Given an :class:`~mmneurons_utils.method.identification.Identification` of the panel's scenes
+(``ident=``), a picked scene of it is edited on the identification's units for the source and
+its caption is the identification's (not captioned again).
 """
 
 from __future__ import annotations
@@ -16,19 +21,19 @@ import pandas as pd
 
 from .panel import Panel
 from ..model.nouns import says
-from ..method.identification import units_of
-from ..interventions.editing import edit_token
+from ..method.identification import Identification
+from ..interventions.editing import edit_token, evaluate_edit
 
 
 class EditPlayground(Panel):
     """Pick an image, a source noun of its caption and a target noun; press edit / undo."""
 
     def __init__(self, vlm, scenes, others=(), target: str = "cat", k: int = 5,
-                 n_unrelated: int = 4, seed: int = 0, table=None):
+                 n_unrelated: int = 4, seed: int = 0, ident: Identification | None = None):
         super().__init__(vlm, scenes, noun_description="source")
         self.k, self.seed = k, seed
-        # a find_neurons table of these scenes: edit its units for the picked scene and noun
-        self.table = table
+        # the identification of these scenes: edit its units for the picked scene and noun
+        self.ident = ident
         self.others = list(others)          # images for the loss (unrelated) and the report
         self.n_unrelated = n_unrelated
         vocabulary = sorted(vlm.noun_vocabulary) if vlm.noun_vocabulary else [target]
@@ -46,8 +51,17 @@ class EditPlayground(Panel):
 
     def _image_changed(self):
         self.undo()
-        self.caption = self.vlm.describe([self.picker.image])[0]
+        index = self._ident_image()
+        self.caption = (self.ident.captions[index] if index is not None
+                        else self.vlm.describe([self.picker.image])[0])
         self.nouns.set_caption(self.caption)
+
+    def _ident_image(self) -> int | None:
+        """The picked scene's position in the identification (``None``: not in it)."""
+        index = self.table_image()
+        if self.ident is None or index is None or index >= self.ident.n_images:
+            return None
+        return index
 
     def _others(self, source: str) -> tuple[list, list]:
         captions = self.vlm.describe(self.others) if self.others else []
@@ -55,12 +69,12 @@ class EditPlayground(Panel):
         return free[:self.n_unrelated], free[self.n_unrelated:]
 
     def _table_units(self, source: str):
-        """The table's top units for the picked scene's ``source`` (``None``: choose them here)."""
-
-        index = self.table_image()
-        if self.table is None or index is None:
+        """The identification's top units for the picked scene's ``source`` (``None``: choose
+        them here)."""
+        index = self._ident_image()
+        if index is None:
             return None
-        return units_of(self.table, source, self.neurons.value, image=index)
+        return self.ident.units(source, self.neurons.value, image=index)
 
     def run_edit(self):
         """Edit the picked image's ``source`` into ``target`` (undoing any previous edit)."""
@@ -70,11 +84,13 @@ class EditPlayground(Panel):
         self.status.value = f"editing {source} → {target} …"
         try:
             unrelated, locality = self._others(source)
+            units = self._table_units(source)
             self.edit = edit_token(self.vlm, [self.picker.image], source, target,
-                                   units=self._table_units(source), k=self.neurons.value,
-                                   unrelated=unrelated, seed=self.seed)
-            if self.edit.applied:
-                self.edit.evaluate((), locality)
+                                   units=units, k=self.neurons.value,
+                                   unrelated=unrelated, seed=self.seed,
+                                   captions=[self.caption] if units is not None else None)
+            if self.edit.report.accepted:
+                evaluate_edit(self.edit, (), locality)
             self.status.value = ("done" if self.edit.converged else
                                  f"did not converge (final margin {self.edit.final_margin:.2f}); "
                                  "weights left unchanged")
@@ -98,14 +114,14 @@ class EditPlayground(Panel):
             return [f"caption: {self.caption.text} | source: {self.nouns.value} | "
                     f"target: {self.target.value} (press edit)"]
         e, m = self.edit, self.edit.metrics
-        state = "applied" if e.applied else "not applied"
+        state = "applied" if e.applied else "undone" if e.report.accepted else "not applied"
         line = (f"{e.source} → {e.target} ({state}) | before: {e.captions_before[0]} | "
                 f"after: {e.captions_after[0]}")
 
         def side(key, digits):  # side effects exist only for an edit put in the weights and measured
-            return round(m.get(key, float("nan")), digits) if m.get("applied") else "not applied"
+            return round(m.get(key, float("nan")), digits) if e.report.accepted else "not applied"
 
-        report = pd.Series({"converged": m["converged"], "applied": bool(m.get("applied")),
+        report = pd.Series({"converged": m["converged"], "applied": e.applied,
                             "steps": m["steps"],
                             "final margin": round(m["final_margin"], 3), "neurons": m["n_neurons"],
                             "units (layer, unit)": ", ".join(f"{l}:{u}" for l, u in e.units),
