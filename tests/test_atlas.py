@@ -369,12 +369,18 @@ def test_browser_dataset_strip(tiny_llava):
 
     from mmneurons_utils.widgets.explorer import NeuronExplorer
 
-    explorer = NeuronExplorer(tiny_llava, scenes=make_scenes(12, seed=0), top_k=5)
+    from mmneurons_utils.method.identify import find_neurons_by_method
+
+    scenes = make_scenes(12, seed=0)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes[:8]], methods=("contribution",),
+                                   top_k=5, image_activations=True)
+    explorer = NeuronExplorer(tiny_llava, scenes, ident, top_k=5)   # it holds 8 of the 12 scenes
     unit = explorer.selected()
     fig = explorer.dataset_strip(n=4)
     assert len([ax for ax in fig.axes if ax.images]) == 4
     assert f"L{unit['layer']}.{unit['unit']}" in fig._suptitle.get_text()
     first = explorer._examples
+    assert first[1].n_images == 12                            # all the scenes: one prefill pass
     plt.close(fig)
     plt.close(explorer.dataset_strip(n=3))
     assert explorer._examples is first                        # gathered once per scene list

@@ -32,7 +32,7 @@ NOTEBOOK = "01_identification.ipynb"
 ARTIFACTS = Path(os.environ.get("MMNEURONS_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "browser"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-OVERRIDES = 'n_images = 6\ncompare_model = ""\noutput_dir = "outputs"\n'
+OVERRIDES = 'model = "tiny-llava"\nn_images = 6\ncompare_model = ""\noutput_dir = "outputs"\n'
 
 
 def _chromium() -> str | None:
