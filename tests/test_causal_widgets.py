@@ -4,17 +4,26 @@ import pytest
 import torch
 
 from mmneurons_utils import make_scenes
+from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.widgets import AblationPanel, EditPlayground
 
 
 def test_ablation_panel_view(tiny_llava):
-    panel = AblationPanel(tiny_llava, make_scenes(4, seed=0), k=50)
+    scenes = make_scenes(4, seed=0)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes], top_k=50,
+                                   methods=("contribution", "random"))
+    panel = AblationPanel(tiny_llava, scenes, ident, k=50)
+    assert panel.caption is ident.captions[0]                    # its captions: nothing described again
     line, table = panel.view()
     assert "50 units zeroed" in line and list(table.units)[1:] == ["top-50 contribution", "50 random"]
     clean, top, rand = table.margin
     assert top < clean - 1.0 and abs(rand - clean) < 0.5
     panel.sigma.value = 2.0
     assert "noise σ=2" in panel.view()[0]
+    with pytest.raises(ValueError, match="3 scenes"):
+        AblationPanel(tiny_llava, scenes[:3], ident)
+    with pytest.raises(TypeError, match="Identification"):
+        AblationPanel(tiny_llava, scenes, ident.table)
 
 
 @pytest.mark.slow

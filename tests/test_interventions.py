@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from mmneurons_utils import make_scenes
 from mmneurons_utils.interventions.causal import causal_curves, half_removal_k, summarize
+from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
 from mmneurons_utils.interventions.ablation import ablate_activations, perturb_units
 
@@ -143,8 +144,9 @@ def test_identified_units_matter_more_than_random_ones(tiny_llava):
     units lowers the noun's margin far more than zeroing 50 random units (two draws)."""
     images = [s.image for s in make_scenes(6, seed=0)]
     before = _weights(tiny_llava)
-    curves = causal_curves(tiny_llava, images, ks=(50,), methods=("contribution", "random"),
-                           n_random=2, seed=0)
+    ident = find_neurons_by_method(tiny_llava, images, methods=("contribution",), top_k=50)
+    curves = causal_curves(tiny_llava, ident, images, ks=(50,), methods=("contribution", "random"),
+                           n_random=2, seed=0, rerank=True)
     _assert_restored(tiny_llava, before)
     assert set(curves.method) == {"contribution", "random"} and curves.noun.notna().all()
     s = summarize(curves).set_index("method")

@@ -9,7 +9,7 @@ from ..batch.editor_comparison import JSON_KEYS, evaluate_editor
 from ..interventions.causal import causal_curves, half_removal_k, summarize
 from ..interventions.editing import target_token
 from ..interventions.editors import EDITORS, WEIGHT_EDITORS
-from ..method.identify import METHODS
+from ..method.identify import METHODS, find_neurons_by_method
 from ..model.loading import ModelLoadError, read_noun_vocabulary
 from ..model.embedded import model_folder
 from ..model.vlm import load_vlm
@@ -33,9 +33,13 @@ def cmd_perturb(args) -> dict:
     if args.k > total:
         raise CliError(f"--k must be at most the model's {total} units, got {args.k}")
     methods = METHODS if args.gradient else ("contribution", "random")   # METHODS: every ranking
-    curves = causal_curves(vlm, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
+    # one identification of the images (captions with their activations, the units of each
+    # noun); the curves read its captions and rank from them with n_random random draws
+    ident = find_neurons_by_method(vlm, images, methods=methods, top_k=args.k, seed=args.seed,
+                                   progress=True)
+    curves = causal_curves(vlm, ident, images, ks=(args.k,), methods=methods, sigmas=(args.sigma,),
                            n_random=args.n_random, seed=args.seed, relative=not args.absolute,
-                           progress=True)
+                           rerank=True, progress=True)
     if curves.empty:
         raise CliError("no caption names a noun; nothing to perturb (try more --scenes)")
     s = summarize(curves).set_index("method")

@@ -26,6 +26,7 @@ A unit listed more than once is intervened on once: the argument is a *set* of u
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -198,3 +199,143 @@ def added_deltas(vlm, units, deltas: torch.Tensor) -> Iterator[None]:
 def column_snapshot(vlm, units: Iterable) -> list[torch.Tensor]:
     """Clones of the ``down_proj`` columns of ``units``, in order (an edit's originals, undo checks)."""
     return [weight(vlm.down_proj(int(l)))[:, int(u)].detach().clone() for l, u in as_units(vlm, units)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several perturbations at once: one per row of a batch (per-example hooks)
+# ---------------------------------------------------------------------------------------------
+
+ROW_MODES = ("zero", "noise")
+
+
+@dataclass(frozen=True)
+class RowPerturbation:
+    """What one row of a batch gets inside :func:`perturb_rows`.
+
+    ``units``: ``Int[ndarray, "N 2"]`` ``(layer, unit)`` rows (a set, as everywhere here).
+    ``mode="zero"``: the units write nothing — at every position (``positions=None``, the same
+    products as zeroing their ``down_proj`` columns: :func:`perturb_units` ``mode="zero"``), or
+    only at the absolute ``positions`` (:func:`ablate_activations`). ``mode="noise"``: the
+    columns move by exactly the noise :func:`perturb_units` ``mode="noise"`` adds for the same
+    ``sigma`` / ``relative`` / ``seed`` (same generator, same order, same values).
+    """
+
+    units: np.ndarray
+    mode: str = "zero"
+    sigma: float = 1.0
+    relative: bool = True
+    seed: int = 0
+    positions: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.mode not in ROW_MODES:
+            raise ValueError(f"mode must be one of {', '.join(ROW_MODES)}, got {self.mode!r}")
+        if self.mode == "noise" and self.positions is not None:
+            raise ValueError("noise moves the write vectors (every position); positions are for mode='zero'")
+        if self.mode == "noise" and not (float(self.sigma) >= 0):
+            raise ValueError(f"sigma must be a non-negative number, got {self.sigma!r}")
+
+
+def noise_deltas(vlm, units, sigma: float, relative: bool = True, seed: int = 0) -> dict[int, tuple]:
+    """Layer → ``(unit indices Int[Tensor, "N"], Δ Float[Tensor, "N D"])``: how far
+    :func:`perturb_units` ``mode="noise"`` with these arguments moves each column (new column as
+    written in the weight's dtype, minus the old one), drawn from the same generator in the same
+    order — so adding ``a[..., units] @ Δ`` to ``down_proj``'s output is that perturbation."""
+    generator = torch.Generator().manual_seed(int(seed))
+    out = {}
+    with torch.no_grad():
+        for layer, cols in unique_units(as_units(vlm, units)).items():
+            idx, w = torch.as_tensor(cols), weight(vlm.down_proj(layer))
+            columns = w[:, idx.to(w.device)].float()                          # (D, N)
+            noise = torch.randn(columns.shape[1], columns.shape[0], generator=generator).T
+            scale = columns.pow(2).mean(0, keepdim=True).sqrt() if relative else 1.0
+            new = (columns + float(sigma) * scale * noise.to(columns.device)).to(w.dtype).float()
+            out[layer] = (idx, (new - columns).T.contiguous())                # (N, D)
+    return out
+
+
+@contextmanager
+def perturb_rows(vlm, rows: Sequence[RowPerturbation | None]) -> Iterator[None]:
+    """Inside the block, row ``r`` of every forward's batch (``B = len(rows)``) runs under
+    ``rows[r]`` (``None``: clean) — several conditions in one batched forward or ``generate``.
+
+    Weights are never touched (the hooks read ``down_proj``'s input and add to its output), so
+    nothing needs restoring and rows cannot leak into each other. Zeroing multiplies the units'
+    coefficients by 0 (the products of a zeroed column); noise adds ``a[..., units] @ Δ``
+    (:func:`noise_deltas`), equal to :func:`perturb_units` up to float summation order.
+    Positions are tracked across calls as in :func:`ablate_activations` (a multi-position call
+    starts a sequence at 0, a one-position call continues it), so ``positions`` mean the same
+    tokens in a teacher-forced forward and in a cached ``generate``. Every forward inside the
+    block must have batch ``B`` (``ValueError`` otherwise).
+    """
+    batch = len(rows)
+    zero_all: dict[int, torch.Tensor] = {}     # layer → (B, F) multipliers (0 at zeroed units)
+    zero_at: dict[int, list] = {}              # layer → [(row, positions, unit indices)]
+    noise: dict[int, list] = {}                # layer → [(row, unit indices, Δ (N, D))]
+    for r, row in enumerate(rows):
+        if row is None or len(row.units) == 0:
+            continue
+        if row.mode == "noise":
+            for layer, (idx, delta) in noise_deltas(vlm, row.units, row.sigma, row.relative,
+                                                    row.seed).items():
+                noise.setdefault(layer, []).append((r, idx, delta))
+            continue
+        for layer, cols in unique_units(as_units(vlm, row.units)).items():
+            if row.positions is None:
+                mask = zero_all.setdefault(layer, torch.ones(batch, vlm.d_ff))
+                mask[r, torch.as_tensor(cols)] = 0.0
+            else:
+                zero_at.setdefault(layer, []).append(
+                    (r, torch.as_tensor(sorted(set(int(p) for p in row.positions))), torch.as_tensor(cols)))
+    packed = {}                                # layer → (B, Nmax) indices, (B, Nmax, D) Δ (0-padded)
+    for layer, entries in noise.items():
+        width = max(len(idx) for _, idx, _ in entries)
+        dim = entries[0][2].shape[1]
+        index = torch.zeros(batch, width, dtype=torch.long)
+        deltas = torch.zeros(batch, width, dim)
+        for r, idx, delta in entries:
+            index[r, :len(idx)], deltas[r, :len(idx)] = idx, delta
+        packed[layer] = (index, deltas)
+    state = {layer: 0 for layer in set(zero_all) | set(zero_at)}
+    cache: dict = {}                           # (what, layer, device, dtype) → tensor there
+
+    def moved(what, layer, tensor, like):
+        key = (what, layer, like.device, like.dtype if tensor.is_floating_point() else None)
+        if key not in cache:
+            cache[key] = tensor.to(like.device, like.dtype if tensor.is_floating_point() else None)
+        return cache[key]
+
+    def check(x):
+        if x.shape[0] != batch:
+            raise ValueError(f"perturb_rows holds {batch} rows but a forward had batch {x.shape[0]}")
+
+    def edit_input(x, layer):                  # x: (B, T, F)
+        check(x)
+        if layer not in state:
+            return None
+        seq = x.shape[1]
+        start = 0 if seq > 1 else state[layer]
+        state[layer] = start + seq
+        if layer in zero_all:
+            x = x * moved("mask", layer, zero_all[layer], x)[:, None, :]
+        else:
+            x = x.clone()
+        for r, positions, cols in zero_at.get(layer, ()):
+            local = positions[(positions >= start) & (positions < start + seq)] - start
+            if len(local):
+                local, cols = local.to(x.device), cols.to(x.device)
+                x[r, local[:, None], cols[None, :]] = 0.0
+        return x
+
+    def edit_output(output, x, layer):         # output: (B, T, D)
+        if layer not in packed:
+            return None
+        index, deltas = packed[layer]
+        index, deltas = moved("index", layer, index, x), moved("delta", layer, deltas, x)
+        picked = torch.gather(x, 2, index[:, None, :].expand(-1, x.shape[1], -1))   # (B, T, Nmax)
+        return output + torch.bmm(picked, deltas).to(output.dtype)
+
+    layers = sorted(set(zero_all) | set(zero_at) | set(packed))
+    with trace_down_proj(vlm, layers, edit_input=edit_input,
+                         edit_output=edit_output if packed else None):
+        yield

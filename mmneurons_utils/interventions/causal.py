@@ -1,21 +1,27 @@
 """Causal effect of the identified units: perturb them and watch the noun.
 
-For every (image, noun) of the model's own captions, the units ranked by the
-contribution score (the paper), by gradient × activation, or drawn at random
-(several seeded draws) are perturbed (:func:`~mmneurons_utils.interventions.ablation.perturb_units`)
-in nested sets of size ``k`` (the top-``k`` of one ranking, so curves over ``k`` are
-comparable), and two things are measured:
+For every (image, noun) of an :class:`~mmneurons_utils.method.identification.Identification`'s
+captions, the units it ranked (contribution, the paper; noun contrast; gradient ×
+activation; the attribution at the image positions; the selection-matched null; random
+draws) are perturbed in nested sets of size ``k`` (the top-``k`` of one ranking, so curves
+over ``k`` are comparable) — their write vectors zeroed or moved by Gaussian noise
+(:func:`~mmneurons_utils.interventions.ablation.perturb_units`'s numbers), or their coefficients
+zeroed at the noun's step only — and two things are measured:
 
 * **logit margin and probability** of the noun at its step: the noun token's logit minus
-  the largest other logit, read by **teacher-forcing the original caption prefix** (one
+  the largest other logit, read by **teacher-forcing the original caption prefix** (a
   forward pass over prompt + original caption). This is well-defined even when the
   perturbation changes earlier tokens (a free-running caption may never reach a
-  comparable step), it isolates the effect on *this* prediction, and it costs one
-  forward pass per condition. A margin below 0 means the noun is no longer the greedy
-  choice given the original prefix.
+  comparable step) and it isolates the effect on *this* prediction. A margin below 0 means
+  the noun is no longer the greedy choice given the original prefix.
 * **the greedy caption** generated under the perturbation: ``removed`` when it no longer
   contains the noun (as a whole word), ``changed`` when it differs from the clean caption
   at all.
+
+The conditions of one image run together: each row of a batch carries its own units and
+noise (:func:`~mmneurons_utils.interventions.ablation.perturb_rows`, per-row hooks; the weights are
+never written), one teacher-forced forward gives every row's margin and one cached
+``generate`` every row's caption (:func:`measure_conditions`).
 
 Results are tidy long-form DataFrames (one row per image × noun × method × draw × k ×
 perturbation); :func:`summarize` and :func:`half_removal_k` turn them into curves and
@@ -24,7 +30,7 @@ the k at which half of the nouns disappear.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import inspect
 from typing import Sequence
 
 import numpy as np
@@ -34,9 +40,9 @@ from tqdm.auto import tqdm
 
 from ..method.identification import Identification, top_k_groups
 from ..method.identify import ALL_METHODS, logit_weights, rank_units
-from .ablation import ablate_activations, perturb_units
+from .ablation import RowPerturbation, perturb_rows
 from ..model.nouns import says
-from ..model.teacher_forcing import teacher_forced_logits
+from ..model.teacher_forcing import teacher_forced_inputs, teacher_forced_logits
 
 LEVELS = ("weights", "activation")
 
@@ -55,8 +61,9 @@ def perturbation_name(sigma: float | None) -> str:
 def rankings(vlm, images, captions, methods: Sequence[str], k: int, n_random: int,
              seed: int) -> list[dict]:
     """Per (image, noun): its unit rankings, ``method → [Int[ndarray, "K 2"], …]``, ``K`` =
-    ``k`` (one array per random draw, seeds ``[seed, image, noun, draw]``; one for the
-    other methods)."""
+    ``k``, scored from the captions' recorded activations (no generation; the gradient
+    baselines take one teacher-forced forward and backward per image): one array per random
+    draw (seeds ``[seed, image, noun, draw]``), one for the other methods."""
     out = []
     weights = logit_weights(vlm, [t for c in captions for t in c.noun_tokens])
     scored = [m for m in methods if m != "random"]
@@ -74,10 +81,11 @@ def rankings(vlm, images, captions, methods: Sequence[str], k: int, n_random: in
     return out
 
 
-def table_rankings(vlm, table, captions, methods: Sequence[str], k: int) -> list[dict]:
-    """:func:`rankings` read from a ``find_neurons`` table of the same images (its ``image``
-    column indexes them): the units a user found are the ones perturbed. Each (image, noun,
-    method) must hold at least ``k`` ranks; a method's single table ranking is its one draw."""
+def table_rankings(table: pd.DataFrame, captions, methods: Sequence[str], k: int) -> list[dict]:
+    """:func:`rankings` read from an identification's table (its ``image`` column indexes
+    ``captions``): the units identified are the ones perturbed. Each (image, noun, method) must
+    hold at least ``k`` ranks; a method's single table ranking is its one draw (the
+    selection-matched null: each of its draws)."""
     groups: dict[tuple, list] = {}          # key → one unit array per draw (selection_null has several)
     for key, rows in top_k_groups(table[table["method"].isin(methods)], k):
         groups.setdefault(key, []).append(rows[["layer", "unit"]].to_numpy())
@@ -90,76 +98,118 @@ def table_rankings(vlm, table, captions, methods: Sequence[str], k: int) -> list
                 out.append(dict(image=index, target=target, ranks=ranks))
     missing = [m for m in methods if not any(m in t["ranks"] for t in out)]
     if missing:
-        raise ValueError(f"the table has no rows of method(s) {', '.join(missing)} for these "
-                         f"images' nouns; its methods: {', '.join(sorted(table['method'].unique()))}")
+        raise ValueError(f"the identification has no rows of method(s) {', '.join(missing)} for "
+                         f"these images' nouns; its methods: {', '.join(sorted(table['method'].unique()))}")
     return out
 
 
-def causal_curves(vlm, images, ks: Sequence[int] = (1, 10, 50, 100, 300),
+def identified_top_k(ident: Identification) -> int:
+    """How many units per (image, noun, method) the identification's table holds."""
+    top_k = ident.settings.get("top_k")
+    if top_k is None:
+        top_k = int(ident.table["rank"].max()) + 1 if len(ident.table) else 0
+    return int(top_k)
+
+
+def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10, 50),
                   methods: Sequence[str] | None = None,
                   sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
-                  relative: bool = True, level: str = "weights", max_new_tokens: int = 20,
-                  progress: bool = False, table: pd.DataFrame | Identification | None = None
-                  ) -> pd.DataFrame:
+                  relative: bool = True, level: str = "weights", max_new_tokens: int | None = None,
+                  rerank: bool = False, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
     """Noun margin / probability / removal under perturbation of the top-``k`` units.
 
-    ``images``: PIL images; every noun of each clean caption is a target.
-    ``ks``: set sizes (nested: the top-``k`` of one ranking). ``methods``: any of
-    ``contribution``, ``noun_contrast``, ``gradient``, ``gradient_image``, ``random``
-    (``n_random`` seeded draws per noun) and ``selection_null`` (from a table: each of its
-    draws; without one: one draw).
-    ``table``: a ``find_neurons`` table of these ``images`` (``image`` = position in the
-    list, ``top_k`` ≥ the largest ``k``), or the :class:`Identification` of
-    ``find_neurons_by_method`` on them (its captions are used: nothing is captioned again):
-    its units are the ones perturbed, per (image, noun, method), instead of ranking them here;
-    ``methods`` then defaults to the table's (a ``random`` row set is one draw). Without a table, ``methods`` defaults to
-    ``("contribution", "random")`` and the ranking is the same as ``find_neurons``'s.
-    ``sigmas``: ``None`` = zero the columns, a float = Gaussian noise of that σ
-    (relative to each column's RMS when ``relative``). ``level="activation"`` instead
-    zeroes the units' coefficients only at the position that produces the noun (its
-    direct effect; ``sigmas`` must be ``(None,)``).
+    ``ident``: the :class:`Identification` of ``images`` (PIL images, in its order: it holds
+    no pixels); every noun of each of its captions is a target, and nothing is captioned or
+    identified again. ``ks``: set sizes (nested: the top-``k`` of one ranking).
+
+    * Every ``k`` ≤ the identification's ``top_k``: its units are the ones perturbed, per
+      (image, noun, method), read from its table; ``methods`` defaults to its methods, and a
+      method's table ranking is one draw (``random``: one draw; ``selection_null``: each of
+      its draws; ``n_random`` is not used).
+    * A ``k`` above it (or ``rerank=True``): every method is ranked again to the largest ``k`` from the
+      identification's captions' recorded activations (no generation; the ranking
+      ``find_neurons`` makes), ``random`` with ``n_random`` seeded draws; ``methods`` defaults
+      to ``contribution`` and ``random``. ``selection_null`` is matched to the identification's
+      ``top_k`` and is refused there (``ValueError``).
+
+    ``methods``: any of ``contribution``, ``noun_contrast``, ``gradient``, ``gradient_image``,
+    ``random``, ``selection_null``. ``sigmas``: ``None`` = zero the columns, a float = Gaussian
+    noise of that σ (relative to each column's RMS when ``relative``), seeded per condition.
+    ``level="activation"`` instead zeroes the units' coefficients only at the position that
+    produces the noun (its direct effect; ``sigmas`` must be ``(None,)``).
+    ``batch_size``: conditions of one image measured together (:func:`measure_conditions`,
+    per-row hooks: the same numbers as perturbing the weights one condition at a time, up to
+    float summation order).
 
     Returns one row per image × noun × method × draw × k × perturbation with columns
     ``image, noun, token_id, step, method, draw, k, perturbation, sigma, level,
     margin_clean, prob_clean, margin, prob, margin_drop, prob_drop, removed, changed,
     caption_clean, caption``.
     """
+    if not isinstance(ident, Identification):
+        raise TypeError(f"causal_curves takes the Identification of the images (identify(…) / "
+                        f"find_neurons_by_method(…)), then the images; got {type(ident).__name__}")
     images = list(images)
-    table, captions = _identified(table, len(images), max_new_tokens)
-    methods, ks = _checked(vlm, table, methods, ks, sigmas, level, n_random)
-    if captions is None:
-        captions = vlm.describe(images, max_new_tokens=max_new_tokens, activation="down_proj_input")
-    clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
-    # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
-    prompt_lens = ([vlm.inputs([image])["input_ids"].shape[1] for image in images]
-                   if level == "activation" else None)
-    if table is not None:
-        targets = table_rankings(vlm, table, captions, methods, ks[-1])
+    if len(images) != ident.n_images:
+        raise ValueError(f"the identification holds {ident.n_images} images' captions, "
+                         f"but {len(images)} images were given")
+    made = int(ident.settings.get("max_new_tokens", 20))
+    if max_new_tokens is not None and max_new_tokens != made:
+        raise ValueError(f"the identification's captions were made with max_new_tokens={made}, "
+                         f"not {max_new_tokens}; pass max_new_tokens={made} (or leave it out)")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
+    top_k = identified_top_k(ident)
+    methods, ks, from_table = _checked(vlm, ident, top_k, methods, ks, sigmas, level, n_random, rerank)
+    captions = ident.captions
+    if from_table:
+        targets = table_rankings(ident.table, captions, methods, ks[-1])
     else:
         targets = rankings(vlm, images, captions, methods, ks[-1], n_random, seed)
+    clean_logits = teacher_forced_logits(vlm, images, [c.token_ids for c in captions])
     jobs = [(t, m, d, k, s) for t in targets for m in methods if m in t["ranks"]
             for d in range(len(t["ranks"][m])) for k in ks for s in sigmas]
-    rows = []
-    for t, method, draw, k, sigma in tqdm(jobs, desc="causal", disable=not progress):
+    by_image: dict[int, list] = {}
+    for job in jobs:
+        by_image.setdefault(job[0]["image"], []).append(job)
+    measured: dict[int, dict] = {}                    # id(job) → its measurement
+    bar = tqdm(total=len(jobs), desc="causal", disable=not progress)
+    for index, group in by_image.items():
+        # each image's own prompt length: llava_next / idefics3 prompts differ in length by image
+        prompt_len = vlm.inputs([images[index]])["input_ids"].shape[1] if level == "activation" else 0
+        rows = [(t["target"], _row(t, method, draw, k, sigma, seed, relative, level, prompt_len))
+                for t, method, draw, k, sigma in group]
+        after = measure_conditions(vlm, images[index], captions[index], rows, batch_size,
+                                   max_new_tokens=made, on_batch=bar.update)
+        measured.update({id(job): a for job, a in zip(group, after)})
+    bar.close()
+    out = []
+    for job in jobs:
+        t, method, draw, k, sigma = job
         index, target = t["image"], t["target"]
-        units = t["ranks"][method][draw][:k]
-        if level == "activation":
-            context = ablate_activations(vlm, units,
-                                         positions=[prompt_lens[index] - 1 + target.step])
-        else:
-            context = perturbation_context(vlm, units, sigma, seed=_noise_seed(seed, index, target, draw, k),
-                                           relative=relative)
         m0, p0 = margin_and_prob(clean_logits[index][target.step], target.token_id)
-        after = measure_condition(vlm, images[index], captions[index], target, context, max_new_tokens)
-        rows.append(dict(image=index, noun=target.noun, token_id=target.token_id, step=target.step,
-                         method=method, draw=draw, k=k, perturbation=perturbation_name(sigma),
-                         sigma=np.nan if sigma is None else float(sigma), level=level,
-                         **_compared(m0, p0, captions[index].text, after)))
-    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
+        out.append(dict(image=index, noun=target.noun, token_id=target.token_id, step=target.step,
+                        method=method, draw=draw, k=k, perturbation=perturbation_name(sigma),
+                        sigma=np.nan if sigma is None else float(sigma), level=level,
+                        **_compared(m0, p0, captions[index].text, measured[id(job)])))
+    return pd.DataFrame(out, columns=CURVE_COLUMNS)
+
+
+def _row(t: dict, method: str, draw: int, k: int, sigma, seed: int, relative: bool, level: str,
+         prompt_len: int) -> RowPerturbation:
+    """One condition as a :class:`RowPerturbation` (the noise seeded as :func:`_noise_seed`)."""
+    units = np.asarray(t["ranks"][method][draw][:k], dtype=np.int64).reshape(-1, 2)
+    target = t["target"]
+    if level == "activation":
+        return RowPerturbation(units, "zero", positions=(prompt_len - 1 + target.step,))
+    if sigma is None:
+        return RowPerturbation(units, "zero")
+    return RowPerturbation(units, "noise", sigma=float(sigma), relative=relative,
+                           seed=_noise_seed(seed, t["image"], target, draw, k))
 
 
 def _compared(margin_clean: float, prob_clean: float, caption_clean: str, after: dict) -> dict:
-    """A curve row's measurements: clean vs perturbed (``after``: :func:`measure_condition`)."""
+    """A curve row's measurements: clean vs perturbed (``after``: :func:`measure_conditions`)."""
     return dict(margin_clean=margin_clean, prob_clean=prob_clean, margin=after["margin"],
                 prob=after["prob"], margin_drop=margin_clean - after["margin"],
                 prob_drop=prob_clean - after["prob"], removed=after["removed"],
@@ -176,56 +226,82 @@ CURVE_COLUMNS = ["image", "noun", "token_id", "step", "method", "draw", "k", "pe
                  "removed", "changed", "caption_clean", "caption"]
 
 
-def measure_condition(vlm, image, caption, target, context, max_new_tokens: int = 20) -> dict:
-    """One ablation condition: inside ``context`` (a perturbation, or ``nullcontext()`` for the
-    clean model), teacher-force ``caption`` and caption ``image`` again.
+def measure_conditions(vlm, image, caption, conditions: Sequence[tuple], batch_size: int = 32,
+                       max_new_tokens: int | None = None, on_batch=None) -> list[dict]:
+    """Several ablation conditions of one image, ``batch_size`` at a time in one batch: row ``r``
+    runs under its own perturbation (:func:`~mmneurons_utils.interventions.ablation.perturb_rows`).
 
-    ``target``: the noun's ``NounToken`` in ``caption``. Returns ``margin, prob`` (the noun's
-    logit margin and probability at its step, :func:`margin_and_prob`), ``caption`` (the new
-    text), ``removed`` (it no longer says the noun) and ``changed`` (it differs at all).
+    ``conditions``: ``[(target, perturbation), …]``, ``target`` a ``NounToken`` of ``caption``,
+    ``perturbation`` a :class:`RowPerturbation` (``None``: the clean model). Per batch: one
+    teacher-forced forward over prompt + ``caption`` (each row's noun-step logits only) and one
+    greedy ``generate`` with the KV cache (``max_new_tokens``: default the caption's own
+    budget, 20). Returns, per condition, ``margin, prob`` (the noun's logit margin and
+    probability at its step, :func:`margin_and_prob`), ``caption`` (the new text),
+    ``removed`` (it no longer says the noun) and ``changed`` (it differs at all).
     """
-    with context:
-        logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]        # (S, V)
-        text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
-    margin, prob = margin_and_prob(logits[target.step], target.token_id)
-    return dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun),
-                changed=text != caption.text)
+    max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
+    out = []
+    for start in range(0, len(conditions), int(batch_size)):
+        chunk = conditions[start:start + int(batch_size)]
+        targets = [target for target, _ in chunk]
+        with perturb_rows(vlm, [row for _, row in chunk]):
+            logits = _step_logits(vlm, image, caption.token_ids, [t.step for t in targets])
+            texts = [c.text for c in vlm.describe([image] * len(chunk), max_new_tokens=max_new_tokens,
+                                                  batch_size=len(chunk))]
+        for target, row_logits, text in zip(targets, logits, texts):
+            margin, prob = margin_and_prob(row_logits, target.token_id)
+            out.append(dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun),
+                            changed=text != caption.text))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return out
 
 
-def _identified(table, n_images: int, max_new_tokens: int) -> tuple[pd.DataFrame | None, list | None]:
-    """``(table, captions)`` of an :class:`Identification` of the ``n_images`` images (``None``
-    captions for a plain table or none)."""
-    if not isinstance(table, Identification):
-        return table, None
-    if len(table.captions) != n_images:
-        raise ValueError(f"the identification holds {len(table.captions)} captions for {n_images} images")
-    made = table.settings.get("max_new_tokens", max_new_tokens)
-    if made != max_new_tokens:
-        raise ValueError(f"the identification's captions were made with max_new_tokens={made}, "
-                         f"not {max_new_tokens}; pass max_new_tokens={made}")
-    return table.table, table.captions
+@torch.no_grad()
+def _step_logits(vlm, image, token_ids: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """``Float[Tensor, "B V"]`` (float32, CPU): row ``r`` teacher-forces ``token_ids`` after
+    ``image``'s prompt and reads the logits that produce caption token ``steps[r]`` (only those
+    positions go through the unembedding where the model can skip the others)."""
+    full, prompt_len, _ = teacher_forced_inputs(vlm, [image] * len(steps), [list(token_ids)] * len(steps))
+    device = full["input_ids"].device
+    positions = torch.as_tensor([prompt_len - 1 + s for s in steps], device=device)
+    if _keeps_logits(vlm.model):
+        logits = vlm.model(**full, logits_to_keep=positions[:, None]).logits[:, 0]
+    else:
+        logits = vlm.model(**full).logits[torch.arange(len(steps), device=device), positions]
+    return logits.float().cpu()
 
 
-def _checked(vlm, table, methods, ks, sigmas, level, n_random) -> tuple[tuple[str, ...], list[int]]:
-    """The methods (default: the table's, else contribution and random) and the sorted set
-    sizes of :func:`causal_curves`, or a ``ValueError`` naming the bad setting."""
-    if methods is None:
-        methods = (tuple(dict.fromkeys(table["method"])) if table is not None
-                   else ("contribution", "random"))
-    bad = [m for m in methods if m not in ALL_METHODS]
-    if bad or not methods:
-        raise ValueError(f"methods must be among {', '.join(ALL_METHODS)}, got {list(methods)!r}")
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-    if level == "activation" and any(s is not None for s in sigmas):
-        raise ValueError("level='activation' zeroes coefficients; use sigmas=(None,)")
+def _keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _checked(vlm, ident, top_k, methods, ks, sigmas, level, n_random,
+             rerank) -> tuple[tuple[str, ...], list[int], bool]:
+    """The methods, the sorted set sizes of :func:`causal_curves` and whether the units come
+    from the identification's table, or a ``ValueError`` naming the bad setting."""
     total = vlm.n_layers * vlm.d_ff
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1 or ks[-1] > total:
         raise ValueError(f"every k must be in 1 … {total} (the model's units), got {ks!r}")
+    from_table = ks[-1] <= top_k and not rerank
+    if methods is None:
+        methods = (tuple(dict.fromkeys(ident.table["method"])) if from_table
+                   else ("contribution", "random"))
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods must be among {', '.join(ALL_METHODS)}, got {list(methods)!r}")
+    if not from_table and "selection_null" in methods:
+        raise ValueError(f"selection_null is matched to the identification's top_k={top_k}: it is "
+                         f"read from its table only, every k ≤ {top_k} and no rerank (got k up to "
+                         f"{ks[-1]}); identify with a larger top_k")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level == "activation" and any(s is not None for s in sigmas):
+        raise ValueError("level='activation' zeroes coefficients; use sigmas=(None,)")
     if n_random < 1:
         raise ValueError(f"n_random must be ≥ 1, got {n_random!r}")
-    return tuple(methods), ks
+    return tuple(methods), ks, from_table
 
 
 def summarize(curves: pd.DataFrame) -> pd.DataFrame:
@@ -250,12 +326,3 @@ def half_removal_k(curves: pd.DataFrame, share: float = 0.5) -> pd.DataFrame:
                          k_half=float(hit.k.min()) if len(hit) else np.nan, reached=bool(len(hit)),
                          max_k=int(group.k.max()), removed_at_max_k=float(group.noun_removed.iloc[-1])))
     return pd.DataFrame(rows)
-
-
-def perturbation_context(vlm, units, sigma: float | None, seed: int = 0, relative: bool = True):
-    """The weight perturbation used by the curves: zero (``sigma=None``) or noise; a no-op for no units."""
-    if len(units) == 0:
-        return nullcontext()
-    if sigma is None:
-        return perturb_units(vlm, units, mode="zero")
-    return perturb_units(vlm, units, mode="noise", sigma=sigma, relative=relative, seed=seed)

@@ -1,9 +1,11 @@
 """The ablation panel: image, noun, ``k`` and σ → the caption and the noun's margin, live.
 
-The noun's top-``k`` contribution units (from a ``find_neurons`` table when one is given, and, for comparison, ``k`` seeded random units)
-are perturbed inside a ``with`` block (zeroed, or Gaussian noise of σ × the column's RMS
-when σ > 0); the weights are restored after each render. One render is two teacher-forced
-forwards and two greedy captions (≈ 0.1 s on the embedded models).
+The noun's top-``k`` units of an :class:`~mmneurons_utils.method.identification.Identification`
+(its contribution units and, for comparison, its ``k`` random units) are perturbed — zeroed, or
+Gaussian noise of σ × the column's RMS when σ > 0 — through the causal code's batched path
+(:func:`~mmneurons_utils.interventions.causal.measure_conditions`: both unit sets in one batch,
+per-row hooks, the weights never written). One render is a teacher-forced forward of the clean
+caption, one of the two conditions and one batched greedy generation.
 """
 
 from __future__ import annotations
@@ -11,25 +13,40 @@ from __future__ import annotations
 import ipywidgets as W
 import pandas as pd
 
-from ..interventions.causal import margin_and_prob, measure_condition, perturbation_context, rankings
-from ..method.identification import units_of
+from ..interventions.ablation import RowPerturbation
+from ..interventions.causal import identified_top_k, margin_and_prob, measure_conditions, rankings
+from ..method.identification import Identification, units_of
 from ..model.teacher_forcing import teacher_forced_logits
 from .panel import Panel
 
+UNIT_SETS = ("contribution", "random")
+
 
 class AblationPanel(Panel):
-    """Pick an image and a noun of its caption; slide ``k`` and σ (0 = zero the columns)."""
+    """Pick an image and a noun of its caption; slide ``k`` (up to the identification's
+    ``top_k``) and σ (0 = zero the columns).
 
-    def __init__(self, vlm, scenes, k: int = 50, sigma: float = 0.0, seed: int = 0, max_k: int = 500,
-                 table=None):
+    ``ident``: the identification of ``scenes`` (its captions and units are used; nothing is
+    identified again). An image that is not one of them (an upload, scenes drawn with another
+    seed) is captioned and ranked on the spot (random units seeded by ``seed``).
+    """
+
+    def __init__(self, vlm, scenes, ident: Identification, k: int = 50, sigma: float = 0.0,
+                 seed: int = 0):
+        if not isinstance(ident, Identification):
+            raise TypeError(f"AblationPanel takes the scenes' Identification, got {type(ident).__name__}")
+        if ident.n_images != len(scenes):
+            raise ValueError(f"the identification holds {ident.n_images} images, the panel got "
+                             f"{len(scenes)} scenes")
+        missing = [m for m in UNIT_SETS if m not in set(ident.table["method"])]
+        if missing:
+            raise ValueError(f"the identification has no {', '.join(missing)} units; identify with "
+                             f"methods including {', '.join(UNIT_SETS)}")
         super().__init__(vlm, scenes)
-        self.seed = seed
-        # a find_neurons table of these scenes: its units are the ones perturbed (k ≤ its top_k)
-        self.table = table
-        if table is not None:
-            max_k = min(max_k, int(table["rank"].max()) + 1)
-        self.k = W.IntSlider(value=min(k, max_k), min=1, max=min(max_k, vlm.n_layers * vlm.d_ff),
-                             description="k",
+        self.ident, self.seed = ident, seed
+        self.max_new_tokens = int(ident.settings.get("max_new_tokens", 20))
+        max_k = identified_top_k(ident)
+        self.k = W.IntSlider(value=min(k, max_k), min=1, max=max_k, description="k",
                              continuous_update=False)
         self.sigma = W.FloatSlider(value=sigma, min=0.0, max=5.0, step=0.25, description="σ (0=zero)",
                                    continuous_update=False)
@@ -41,15 +58,18 @@ class AblationPanel(Panel):
         self._image_changed()
 
     def _image_changed(self):
-        image = self.picker.image
-        self.caption = self.vlm.describe([image], activation="down_proj_input")[0]
-        ranks = rankings(self.vlm, [image], [self.caption], ("contribution", "random"),
-                         self.k.max, 1, self.seed)
-        self._ranks = {r["target"].noun: (r["target"], r["ranks"]) for r in ranks}
-        index = self.table_image()
-        if self.table is not None and index is not None:  # the table's units replace the ranking
-            for noun, (target, ranked) in self._ranks.items():
-                ranked["contribution"] = [units_of(self.table, noun, self.k.max, image=index)]
+        image, index = self.picker.image, self.table_image()
+        if index is not None:              # one of the identification's images: its caption and units
+            self.caption = self.ident.captions[index]
+            self._ranks = {t.noun: (t, {m: units_of(self.ident.table, t.noun, self.k.max, image=index,
+                                                    method=m) for m in UNIT_SETS})
+                           for t in self.caption.noun_tokens}
+        else:
+            self.caption = self.vlm.describe([image], max_new_tokens=self.max_new_tokens,
+                                             activation="down_proj_input")[0]
+            ranks = rankings(self.vlm, [image], [self.caption], UNIT_SETS, self.k.max, 1, self.seed)
+            self._ranks = {r["target"].noun: (r["target"], {m: r["ranks"][m][0] for m in UNIT_SETS})
+                           for r in ranks}
         self.nouns.set_caption(self.caption)  # fires the noun observer → render
 
     def view(self) -> list:
@@ -64,11 +84,14 @@ class AblationPanel(Panel):
         margin, prob = margin_and_prob(clean, target.token_id)
         rows = [dict(units="none (clean)", caption=self.caption.text, margin=margin, prob=prob,
                      noun_said=True)]
-        for name, method in ((f"top-{k} contribution", "contribution"), (f"{k} random", "random")):
-            context = perturbation_context(self.vlm, ranks[method][0][:k], sigma, seed=self.seed)
-            after = measure_condition(self.vlm, image, self.caption, target, context)
-            rows.append(dict(units=name, caption=after["caption"], margin=after["margin"],
-                             prob=after["prob"], noun_said=not after["removed"]))
+        conditions = [(target, RowPerturbation(ranks[m][:k], "zero") if sigma is None else
+                       RowPerturbation(ranks[m][:k], "noise", sigma=sigma, seed=self.seed))
+                      for m in UNIT_SETS]
+        after = measure_conditions(self.vlm, image, self.caption, conditions,
+                                   max_new_tokens=self.max_new_tokens)
+        for name, result in zip((f"top-{k} contribution", f"{k} random"), after):
+            rows.append(dict(units=name, caption=result["caption"], margin=result["margin"],
+                             prob=result["prob"], noun_said=not result["removed"]))
         how = "zeroed" if sigma is None else f"noise σ={sigma:g}"
         line = f"noun: {noun} (step {target.step}) | {k} units {how}"
         return [line, pd.DataFrame(rows).round(3)]
