@@ -14,7 +14,7 @@ import torch
 from mmneurons_utils import load_vlm, make_scenes
 from mmneurons_utils.model.nouns import says
 from mmneurons_utils.batch.edit_evaluation import ImagePool, edit_table, run_edit, summarize_edits
-from mmneurons_utils.interventions.editing import EditInputError, edit_token
+from mmneurons_utils.interventions.editing import EditInputError, edit_token, evaluate_edit
 
 pytestmark = pytest.mark.slow   # the slow tier: every test here takes seconds to minutes
 
@@ -78,11 +78,16 @@ def test_edit_flips_the_caption_and_undo_restores_bit_for_bit(tiny_llava, case, 
 
 def test_evaluate_reports_side_effects(tiny_llava, case, edit):
     e = edit["edit"]
-    out = e.evaluate(case["heldout"], case["locality"])
+    out = evaluate_edit(e, case["heldout"], case["locality"])
     assert e.applied  # evaluate leaves the edit as it found it
     assert 0.0 <= out["generalization"] <= 1.0 and out["n_locality"] == len(case["locality"])
     assert out["locality"] >= 0.8        # captions without the source stay put
     assert 0.0 <= out["locality_kl"] < 0.05
+    # one suite: the package's names are the free-running EasyEdit-style ones, in the report too
+    assert out["generalization"] == out["m_generality_free"] == e.report.generalization
+    assert out["locality"] == out["m_locality_free"] == e.report.m_locality_free
+    assert e.metrics["success"] == e.metrics["reliability_free"] == 1.0
+    assert out["reliability"] == 1.0 and out["m_locality"] >= 0.9
 
 
 def test_save_pretrained_round_trip(tiny_llava, case, edit, tmp_path):
@@ -204,7 +209,7 @@ def test_images_already_saying_the_target_are_not_scored(tiny_llava, pool, toget
     assert e.metrics["n_excluded_target"] == 1 and e.metrics["success"] == float(flipped)
     # held-out images already saying the target are not counted either
     e.apply()
-    out = e.evaluate(both + alone[1:], ())
+    out = evaluate_edit(e, both + alone[1:], ())
     e.undo()
     assert out["n_heldout"] == len(alone) - 1
     # the pool's split keeps them out of both the edit and the held-out images, and says how many
@@ -288,12 +293,15 @@ def test_the_failed_edit_rule_lives_in_the_report():
     from mmneurons_utils.interventions.editing import EditReport
 
     report = EditReport(converged=False, final_margin=-1.0, steps=3, n_neurons=2, unit_choice="given",
-                        weight_norm=0.1, relative_norm=0.01, success=0.0)
+                        weight_norm=0.1, relative_norm=0.01, reliability_free=0.0)
     assert "generalization" not in report.as_dict()                   # not measured yet
+    assert report.success == 0.0                                      # the alias reads the field
     report.not_applied(n_heldout=4, n_locality=6)
     m = report.as_dict()
     assert _isnan(m["generalization"]) and _isnan(m["locality"]) and _isnan(m["locality_kl"])
+    assert _isnan(m["m_generality_free"]) and _isnan(m["m_locality"]) and m["reliability"] == 0.0
     assert m["n_heldout"] == 4 and m["n_locality"] == 6 and m["applied"] is False
+    assert m["accepted"] is False
     assert list(m)[:7] == ["converged", "final_margin", "steps", "n_neurons", "unit_choice",
                            "weight_norm", "relative_norm"]
     with pytest.raises(KeyError, match="no field"):
