@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from mmneurons_utils import make_scenes
-from mmneurons_utils.interventions.ablation import (RowPerturbation, ablate_activations, perturb_rows,
-                                                    perturb_units)
-from mmneurons_utils.interventions.causal import (causal_curves, margin_and_prob, measure_conditions,
-                                                  summarize, table_rankings)
+from mmneurons_utils.interventions.ablation import RowPerturbation, perturb_rows
+from mmneurons_utils.interventions.causal import (causal_curves, measure_conditions,
+                                                  measure_sequentially, summarize, table_rankings)
 from mmneurons_utils.method.identify import find_neurons_by_method
-from mmneurons_utils.model.nouns import says
 from mmneurons_utils.model.teacher_forcing import teacher_forced_logits
 
 # measured: max |Δ| 6.7e-6 (tiny-llava) and 2.9e-6 (tiny-instructblip) over margins and
@@ -29,52 +27,36 @@ def _weights(vlm):
     return [vlm.down_proj(layer).weight.detach().clone() for layer in range(vlm.n_layers)]
 
 
-def _sequential(vlm, image, caption, target, row):
-    """The reference: the weights perturbed in place (or the coefficient hook), one condition."""
-    if row is None:
-        context = perturb_units(vlm, np.zeros((0, 2)), mode="zero")
-    elif row.positions is not None:
-        context = ablate_activations(vlm, row.units, positions=list(row.positions))
-    elif row.mode == "zero":
-        context = perturb_units(vlm, row.units, mode="zero")
-    else:
-        context = perturb_units(vlm, row.units, mode="noise", sigma=row.sigma, relative=row.relative,
-                                seed=row.seed)
-    with context:
-        logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]
-        text = vlm.describe([image])[0].text
-    margin, prob = margin_and_prob(logits[target.step], target.token_id)
-    return dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun))
-
-
 def test_batched_conditions_equal_the_sequential_reference(vlm):
-    images = [s.image for s in make_scenes(3, seed=7)]
+    images = [s.image for s in make_scenes(2, seed=7)]
     captions = vlm.describe(images)
     rng = np.random.default_rng(0)
     before = _weights(vlm)
-    worst, checked, moved = 0.0, 0, 0
+    worst, checked, moved, changed = 0.0, 0, 0, 0
     for image, caption in zip(images, captions):
         if not caption.noun_tokens:
             continue
         prompt_len = vlm.inputs([image])["input_ids"].shape[1]
         conditions = [(caption.noun_tokens[0], None)]
-        for j in range(9):
+        for j in range(6):
             target = caption.noun_tokens[j % len(caption.noun_tokens)]
-            n = (1, 30, 400)[j % 3]
+            n = (30, 600)[j % 2]
             units = np.stack([rng.integers(0, vlm.n_layers, n), rng.integers(0, vlm.d_ff, n)], 1)
             conditions.append((target, (RowPerturbation(units, "zero"),
                                         RowPerturbation(units, "noise", sigma=2.0, seed=j,
                                                         relative=bool(j % 2)),
                                         RowPerturbation(units, "zero",
-                                                        positions=(prompt_len - 1 + target.step,)))[j // 3]))
-        batched = measure_conditions(vlm, image, caption, conditions, batch_size=4)  # 3 batches
+                                                        positions=(prompt_len - 1 + target.step,)))[j // 2]))
+        batched = measure_conditions(vlm, image, caption, conditions, batch_size=4)  # 2 batches
         for (target, row), got in zip(conditions, batched):
-            want = _sequential(vlm, image, caption, target, row)
-            assert got["caption"] == want["caption"] and got["removed"] == want["removed"]
+            want = measure_sequentially(vlm, image, caption, target, row)
+            assert got == {**want, "margin": got["margin"], "prob": got["prob"]}   # captions identical
             worst = max(worst, abs(got["margin"] - want["margin"]), abs(got["prob"] - want["prob"]))
             moved += abs(want["margin"] - batched[0]["margin"]) > 0.1 and target == conditions[0][0]
             checked += 1
-    assert checked >= 20 and moved >= 3          # the conditions do change the margin
+            changed += got["changed"]
+    assert checked >= 12 and moved >= 3          # the conditions do change the margin
+    assert 0 < changed < checked                 # both kinds of row: generated again, and kept
     assert worst < TOLERANCE, worst
     for layer, w in enumerate(before):           # the batched path never writes a weight
         assert torch.equal(vlm.down_proj(layer).weight, w)
@@ -108,10 +90,12 @@ def test_curves_read_the_identification(tiny_llava, identified):
     contribution units (hence the same rows); the identified units beat random ones."""
     images, ident = identified
     table = causal_curves(tiny_llava, ident, images, ks=(5, 20), methods=("contribution", "random"))
-    again = causal_curves(tiny_llava, ident, images, ks=(5, 20), methods=("contribution", "random"),
-                          rerank=True, n_random=1)
+    again = causal_curves(tiny_llava, ident, images, ks=(5, 20), methods=("contribution",),
+                          rerank=True)
     top = table[table.method == "contribution"].reset_index(drop=True)
-    assert top.equals(again[again.method == "contribution"].reset_index(drop=True))
+    numbers = ["margin", "prob", "margin_drop", "prob_drop"]    # other batch-mates: float order only
+    np.testing.assert_allclose(again[numbers], top[numbers], rtol=0, atol=TOLERANCE)
+    assert again.drop(columns=numbers).equals(top.drop(columns=numbers))
     assert (table.caption_clean == table.image.map(dict(enumerate(ident.texts)))).all()
     s = summarize(table).set_index(["method", "k"])
     assert s.loc[("contribution", 20), "margin_drop"] > 3 * abs(s.loc[("random", 20), "margin_drop"])

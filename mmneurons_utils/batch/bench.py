@@ -34,6 +34,13 @@
   response to an image change (caption, scores, unit list, heatmap), the least of the
   changes timed; ``explorer_update_median_s`` their median. The tests assert what a change
   does, never how long it takes.
+* ``causal_speedup`` — ``causal_curves`` (the causal ablations of an identification's units:
+  zeroing at two ``k`` and noise at one σ, contribution and random units) one condition at a
+  time with the weights perturbed in place (``batch_size=None``, the reference) ÷ the batched
+  path (every condition of an image in one batch with per-row hooks, one teacher-forced
+  forward, one cached ``generate``), on the first ``causal_n_images`` images: the same rows,
+  margins within float summation order (``causal_max_margin_diff``, measured here).
+  ``causal_s`` / ``causal_sequential_s`` the two times, ``causal_conditions`` the rows.
 * ``vocab_memory_fraction`` — the neuron-vocabulary computation's peak extra
   memory ÷ the size of the full ``W_out·W_U`` product for one LLaVA-1.5-7B-shaped
   layer (random weights, d_ff 11008 × d_model 4096 × vocabulary 32000), measured in
@@ -57,6 +64,8 @@ import numpy as np
 import torch
 
 from ..atlas.build import build_atlas
+from ..interventions.causal import causal_curves
+from ..method.identify import find_neurons_by_method
 from ..method.identify import find_neurons, logit_weights, rank_units
 from ..method.scoring import unit_top_tokens
 from ..model.vlm import ModelLoadError, load_vlm
@@ -66,6 +75,7 @@ from .official import check_same_nouns, official_find, prepare_official
 
 THROUGHPUT_BATCH_SIZES = (1, 8, 32)
 OURS_BATCH_SIZE = 16     # find_neurons' default: ours in official_speedup
+CAUSAL_N_IMAGES = 4      # causal_speedup's images (each holds ~2 nouns × 2 methods × 2 k × 2 σ)
 
 
 def _interleaved(*fns, repeats: int, warm_up: bool = True, clock=time.perf_counter) -> list[float]:
@@ -176,6 +186,33 @@ def time_atlas(vlm, images, repeats: int = 3, top_k: int = 10, examples: int = 8
     return dict(atlas_ratio=round(t_atlas / t_describe, 2), atlas_s=round(t_atlas, 3))
 
 
+CAUSAL_SETTINGS = dict(ks=(10, 50), methods=("contribution", "random"), sigmas=(None, 2.0), seed=0)
+
+
+def time_causal(vlm, images, repeats: int = 3, **settings) -> dict:
+    """``causal_speedup``: ``causal_curves`` one condition at a time ÷ batched on the
+    identification of ``images`` (``settings``: ``causal_curves``'s, default
+    :data:`CAUSAL_SETTINGS`), minima of interleaved runs; checks that both give the same rows."""
+    settings = {**CAUSAL_SETTINGS, **settings}
+    ident = find_neurons_by_method(vlm, images, methods=settings["methods"],
+                                   top_k=max(settings["ks"]), seed=settings["seed"])
+    results = {}
+
+    def run(name, batch_size):
+        results[name] = causal_curves(vlm, ident, images, batch_size=batch_size, **settings)
+
+    sequential_s, batched_s = _interleaved(lambda: run("sequential", None), lambda: run("batched", 32),
+                                           repeats=repeats)
+    one, other = results["sequential"], results["batched"]
+    numbers = ["margin", "prob", "margin_drop", "prob_drop"]
+    if not one.drop(columns=numbers).equals(other.drop(columns=numbers)):
+        raise AssertionError("the batched causal curves differ from the sequential ones beyond the margins")
+    diff = float(np.abs(one[numbers].to_numpy() - other[numbers].to_numpy()).max()) if len(one) else 0.0
+    return dict(causal_speedup=round(sequential_s / batched_s, 2), causal_s=round(batched_s, 4),
+                causal_sequential_s=round(sequential_s, 4), causal_conditions=len(other),
+                causal_n_images=len(images), causal_max_margin_diff=float(f"{diff:.2g}"))
+
+
 @torch.no_grad()
 def topk_columns(w_u: torch.Tensor, w_out: torch.Tensor, k: int, chunk: int = 256,
                  block: int = 1024):
@@ -281,6 +318,7 @@ def run_bench(vlm, n_images: int = 16, seed: int = 0, repeats: int = 3, chunk: i
     result = dict(model=vlm.name, device=str(vlm.device), dtype=str(vlm.dtype).replace("torch.", ""))
     result.update(time_identification(vlm, images, repeats=repeats))
     result.update(time_atlas(vlm, images, repeats=repeats))
+    result.update(time_causal(vlm, images[:CAUSAL_N_IMAGES], repeats=repeats))
     if official:
         result.update(time_official(vlm, images, [s.image for s in scenes], repeats=repeats,
                                     batch_sizes=THROUGHPUT_BATCH_SIZES))

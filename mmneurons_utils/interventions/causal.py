@@ -31,6 +31,7 @@ the k at which half of the nouns disappear.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..method.identification import Identification, top_k_groups
 from ..method.identify import ALL_METHODS, logit_weights, rank_units
-from .ablation import RowPerturbation, perturb_rows
+from .ablation import RowPerturbation, ablate_activations, perturb_rows, perturb_units
 from ..model.nouns import says
 from ..model.teacher_forcing import teacher_forced_inputs, teacher_forced_logits
 
@@ -115,7 +116,8 @@ def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10
                   methods: Sequence[str] | None = None,
                   sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
                   relative: bool = True, level: str = "weights", max_new_tokens: int | None = None,
-                  rerank: bool = False, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+                  rerank: bool = False, batch_size: int | None = 32,
+                  progress: bool = False) -> pd.DataFrame:
     """Noun margin / probability / removal under perturbation of the top-``k`` units.
 
     ``ident``: the :class:`Identification` of ``images`` (PIL images, in its order: it holds
@@ -139,7 +141,7 @@ def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10
     produces the noun (its direct effect; ``sigmas`` must be ``(None,)``).
     ``batch_size``: conditions of one image measured together (:func:`measure_conditions`,
     per-row hooks: the same numbers as perturbing the weights one condition at a time, up to
-    float summation order).
+    float summation order); ``None`` runs that reference instead (:func:`measure_sequentially`).
 
     Returns one row per image × noun × method × draw × k × perturbation with columns
     ``image, noun, token_id, step, method, draw, k, perturbation, sigma, level,
@@ -157,7 +159,7 @@ def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10
     if max_new_tokens is not None and max_new_tokens != made:
         raise ValueError(f"the identification's captions were made with max_new_tokens={made}, "
                          f"not {max_new_tokens}; pass max_new_tokens={made} (or leave it out)")
-    if int(batch_size) < 1:
+    if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
     top_k = identified_top_k(ident)
     methods, ks, from_table = _checked(vlm, ident, top_k, methods, ks, sigmas, level, n_random, rerank)
@@ -226,30 +228,51 @@ CURVE_COLUMNS = ["image", "noun", "token_id", "step", "method", "draw", "k", "pe
                  "removed", "changed", "caption_clean", "caption"]
 
 
-def measure_conditions(vlm, image, caption, conditions: Sequence[tuple], batch_size: int = 32,
+def measure_conditions(vlm, image, caption, conditions: Sequence[tuple], batch_size: int | None = 32,
                        max_new_tokens: int | None = None, on_batch=None) -> list[dict]:
     """Several ablation conditions of one image, ``batch_size`` at a time in one batch: row ``r``
     runs under its own perturbation (:func:`~mmneurons_utils.interventions.ablation.perturb_rows`).
 
     ``conditions``: ``[(target, perturbation), …]``, ``target`` a ``NounToken`` of ``caption``,
     ``perturbation`` a :class:`RowPerturbation` (``None``: the clean model). Per batch: one
-    teacher-forced forward over prompt + ``caption`` (each row's noun-step logits only) and one
-    greedy ``generate`` with the KV cache (``max_new_tokens``: default the caption's own
-    budget, 20). Returns, per condition, ``margin, prob`` (the noun's logit margin and
+    teacher-forced forward over prompt + ``caption`` (its caption steps' logits only), and one
+    greedy ``generate`` with the KV cache (``max_new_tokens``: default 20) of just the rows
+    whose teacher-forced argmax leaves the clean caption somewhere (the others would say it
+    again: greedy decoding is argmax after argmax). Returns, per condition, ``margin, prob`` (the noun's logit margin and
     probability at its step, :func:`margin_and_prob`), ``caption`` (the new text),
     ``removed`` (it no longer says the noun) and ``changed`` (it differs at all).
+    ``batch_size=None``: :func:`measure_sequentially` (the reference, one condition at a time).
     """
     max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
+    if batch_size is None:
+        out = []
+        for target, row in conditions:
+            out.append(measure_sequentially(vlm, image, caption, target, row, max_new_tokens))
+            if on_batch is not None:
+                on_batch(1)
+        return out
     out = []
+    shortcut = _plain_greedy(vlm)
     for start in range(0, len(conditions), int(batch_size)):
         chunk = conditions[start:start + int(batch_size)]
-        targets = [target for target, _ in chunk]
-        with perturb_rows(vlm, [row for _, row in chunk]):
-            logits = _step_logits(vlm, image, caption.token_ids, [t.step for t in targets])
-            texts = [c.text for c in vlm.describe([image] * len(chunk), max_new_tokens=max_new_tokens,
-                                                  batch_size=len(chunk))]
-        for target, row_logits, text in zip(targets, logits, texts):
-            margin, prob = margin_and_prob(row_logits, target.token_id)
+        rows = [row for _, row in chunk]
+        with perturb_rows(vlm, rows):
+            logits = _caption_logits(vlm, image, caption.token_ids, len(chunk))      # (B, S+1, V)
+        # greedy decoding is argmax after argmax: a row whose teacher-forced argmax is the clean
+        # caption at every step (and then a stop, unless the caption used the whole budget)
+        # generates the clean caption again, so only the other rows are generated
+        kept = _keeps_caption(vlm, logits, caption.token_ids, max_new_tokens) if shortcut \
+            else [False] * len(chunk)
+        texts = [caption.text if same else None for same in kept]
+        redo = [r for r, same in enumerate(kept) if not same]
+        if redo:
+            with perturb_rows(vlm, [rows[r] for r in redo]):
+                made = vlm.describe([image] * len(redo), max_new_tokens=max_new_tokens,
+                                    batch_size=len(redo))
+            for r, c in zip(redo, made):
+                texts[r] = c.text
+        for r, ((target, _), text) in enumerate(zip(chunk, texts)):
+            margin, prob = margin_and_prob(logits[r, target.step], target.token_id)
             out.append(dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun),
                             changed=text != caption.text))
         if on_batch is not None:
@@ -257,19 +280,75 @@ def measure_conditions(vlm, image, caption, conditions: Sequence[tuple], batch_s
     return out
 
 
-@torch.no_grad()
-def _step_logits(vlm, image, token_ids: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    """``Float[Tensor, "B V"]`` (float32, CPU): row ``r`` teacher-forces ``token_ids`` after
-    ``image``'s prompt and reads the logits that produce caption token ``steps[r]`` (only those
-    positions go through the unembedding where the model can skip the others)."""
-    full, prompt_len, _ = teacher_forced_inputs(vlm, [image] * len(steps), [list(token_ids)] * len(steps))
-    device = full["input_ids"].device
-    positions = torch.as_tensor([prompt_len - 1 + s for s in steps], device=device)
-    if _keeps_logits(vlm.model):
-        logits = vlm.model(**full, logits_to_keep=positions[:, None]).logits[:, 0]
+# generation settings that make greedy decoding more than argmax after argmax
+_NOT_PLAIN = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                  encoder_no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None,
+                  forced_bos_token_id=None, forced_eos_token_id=None, begin_suppress_tokens=None,
+                  sequence_bias=None, exponential_decay_length_penalty=None, num_beams=1,
+                  do_sample=False, guidance_scale=None, watermarking_config=None)
+
+
+def _plain_greedy(vlm) -> bool:
+    """Whether ``vlm.describe`` decodes by plain argmax (its suppressed tokens aside)."""
+    config = vlm.model.generation_config
+    return all(getattr(config, key, default) in (default, None) if default is not None
+               else getattr(config, key, None) is None for key, default in _NOT_PLAIN.items())
+
+
+def _keeps_caption(vlm, logits: torch.Tensor, token_ids: Sequence[int], max_new_tokens: int) -> list[bool]:
+    """Per row of teacher-forced ``logits`` (``Float[Tensor, "B S+1 V"]``, the step after the
+    caption last): whether greedy decoding (``vlm.describe``'s: its suppressed tokens never
+    chosen, any of its stop tokens ends the caption) says ``token_ids`` again."""
+    config = vlm.model.generation_config
+    eos = config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos]) | {vlm.tokenizer.pad_token_id}
+    suppress = sorted(set(config.suppress_tokens or []) | set(vlm.placeholder_token_ids))
+    scores = logits.clone()
+    if suppress:
+        scores[..., torch.as_tensor(suppress, device=scores.device)] = -torch.inf
+    predicted = scores.argmax(-1).cpu()                                            # (B, S+1)
+    steps = len(token_ids)
+    same = (predicted[:, :steps] == torch.as_tensor(list(token_ids), dtype=predicted.dtype)).all(1)
+    if steps < max_new_tokens:                  # the clean caption stopped: so must this one
+        same &= torch.as_tensor([int(t) in stop for t in predicted[:, steps]])
+    return same.tolist()
+
+
+def measure_sequentially(vlm, image, caption, target, row: RowPerturbation | None,
+                        max_new_tokens: int = 20) -> dict:
+    """One condition the direct way — the reference :func:`measure_conditions` is tested and
+    benchmarked against: the weights perturbed in place (:func:`~mmneurons_utils.interventions.
+    ablation.perturb_units`; zeroing at chosen positions through :func:`~mmneurons_utils.
+    interventions.ablation.ablate_activations`), the caption teacher-forced and generated again
+    for this one condition (batch 1). Returns what :func:`measure_conditions` returns per row."""
+    if row is None or len(row.units) == 0:
+        context = nullcontext()
+    elif row.positions is not None:
+        context = ablate_activations(vlm, row.units, positions=list(row.positions))
+    elif row.mode == "zero":
+        context = perturb_units(vlm, row.units, mode="zero")
     else:
-        logits = vlm.model(**full).logits[torch.arange(len(steps), device=device), positions]
-    return logits.float().cpu()
+        context = perturb_units(vlm, row.units, mode="noise", sigma=row.sigma, relative=row.relative,
+                                seed=row.seed)
+    with context:
+        logits = teacher_forced_logits(vlm, [image], [caption.token_ids])[0]        # (S, V)
+        text = vlm.describe([image], max_new_tokens=max_new_tokens)[0].text
+    margin, prob = margin_and_prob(logits[target.step], target.token_id)
+    return dict(margin=margin, prob=prob, caption=text, removed=not says(text, target.noun),
+                changed=text != caption.text)
+
+
+@torch.no_grad()
+def _caption_logits(vlm, image, token_ids: Sequence[int], batch: int) -> torch.Tensor:
+    """``Float[Tensor, "B S+1 V"]`` (float32, the model's device): ``batch`` rows teacher-forcing
+    ``token_ids`` (``S`` tokens) after ``image``'s prompt; row ``j`` of each is the distribution
+    that produced caption token ``j`` (row ``S``: the step after the caption). Only these
+    positions go through the unembedding where the model can skip the others."""
+    full, prompt_len, _ = teacher_forced_inputs(vlm, [image] * batch, [list(token_ids)] * batch)
+    positions = torch.arange(prompt_len - 1, prompt_len + len(token_ids), device=full["input_ids"].device)
+    if _keeps_logits(vlm.model):
+        return vlm.model(**full, logits_to_keep=positions).logits.float()
+    return vlm.model(**full).logits[:, positions].float()
 
 
 def _keeps_logits(model) -> bool:
