@@ -94,3 +94,18 @@ def test_time_identification_ratios_are_of_interleaved_minima(tiny_llava):
     assert result["gradient_image_speedup"] == pytest.approx(20.0)    # medians: 40 / 3
     assert result["describe_s"] == pytest.approx(1.0) and result["identify_s"] == pytest.approx(1.5)
     assert result["repeats"] == 3
+
+
+@pytest.mark.slow
+def test_time_causal_compares_the_same_rows(tiny_llava):
+    """``causal_speedup`` divides the sequential reference's time by the batched path's on the
+    same conditions; both give the same rows (margins within float summation order). No
+    timing is asserted (load would make it flaky): the benchmark reports it."""
+    from mmneurons_utils import make_scenes
+
+    images = [s.image for s in make_scenes(2, seed=0)]
+    result = bench.time_causal(tiny_llava, images, repeats=1)
+    assert result["causal_conditions"] > 0 and result["causal_n_images"] == 2
+    assert result["causal_max_margin_diff"] < 1e-4
+    assert result["causal_speedup"] == pytest.approx(result["causal_sequential_s"] / result["causal_s"],
+                                                     rel=0.05)
