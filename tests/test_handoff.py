@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mmneurons_utils import find_neurons, make_scenes
+from mmneurons_utils import find_neurons, find_neurons_by_method, make_scenes
 from mmneurons_utils.interventions.causal import causal_curves
 from mmneurons_utils.interventions.editing import edit_token
-from mmneurons_utils.method.identification import units_of
+from mmneurons_utils.method.identification import Identification, units_of
 from mmneurons_utils.method.identify import logit_weights, rank_units
 from mmneurons_utils.interventions.ablation import added_deltas, as_units, perturb_units
 from mmneurons_utils.method.scoring import contribution_scores, top_units
@@ -154,19 +154,22 @@ def test_perturb_units_takes_table_rows(tiny_llava, found):
         as_units(tiny_llava, rows.drop(columns="unit"))
 
 
-def test_causal_curves_on_the_table_equal_the_curves_it_ranks_itself(tiny_llava, found):
-    images, table = found
-    kwargs = dict(ks=[1, 10], max_new_tokens=12)
-    own = causal_curves(tiny_llava, images[:2], methods=("contribution",), **kwargs)
-    handed = causal_curves(tiny_llava, images[:2], table=table[table.image < 2], **kwargs)
+def test_causal_curves_on_the_identification_equal_the_curves_it_ranks_itself(tiny_llava, found):
+    images, _ = found
+    ident = find_neurons_by_method(tiny_llava, images[:2], methods=("contribution", "random"), top_k=20,
+                                   max_new_tokens=12)
+    kwargs = dict(ks=[1, 10], methods=("contribution",))
+    own = causal_curves(tiny_llava, ident, images[:2], rerank=True, **kwargs)
+    handed = causal_curves(tiny_llava, ident, images[:2], **kwargs)
     assert len(own) > 0 and handed["method"].unique().tolist() == ["contribution"]
     pd.testing.assert_frame_equal(own, handed)
-    # a table whose units differ gives different curves: the table's units are the ones perturbed
-    shifted = table[table.image < 2].assign(unit=lambda t: (t.unit + 1) % tiny_llava.d_ff)
-    other = causal_curves(tiny_llava, images[:2], table=shifted, **kwargs)
+    # an identification whose units differ gives different curves: its units are the ones perturbed
+    shifted = Identification(ident.table.assign(unit=lambda t: (t.unit + 1) % tiny_llava.d_ff),
+                             ident.captions, ident.image_keys, ident.settings)
+    other = causal_curves(tiny_llava, shifted, images[:2], **kwargs)
     assert not np.allclose(other.margin.to_numpy(), own.margin.to_numpy())
-    with pytest.raises(ValueError, match="no rows of method"):
-        causal_curves(tiny_llava, images[:2], methods=("gradient",), table=table, **kwargs)
+    with pytest.raises(ValueError, match="gradient"):
+        causal_curves(tiny_llava, ident, images[:2], ks=[1], methods=("gradient",))
 
 
 def test_edit_token_on_the_tables_units_equals_choosing_them_and_undoes_exactly(tiny_llava, found):
@@ -186,19 +189,27 @@ def test_edit_token_on_the_tables_units_equals_choosing_them_and_undoes_exactly(
         assert torch.equal(tiny_llava.down_proj(l).weight, w)
 
 
-def test_the_widgets_take_the_tables_units(tiny_llava):
-    from mmneurons_utils.widgets import AblationPanel, EditPlayground
+def test_the_widgets_take_the_identifications_units(tiny_llava):
+    from mmneurons_utils.widgets import AblationPanel, EditPlayground, SpecificityPanel
 
     scenes = make_scenes(2, seed=11)
-    table = find_neurons(tiny_llava, [s.image for s in scenes], top_k=8)
-    shifted = table.assign(unit=(table.unit + 1) % tiny_llava.d_ff)     # units no ranking would give
-    panel = AblationPanel(tiny_llava, scenes, k=4, table=shifted)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes], top_k=8, image_activations=True,
+                                   methods=("contribution", "random", "selection_null", "noun_contrast"))
+    shifted = Identification(ident.table.assign(unit=(ident.table.unit + 1) % tiny_llava.d_ff),  # units
+                             ident.captions, ident.image_keys, ident.settings)   # no ranking would give
+    panel = AblationPanel(tiny_llava, scenes, shifted, k=4)
     assert panel.k.max == 8
     noun = panel.nouns.value
-    assert np.array_equal(panel._ranks[noun][1]["contribution"][0], units_of(shifted, noun, 8, image=0))
-    play = EditPlayground(tiny_llava, scenes, k=3, table=shifted)
-    assert np.array_equal(play._table_units(play.nouns.value), units_of(shifted, play.nouns.value, 3, image=0))
-    play.picker.seed.value = 99                                            # other scenes: not in the table
+    assert np.array_equal(panel._ranks[noun][1]["contribution"], shifted.units(noun, 8, image=0))
+    play = EditPlayground(tiny_llava, scenes, k=3, ident=shifted)
+    assert np.array_equal(play._table_units(play.nouns.value), shifted.units(play.nouns.value, 3, image=0))
+    spec = SpecificityPanel(tiny_llava, scenes, shifted, k=3)
+    assert spec.caption is shifted.captions[0] and spec.k.max == 8
+    assert np.array_equal(spec.table[(spec.table.noun == spec.nouns.value) & (spec.table.method == "contribution")]
+                          .sort_values("rank")[["layer", "unit"]].to_numpy()[:3],
+                          shifted.units(spec.nouns.value, 3, image=0))
+    assert "selection_null" not in spec.method.options
+    play.picker.seed.value = 99                                            # other scenes: not in it
     assert play._table_units(play.nouns.value) is None
 
 
@@ -229,14 +240,12 @@ def test_the_identification_is_handed_on_without_captioning_again(tiny_llava, mo
     assert found.settings["top_k"] == 10 and found.settings["methods"] == ["contribution"]
     table, captions = found                                         # it unpacks as before
     assert table is found.table and captions is found.captions
-    plain = causal_curves(tiny_llava, images, ks=[1, 10], table=found.table, max_new_tokens=12)
     count = _CountGenerate(tiny_llava, monkeypatch)
-    handed = causal_curves(tiny_llava, images, ks=[1, 10], table=found, max_new_tokens=12)
-    # one caption per perturbed condition (noun × k), none for the clean captions
-    assert count.calls == len(handed) == len(plain)
-    pd.testing.assert_frame_equal(handed, plain)
+    handed = causal_curves(tiny_llava, found, images, ks=[1, 10], max_new_tokens=12)
+    # the perturbed captions that change only (one generate per batch of them), none for the clean ones
+    assert count.calls <= int(handed.changed.sum()) and len(handed)
     with pytest.raises(ValueError, match="max_new_tokens=12"):
-        causal_curves(tiny_llava, images, ks=[1], table=found)
+        causal_curves(tiny_llava, found, images, ks=[1], max_new_tokens=20)
     # an edit on the identification's units and captions: only the edited caption is generated
     source = found.table[found.table.image == 0].noun.iloc[0]
     count.calls = 0
