@@ -215,3 +215,20 @@ def test_identification_examples_equal_a_prefill_pass(tiny_llava, scenes6, ident
     assert torch.equal(read.high_images, ran.high_images) and torch.equal(read.low_images, ran.low_images)
     torch.testing.assert_close(read.high_values, ran.high_values)
     assert read.n_images == 6
+
+
+def test_browser_strip_over_other_images_runs_them(tiny_llava, scenes6, ident6, count_describe):
+    """A UnitExamples over images the identification does not hold: their maps need a prefill."""
+    from mmneurons_utils.atlas.examples import dataset_examples
+    from mmneurons_utils.widgets import NeuronExplorer
+
+    other = make_scenes(5, seed=4)
+    found = dataset_examples(tiny_llava, [s.image for s in other], examples=3)
+    count_describe.clear()
+    explorer = NeuronExplorer(tiny_llava, scenes6, ident6, top_k=5, examples=found, example_images=other)
+    unit = explorer.selected()
+    fig = explorer.dataset_strip(n=3)
+    assert count_describe == [3]                              # the three strip images, once
+    best = found.top(unit["layer"], unit["unit"], unit["polarity"])[0][:3]
+    assert [ax.get_title().split()[0] for ax in fig.axes if ax.images] == [f"#{i}" for i in best]
+    plt.close(fig)

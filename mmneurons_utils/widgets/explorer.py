@@ -254,7 +254,8 @@ class NeuronExplorer:
     def _strip_ident(self, images):
         """The identification when the strip's images start with its images (their maps are read
         from it), else ``None``."""
-        if images is self._example_images:
+        given = self._given_examples
+        if given is not None and given is not True:      # a UnitExamples over other images
             if not hasattr(self, "_examples_ident"):
                 try:
                     self._examples_ident = self.ident if covered_images(self.ident, images) else None
