@@ -3,6 +3,9 @@ the science (ours above chance, chance where it should be), not only exist."""
 
 import json
 
+import pytest
+
+from mmneurons_utils import make_scenes
 from mmneurons_utils.batch.model_report import report
 
 
@@ -45,3 +48,21 @@ def test_report_of_a_model_without_patch_grid_has_no_box_numbers(tiny_instructbl
     assert set(r["mass_in_box"].values()) == {None} and "selection_null" in r["mass_in_box"]
     assert r["specificity"]["occlusion_mass_in_box"] is None
     assert r["auroc"]["contribution"] is not None
+
+
+@pytest.mark.slow
+def test_report_reads_one_identification(tiny_llava, monkeypatch):
+    """Given the scenes' identification it identifies nothing and gives the numbers it gives alone."""
+    from mmneurons_utils.batch import model_report
+    from mmneurons_utils.method.identify import find_neurons_by_method
+
+    images = [s.image for s in make_scenes(6, seed=0)]
+    ident = find_neurons_by_method(tiny_llava, images, methods=model_report.METHODS, top_k=50, seed=0,
+                                   image_activations=True)
+    fresh = report(tiny_llava, n_scenes=6, n_region=2, n_ablate=2)
+    monkeypatch.setattr(model_report, "identify", lambda *a, **k: pytest.fail("identified again"))
+    given = report(tiny_llava, n_scenes=6, n_region=2, n_ablate=2, ident=ident)
+    fresh.pop("seconds"), given.pop("seconds")
+    assert given == fresh
+    with pytest.raises(ValueError, match="needs the 5 scenes"):
+        report(tiny_llava, n_scenes=5, ident=ident)

@@ -326,3 +326,38 @@ def test_depth_summary_compares_models_of_any_depth():
     assert even["upper_half"] == 0.5 and even["mean_depth"] == (1 + 2 + 3 + 4) / 16
     odd = depth_summary(pd.Series([0.2] * 5))       # layers 3 and 4 of 5 (l ≥ L / 2), as the scorecard
     assert abs(odd["upper_half"] - 0.4) < 1e-12
+
+
+# --- the identification is the input: nothing is identified or captioned again ---------------
+def test_region_invariance_captions_only_the_shuffled_images(tiny_llava, scenes, llava_run, monkeypatch):
+    calls = []
+    original = tiny_llava.model.generate
+    monkeypatch.setattr(tiny_llava.model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    frame = invariance.region_invariance(tiny_llava, [s.image for s in scenes[:2]], llava_run.subset(range(2)),
+                                         top_k=10, methods=["contribution", "random"])
+    assert len(calls) == 2 and set(frame.image) <= {0, 1}     # one shuffled caption per image, no clean one
+
+
+def test_polarity_report_reads_the_identification(tiny_llava, scenes, llava_run):
+    images = [s.image for s in scenes]
+    report = metrics.polarity_report(tiny_llava, images, llava_run, top_k=10)
+    ours = llava_run.table[(llava_run.table.method == "contribution") & (llava_run.table["rank"] < 10)]
+    assert report["units"] == len(ours)
+    assert report["negative_coefficient"] == pytest.approx(float((ours.polarity < 0).mean()))
+    # SwiGLU's coefficient has either sign; the official tensor act(gate) (SiLU) almost never
+    assert report["negative_gate_only"] < 0.1 < report["negative_coefficient"]
+    assert report["noun_hit_signed"] > report["noun_hit_unsigned"]      # half the units read backwards
+    with pytest.raises(ValueError, match="top 20 units"):
+        metrics.polarity_report(tiny_llava, images, llava_run, top_k=21)
+    with pytest.raises(ValueError, match="11 images for an identification of 12"):
+        metrics.polarity_report(tiny_llava, images[:11], llava_run)
+
+
+def test_layer_distribution_of_an_identification(tiny_llava, llava_run):
+    share = metrics.layer_distribution(llava_run, tiny_llava.n_layers)
+    ours = llava_run.table[llava_run.table.method == "contribution"]
+    assert list(share.index) == list(range(tiny_llava.n_layers)) and share.sum() == pytest.approx(1)
+    assert share[3] == pytest.approx((ours.layer == 3).mean())
+    top = metrics.layer_distribution(llava_run, tiny_llava.n_layers, k=5)
+    assert top[3] == pytest.approx((ours[ours["rank"] < 5].layer == 3).mean())
+    assert metrics.depth_summary(share)["upper_half"] > 0.5         # the paper's units sit in the upper layers
