@@ -29,6 +29,9 @@ from ..model.vlm import VLM, load_vlm
 from .outputs import Outputs
 
 
+IDENTIFY_TOP_K = 50    # units kept per (image, noun, method): the notebooks read k ≤ 50
+
+
 @dataclass
 class Session:
     """``outputs``: figures and tables under the output folder; ``models``: name → VLM, the
@@ -64,9 +67,6 @@ class Session:
         return identify(vlm, data.images, store=self.outputs.root / "identifications",
                         methods=ALL_METHODS, top_k=top_k, seed=seed, image_activations=True,
                         image_keys=data.names, progress=True)
-
-
-IDENTIFY_TOP_K = 50    # units kept per (image, noun, method): the notebooks read k ≤ 50
 
 
 def start(output_dir: str, model: str, compare_model: str = "", device: str = "cpu",
