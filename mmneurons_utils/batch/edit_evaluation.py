@@ -37,10 +37,14 @@ class ImagePool:
     vocabulary: list = field(default_factory=list)
 
     @classmethod
-    def build(cls, vlm, images: Sequence, max_new_tokens: int = 20, progress: bool = False) -> "ImagePool":
-        """Caption ``images`` (PIL) with ``vlm``."""
-        images = list(images)
-        captions = vlm.describe(images, max_new_tokens=max_new_tokens, progress=progress)
+    def build(cls, vlm, images: Sequence, max_new_tokens: int = 20, progress: bool = False,
+              known: Sequence = ()) -> "ImagePool":
+        """Caption ``images`` (PIL) with ``vlm``; ``known``: captions already made for the first
+        ``len(known)`` of them (e.g. an ``Identification``'s), not made again."""
+        images, known = list(images), list(known)[:len(images)]
+        rest = images[len(known):]
+        captions = known + (vlm.describe(rest, max_new_tokens=max_new_tokens, progress=progress)
+                            if rest else [])
         vocabulary = sorted(vlm.noun_vocabulary or {n for c in captions for n in c.nouns})
         return cls(images, captions, vocabulary)
 

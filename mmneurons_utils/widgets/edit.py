@@ -22,16 +22,22 @@ import pandas as pd
 from .panel import Panel
 from ..model.nouns import says
 from ..method.identification import Identification
-from ..interventions.editing import edit_token, evaluate_edit
+from ..interventions.editing import EditConfig, edit_token, evaluate_edit
 
 
 class EditPlayground(Panel):
-    """Pick an image, a source noun of its caption and a target noun; press edit / undo."""
+    """Pick an image, a source noun of its caption and a target noun; press edit / undo.
+
+    ``settings``: :class:`~mmneurons_utils.interventions.edit_learning.EditConfig` fields for
+    every edit (``steps=``, ``lr=``, …). The same request twice is learned once (the edit cache)."""
 
     def __init__(self, vlm, scenes, others=(), target: str = "cat", k: int = 5,
-                 n_unrelated: int = 4, seed: int = 0, ident: Identification | None = None):
+                 n_unrelated: int = 4, seed: int = 0, ident: Identification | None = None,
+                 **settings):
         super().__init__(vlm, scenes, noun_description="source")
         self.k, self.seed = k, seed
+        EditConfig.of(None, **settings)     # an unknown setting: EditInputError naming the known ones
+        self.settings = settings            # EditConfig fields for every edit (steps=, lr=, …)
         # the identification of these scenes: edit its units for the picked scene and noun
         self.ident = ident
         self.others = list(others)          # images for the loss (unrelated) and the report
@@ -88,7 +94,8 @@ class EditPlayground(Panel):
             self.edit = edit_token(self.vlm, [self.picker.image], source, target,
                                    units=units, k=self.neurons.value,
                                    unrelated=unrelated, seed=self.seed,
-                                   captions=[self.caption] if units is not None else None)
+                                   captions=[self.caption] if units is not None else None,
+                                   **self.settings)
             if self.edit.report.accepted:
                 evaluate_edit(self.edit, (), locality)
             self.status.value = ("done" if self.edit.converged else
