@@ -7,6 +7,7 @@ import textwrap
 
 import matplotlib.pyplot as plt
 
+from ..atlas.examples import covered_images
 from ..method.units import Unit
 from ..tiny.scenes import ATTRIBUTION
 from ..properties.specificity import patch_grid, percentile_mask, unit_maps, upsample
@@ -26,8 +27,6 @@ def example_strip(vlm, images, row, n: int = 6, captions=None, width: float = 1.
     Identification` of the first ``ident.n_images`` of ``images`` (with image activations):
     the maps of those images are read from it, the others' need a prefill. Returns the figure.
     """
-    from ..atlas.examples import covered_images
-
 
     get = row.get if isinstance(row, dict) else row.__getitem__
     indices = [int(i) for i in list(get("example_images"))[:n]]

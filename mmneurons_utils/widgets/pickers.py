@@ -19,6 +19,7 @@ from IPython.display import display
 from PIL import Image
 
 from ..data.datasets import attribution_of, is_scene, label_of
+from ..store.provenance import image_hash
 from ..tiny.scenes import make_scenes
 
 
@@ -277,8 +278,6 @@ class TokenPicker(_Observable):
 
 def _covered_by_hash(ident, picker: ImagePicker) -> int:
     """``ident.n_images`` when its images are the picker's first scenes (content hashes)."""
-    from ..store.provenance import image_hash
-
     n = ident.n_images
     hashes = ident.identity.get("images")
     images = [s.image for s in picker.scenes[:n]]
