@@ -361,3 +361,21 @@ def test_layer_distribution_of_an_identification(tiny_llava, llava_run):
     top = metrics.layer_distribution(llava_run, tiny_llava.n_layers, k=5)
     assert top[3] == pytest.approx((ours[ours["rank"] < 5].layer == 3).mean())
     assert metrics.depth_summary(share)["upper_half"] > 0.5         # the paper's units sit in the upper layers
+
+
+def test_the_invariance_panel_reads_the_identification(tiny_llava, scenes, llava_run, monkeypatch):
+    from mmneurons_utils.widgets import InvariancePanel
+
+    panel = InvariancePanel(tiny_llava, scenes[:3], llava_run, k=5)
+    calls = []
+    original = tiny_llava.model.generate
+    monkeypatch.setattr(tiny_llava.model, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    lines, table = panel.view()
+    assert lines.splitlines()[0] == f"before shuffling: {llava_run.captions[0].text}"
+    assert len(calls) == 2          # the shuffled caption shown and the one read: never the clean one
+    assert set(table.index) == set(llava_run.captions[0].nouns)
+    assert (table["retained (contribution)"] > table["retained (random)"]).all()
+    panel.view()
+    assert len(calls) == 2          # show() redraws the state view() made without running it again
+    with pytest.raises(ValueError, match="holds 12 images for 13 scenes"):
+        InvariancePanel(tiny_llava, make_scenes(13, seed=2), llava_run)

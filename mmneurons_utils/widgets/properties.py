@@ -117,6 +117,7 @@ class InvariancePanel(Panel):
         self.seed = W.BoundedIntText(value=seed, min=0, max=2**31 - 1, description="shuffle seed",
                                      layout=W.Layout(width="200px"))
         self.k = W.IntSlider(value=k, min=1, max=50, description="k")
+        self._views: dict = {}          # (image, seed, k) → view: show() redraws what view() made
         self.picker.observe(self._render)
         for control in (self.seed, self.k):
             control.observe(self._render, names="value")
@@ -125,6 +126,12 @@ class InvariancePanel(Panel):
         """``[captions before/after, table of retained shares per noun and method]``."""
 
         image = self.picker.image
+        key = (self.picker.label, id(image), self.seed.value, self.k.value)
+        if key not in self._views:
+            self._views = {key: self._view(image)}
+        return list(self._views[key])
+
+    def _view(self, image) -> list:
         found = _of_image(self.ident, self.table_image())
         if found is None:
             found = find_neurons_by_method(self.vlm, [image], methods=("contribution",),
