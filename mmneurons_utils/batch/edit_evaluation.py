@@ -177,13 +177,15 @@ def edit_row(edit: Edit) -> dict:
 def edit_table(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
                configs: Sequence[tuple[str, int]] = (("contribution", 5), ("random", 5)),
                seed: int = 0, progress: bool = False, n_edit: int | None = None,
-               n_unrelated: int = 8, n_locality: int | None = None, **kwargs) -> pd.DataFrame:
+               n_unrelated: int = 8, n_locality: int | None = None, n_heldout: int | None = None,
+               **kwargs) -> pd.DataFrame:
     """Tidy table, one row per (source, target, units, n_neurons): every edit's metrics.
 
     ``configs``: ``(method, k)`` settings to compare (e.g. the paper's neurons vs the same
     number of random units, and more or fewer neurons); the table names them in its
     ``units`` and ``n_neurons`` columns. Each pair's split, captions and clean reference are
-    made once (:func:`request`); each edit is undone before the next one.
+    made once (:func:`request`; ``n_heldout``: at most that many held-out images, default all);
+    each edit is undone before the next one.
     ``applied``: the edit was put in the weights and measured; the side-effect columns of
     the others are NaN (see :mod:`mmneurons_utils.interventions.editing`). Columns: the
     package's (``success``, ``generalization``, ``locality``, ``locality_kl``, …) and the
@@ -196,7 +198,7 @@ def edit_table(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     req = None
     for source, target, method, k in tqdm(jobs, desc="edits", disable=not progress):
         if req is None or (req.source, req.target) != (source, target):
-            req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality,
+            req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality, n_heldout,
                           max_new_tokens=kwargs.get("max_new_tokens", 20))
         edit = run_edit(vlm, pool, source, target, k=k, method=method, seed=seed, req=req, **kwargs)
         rows.append(dict(source=source, target=target, units=method, n_neurons=k, **edit_row(edit)))
