@@ -110,14 +110,17 @@ def test_token_picker_offers_the_caption_nouns(tiny_llava):
 
 
 def test_neuron_browser_static_view_and_fast_changes(tiny_llava, monkeypatch):
-    """An image change costs one captioning pass (scores and heatmap share it) and shows the
-    new image's caption and units; how long it takes is ``mmneurons bench``'s
+    """An image change reads the scenes' identification (no captioning pass) and shows the new
+    image's caption, its units and heatmap; how long it takes is ``mmneurons bench``'s
     ``explorer_update_s`` (widgets/timing.py), not asserted here."""
-    from mmneurons_utils import find_neurons, make_scenes
+    from mmneurons_utils import make_scenes
+    from mmneurons_utils.method.identify import find_neurons_by_method
     from mmneurons_utils.widgets import NeuronExplorer
 
     scenes = make_scenes(6, seed=0)
-    explorer = NeuronExplorer(tiny_llava, scenes, top_k=5)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes], methods=("contribution",),
+                                   top_k=5, image_activations=True)
+    explorer = NeuronExplorer(tiny_llava, scenes, ident, top_k=5)
     view = explorer.view()
     assert len(view.table) == 5 and view.unit["rank"] == 0
     assert view.bars is not None and view.heatmap is not None
@@ -128,17 +131,13 @@ def test_neuron_browser_static_view_and_fast_changes(tiny_llava, monkeypatch):
     monkeypatch.setattr(tiny_llava, "describe",
                         lambda images, *a, **k: passes.append(len(images)) or describe(images, *a, **k))
     for index in (1, 2, 3):
-        passes.clear()
         heatmap = explorer.heatmap.value
         explorer.image.value = index
-        assert passes == [1]                                   # one captioning pass, one image
+        assert passes == []                                    # read, not captioned again
         assert explorer.last_update_s is not None and explorer.heatmap.value != heatmap
-        image = explorer.picker.image
-        assert explorer.tokens.caption.text == describe([image])[0].text
-        expected = find_neurons(tiny_llava, image, top_k=5)
-        expected = expected[expected.noun == explorer.tokens.value]
-        assert list(explorer.rows()[["layer", "unit"]].itertuples(index=False, name=None)) == \
-            list(expected[["layer", "unit"]].itertuples(index=False, name=None))
+        assert explorer.tokens.caption is ident.captions[index]
+        noun = explorer.tokens.value
+        assert explorer.rows()[["layer", "unit"]].values.tolist() == ident.units(noun, 5, image=index).tolist()
     assert (explorer.tokens.text, explorer.heatmap.value) != first
     explorer.units.value = 2
     assert "rank 2" in explorer.unit_info.value
@@ -156,7 +155,12 @@ def test_neuron_browser_without_patch_grid(tiny_instructblip):
     from mmneurons_utils import make_scenes
     from mmneurons_utils.widgets import NeuronExplorer
 
-    explorer = NeuronExplorer(tiny_instructblip, make_scenes(4, seed=0), top_k=3)
+    from mmneurons_utils.method.identify import find_neurons_by_method
+
+    scenes = make_scenes(4, seed=0)
+    ident = find_neurons_by_method(tiny_instructblip, [s.image for s in scenes], methods=("contribution",),
+                                   top_k=3, image_activations=True)
+    explorer = NeuronExplorer(tiny_instructblip, scenes, ident, top_k=3)
     view = explorer.view()
     assert view.heatmap is None and len(view.table) == 3
     explorer.show()
@@ -170,10 +174,14 @@ def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
     from mmneurons_utils.atlas.examples import dataset_examples
     from mmneurons_utils.widgets import NeuronExplorer
 
+    from mmneurons_utils.method.identify import find_neurons_by_method
+
     scenes = make_scenes(8, seed=0)
-    plain = NeuronExplorer(tiny_llava, scenes, top_k=5)                 # opt-in: off by default
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes], methods=("contribution",),
+                                   top_k=5, image_activations=True)
+    plain = NeuronExplorer(tiny_llava, scenes, ident, top_k=5)          # opt-in: off by default
     assert plain.strip is None and plain.view().strip is None
-    explorer = NeuronExplorer(tiny_llava, scenes, top_k=5, examples=True, strip_n=3)
+    explorer = NeuronExplorer(tiny_llava, scenes, ident, top_k=5, examples=True, strip_n=3)
     view = explorer.view()
     assert len([ax for ax in view.strip.axes if ax.images]) == 3
     plt.close(view.strip)
@@ -188,7 +196,7 @@ def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
     # a UnitExamples over other images: the strip shows those images, best first
     other = make_scenes(6, seed=4)
     found = dataset_examples(tiny_llava, [s.image for s in other], examples=3)
-    given = NeuronExplorer(tiny_llava, scenes, top_k=5, examples=found, example_images=other,
+    given = NeuronExplorer(tiny_llava, scenes, ident, top_k=5, examples=found, example_images=other,
                            strip_n=3)
     unit = given.selected()
     fig = given.dataset_strip(n=3)
@@ -196,7 +204,7 @@ def test_neuron_browser_shows_the_selected_units_dataset_strip(tiny_llava):
     assert [ax.get_title().split()[0] for ax in fig.axes if ax.images] == [f"#{i}" for i in best]
     plt.close(fig)
     with pytest.raises(ValueError, match="only 2"):
-        NeuronExplorer(tiny_llava, scenes, top_k=5, examples=found, example_images=other[:2])
+        NeuronExplorer(tiny_llava, scenes, ident, top_k=5, examples=found, example_images=other[:2])
 
 
 def test_runner_makes_path_parameters_absolute(tmp_path, monkeypatch):
