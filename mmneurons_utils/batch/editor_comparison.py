@@ -51,15 +51,21 @@ def evaluate_editor(vlm, pool: ImagePool, source: str, target: str, method: str 
                     k: int = 5, n_edit: int = 2, n_unrelated: int = 4, n_locality: int = 6,
                     n_heldout: int | None = 4, n_covariance: int = 64, seed: int = 0,
                     keep: bool = False, progress: bool = False, req: EditRequest | None = None,
-                    **settings):
+                    shared: dict | None = None, **settings):
     """``(edit, row)``: ``method`` edits ``source`` → ``target`` on a split of ``pool`` (see
     :meth:`ImagePool.split`; at most ``n_heldout`` held-out images) and is scored on the rest.
     ``rome``'s key covariance comes from the pool's first ``n_covariance`` images. The edit is
     undone unless ``keep``. ``req``: the pair's request (split, captions, clean reference with
-    the text probes) if already made, e.g. for another editor of the same pair."""
+    the text probes) if already made, e.g. for another editor of the same pair; ``shared``: a dict
+    that keeps the request made here for the next call with the same pair and split."""
+    key = (source, target, n_edit, n_unrelated, n_locality, n_heldout, settings.get("max_new_tokens", 20))
+    if req is None and shared is not None:
+        req = shared.get(key)
     if req is None:
         req = request(vlm, pool, source, target, n_edit, n_unrelated, n_locality, n_heldout,
                       extended=True, max_new_tokens=settings.get("max_new_tokens", 20))
+        if shared is not None:
+            shared[key] = req
     start = time.perf_counter()
     edit = edit_with(vlm, req.images, source, target, method, unrelated=req.unrelated,
                      covariance_images=pool.images[:n_covariance], progress=progress, k=k,
@@ -157,16 +163,11 @@ def compare_editors(vlm, pool: ImagePool, pairs: Sequence[tuple[str, str]],
     for source, target in tqdm(list(pairs), desc="pairs", disable=not progress):
         if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
             break
-        req = None     # the pair's split, captions and clean reference: made once for its editors
+        shared: dict = {}   # the pair's split, captions and clean reference: made once for its editors
         for method, k in configs:
             if (source, target, method, k) in seen:
                 continue
-            if req is None:
-                req = request(vlm, pool, source, target, kwargs.get("n_edit", 2),
-                              kwargs.get("n_unrelated", 4), kwargs.get("n_locality", 6),
-                              kwargs.get("n_heldout", 4), extended=True,
-                              max_new_tokens=kwargs.get("max_new_tokens", 20))
-            _, row = evaluate_editor(vlm, pool, source, target, method, k, req=req, **kwargs)
+            _, row = evaluate_editor(vlm, pool, source, target, method, k, shared=shared, **kwargs)
             rows.append(row)
             if path is not None:   # the whole table, through a temporary file: never half a row
                 table = pd.DataFrame(rows)
