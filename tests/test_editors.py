@@ -231,3 +231,24 @@ def test_load_comparison_refuses_tables_of_unknown_or_mixed_origin(tmp_path):
     _rows([("a", "b")]).to_csv(out, index=False)
     table, record = load_comparison(out)
     assert len(table) == 3 and record == dict(settings=dict(model="m"), devices=["cpu"])
+
+
+def test_compare_editors_makes_each_pairs_clean_reference_once(tiny_llava, pool, case, monkeypatch):
+    """One request (split, clean captions, clean reference) per pair, shared by its editors; the
+    package's columns are the suite's free-running ones."""
+    from mmneurons_utils.batch import editor_comparison as ec
+
+    made = []
+    real = ec.request
+
+    def counted(vlm, pool, source, target, *args, **kwargs):
+        made.append((source, target))
+        return real(vlm, pool, source, target, *args, **kwargs)
+
+    monkeypatch.setattr(ec, "request", counted)
+    table = ec.compare_editors(tiny_llava, pool, [(case["source"], case["target"])],
+                               [("contribution", 5), ("random", 5)], steps=3, n_covariance=8)
+    assert made == [(case["source"], case["target"])] and len(table) == 2
+    for alias, name in (("success", "reliability_free"), ("generalization", "m_generality_free"),
+                        ("locality", "m_locality_free")):
+        assert table[alias].equals(table[name]), alias
