@@ -129,3 +129,29 @@ def test_a_k_above_top_k_ranks_from_the_captions(tiny_llava, identified):
     np.testing.assert_allclose(narrow[numbers], table[numbers], rtol=0, atol=TOLERANCE)
     assert narrow.drop(columns=numbers).equals(table.drop(columns=numbers))
     assert set(wide.k) == {5, 30}
+
+
+def test_a_generation_setting_beyond_argmax_generates_every_row(tiny_llava):
+    """The kept-caption shortcut holds for plain greedy decoding only: with a repetition penalty
+    every row is generated, and the rows still equal the sequential reference."""
+    from mmneurons_utils.interventions.causal import _plain_greedy
+
+    vlm = tiny_llava
+    image = make_scenes(1, seed=4)[0].image
+    units = np.array([(l, u) for l in range(vlm.n_layers) for u in range(0, vlm.d_ff, 40)])
+    assert _plain_greedy(vlm)
+    config = vlm.model.generation_config
+    try:
+        config.repetition_penalty = 1.3
+        assert not _plain_greedy(vlm)
+        caption = vlm.describe([image])[0]          # the clean caption under this setting
+        target = caption.noun_tokens[0]
+        conditions = [(target, None), (target, RowPerturbation(units[:5], "zero")),
+                      (target, RowPerturbation(units, "noise", sigma=3.0, seed=1))]
+        batched = measure_conditions(vlm, image, caption, conditions)
+        for (t, row), got in zip(conditions, batched):
+            want = measure_sequentially(vlm, image, caption, t, row)
+            assert got == {**want, "margin": got["margin"], "prob": got["prob"]}
+            assert abs(got["margin"] - want["margin"]) < TOLERANCE
+    finally:
+        config.repetition_penalty = 1.0

@@ -285,7 +285,7 @@ _NOT_PLAIN = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_rep
                   encoder_no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None,
                   forced_bos_token_id=None, forced_eos_token_id=None, begin_suppress_tokens=None,
                   sequence_bias=None, exponential_decay_length_penalty=None, num_beams=1,
-                  do_sample=False, guidance_scale=None, watermarking_config=None)
+                  guidance_scale=None, watermarking_config=None)   # (describe passes do_sample=False)
 
 
 def _plain_greedy(vlm) -> bool:
