@@ -457,8 +457,9 @@ def test_the_readme_example_runs():
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(code, "README.md", "exec"), namespace)
-    edit, table = namespace["edit"], namespace["table"]
-    assert {"layer", "unit", "polarity", "top_tokens"} <= set(table.columns)
+    edit, ident = namespace["edit"], namespace["ident"]
+    assert {"layer", "unit", "polarity", "top_tokens"} <= set(ident.table.columns)
+    assert ident.units("dog", 5).shape == (5, 2)
     assert "dog" in out.getvalue() and not edit.applied          # undone at the end of the example
 
 
