@@ -17,6 +17,10 @@ A unit ``(l, i)`` writes ``a[l, i] · W_out[l][:, i]`` into the residual stream,
 * :func:`added_deltas` adds ``a[..., units] @ Δ`` to ``down_proj``'s output: the same as
   moving the write vectors by ``Δ`` but without touching the weights, so gradients reach
   ``Δ`` (what :func:`~mmneurons_utils.interventions.editing.edit_token` trains).
+* :func:`perturb_rows` gives each row of a batch its own perturbation (:class:`RowPerturbation`:
+  zeroing, at every position or at chosen ones, or exactly :func:`perturb_units`'s noise, added as
+  ``a[..., units] @ Δ``), so several ablation conditions run in one forward or one ``generate``
+  (the causal curves' batched path); the weights are never written.
 
 Units are given as ``Int[ndarray, "N 2"]`` of ``(layer, unit)`` rows, a list of pairs, or rows of
 a ``find_neurons`` table (its ``layer`` and ``unit`` columns, e.g. ``units_of(table, …)``).
