@@ -308,6 +308,20 @@ def test_single_model_tables_take_the_executed_notebooks_model(tmp_path):
     assert set(only["model"]) == {"m2"} and len(only) == len(CLAIMS)
 
 
+def test_a_default_run_takes_the_model_from_the_notebooks_parameters_cell(tmp_path):
+    tables = write(tmp_path, good_tables())
+    (tmp_path / "notebooks").mkdir()
+    for name in ("04_causal_ablation", "05_editing"):     # papermill got no -p model: the default
+        cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]},
+                  "source": ['# Parameters\n', 'model = "m2"   # the default\n', 'seed = 0\n']},
+                 {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
+                  "source": ['output_dir = "/tmp/x"\n']}]
+        (tmp_path / "notebooks" / f"{name}.ipynb").write_text(json.dumps(
+            {"cells": cells, "metadata": {"papermill": {"parameters": {"output_dir": "/tmp/x"}}}}))
+    card = scorecard(tables)
+    assert verdicts(card, "m2")["causal_effect"] == HOLDS and verdicts(card, "m2")["editing"] == HOLDS
+
+
 def test_tables_without_a_model_column_use_the_notebooks_model(tmp_path):
     tables = good_tables()
     tables["02_noun_hits_summary"] = tables["02_noun_hits_summary"].query("model == 'm1'").drop(

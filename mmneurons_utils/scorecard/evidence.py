@@ -322,15 +322,37 @@ def _measure_speed(tables, notebook_model):
 # ---------------------------------------------------------------------------- the card
 
 def _executed_model(tables_dir: Path, prefix: str) -> str | None:
-    """``model`` in papermill's parameters of the executed ``<out>/notebooks/<prefix>_*.ipynb``."""
+    """``model`` of the executed ``<out>/notebooks/<prefix>_*.ipynb``: papermill's parameters
+    when the run gave one, else the default in its ``parameters`` cell."""
     for path in sorted((tables_dir.parent / "notebooks").glob(f"{prefix}_*.ipynb")):
         try:
-            meta = json.loads(path.read_text()).get("metadata", {})
+            notebook = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        model = meta.get("papermill", {}).get("parameters", {}).get("model")
+        model = notebook.get("metadata", {}).get("papermill", {}).get("parameters", {}).get("model")
         if model:
             return str(model)
+        for cell in notebook.get("cells", []):
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                model = _assigned(cell.get("source", ""), "model")
+                if model:
+                    return model
+    return None
+
+
+def _assigned(source, name: str) -> str | None:
+    """The string literal assigned to ``name`` in a cell's source (``None`` if there is none)."""
+    import ast
+
+    try:
+        tree = ast.parse("".join(source))
+    except SyntaxError:
+        return None
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == name and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            return node.value.value
     return None
 
 
