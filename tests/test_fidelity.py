@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from mmneurons_utils import make_scenes, metrics
+from mmneurons_utils.method.identification import Identification
 from mmneurons_utils.method.identify import find_neurons_by_method
 from mmneurons_utils.method.scoring import unit_logit_lens
 from mmneurons_utils.properties.sensitivity import noun_hits
@@ -40,9 +41,10 @@ def instructblip_run(tiny_instructblip, scenes):
 @pytest.mark.parametrize("run, name, floor", [("llava_run", "tiny_llava", 0.80),
                                                ("instructblip_run", "tiny_instructblip", 0.65)])
 def test_contribution_units_name_their_noun(run, name, floor, request):
-    table, _ = request.getfixturevalue(run)
+    ident = request.getfixturevalue(run)
+    table = ident.table
     vlm = request.getfixturevalue(name)
-    hits = noun_hits(table, k=10).groupby("method").noun_hit.mean()
+    hits = noun_hits(ident, k=10).groupby("method").noun_hit.mean()
     assert hits["contribution"] >= floor
     assert hits["random"] <= 0.30
     # about half of the top units write the noun through −W_out: without the sign, the
@@ -55,8 +57,7 @@ def test_contribution_units_name_their_noun(run, name, floor, request):
 
 
 def test_signed_maps_put_their_mass_in_the_box(tiny_llava, scenes, llava_run):
-    table, captions = llava_run
-    scores = metrics.specificity_scores(tiny_llava, scenes, captions, table, k=10)
+    scores = metrics.specificity_scores(tiny_llava, scenes, llava_run, k=10)
     means = scores[scores.in_scene].groupby("method")[["mass_in_box", "box_share"]].mean()
     ours, chance = means.loc["contribution", "mass_in_box"], means.loc["contribution", "box_share"]
     assert ours >= 1.5 * chance
@@ -66,9 +67,9 @@ def test_signed_maps_put_their_mass_in_the_box(tiny_llava, scenes, llava_run):
 @pytest.mark.parametrize("run, name", [("llava_run", "tiny_llava"),
                                        ("instructblip_run", "tiny_instructblip")])
 def test_contribution_units_select_the_images_with_their_noun(run, name, scenes, request):
-    table, captions = request.getfixturevalue(run)
+    ident = request.getfixturevalue(run)
     vlm = request.getfixturevalue(name)
-    auroc = metrics.specificity_scores(vlm, scenes, captions, table, k=10).groupby("method").auroc.mean()
+    auroc = metrics.specificity_scores(vlm, scenes, ident, k=10).groupby("method").auroc.mean()
     assert auroc["contribution"] >= 0.75
     assert auroc["random"] <= 0.60
 
@@ -76,6 +77,6 @@ def test_contribution_units_select_the_images_with_their_noun(run, name, scenes,
 def test_word_markers_of_real_tokenizers_are_stripped():
     rows = [dict(image=0, noun="dog", method="m", rank=r, top_tokens=tokens)
             for r, tokens in enumerate([["▁dog", "▁cat"], ["Ġdog", "x"], ["▁Dog"], ["▁do", "##g"]])]
-    table = pd.DataFrame(rows)
-    assert noun_hits(table, k=4).noun_hit.item() == 0.75
-    assert np.isnan(noun_hits(table, k=4).noun_rank.item())     # no noun_rank column: no rank
+    ident = Identification(pd.DataFrame(rows), [None], ["image-0"])   # a hand-made table: no captions
+    assert noun_hits(ident, k=4).noun_hit.item() == 0.75
+    assert np.isnan(noun_hits(ident, k=4).noun_rank.item())     # no noun_rank column: no rank

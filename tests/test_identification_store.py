@@ -108,3 +108,16 @@ def test_subset_keeps_the_rows_of_the_images_it_names(tiny_llava, images):
         ident.subset(["k9"])
     with pytest.raises(ValueError, match="position 0–3"):
         ident.subset([4])
+
+
+def test_specificity_takes_the_identification_and_designs_earlier_call_form(tiny_llava):
+    from mmneurons_utils import metrics
+
+    scenes = make_scenes(n=4, seed=3)
+    ident = find_neurons_by_method(tiny_llava, [s.image for s in scenes], methods=("contribution", "random"),
+                                   top_k=10, image_activations=True)
+    table, captions = ident
+    new = metrics.specificity_scores(tiny_llava, scenes, ident, k=10)
+    old = metrics.specificity_scores(tiny_llava, scenes, captions, table, 10)    # DESIGN.md's form
+    pd.testing.assert_frame_equal(new, old)
+    assert new["mass_in_box"].notna().any()

@@ -74,7 +74,7 @@ def test_the_public_surface_is_at_the_top_level():
             "metrics, causal, editing, load_images\n"
             "import inspect\n"
             "assert inspect.signature(metrics.specificity_scores).parameters.keys() >= "
-            "{'vlm', 'scenes', 'captions', 'table', 'k'}\n"
+            "{'vlm', 'scenes', 'ident'}\n"
             "assert callable(causal.causal_curves) and callable(editing.edit_token)\n"
             "from mmneurons_utils.cli import main\n"
             "print('ok')")

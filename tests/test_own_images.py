@@ -32,9 +32,9 @@ def test_specificity_on_the_coco_folder_equals_the_scenes(tiny_llava, coco):
     assert folder.kind == "folder" and folder.has_boxes and presence_source(folder) == "labels"
     out = []
     for data in (scenes, folder):
-        table, caps = find_neurons_by_method(tiny_llava, data.images, methods=("contribution", "random"),
-                                             top_k=10, image_activations=True)
-        out.append(metrics.specificity_scores(tiny_llava, data, caps, table, k=10))
+        ident = find_neurons_by_method(tiny_llava, data.images, methods=("contribution", "random"),
+                                       top_k=10, image_activations=True)
+        out.append(metrics.specificity_scores(tiny_llava, data, ident, k=10))
     pd.testing.assert_frame_equal(*out)
     assert out[0]["mass_in_box"].notna().sum() > 0
 
@@ -43,9 +43,10 @@ def test_a_bare_folder_takes_presence_from_the_captions_and_has_no_box_metrics(t
     bare = load_images(coco)
     assert not bare.has_boxes and presence_source(bare) == "captions"
     assert "mass in box and pointing are skipped" in bare.summary()
-    table, caps = find_neurons_by_method(tiny_llava, bare.images, methods=("contribution",),
-                                         top_k=10, image_activations=True)
-    spec = metrics.specificity_scores(tiny_llava, bare, caps, table, k=10)
+    ident = find_neurons_by_method(tiny_llava, bare.images, methods=("contribution",),
+                                   top_k=10, image_activations=True)
+    caps = ident.captions
+    spec = metrics.specificity_scores(tiny_llava, bare, ident, k=10)
     assert "mass_in_box" not in spec or spec["mass_in_box"].isna().all()
     said = {(i, n) for i, c in enumerate(caps) for n in c.nouns}
     assert set(zip(spec.image, spec.noun)) <= said and spec.in_scene.all()
@@ -151,7 +152,7 @@ def test_notebook_02_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path)
 
 @pytest.mark.notebooks
 def test_notebook_03_on_the_coco_folder_gives_the_scenes_numbers(coco, tmp_path):
-    small = dict(model="tiny-llava", n_region=12, n_cross=12, compare_model="")   # the fast model: two runs
+    small = dict(model="tiny-llava", n_region=12, n_images=12, compare_model="")   # the fast model: two runs
     scenes = _run(tmp_path / "scenes", "03", **small)
     folder = _run(tmp_path / "coco", "03", images=str(coco), annotations=str(coco / "annotations.json"), **small)
     _same(scenes, folder)

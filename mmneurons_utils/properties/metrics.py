@@ -20,10 +20,24 @@ from .invariance import cross_image_invariance, region_invariance
 from ..method.scoring import rank_correlation, top_overlap, unit_logit_lens
 from .nameability import method_comparison, noun_hit_table, per_layer
 from .sensitivity import TextSimilarity, noun_hits, semantic_sensitivity
-from .specificity import specificity_scores
+from . import specificity as _specificity
 from ..method.identify import find_neurons
 from ..method.identification import Identification
 from .stats import bootstrap_ci, cluster_bootstrap_ci, of_methods
+
+
+
+def specificity_scores(vlm, scenes, ident: Identification, *table_and_k, **settings) -> pd.DataFrame:
+    """:func:`~mmneurons_utils.properties.specificity.specificity_scores` (``ident``: the
+    scenes' :class:`Identification`). DESIGN.md's earlier call form, ``(vlm, scenes, captions,
+    table, k)``, is still taken at this door: the captions and table are wrapped into one
+    Identification here, so the property itself only ever sees an Identification."""
+    if table_and_k and isinstance(table_and_k[0], pd.DataFrame) and not isinstance(ident, Identification):
+        table, *rest = table_and_k
+        ident = Identification(table, list(ident), [f"image-{i}" for i in range(len(ident))])
+        table_and_k = tuple(rest)
+    return _specificity.specificity_scores(vlm, scenes, ident, *table_and_k, **settings)
+
 
 __all__ = [
     "TextSimilarity", "noun_hits", "semantic_sensitivity", "specificity_scores",   # re-exported
