@@ -315,21 +315,23 @@ def test_activation_ablation_hits_each_images_own_noun_position(family_vlm, monk
     """``causal_curves(level="activation")`` zeroes the units at the position producing the
     noun in *that* image's sequence (llava_next / idefics3 prompt lengths differ by image)."""
     from mmneurons_utils import causal
+    from mmneurons_utils.method.identify import find_neurons_by_method
 
     _, vlm = family_vlm
     rng = np.random.default_rng(9)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]
     monkeypatch.setattr(vlm, "nouns_of", lambda text: [w for w in text.split() if w.isalpha()][:2])
     seen = []
-    real = causal.ablate_activations
+    real = causal.RowPerturbation
 
-    def spy(vlm_, units, positions=None, **kwargs):
-        seen.append(list(positions))
-        return real(vlm_, units, positions=positions, **kwargs)
+    def spy(units, mode="zero", **kwargs):
+        seen.append(list(kwargs["positions"]))
+        return real(units, mode, **kwargs)
 
-    monkeypatch.setattr(causal, "ablate_activations", spy)
+    monkeypatch.setattr(causal, "RowPerturbation", spy)
     with _forced_length(vlm, 4):
-        curves = causal.causal_curves(vlm, images, ks=(1,), methods=("random",), n_random=1,
+        ident = find_neurons_by_method(vlm, images, methods=("random",), top_k=1, max_new_tokens=4)
+        curves = causal.causal_curves(vlm, ident, images, ks=(1,), methods=("random",), n_random=1,
                                       level="activation", max_new_tokens=4)
     assert len(curves) and len(seen) == len(curves)
     expected = [[vlm.inputs([images[r.image]])["input_ids"].shape[1] - 1 + r.step]

@@ -31,7 +31,7 @@
   unembedding offloaded to disk (accelerate device map) ÷ the loaded model, on the same images.
 * ``explorer_update_s`` (added by ``mmneurons bench``, from
   :mod:`mmneurons_utils.widgets.timing`, a layer above this one) — the neuron browser's
-  response to an image change (caption, scores, unit list, heatmap), the least of the
+  response to an image change (reading the identification's caption and units, the unit list, the heatmap render), the least of the
   changes timed; ``explorer_update_median_s`` their median. The tests assert what a change
   does, never how long it takes.
 * ``causal_speedup`` — ``causal_curves`` (the causal ablations of an identification's units:

@@ -87,7 +87,7 @@ def cmd_edit(args) -> dict:
                                 seed=args.seed, steps=args.steps, keep=save is not None, progress=True)
     m = edit.metrics
     unit_editor = args.method not in WEIGHT_EDITORS
-    result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["applied"]),
+    result = dict(model=args.model, source=args.source, target=args.target, applied=bool(m["accepted"]),
                   success=m["success"], generalization=m.get("generalization"),
                   locality=m.get("locality"), locality_kl=m.get("locality_kl"),
                   n_neurons=m["n_neurons"],

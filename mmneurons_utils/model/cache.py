@@ -40,8 +40,8 @@ def model_hash(vlm) -> str:
         tensor = tensors[name].detach()
         if tensor.device.type == "meta":      # offloaded: the weight as the forward pass reads it
             continue
-        tensor = tensor.contiguous().cpu()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        tensor = tensor.contiguous().cpu().reshape(-1)          # a 0-d buffer has no byte view
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
