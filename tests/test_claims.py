@@ -427,3 +427,14 @@ def test_a_model_with_a_committed_card_points_at_it(tmp_path):
     assert "`results/scorecards/smol-llava.md`" in smol
     assert (claims.COMMITTED_CARDS / "smol-llava.md").is_file()
     assert "results/scorecards" not in text.split("## m2\n")[1]        # no card committed for m2
+
+
+def test_models_of_different_depths_are_each_judged_on_their_own_layers(tmp_path):
+    deep = [0.0] * 28 + [0.25, 0.75]                   # a 30-layer model: everything in the last two
+    shallow = [0.6, 0.2, 0.1, 0.1]                     # a 4-layer model: mostly in the lower half
+    frame = pd.DataFrame({"deep": pd.Series(deep), "shallow": pd.Series(shallow)}).rename_axis("layer")
+    card = card_with(tmp_path, **{"01_layer_distribution": frame})
+    rows = card[card.claim_id == "layers"].set_index("model")
+    assert rows.loc["deep", "verdict"] == HOLDS and "of 30" in rows.loc["deep", "detail"]
+    assert rows.loc["shallow", "verdict"] == FAILS and "of 4" in rows.loc["shallow", "detail"]
+    assert rows.loc["shallow", "ours"] == pytest.approx(0.2)

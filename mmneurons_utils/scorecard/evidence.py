@@ -132,18 +132,21 @@ def _measure_layers(tables, notebook_model):
     if "layer" in frame:
         frame = frame.set_index("layer")
     frame = frame.drop(columns=[c for c in frame if str(c).startswith("Unnamed")])
-    n_layers = len(frame)
-    if n_layers < 2:
+    if len(frame) < 2:
         raise Unusable(f"{table.file} has fewer than 2 layers")
-    layers = np.asarray(frame.index if frame.index.name == "layer" else range(n_layers), dtype=float)
-    upper = layers >= n_layers / 2
-    chance = float(upper.mean())
     out = {}
     for model in frame.columns:
-        shares = pd.to_numeric(frame[model], errors="coerce").to_numpy(dtype=float)
-        if not np.isfinite(shares).all() or shares.sum() <= 0:
+        # each model its own depth: a 4-layer model beside a 30-layer one has empty rows below
+        column = pd.to_numeric(frame[model], errors="coerce")
+        column = column[column.notna()]
+        n_layers = len(column)
+        layers = np.asarray(column.index if frame.index.name == "layer" else range(n_layers), dtype=float)
+        shares = column.to_numpy(dtype=float)
+        if n_layers < 2 or shares.sum() <= 0:
             out[str(model)] = f"{table.file}: no shares for {model}"
             continue
+        upper = layers >= n_layers / 2
+        chance = float(upper.mean())
         share = float(shares[upper].sum() / shares.sum())
         top = int(np.argmax(shares))
         out[str(model)] = Evidence(
