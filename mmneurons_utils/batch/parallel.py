@@ -191,12 +191,27 @@ class PartRun:
             state.wait_for_everyone()
             reports = gather_object(reports)
         if not state.is_main_process:
+            self._leave()                 # wait for the merge, then leave the group together
             return None
-        for rank, count in reports:
-            path = part_path(self.out, rank, self.n_processes)
-            if count and not path.is_file():
-                raise ValueError(f"process {rank} identified {count} images into {path}, which the "
-                                 "main process cannot see; put --out on a filesystem that every "
-                                 "machine shares")
-        merge_parts(self.out, self.names)
+        try:
+            for rank, count in reports:
+                path = part_path(self.out, rank, self.n_processes)
+                if count and not path.is_file():
+                    raise ValueError(f"process {rank} identified {count} images into {path}, which the "
+                                     "main process cannot see; put --out on a filesystem that every "
+                                     "machine shares")
+            merge_parts(self.out, self.names)
+        finally:
+            self._leave()
         return ResultFile(self.out)
+
+    def _leave(self) -> None:
+        """Every process leaves the process group at the same point: a process that exits while
+        another still holds the group open can abort gloo's threads at exit ("terminate called
+        without an active exception", seen once in a full test run)."""
+        if self.n_processes > 1:
+            self.state.wait_for_everyone()
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
