@@ -273,7 +273,26 @@ def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence
     :func:`find_neurons`).
     """
     images = list(images)
-    keys = [f"image-{i}" for i in range(len(images))] if image_keys is None else list(image_keys)
+    return _identified(vlm, images, _image_keys(images, image_keys), _identity(vlm, images),
+                       methods=methods, top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, image_activations=image_activations, progress=progress,
+                       candidates=candidates, null_draws=null_draws)
+
+
+def _image_keys(images: list, image_keys: Sequence[str] | None) -> list[str]:
+    return [f"image-{i}" for i in range(len(images))] if image_keys is None else list(image_keys)
+
+
+def _identity(vlm, images: list) -> dict:
+    """What an identification is computed from: every weight's hash, each image's content hash."""
+    return dict(weights=model_hash(vlm), images=[image_hash(image) for image in images])
+
+
+def _identified(vlm, images: list, keys: list[str], identity: dict, methods: Sequence[str],
+                top_k: int, seed: int, max_new_tokens: int, batch_size: int,
+                image_activations: bool, progress: bool, candidates: Sequence[str] | None,
+                null_draws: int) -> Identification:
+    """The work of :func:`find_neurons_by_method`, its ``identity`` computed by the caller."""
     captions = vlm.describe(images, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             activation="down_proj_input", image_activations=image_activations,
                             progress=progress)
@@ -287,7 +306,6 @@ def find_neurons_by_method(vlm, images: Sequence[Image.Image], methods: Sequence
         settings["candidates"] = None if candidates is None else list(candidates)
     if "selection_null" in methods:
         settings["null_draws"] = null_draws
-    identity = dict(weights=model_hash(vlm), images=[image_hash(image) for image in images])
     return Identification(table, captions, keys, settings, identity)
 
 
@@ -305,13 +323,13 @@ def identify(vlm, images: Sequence[Image.Image], store: str | Path | None = None
     The loaded identification equals the computed one exactly (table, captions, activations).
     """
     images = list(images)
-    keys = [f"image-{i}" for i in range(len(images))] if image_keys is None else list(image_keys)
+    keys = _image_keys(images, image_keys)
     arguments = dict(methods=list(methods), top_k=top_k, seed=seed, max_new_tokens=max_new_tokens,
                      batch_size=batch_size, image_activations=image_activations,
                      candidates=None if candidates is None else list(candidates), null_draws=null_draws)
     if store is None:
         return find_neurons_by_method(vlm, images, progress=progress, image_keys=keys, **arguments)
-    identity = dict(weights=model_hash(vlm), images=[image_hash(image) for image in images])
+    identity = _identity(vlm, images)
     wanted = dict(arguments=arguments, identity=identity, image_keys=keys)
     digest = hashlib.blake2b(json.dumps(wanted, sort_keys=True).encode(), digest_size=8).hexdigest()
     folder = Path(store) / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', vlm.name)[-40:]}-{digest}"
@@ -321,7 +339,7 @@ def identify(vlm, images: Sequence[Image.Image], store: str | Path | None = None
             return Identification.load(folder)
         except ResultFileError:
             pass                                     # damaged: computed again below
-    ident = find_neurons_by_method(vlm, images, progress=progress, image_keys=keys, **arguments)
+    ident = _identified(vlm, images, keys, identity, progress=progress, **arguments)   # hashed once
     ident.save(folder, key=wanted)
     return ident
 
