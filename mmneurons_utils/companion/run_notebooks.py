@@ -34,7 +34,6 @@ stored outputs are what nbval compares in ``python3 tasks.py test``.
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import json
 import re
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from ..model.vlm import EMBEDDED
 from ..store.files import atomic_write_text, os_error_exit_code, os_error_line
+from ..store.notebooks import parameter_defaults
 from ..scorecard.claims import write_scorecard
 
 
@@ -90,19 +90,7 @@ def _absolute_paths(parameters: dict) -> dict:
 
 def notebook_parameters(path: Path) -> dict:
     """``{name: default}`` of the notebook's ``parameters`` cell (its literal assignments)."""
-    import nbformat
-
-    nb = nbformat.read(str(path), as_version=4)
-    defaults = {}
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                    try:
-                        defaults[node.targets[0].id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        defaults[node.targets[0].id] = None   # not a literal: any value
-    return defaults
+    return parameter_defaults(path)
 
 
 MODEL_PARAMETERS = ("model", "compare_model", "pretrained_model")

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from ..store.notebooks import parameter_defaults
 from .schema import TABLES, Unusable, read_tables, require  # noqa: F401  (read_tables: here too)
 
 BASELINES = ("gradient", "gradient_image", "random", "selection_null")
@@ -335,27 +336,12 @@ def _executed_model(tables_dir: Path, prefix: str) -> str | None:
         model = notebook.get("metadata", {}).get("papermill", {}).get("parameters", {}).get("model")
         if model:
             return str(model)
-        for cell in notebook.get("cells", []):
-            if "parameters" in cell.get("metadata", {}).get("tags", []):
-                model = _assigned(cell.get("source", ""), "model")
-                if model:
-                    return model
-    return None
-
-
-def _assigned(source, name: str) -> str | None:
-    """The string literal assigned to ``name`` in a cell's source (``None`` if there is none)."""
-    import ast
-
-    try:
-        tree = ast.parse("".join(source))
-    except SyntaxError:
-        return None
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == name and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)):
-            return node.value.value
+        try:
+            model = parameter_defaults(notebook).get("model")
+        except SyntaxError:
+            continue
+        if isinstance(model, str) and model:
+            return model
     return None
 
 
