@@ -104,14 +104,6 @@ def table_rankings(table: pd.DataFrame, captions, methods: Sequence[str], k: int
     return out
 
 
-def identified_top_k(ident: Identification) -> int:
-    """How many units per (image, noun, method) the identification's table holds."""
-    top_k = ident.settings.get("top_k")
-    if top_k is None:
-        top_k = int(ident.table["rank"].max()) + 1 if len(ident.table) else 0
-    return int(top_k)
-
-
 def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10, 50),
                   methods: Sequence[str] | None = None,
                   sigmas: Sequence[float | None] = (None,), n_random: int = 3, seed: int = 0,
@@ -161,7 +153,7 @@ def causal_curves(vlm, ident: Identification, images, ks: Sequence[int] = (1, 10
                          f"not {max_new_tokens}; pass max_new_tokens={made} (or leave it out)")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size!r}")
-    top_k = identified_top_k(ident)
+    top_k = ident.top_k
     methods, ks, from_table = _checked(vlm, ident, top_k, methods, ks, sigmas, level, n_random, rerank)
     captions = ident.captions
     if from_table:

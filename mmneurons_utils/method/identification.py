@@ -66,6 +66,15 @@ class Identification:
     def n_images(self) -> int:
         return len(self.captions)
 
+    @property
+    def top_k(self) -> int:
+        """Units held per (image, noun, method): the run's ``top_k``, else the table's deepest
+        rank + 1 (0 for a table without rows and no recorded ``top_k``)."""
+        top_k = self.settings.get("top_k")
+        if top_k is None:
+            top_k = int(self.table["rank"].max()) + 1 if len(self.table) else 0
+        return int(top_k)
+
     def subset(self, images: Sequence[int | str]) -> "Identification":
         """The identification of some of its images, in the order given (positions or image
         keys); the table's ``image`` column is renumbered to the new positions. Its rows are

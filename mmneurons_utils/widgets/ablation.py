@@ -14,7 +14,7 @@ import ipywidgets as W
 import pandas as pd
 
 from ..interventions.ablation import RowPerturbation
-from ..interventions.causal import identified_top_k, margin_and_prob, measure_conditions, rankings
+from ..interventions.causal import margin_and_prob, measure_conditions, rankings
 from ..method.identification import Identification, units_of
 from ..model.teacher_forcing import teacher_forced_logits
 from .panel import Panel
@@ -45,7 +45,7 @@ class AblationPanel(Panel):
         super().__init__(vlm, scenes)
         self.ident, self.seed = ident, seed
         self.max_new_tokens = int(ident.settings.get("max_new_tokens", 20))
-        max_k = identified_top_k(ident)
+        max_k = ident.top_k
         self.k = W.IntSlider(value=min(k, max_k), min=1, max=max_k, description="k",
                              continuous_update=False)
         self.sigma = W.FloatSlider(value=sigma, min=0.0, max=5.0, step=0.25, description="σ (0=zero)",

@@ -89,7 +89,7 @@ class NeuronExplorer:
         if "contribution" not in set(ident.table["method"]):
             raise ValueError("the identification has no contribution units; identify with "
                              "methods including 'contribution'")
-        held = int(ident.settings.get("top_k", int(ident.table["rank"].max()) + 1 if len(ident.table) else top_k))
+        held = ident.top_k or top_k           # 0: nothing recorded, nothing to check against
         if top_k > held:
             raise ValueError(f"top_k={top_k} but the identification holds the top {held} units per "
                              "noun; identify with a larger top_k")
