@@ -66,6 +66,13 @@ class Identification:
     def n_images(self) -> int:
         return len(self.captions)
 
+    def check_made_on(self, given: Sequence, what: str = "images") -> None:
+        """``ValueError`` unless ``given`` (the images or scenes handed in beside it) are as many
+        as the identification's images — the ones it was made on, in its order."""
+        if len(given) != self.n_images:
+            raise ValueError(f"{len(given)} {what} for an identification of {self.n_images} images; "
+                             f"give the {what} it was made on (ident.subset(...) for some of them)")
+
     @property
     def top_k(self) -> int:
         """Units held per (image, noun, method): the run's ``top_k``, else the table's deepest

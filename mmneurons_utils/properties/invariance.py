@@ -83,9 +83,7 @@ def region_invariance(vlm, images, ident: Identification, top_k: int = 10, seed:
 
     check_top_k(vlm, top_k)
     images = list(images)
-    if len(images) != ident.n_images:
-        raise ValueError(f"{len(images)} images for an identification of {ident.n_images}; give the "
-                         "images it was made on (ident.subset(...) for some of them)")
+    ident.check_made_on(images)
     if max_new_tokens is None:
         max_new_tokens = ident.settings.get("max_new_tokens", 20)
     scored = [m for m in dict.fromkeys(("contribution",) + tuple(methods)) if m != "random"]

@@ -111,8 +111,7 @@ def polarity_report(vlm, images, ident: Identification, top_k: int = 10,
     """
 
     images = list(images)
-    if len(images) != ident.n_images:
-        raise ValueError(f"{len(images)} images for an identification of {ident.n_images}")
+    ident.check_made_on(images)
     table = of_methods(ident.table, ("contribution",))
     if len(table) and int(table["rank"].max()) + 1 < top_k:
         raise ValueError(f"top_k={top_k} but the identification holds the top "

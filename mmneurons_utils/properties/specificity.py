@@ -227,9 +227,7 @@ def specificity_scores(vlm, scenes, ident: Identification, k: int = 10, occlusio
     changes every unit mostly inside its box, so random units' occlusion mass in box is far
     above ``box_share`` too: compare with them, or read the signed share (random ≈ 0).
     """
-    if len(scenes) != ident.n_images:
-        raise ValueError(f"{len(scenes)} scenes for an identification of {ident.n_images} images; "
-                         "give the scenes it was made on (ident.subset(...) for some of them)")
+    ident.check_made_on(scenes, "scenes")
     table, captions = of_methods(ident.table, methods), ident.captions
     groups = top_k_groups(table, k)
     grid = patch_grid(vlm)

@@ -35,9 +35,7 @@ class AblationPanel(Panel):
                  seed: int = 0):
         if not isinstance(ident, Identification):
             raise TypeError(f"AblationPanel takes the scenes' Identification, got {type(ident).__name__}")
-        if ident.n_images != len(scenes):
-            raise ValueError(f"the identification holds {ident.n_images} images, the panel got "
-                             f"{len(scenes)} scenes")
+        ident.check_made_on(scenes, "scenes")
         missing = [m for m in UNIT_SETS if m not in set(ident.table["method"])]
         if missing:
             raise ValueError(f"the identification has no {', '.join(missing)} units; identify with "
